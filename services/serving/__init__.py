@@ -1,0 +1,1 @@
+"""ServingService (selma.v1.ServingService): merges skill experts and serves the multi-skill model."""

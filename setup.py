@@ -1,0 +1,73 @@
+"""Build glue: generate the selma.v1 protobuf/gRPC stubs from protos/ before packaging.
+
+The stubs are written into shared/selma/v1/ (gitignored) by `selma.protogen`-equivalent
+logic below, so `pip install -e .` and `pip wheel .` both produce them and nothing
+generated is ever committed.  Everything else about the package lives in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = pathlib.Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "protos"
+OUT_ROOT = ROOT / "shared"
+
+
+def generate_stubs() -> None:
+    """Run grpc_tools.protoc over protos/selma/v1/*.proto into shared/selma/v1/."""
+    from grpc_tools import protoc  # build requirement, pinned in pyproject.toml
+
+    import importlib.resources
+
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "selma" / "v1").glob("*.proto"))
+    if not protos:
+        raise RuntimeError(f"no .proto files under {PROTO_ROOT / 'selma' / 'v1'}")
+    well_known = str(importlib.resources.files("grpc_tools") / "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={OUT_ROOT}",
+        f"--pyi_out={OUT_ROOT}",
+        f"--grpc_python_out={OUT_ROOT}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed on " + " ".join(protos))
+    init = OUT_ROOT / "selma" / "v1" / "__init__.py"
+    init.write_text('"""Generated from protos/selma/v1 at build time. Do not edit; do not commit."""\n')
+
+
+class BuildPyWithProtos(build_py):
+    """build_py that regenerates the stubs first (also runs for editable installs)."""
+
+    def run(self) -> None:
+        generate_stubs()
+        super().run()
+
+
+def packages() -> tuple[list[str], dict[str, str]]:
+    pkgs = ["selma"] + [f"selma.{p}" for p in find_packages(str(OUT_ROOT / "selma"))]
+    if "selma.v1" not in pkgs:
+        pkgs.append("selma.v1")  # generated during build_py; declared up front so wheels include it
+    package_dir = {"selma": "shared/selma"}
+    services = ROOT / "services"
+    for svc in sorted(p for p in services.glob("*") if (p / "__init__.py").exists()):
+        name = f"selma_{svc.name}"
+        package_dir[name] = f"services/{svc.name}"
+        pkgs.append(name)
+        pkgs += [f"{name}.{p}" for p in find_packages(str(svc))]
+    return pkgs, package_dir
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "gen":
+        generate_stubs()
+        sys.exit(0)
+    _pkgs, _dirs = packages()
+    setup(packages=_pkgs, package_dir=_dirs, cmdclass={"build_py": BuildPyWithProtos})

@@ -1,0 +1,155 @@
+"""Conversions between the shared ``selma.v1`` protobuf messages and the core's domain types.
+
+Servicers are glue: they call these to turn requests into plain Python (specs as dicts,
+filters as keyword arguments) and job records/manifests back into protobuf.  Keeping the
+conversions in one place means the five job RPCs look the same in every service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from selma.artifacts import ArtifactKind, Manifest
+from selma.jobs import JobPhase, JobRecord, OutputRef
+from selma.v1 import common_pb2
+
+M = TypeVar("M", bound=Message)
+
+_KIND_TO_PROTO = {k: getattr(common_pb2, f"ARTIFACT_KIND_{k.name}") for k in ArtifactKind}
+_PROTO_TO_KIND = {v: k for k, v in _KIND_TO_PROTO.items()}
+_PHASE_TO_PROTO = {p: getattr(common_pb2, f"JOB_PHASE_{p.name}") for p in JobPhase}
+_PROTO_TO_PHASE = {v: k for k, v in _PHASE_TO_PROTO.items()}
+
+
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """A spec message as a plain JSON-able dict (proto field names; unset fields omitted)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def dict_to_message(data: Mapping[str, Any], cls: type[M]) -> M:
+    """The inverse of :func:`message_to_dict`."""
+    return json_format.ParseDict(dict(data), cls(), ignore_unknown_fields=True)
+
+
+def struct_from(data: Mapping[str, Any]) -> Struct:
+    s = Struct()
+    s.update(_jsonable(data))
+    return s
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def timestamp(dt: datetime | None) -> Timestamp | None:
+    if dt is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def artifact_kind_to_proto(kind: ArtifactKind | str) -> int:
+    return _KIND_TO_PROTO[ArtifactKind(kind)]
+
+
+def artifact_kind_from_proto(kind: int) -> ArtifactKind | None:
+    return _PROTO_TO_KIND.get(kind)
+
+
+def phase_from_proto(phase: int) -> JobPhase | None:
+    return _PROTO_TO_PHASE.get(phase)
+
+
+def artifact_ref(ref: OutputRef | Manifest | None) -> common_pb2.ArtifactRef | None:
+    """An ArtifactRef for a job output or a manifest."""
+    if ref is None:
+        return None
+    if isinstance(ref, Manifest):
+        return common_pb2.ArtifactRef(
+            id=ref.id, kind=artifact_kind_to_proto(ref.kind), uri=ref.uri, sha256=ref.digest
+        )
+    kind = artifact_kind_to_proto(ref.kind) if ref.kind else common_pb2.ARTIFACT_KIND_UNSPECIFIED
+    return common_pb2.ArtifactRef(id=ref.id, kind=kind, uri=ref.uri, sha256=ref.sha256)
+
+
+def output_ref(manifest: Manifest) -> OutputRef:
+    """A job output pointing at a published artifact."""
+    return OutputRef(id=manifest.id, kind=manifest.kind.value, uri=manifest.uri, sha256=manifest.digest)
+
+
+def manifest_to_proto(m: Manifest) -> common_pb2.ArtifactManifest:
+    out = common_pb2.ArtifactManifest(
+        id=m.id,
+        kind=artifact_kind_to_proto(m.kind),
+        uri=m.uri,
+        sha256=m.digest,
+        size_bytes=m.size,
+        producer=m.producer.name,
+        producer_version=m.producer.version,
+        parent_ids=list(m.parents),
+        run=m.labels.get("selma.dev/run", ""),
+        skill=m.labels.get("selma.dev/skill", ""),
+    )
+    out.created_at.CopyFrom(timestamp(m.created_at))
+    out.parameters.CopyFrom(struct_from(m.parameters))
+    return out
+
+
+def job_status(rec: JobRecord) -> common_pb2.JobStatus:
+    """The shared JobStatus message for a job record."""
+    p = rec.progress
+    progress = common_pb2.Progress(done=p.done, total=p.total, unit=p.unit, rate_per_second=p.rate_per_second)
+    if p.eta_seconds is not None:
+        progress.eta.FromMilliseconds(int(p.eta_seconds * 1000))
+    status = common_pb2.JobStatus(
+        job_id=rec.job_id,
+        idempotency_key=rec.idempotency_key,
+        phase=_PHASE_TO_PROTO[rec.phase],
+        progress=progress,
+        message=rec.message,
+        details=rec.details,
+        attempt=rec.attempt,
+        warnings=rec.warnings,
+    )
+    if rec.output is not None:
+        status.output.CopyFrom(artifact_ref(rec.output))
+    for name in ("created_at", "started_at", "updated_at", "finished_at"):
+        ts = timestamp(getattr(rec, name))
+        if ts is not None:
+            getattr(status, name).CopyFrom(ts)
+    if rec.error is not None:
+        status.error.CopyFrom(
+            common_pb2.JobError(
+                code=grpc.StatusCode[rec.error.code].value[0], reason=rec.error.reason, message=rec.error.message
+            )
+        )
+    return status
+
+
+def filter_kwargs(f: common_pb2.JobFilter) -> dict[str, Any]:
+    """JobManager.list keyword arguments for a JobFilter."""
+    phases = {p for p in (phase_from_proto(x) for x in f.phases) if p is not None}
+    return {
+        "run": f.run,
+        "skill": f.skill,
+        "phases": phases or None,
+        "labels": dict(f.labels),
+        "idempotency_key": f.idempotency_key,
+    }

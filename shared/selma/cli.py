@@ -1,0 +1,50 @@
+"""selma: SELMA skill experts on auto-generated data, as gRPC services.
+
+One entry point; each subcommand is registered by the module that owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from selma import __version__
+from selma.errors import SelmaError
+
+# Modules exposing ``register(subparsers)``; each adds its own subcommand tree.
+_COMMAND_MODULES = (
+    "selma.models.cli",
+    "selma.artifacts_cli",
+    "selma.serve_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selma", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"selma {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SelmaError as e:
+        # A domain error is the user's to fix: say what, without a traceback.
+        sys.stderr.write(f"selma: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("selma: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data files shipped with selma (tokenizer corpus, benchmark annotations)."""

@@ -1,0 +1,108 @@
+"""Domain errors shared by every service.
+
+Core logic raises these (it never imports grpc); one server interceptor maps each to its
+gRPC status code (see ``selma.grpc_server``).  Messages must tell the caller what to change,
+e.g. ``rank must be > 0; got 0``.  ``field`` names the offending request field when known.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Transport-neutral error codes; names match gRPC status codes one to one."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    CANCELLED = "CANCELLED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    ABORTED = "ABORTED"
+    INTERNAL = "INTERNAL"
+
+
+class SelmaError(Exception):
+    """Base class of every domain error; carries a code and an optional field name."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        if self.field and not self.message.startswith(self.field):
+            return f"{self.field}: {self.message}"
+        return self.message
+
+
+class InvalidArgument(SelmaError):
+    """The request itself is wrong (bad value, missing field); fix the request."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class NotFound(SelmaError):
+    """A named thing (artifact, object, job, model) does not exist."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyExists(SelmaError):
+    """Creating something that exists with different content."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(SelmaError):
+    """The request is valid but the system is not in a state to do it (e.g. model not loaded)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(SelmaError):
+    """A quota, queue or memory limit was hit; retry later or ask for less."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(SelmaError):
+    """A dependency (S3, LLM endpoint, Kubernetes API) cannot be reached; retrying may help."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class PermissionDenied(SelmaError):
+    """A dependency refused us (credentials, RBAC)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class Cancelled(SelmaError):
+    """The work was cancelled by the caller."""
+
+    code = ErrorCode.CANCELLED
+
+
+class DeadlineExceeded(SelmaError):
+    """The work did not finish within its deadline."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Aborted(SelmaError):
+    """A concurrency conflict (e.g. an idempotency key reused with different parameters)."""
+
+    code = ErrorCode.ABORTED
+
+
+def require(condition: bool, message: str, *, field: str | None = None) -> None:
+    """Raise InvalidArgument(message) unless condition holds; for request validation."""
+    if not condition:
+        raise InvalidArgument(message, field=field)

@@ -1,0 +1,590 @@
+"""Long-running jobs with idempotency keys, shared by every service.
+
+Every kind of long work (generate a prompt set, render a dataset, train an expert, merge
+experts, evaluate) is a *job* with the same five RPCs: Start (client-supplied idempotency
+key), Get, Watch (stream until a terminal phase), Cancel, List.  :class:`JobManager` is the
+transport-neutral core behind them:
+
+* **Idempotent start.** The job id is derived from (kind, idempotency key).  Starting again
+  with the same key and the same spec returns the existing job; with a different spec it is
+  an error (``ALREADY_EXISTS``) that says to use a new key.  Starting a FAILED or CANCELLED
+  job again re-runs it (``attempt`` + 1); the job function resumes from what it stored.
+* **Durable records.** Each job's record is a small JSON object in storage
+  (``jobs/<kind>/<job_id>.json``), replaced atomically.  A restarted service reloads the
+  records and re-queues every job that was PENDING or RUNNING, so no work is orphaned.
+* **Cancellation and shutdown.** Cancel sets the job's cancel event (the job function polls
+  :meth:`JobContext.check_cancelled`); shutdown interrupts running jobs without marking them
+  terminal, so the next process resumes them.
+* **Watch without polling.** Watchers wait on a condition variable that every update
+  notifies; a heartbeat interval bounds the wait so a gone client is noticed.
+
+Job functions receive a :class:`JobContext` and return a :class:`JobResult`.  Domain errors
+fail the job with their code; anything unexpected fails it as INTERNAL (logged here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from selma.errors import AlreadyExists, Cancelled, ErrorCode, InvalidArgument, NotFound, SelmaError
+from selma.metrics import JOB_DURATION, JOBS_ACTIVE, JOBS_FINISHED
+from selma.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class JobPhase(str, Enum):
+    """Mirrors ``selma.v1.JobPhase``."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CANCELLING = "CANCELLING"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
+
+
+class OutputRef(BaseModel):
+    """The artifact a job produced (mirrors ``selma.v1.ArtifactRef``)."""
+
+    id: str
+    kind: str = ""
+    uri: str = ""
+    sha256: str = ""
+
+
+class JobProgress(BaseModel):
+    """Work done so far; ``rate_per_second`` and ``eta_seconds`` are derived by the manager."""
+
+    done: int = 0
+    total: int = 0
+    unit: str = ""
+    rate_per_second: float = 0.0
+    eta_seconds: float | None = None
+
+
+class JobErrorInfo(BaseModel):
+    """Why a job failed: a status code name, a machine reason and a message for people."""
+
+    code: str
+    reason: str = ""
+    message: str
+
+
+class JobRecord(BaseModel):
+    """A job's durable state; serialised to storage after every meaningful change."""
+
+    job_id: str
+    kind: str
+    idempotency_key: str
+    spec: dict[str, Any]
+    spec_digest: str
+    phase: JobPhase = JobPhase.PENDING
+    progress: JobProgress = Field(default_factory=JobProgress)
+    message: str = ""
+    output: OutputRef | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    updated_at: datetime
+    finished_at: datetime | None = None
+    error: JobErrorInfo | None = None
+    details: dict[str, str] = Field(default_factory=dict)
+    attempt: int = 1
+    warnings: list[str] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    run: str = ""
+    skill: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """What a job function returns: the output artifact and final service-specific stats."""
+
+    output: OutputRef | None = None
+    stats: dict[str, Any] | None = None
+    message: str = "done"
+
+
+class Interrupted(Exception):
+    """Raised inside a job when the service shuts down; the job resumes in the next process."""
+
+
+def spec_digest(spec: Mapping[str, Any]) -> str:
+    """A stable digest of a spec (canonical JSON), used to detect key reuse with other parameters."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def job_id_for(kind: str, idempotency_key: str) -> str:
+    """Deterministic, DNS-label-safe job id from the kind and the idempotency key."""
+    short = "".join(c for c in kind.lower().replace("_", "-") if c.isalnum() or c == "-")[:30]
+    return f"{short}-{hashlib.sha256(f'{kind}:{idempotency_key}'.encode()).hexdigest()[:16]}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobContext:
+    """Handed to a job function: its spec, progress reporting and cancellation."""
+
+    def __init__(self, manager: JobManager, record: JobRecord, cancel: threading.Event) -> None:
+        self._manager = manager
+        self._cancel = cancel
+        self.job_id = record.job_id
+        self.spec = record.spec
+        self.attempt = record.attempt
+        self.idempotency_key = record.idempotency_key
+        self.run = record.run
+        self.skill = record.skill
+        self._t0 = time.monotonic()
+        self._done0: int | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set() or self._manager._stopping.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise if the job was cancelled (Cancelled) or the service is stopping (Interrupted)."""
+        if self._manager._stopping.is_set():
+            raise Interrupted("service shutting down")
+        if self._cancel.is_set():
+            raise Cancelled("the job was cancelled")
+
+    def progress(
+        self,
+        done: int,
+        total: int | None = None,
+        *,
+        unit: str | None = None,
+        message: str | None = None,
+        stats: Mapping[str, Any] | None = None,
+        details: Mapping[str, str] | None = None,
+    ) -> None:
+        """Report progress; rate and ETA are computed from work done in this attempt."""
+        if self._done0 is None:
+            self._done0 = done
+            self._t0 = time.monotonic()
+
+        def apply(rec: JobRecord) -> None:
+            p = rec.progress
+            p.done = done
+            if total is not None:
+                p.total = total
+            if unit is not None:
+                p.unit = unit
+            elapsed = time.monotonic() - self._t0
+            progressed = done - (self._done0 or 0)
+            if elapsed > 0 and progressed > 0:
+                p.rate_per_second = progressed / elapsed
+                p.eta_seconds = max(p.total - done, 0) / p.rate_per_second if p.total else None
+            if message is not None:
+                rec.message = message
+            if stats:
+                rec.stats.update(stats)
+            if details:
+                rec.details.update(details)
+
+        self._manager._update(self.job_id, apply)
+
+    def update(
+        self,
+        *,
+        message: str | None = None,
+        stats: Mapping[str, Any] | None = None,
+        details: Mapping[str, str] | None = None,
+    ) -> None:
+        """Change message, stats or details without touching progress."""
+
+        def apply(rec: JobRecord) -> None:
+            if message is not None:
+                rec.message = message
+            if stats:
+                rec.stats.update(stats)
+            if details:
+                rec.details.update(details)
+
+        self._manager._update(self.job_id, apply)
+
+    def warn(self, warning: str) -> None:
+        """Record a warning visible in the job's status (e.g. fell back to an older checkpoint)."""
+        log.warning("%s: %s", self.job_id, warning)
+        self._manager._update(self.job_id, lambda rec: rec.warnings.append(warning))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(self._manager.get(self.job_id).stats)
+
+
+JobFunction = Callable[[JobContext], JobResult]
+
+
+@dataclass
+class _Live:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    running: bool = False
+
+
+class JobManager:
+    """Runs one kind of job for a service; records persist in ``storage`` under ``jobs/<kind>/``."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        kind: str,
+        run_fn: JobFunction,
+        *,
+        max_concurrent: int = 1,
+        persist_interval: float = 1.0,
+    ) -> None:
+        self.storage = storage
+        self.kind = kind
+        self._run_fn = run_fn
+        self._prefix = f"jobs/{kind}/"
+        self._records: dict[str, JobRecord] = {}
+        self._live: dict[str, _Live] = {}
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"job-{kind}")
+        self._stopping = threading.Event()
+        self._persist_interval = persist_interval
+        self._last_persist: dict[str, float] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids."""
+        requeued: list[str] = []
+        for info in self.storage.list(self._prefix):
+            if not info.key.endswith(".json"):
+                continue
+            try:
+                rec = JobRecord.model_validate_json(self.storage.get_bytes(info.key))
+            except (ValueError, SelmaError) as e:
+                log.error("ignoring unreadable job record %s: %s", info.uri, e)
+                continue
+            with self._cond:
+                self._records[rec.job_id] = rec
+            if rec.phase == JobPhase.CANCELLING:
+                self._finish(rec.job_id, JobPhase.CANCELLED, "cancelled (the service restarted while cancelling)")
+            elif not rec.phase.terminal:
+                requeued.append(rec.job_id)
+                self._submit(rec.job_id, message="resuming after a service restart")
+        if requeued:
+            log.info("%s: resuming %d unfinished job(s): %s", self.kind, len(requeued), ", ".join(requeued))
+        return requeued
+
+    def shutdown(self, wait: bool = True, timeout: float = 30.0) -> None:
+        """Interrupt running jobs (they stay resumable) and stop the worker pool."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if wait:
+            deadline = time.monotonic() + timeout
+            with self._cond:
+                while any(live.running for live in self._live.values()) and time.monotonic() < deadline:
+                    self._cond.wait(0.1)
+
+    # -- the five operations ------------------------------------------------------------------
+
+    def start(
+        self,
+        idempotency_key: str,
+        spec: Mapping[str, Any],
+        *,
+        run: str = "",
+        skill: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Start (or return) the job for ``idempotency_key``. Returns (record, created)."""
+        if self._stopping.is_set():
+            raise Cancelled("the service is shutting down; retry against another replica")
+        key = idempotency_key or uuid.uuid4().hex
+        if len(key) > 256:
+            raise InvalidArgument("idempotency_key must be at most 256 characters", field="idempotency_key")
+        spec = dict(spec)
+        digest = spec_digest(spec)
+        job_id = job_id_for(self.kind, key)
+        with self._cond:
+            existing = self._records.get(job_id) or self._load(job_id)
+            if existing is not None:
+                if existing.spec_digest != digest:
+                    raise AlreadyExists(
+                        f"idempotency key {key!r} was already used for job {job_id} with different parameters; "
+                        "use a new idempotency_key to start a different job",
+                        field="idempotency_key",
+                    )
+                if existing.phase in (JobPhase.FAILED, JobPhase.CANCELLED):
+                    existing.attempt += 1
+                    existing.phase = JobPhase.PENDING
+                    existing.error = None
+                    existing.finished_at = None
+                    existing.message = f"restarted (attempt {existing.attempt}); resuming from stored work"
+                    existing.updated_at = _now()
+                    self._persist(existing, force=True)
+                    self._submit(job_id)
+                    return existing.model_copy(deep=True), True
+                return existing.model_copy(deep=True), False
+            now = _now()
+            rec = JobRecord(
+                job_id=job_id,
+                kind=self.kind,
+                idempotency_key=key,
+                spec=spec,
+                spec_digest=digest,
+                created_at=now,
+                updated_at=now,
+                run=run,
+                skill=skill,
+                labels=dict(labels or {}),
+                message="queued",
+            )
+            self._records[job_id] = rec
+            self._persist(rec, force=True)
+        self._submit(job_id)
+        log.info("%s: started job %s (key %s)", self.kind, job_id, key)
+        return rec.model_copy(deep=True), True
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._cond:
+            rec = self._records.get(job_id) or self._load(job_id)
+            if rec is None:
+                raise NotFound(f"no {self.kind} job {job_id!r}; list jobs to see the ids", field="job_id")
+            return rec.model_copy(deep=True)
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        min_interval: float = 0.0,
+        heartbeat: float = 5.0,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[JobRecord]:
+        """Yield the job now and after every change (at most every ``min_interval`` s) until terminal.
+
+        Stops early when ``is_active()`` turns false (the client went away).  A heartbeat
+        re-sends the current state every ``heartbeat`` seconds so proxies keep the stream open.
+        """
+        last_sent: datetime | None = None
+        last_time = float("-inf")
+        while True:
+            with self._cond:
+                while True:
+                    rec = self._records.get(job_id) or self._load(job_id)
+                    if rec is None:
+                        raise NotFound(f"no {self.kind} job {job_id!r}", field="job_id")
+                    now = time.monotonic()
+                    changed = rec.updated_at != last_sent
+                    if changed and (rec.phase.terminal or now - last_time >= min_interval):
+                        break
+                    if now - last_time >= heartbeat:
+                        break
+                    if self._stopping.is_set() or not is_active():
+                        return
+                    until = last_time + (min_interval if changed else heartbeat)
+                    self._cond.wait(timeout=min(max(until - now, 0.01), 1.0))
+                snapshot = rec.model_copy(deep=True)
+            if not is_active():
+                return
+            last_sent, last_time = snapshot.updated_at, time.monotonic()
+            yield snapshot
+            if snapshot.phase.terminal or self._stopping.is_set():
+                return
+
+    def cancel(self, job_id: str, reason: str = "") -> JobRecord:
+        with self._cond:
+            rec = self._records.get(job_id) or self._load(job_id)
+            if rec is None:
+                raise NotFound(f"no {self.kind} job {job_id!r}", field="job_id")
+            if rec.phase.terminal:
+                return rec.model_copy(deep=True)
+            live = self._live.setdefault(job_id, _Live())
+            live.cancel.set()
+            why = f"cancel requested: {reason}" if reason else "cancel requested"
+            if live.running:
+                rec.phase = JobPhase.CANCELLING
+                rec.message = why
+                rec.updated_at = _now()
+                self._persist(rec, force=True)
+                self._cond.notify_all()
+                return rec.model_copy(deep=True)
+        self._finish(job_id, JobPhase.CANCELLED, why.replace("cancel requested", "cancelled"))
+        return self.get(job_id)
+
+    def list(
+        self,
+        *,
+        run: str = "",
+        skill: str = "",
+        phases: set[JobPhase] | None = None,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[JobRecord], str]:
+        """Jobs matching every given filter, newest first, paginated by an opaque token."""
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0", field="page_size")
+        page_size = min(page_size or 100, 1000)
+        try:
+            offset = int(page_token or 0)
+        except ValueError:
+            raise InvalidArgument(f"page_token {page_token!r} is not one this server issued", field="page_token") from None
+        with self._cond:
+            recs = [
+                r
+                for r in self._records.values()
+                if (not run or r.run == run)
+                and (not skill or r.skill == skill)
+                and (not phases or r.phase in phases)
+                and (not idempotency_key or r.idempotency_key == idempotency_key)
+                and all(r.labels.get(k) == v for k, v in (labels or {}).items())
+            ]
+            recs.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
+            page = [r.model_copy(deep=True) for r in recs[offset : offset + page_size]]
+        nxt = str(offset + page_size) if offset + page_size < len(recs) else ""
+        return page, nxt
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _key(self, job_id: str) -> str:
+        return f"{self._prefix}{job_id}.json"
+
+    def _load(self, job_id: str) -> JobRecord | None:
+        """Load a record written by another process (a previous instance) if it exists."""
+        try:
+            data = self.storage.get_bytes(self._key(job_id))
+        except NotFound:
+            return None
+        except InvalidArgument:
+            return None  # not a valid key at all, so no such job
+        rec = JobRecord.model_validate_json(data)
+        self._records[job_id] = rec
+        return rec
+
+    def _persist(self, rec: JobRecord, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_persist.get(rec.job_id, 0.0) < self._persist_interval:
+            return
+        self._last_persist[rec.job_id] = now
+        self.storage.put_bytes(self._key(rec.job_id), rec.model_dump_json().encode(), content_type="application/json")
+
+    def _update(self, job_id: str, apply: Callable[[JobRecord], None], *, force: bool = False) -> None:
+        with self._cond:
+            rec = self._records[job_id]
+            apply(rec)
+            rec.updated_at = _now()
+            self._persist(rec, force=force)
+            self._cond.notify_all()
+
+    def _submit(self, job_id: str, message: str | None = None) -> None:
+        with self._cond:
+            live = self._live.setdefault(job_id, _Live())
+            live.cancel.clear()
+            if message:
+                self._records[job_id].message = message
+        try:
+            self._pool.submit(self._execute, job_id)
+        except RuntimeError:
+            log.info("%s: not queuing %s, shutting down", self.kind, job_id)
+
+    def _execute(self, job_id: str) -> None:
+        with self._cond:
+            rec = self._records[job_id]
+            live = self._live.setdefault(job_id, _Live())
+            if rec.phase.terminal or self._stopping.is_set():
+                return
+            if live.cancel.is_set():
+                pass  # cancelled while queued: fall through to _finish below
+            else:
+                live.running = True
+                rec.phase = JobPhase.RUNNING
+                rec.started_at = rec.started_at or _now()
+                rec.updated_at = _now()
+                rec.message = "running" if not rec.message.startswith("resuming") else rec.message
+                self._persist(rec, force=True)
+                self._cond.notify_all()
+                ctx = JobContext(self, rec, live.cancel)
+        if live.cancel.is_set() and not live.running:
+            self._finish(job_id, JobPhase.CANCELLED, "cancelled before it started")
+            return
+        JOBS_ACTIVE.labels(self.kind).inc()
+        t0 = time.monotonic()
+        try:
+            result = self._run_fn(ctx)
+        except Interrupted:
+            self._interrupt(job_id)
+        except Cancelled as e:
+            self._finish(job_id, JobPhase.CANCELLED, str(e) if str(e) != "the job was cancelled" else "cancelled")
+        except SelmaError as e:
+            if live.cancel.is_set():
+                self._finish(job_id, JobPhase.CANCELLED, "cancelled")
+            else:
+                log.warning("%s: job %s failed: %s", self.kind, job_id, e)
+                self._finish(job_id, JobPhase.FAILED, str(e), error=JobErrorInfo(code=e.code.value, reason=type(e).__name__, message=str(e)))
+        except Exception as e:  # noqa: BLE001 - a job must never die silently
+            ref = uuid.uuid4().hex[:12]
+            log.error("%s: job %s crashed (ref %s)", self.kind, job_id, ref, exc_info=e)
+            msg = f"internal error (ref {ref}): {type(e).__name__}; the service log has the details"
+            self._finish(job_id, JobPhase.FAILED, msg, error=JobErrorInfo(code=ErrorCode.INTERNAL.value, reason="Internal", message=msg))
+        else:
+            if live.cancel.is_set() and result.output is None:
+                self._finish(job_id, JobPhase.CANCELLED, "cancelled")
+            else:
+                self._finish(job_id, JobPhase.SUCCEEDED, result.message, output=result.output, stats=result.stats)
+        finally:
+            JOBS_ACTIVE.labels(self.kind).dec()
+            JOB_DURATION.labels(self.kind).observe(time.monotonic() - t0)
+            with self._cond:
+                live.running = False
+                self._cond.notify_all()
+
+    def _interrupt(self, job_id: str) -> None:
+        def apply(rec: JobRecord) -> None:
+            rec.phase = JobPhase.PENDING
+            rec.message = "interrupted by a service shutdown; resumes when the service restarts"
+
+        self._update(job_id, apply, force=True)
+
+    def _finish(
+        self,
+        job_id: str,
+        phase: JobPhase,
+        message: str,
+        *,
+        error: JobErrorInfo | None = None,
+        output: OutputRef | None = None,
+        stats: Mapping[str, Any] | None = None,
+    ) -> None:
+        def apply(rec: JobRecord) -> None:
+            rec.phase = phase
+            rec.message = message
+            rec.error = error
+            rec.finished_at = _now()
+            if output is not None:
+                rec.output = output
+            if stats:
+                rec.stats.update(stats)
+            if phase == JobPhase.SUCCEEDED and rec.progress.total:
+                rec.progress.done = max(rec.progress.done, rec.progress.total)
+                rec.progress.eta_seconds = 0.0
+
+        self._update(job_id, apply, force=True)
+        JOBS_FINISHED.labels(self.kind, phase.value).inc()

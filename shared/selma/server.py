@@ -1,0 +1,299 @@
+"""The gRPC server bootstrap every selma service uses.
+
+One call builds a server with:
+- the standard ``grpc.health.v1`` health service, NOT_SERVING until the service says it is
+  ready (e.g. its model is loaded) and again while draining;
+- server reflection (grpcurl and friends can list and describe the API);
+- one interceptor that maps :mod:`selma.errors` to gRPC status codes, turns anything
+  unexpected into INTERNAL (logged with its traceback here, never sent to the client) and
+  records RPC metrics (count, latency, in-flight) by service, method and code;
+- Prometheus ``/metrics`` on its own HTTP port;
+- message-size limits sized for PNG batches and a bound on concurrent RPCs
+  (beyond it gRPC answers RESOURCE_EXHAUSTED);
+- graceful drain on SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused and
+  in-flight ones get ``drain_seconds`` to finish.
+
+Servicers stay glue: they convert protobuf to domain types, call core logic and convert back.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from selma.config import SelmaSettings
+from selma.errors import SelmaError
+from selma.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS, RPC_STARTED, SERVICE_READY, MetricsServer
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICE = reflection.SERVICE_NAME
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """A servicer and how to add it: ``add_fn`` is the generated ``add_XxxServicer_to_server``.
+
+    ``name`` is the fully-qualified service name (``selma.v1.PromptService``), used for health
+    status and reflection.  ``handlers`` may replace ``servicer``/``add_fn`` with generic handlers.
+    """
+
+    name: str
+    servicer: Any = None
+    add_fn: Callable[[Any, grpc.Server], None] | None = None
+    handlers: Sequence[grpc.GenericRpcHandler] = field(default_factory=tuple)
+
+
+def _status_code(err: SelmaError) -> grpc.StatusCode:
+    return grpc.StatusCode[err.code.value]
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/selma.v1.PromptService/GetPromptGeneration" -> ("selma.v1.PromptService", "GetPromptGeneration")
+    _, service, method = full_method.split("/", 2) if full_method.count("/") >= 2 else ("", "unknown", full_method)
+    return service, method
+
+
+class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
+    """Maps domain errors to status codes and records RPC metrics for every handler."""
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001 (grpc API)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method, "unary"))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method, "server_stream"))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, service, method, "client_stream"))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method, "bidi_stream"))
+        return handler
+
+    def _wrap_unary(self, fn, service: str, method: str, kind: str):  # noqa: ANN001
+        def wrapper(request, context):  # noqa: ANN001
+            rec = _Recorder(service, method, kind)
+            try:
+                response = fn(request, context)
+            except Exception as e:  # noqa: BLE001 - every failure must be mapped and counted
+                _fail(e, context, rec)
+            rec.finish(_context_code(context) or grpc.StatusCode.OK)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, fn, service: str, method: str, kind: str):  # noqa: ANN001
+        def wrapper(request, context):  # noqa: ANN001
+            rec = _Recorder(service, method, kind)
+            try:
+                yield from fn(request, context)
+            except GeneratorExit:
+                # The client went away or cancelled; gRPC closed the generator.
+                rec.finish(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as e:  # noqa: BLE001
+                _fail(e, context, rec)
+            rec.finish(_context_code(context) or grpc.StatusCode.OK)
+
+        return wrapper
+
+
+class _Recorder:
+    """Counts one RPC: started, in flight, then handled with its code and latency."""
+
+    def __init__(self, service: str, method: str, kind: str) -> None:
+        self.labels = (service, method, kind)
+        self.service = service
+        self.t0 = time.perf_counter()
+        self.done = False
+        RPC_STARTED.labels(*self.labels).inc()
+        RPC_IN_FLIGHT.labels(service).inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        if self.done:
+            return
+        self.done = True
+        RPC_IN_FLIGHT.labels(self.service).dec()
+        RPC_SECONDS.labels(*self.labels).observe(time.perf_counter() - self.t0)
+        RPC_HANDLED.labels(*self.labels, code.name).inc()
+
+
+def _context_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _fail(e: Exception, context: grpc.ServicerContext, rec: _Recorder) -> None:
+    """End the RPC for exception ``e``: a domain error gets its status and message, anything
+    else INTERNAL with a reference to the server log.  Always raises (``context.abort`` does).
+    """
+    already = _context_code(context)
+    if already is not None and already != grpc.StatusCode.OK:
+        rec.finish(already)  # the servicer called context.abort() itself
+        raise e
+    service, method, _ = rec.labels
+    if isinstance(e, SelmaError):
+        code, details = _status_code(e), str(e)
+        log.info("%s/%s -> %s: %s", service, method, code.name, details)
+    else:
+        ref = uuid.uuid4().hex[:12]
+        log.error("%s/%s failed unexpectedly (ref %s)", service, method, ref, exc_info=e)
+        code, details = grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"
+    rec.finish(code)
+    context.abort(code, details)
+
+
+class SelmaServer:
+    """A started gRPC server plus its health, reflection and metrics endpoints."""
+
+    def __init__(self, settings: SelmaSettings, services: Iterable[ServiceRegistration], *, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.services = list(services)
+        options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix=f"{name}-rpc"),
+            interceptors=[ErrorAndMetricsInterceptor()],
+            options=options,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        for svc in self.services:
+            if svc.add_fn is not None:
+                svc.add_fn(svc.servicer, self._server)
+            if svc.handlers:
+                self._server.add_generic_rpc_handlers(tuple(svc.handlers))
+        reflection.enable_server_reflection(
+            [svc.name for svc in self.services] + [HEALTH_SERVICE, REFLECTION_SERVICE], self._server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_port = self._server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}; is it in use?")
+        self.metrics: MetricsServer | None = None
+        self._stopped = threading.Event()
+        self._ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> SelmaServer:
+        self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
+        self._server.start()
+        log.info("%s: gRPC on %s, metrics on %s", self.name, self.address, self.metrics.url)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.metrics.url if self.metrics else ""
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def set_ready(self, ready: bool = True) -> None:
+        """Report SERVING (ready) or NOT_SERVING on the health service, overall and per service."""
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._set_health(status)
+        SERVICE_READY.labels(self.name).set(1 if ready else 0)
+
+    def _set_health(self, status: int) -> None:
+        self._health.set("", status)
+        for svc in self.services:
+            self._health.set(svc.name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, then stop."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.drain_seconds if grace is None else grace
+        log.info("%s: draining (grace %.1f s)", self.name, grace)
+        self.set_ready(False)
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        if self.metrics:
+            self.metrics.stop()
+        self._stopped.set()
+        log.info("%s: stopped", self.name)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stopped; returns True if it stopped within ``timeout``."""
+        return self._stopped.wait(timeout)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a graceful drain (from the main thread only)."""
+
+        def _on_signal(signum: int, _frame: Any) -> None:
+            log.info("%s: received %s", self.name, signal.Signals(signum).name)
+            threading.Thread(target=self.stop, name=f"{self.name}-drain", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+
+def serve(
+    settings: SelmaSettings,
+    services: Iterable[ServiceRegistration],
+    *,
+    name: str,
+    on_start: Callable[[SelmaServer], None] | None = None,
+) -> None:
+    """Run a service until SIGTERM: start, run ``on_start`` (load models...), go SERVING, drain on exit.
+
+    ``on_start`` runs after the ports are open so liveness probes pass while a model loads;
+    readiness (health SERVING) only follows once it returns.
+    """
+    server = SelmaServer(settings, services, name=name).start()
+    server.install_signal_handlers()
+    if on_start is not None:
+        on_start(server)
+    server.set_ready(True)
+    server.wait()
+
+
+def wait_for_serving(address: str, service: str = "", timeout: float = 30.0) -> None:
+    """Block until ``address`` answers SERVING for ``service`` on the health service (client helper)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        last: str = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            # Watch would avoid polling, but it needs the server up first; a short backoff is bounded.
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} did not report SERVING for {service!r} within {timeout:.0f} s (last: {last})")
+
+
+def stream_chunks(data: bytes, chunk_bytes: int) -> Iterator[bytes]:
+    """Split bytes into chunks under the message limit (for streamed downloads)."""
+    for i in range(0, len(data), chunk_bytes):
+        yield data[i : i + chunk_bytes]

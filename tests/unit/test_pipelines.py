@@ -1,0 +1,84 @@
+"""Pipeline loading shared by render, training and serving: references, devices, schedulers, mirrors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selma.errors import FailedPrecondition, InvalidArgument, NotFound
+from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, load_pipeline, make_scheduler, resolve_device, resolve_dtype
+from selma.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+
+def test_local_path_loads_through_auto_pipeline_and_generates(tiny_models, make_settings):
+    settings = make_settings()
+    pipe = load_pipeline(ModelSpec(str(tiny_models.sd)), settings)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    img = pipe("a red cube", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (64, 64)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_name_builds_a_fresh_scheduler(tiny_models, make_settings, name):
+    pipe = PipelineCache(make_settings()).get(ModelSpec(str(tiny_models.sd)))
+    sch = make_scheduler(pipe, name)
+    assert type(sch).__name__ == SCHEDULERS[name][0]
+    assert sch is not pipe.scheduler
+    assert make_scheduler(pipe, "") is not pipe.scheduler
+
+
+def test_unknown_scheduler_names_the_choices(tiny_models, make_settings):
+    pipe = PipelineCache(make_settings()).get(ModelSpec(str(tiny_models.sd)))
+    with pytest.raises(InvalidArgument, match="ddim"):
+        make_scheduler(pipe, "warp-drive")
+
+
+def test_cache_reuses_loaded_pipeline(tiny_models, make_settings):
+    cache = PipelineCache(make_settings(), max_models=1)
+    a = cache.get(ModelSpec(str(tiny_models.sd)))
+    assert cache.get(ModelSpec(str(tiny_models.sd))) is a
+    cache.get(ModelSpec(str(tiny_models.sdxl)))  # evicts the SD pipeline
+    assert cache.get(ModelSpec(str(tiny_models.sd))) is not a
+
+
+def test_storage_prefix_is_mirrored_once_and_pickles_are_never_fetched(tiny_models, storage_settings):
+    storage = open_storage(storage_settings)
+    for path in sorted(p for p in tiny_models.sd.rglob("*") if p.is_file()):
+        storage.put_file(f"models/tiny-sd/{path.relative_to(tiny_models.sd).as_posix()}", path)
+    storage.put_bytes("models/tiny-sd/unet/diffusion_pytorch_model.bin", b"not really a pickle")
+    uri = storage.uri_for("models/tiny-sd")
+    pipe = load_pipeline(ModelSpec(uri), storage_settings)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    mirrors = list((storage_settings.resolved_model_cache_dir / "mirror").iterdir())
+    assert len(mirrors) == 1
+    assert not list(mirrors[0].rglob("*.bin"))
+    # second load uses the mirror: deleting the source does not matter any more
+    storage.delete_prefix("models/")
+    assert type(load_pipeline(ModelSpec(uri), storage_settings)).__name__ == "StableDiffusionPipeline"
+
+
+def test_bad_references_say_what_to_fix(make_settings, tmp_path):
+    settings = make_settings(hf_offline=True)
+    with pytest.raises(InvalidArgument):
+        ModelSpec("  ")
+    with pytest.raises(NotFound):
+        load_pipeline(ModelSpec(str(tmp_path / "missing")), settings)
+    with pytest.raises(FailedPrecondition, match="cannot load model"):
+        load_pipeline(ModelSpec("no-such-org/no-such-model"), settings)
+
+
+def test_device_and_precision_resolution(make_settings):
+    settings = make_settings()
+    cpu = resolve_device("cpu", settings)
+    assert cpu.type == "cpu"
+    assert resolve_dtype("", cpu, settings) == torch.float32
+    assert resolve_dtype("bf16", cpu, settings) == torch.bfloat16
+    with pytest.raises(InvalidArgument, match="fp16"):
+        resolve_dtype("fp16", cpu, settings)
+    with pytest.raises(InvalidArgument):
+        resolve_device("tpu", settings)
+    if not torch.cuda.is_available():
+        with pytest.raises(FailedPrecondition, match="CUDA"):
+            resolve_device("cuda", settings)
