@@ -19,6 +19,8 @@ _COMMAND_MODULES = (
     "selma.artifacts_cli",
     "selma.serve_cli",
 )
+# Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
+_SERVICE_COMMAND_MODULES = ("selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for name in _SERVICE_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
