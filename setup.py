@@ -1,8 +1,8 @@
 """Build glue: generate the selma.v1 protobuf/gRPC stubs from protos/ before packaging.
 
-The stubs are written into shared/selma/v1/ (gitignored) by `selma.protogen`-equivalent
-logic below, so `pip install -e .` and `pip wheel .` both produce them and nothing
-generated is ever committed.  Everything else about the package lives in pyproject.toml.
+The stubs are written into shared/selma/v1/ (gitignored) whenever setuptools runs this
+file, so `pip install -e .` and `pip wheel .` both produce them and nothing generated is
+ever committed.  `python setup.py gen` only regenerates them.  Everything else about the package lives in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import pathlib
 import sys
 
 from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "protos"
@@ -43,14 +42,6 @@ def generate_stubs() -> None:
     init.write_text('"""Generated from protos/selma/v1 at build time. Do not edit; do not commit."""\n')
 
 
-class BuildPyWithProtos(build_py):
-    """build_py that regenerates the stubs first (also runs for editable installs)."""
-
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
-
-
 def packages() -> tuple[list[str], dict[str, str]]:
     pkgs = ["selma"] + [f"selma.{p}" for p in find_packages(str(OUT_ROOT / "selma"))]
     if "selma.v1" not in pkgs:
@@ -66,8 +57,10 @@ def packages() -> tuple[list[str], dict[str, str]]:
 
 
 if __name__ == "__main__":
+    # Every setuptools entry (egg_info, editable_wheel, build_py, sdist) runs this file, and
+    # egg_info already needs the selma.v1 package directory: generate first, always (0.1 s).
+    generate_stubs()
     if len(sys.argv) > 1 and sys.argv[1] == "gen":
-        generate_stubs()
         sys.exit(0)
     _pkgs, _dirs = packages()
-    setup(packages=_pkgs, package_dir=_dirs, cmdclass={"build_py": BuildPyWithProtos})
+    setup(packages=_pkgs, package_dir=_dirs)

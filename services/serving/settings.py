@@ -1,0 +1,28 @@
+"""Settings of the serving service (``SELMA_SERVING_*``): base model, request limits, queue, caches."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from selma.config import SelmaSettings
+
+GiB = 1024**3
+
+
+class ServingSettings(SelmaSettings):
+    """Everything the ServingService reads from its environment."""
+
+    serving_base_model: str = Field("", description="Base model: hub id, local directory or s3:// / file:// prefix. Required to serve.")
+    serving_base_revision: str = Field("", description="Hub revision of the base model; '' = main.")
+    serving_base_variant: str = Field("", description="Weight variant of the base model, e.g. fp16; '' = default.")
+    serving_base_vae: str = Field("", description="Optional replacement VAE for the base model.")
+    serving_max_concurrent: int = Field(1, ge=1, description="Generations denoising at once (1 per GPU is typical).")
+    serving_max_queue: int = Field(8, ge=0, description="Generate requests allowed to wait for a slot; more are RESOURCE_EXHAUSTED.")
+    serving_max_prompts: int = Field(16, ge=1, description="Prompts per Generate request.")
+    serving_max_images_per_prompt: int = Field(8, ge=1, description="Images per prompt per Generate request.")
+    serving_max_steps: int = Field(150, ge=1, description="Largest denoising step count a request may ask for.")
+    serving_max_resolution: int = Field(1024, ge=8, description="Largest image width or height in pixels.")
+    serving_merge_cache_bytes: int = Field(2 * GiB, ge=0, description="Memory for fused per-request expert mixes (LRU by bytes).")
+    serving_expert_cache: int = Field(32, ge=1, description="Expert adapters kept parsed in memory (LRU by count).")
+    serving_default_density: float = Field(0.5, gt=0, le=1, description="Density of TIES/DARE/magnitude merges when a request gives 0.")
+    serving_merge_workers: int = Field(1, ge=1, description="Merge jobs running at once.")
