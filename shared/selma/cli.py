@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from selma import __version__
 from selma.errors import SelmaError
+from selma.logs import configure_logging, quiet_third_party
 
 # Modules exposing ``register(subparsers)``; each adds its own subcommand tree.
 _COMMAND_MODULES = (
     "selma.models.cli",
     "selma.artifacts_cli",
     "selma.serve_cli",
+    "selma.demo",
 )
 # Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
 _SERVICE_COMMAND_MODULES = ("selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except SelmaError as e:

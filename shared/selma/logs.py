@@ -35,3 +35,31 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    quiet_third_party()
+
+
+class _DropMessages(logging.Filter):
+    """Drops third-party log records that are known noise here (say why at the call site)."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(f in msg for f in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Silence warnings that say nothing to a selma user.
+
+    transformers warns on every diffusers import that torchvision is missing and it falls back
+    to PIL image processors; selma never uses those processors (and torchvision cannot be
+    installed beside the CPU torch wheel), so the warning is pure noise in service logs.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # make sure transformers' own handler exists
+    noise = _DropMessages("requires torchvision (not installed)")
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(noise)
