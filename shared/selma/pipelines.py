@@ -93,13 +93,43 @@ def resolve_dtype(requested: str, device: torch.device, settings: SelmaSettings)
     return table[name]
 
 
+TINY_SCHEME = "tiny://"
+TINY_COMPONENTS = ("sd", "sdxl", "lm")
+
+
+def tiny_model_path(source: str, settings: SelmaSettings) -> Path:
+    """``tiny://sd`` / ``tiny://sdxl`` / ``tiny://lm`` (optionally ``?seed=N``): the offline tiny models.
+
+    They are built on first use, deterministically, under ``<model_cache_dir>/tiny/seed-N`` —
+    the embedded default that lets a laptop or CI run every stage with no download.
+    """
+    from selma.models.tiny import build_tiny
+
+    rest = source[len(TINY_SCHEME) :]
+    name, _, query = rest.partition("?")
+    seed = 0
+    if query:
+        key, _, value = query.partition("=")
+        if key != "seed" or not value.isdigit():
+            raise InvalidArgument(f"tiny model reference {source!r}: only ?seed=N is understood", field="model.source")
+        seed = int(value)
+    if name not in TINY_COMPONENTS:
+        raise InvalidArgument(f"unknown tiny model {name!r}; use tiny://sd, tiny://sdxl or tiny://lm", field="model.source")
+    models = build_tiny(settings.resolved_model_cache_dir / "tiny" / f"seed-{seed}", seed=seed)
+    return getattr(models, name)
+
+
 def materialize(source: str, settings: SelmaSettings) -> str:
     """A reference from_pretrained can take: local dirs as-is, storage prefixes mirrored into the cache.
+
+    ``tiny://sd`` and friends resolve to the offline tiny models (see :func:`tiny_model_path`).
 
     ``s3://bucket/prefix`` and ``file:///dir`` are copied once into
     ``<model_cache_dir>/mirror/<sha>/`` (published by an atomic rename, so a crashed copy is
     never used); anything else is returned unchanged and treated as a hub id.
     """
+    if source.startswith(TINY_SCHEME):
+        return str(tiny_model_path(source, settings))
     if source.startswith(("s3://", "file://")):
         from selma.storage import open_storage
 

@@ -82,3 +82,14 @@ def test_device_and_precision_resolution(make_settings):
     if not torch.cuda.is_available():
         with pytest.raises(FailedPrecondition, match="CUDA"):
             resolve_device("cuda", settings)
+
+
+def test_tiny_scheme_builds_and_loads_the_offline_models(make_settings):
+    settings = make_settings()
+    pipe = load_pipeline(ModelSpec("tiny://sdxl"), settings)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert (settings.resolved_model_cache_dir / "tiny" / "seed-0" / "tiny-sdxl" / "model_index.json").is_file()
+    with pytest.raises(InvalidArgument, match="tiny://sd"):
+        load_pipeline(ModelSpec("tiny://flux"), settings)
+    with pytest.raises(InvalidArgument, match="seed"):
+        load_pipeline(ModelSpec("tiny://sd?steps=3"), settings)
