@@ -19,6 +19,8 @@ _COMMAND_MODULES = (
     "selma.artifacts_cli",
     "selma.serve_cli",
     "selma.demo",
+    "selma.local_stack",
+    "selma.runner",
 )
 # Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
 _SERVICE_COMMAND_MODULES = ("selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli")

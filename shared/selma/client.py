@@ -1,0 +1,239 @@
+"""The Python client SDK for the four selma services (what the CLI itself uses).
+
+```python
+from selma.client import SelmaClient
+with SelmaClient.from_endpoints(Endpoints.load()) as c:
+    for resp in c.generate(["two red apples"], model_name="quickstart"):
+        open("out.png", "wb").write(resp.image.png)
+```
+
+Every long-running job kind has the same five calls through :class:`JobClient`
+(``start``/``get``/``watch``/``cancel``/``list``).  Endpoints come from an endpoints file that
+``selma up`` writes, from ``SELMA_ENDPOINTS`` (``prompts=host:port,render=…``), or are given
+directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from selma.errors import InvalidArgument
+from selma.v1 import (
+    common_pb2,
+    prompt_service_pb2,
+    prompt_service_pb2_grpc,
+    render_service_pb2,
+    render_service_pb2_grpc,
+    serving_service_pb2,
+    serving_service_pb2_grpc,
+    training_service_pb2,
+    training_service_pb2_grpc,
+)
+
+MiB = 1024 * 1024
+SERVICES = ("prompts", "render", "training", "serving")
+SERVICE_NAMES = {
+    "prompts": "selma.v1.PromptService",
+    "render": "selma.v1.RenderService",
+    "training": "selma.v1.TrainingService",
+    "serving": "selma.v1.ServingService",
+}
+DEFAULT_ENDPOINTS_FILE = Path(".selma") / "endpoints.json"
+
+
+@dataclass
+class Endpoints:
+    """gRPC addresses (``host:port``) of the four services, plus their metrics URLs when known."""
+
+    prompts: str = ""
+    render: str = ""
+    training: str = ""
+    serving: str = ""
+    metrics: dict[str, str] | None = None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Endpoints:
+        """From ``SELMA_ENDPOINTS`` if set, else the endpoints file (default ``.selma/endpoints.json``)."""
+        env = os.environ if env is None else env
+        spec = env.get("SELMA_ENDPOINTS", "")
+        if spec and path is None:
+            values: dict[str, str] = {}
+            for part in spec.split(","):
+                name, _, addr = part.partition("=")
+                if name.strip() not in SERVICES or not addr.strip():
+                    raise InvalidArgument(f"SELMA_ENDPOINTS entry {part!r} is not <service>=<host:port> with service in {SERVICES}", field="SELMA_ENDPOINTS")
+                values[name.strip()] = addr.strip()
+            return cls(**values)
+        path = Path(path) if path else DEFAULT_ENDPOINTS_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(
+                f"no endpoints file at {path}: start the local stack with `selma up`, or pass --endpoints / set SELMA_ENDPOINTS",
+                field="endpoints",
+            ) from None
+        return cls(**{k: v for k, v in data.items() if k in {"prompts", "render", "training", "serving", "metrics"}})
+
+
+# Per job kind: the stub's method names and request classes.  The five calls are uniform.
+@dataclass(frozen=True)
+class _JobKind:
+    service: str
+    start: str
+    get: str
+    watch: str
+    cancel: str
+    list: str
+    module: Any
+
+
+JOB_KINDS = {
+    "prompts": _JobKind("prompts", "StartPromptGeneration", "GetPromptGeneration", "WatchPromptGeneration", "CancelPromptGeneration", "ListPromptGenerations", prompt_service_pb2),
+    "render": _JobKind("render", "StartDatasetRender", "GetDatasetRender", "WatchDatasetRender", "CancelDatasetRender", "ListDatasetRenders", render_service_pb2),
+    "training": _JobKind("training", "StartExpertTraining", "GetExpertTraining", "WatchExpertTraining", "CancelExpertTraining", "ListExpertTrainings", training_service_pb2),
+    "merge": _JobKind("serving", "StartMerge", "GetMerge", "WatchMerge", "CancelMerge", "ListMerges", serving_service_pb2),
+}
+
+
+class JobClient:
+    """Start/Get/Watch/Cancel/List for one job kind."""
+
+    def __init__(self, stub: Any, kind: _JobKind, timeout: float) -> None:
+        self._stub = stub
+        self._k = kind
+        self._timeout = timeout
+
+    def _req(self, method: str, **fields: Any) -> Any:
+        return getattr(self._k.module, f"{method}Request")(**fields)
+
+    def start(self, idempotency_key: str, spec: Any, *, validate_only: bool = False) -> tuple[Any, bool]:
+        """Returns (job, created)."""
+        resp = getattr(self._stub, self._k.start)(self._req(self._k.start, idempotency_key=idempotency_key, spec=spec, validate_only=validate_only), timeout=self._timeout)
+        return resp.job, resp.created
+
+    def get(self, job_id: str) -> Any:
+        return getattr(self._stub, self._k.get)(self._req(self._k.get, job_id=job_id), timeout=self._timeout).job
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[Any]:
+        """Stream the job until a terminal phase (the server ends the stream)."""
+        for resp in getattr(self._stub, self._k.watch)(self._req(self._k.watch, job_id=job_id), timeout=timeout):
+            yield resp.job
+
+    def cancel(self, job_id: str, reason: str = "") -> Any:
+        return getattr(self._stub, self._k.cancel)(self._req(self._k.cancel, job_id=job_id, reason=reason), timeout=self._timeout).job
+
+    def list(self, *, run: str = "", skill: str = "", page_size: int = 100) -> list[Any]:
+        """All jobs matching run/skill (follows page tokens)."""
+        out: list[Any] = []
+        token = ""
+        while True:
+            req = self._req(self._k.list, filter=common_pb2.JobFilter(run=run, skill=skill), page_size=page_size, page_token=token)
+            resp = getattr(self._stub, self._k.list)(req, timeout=self._timeout)
+            out.extend(resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+
+class SelmaClient:
+    """Channels and stubs for the four services; use as a context manager."""
+
+    def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+        self._channels: dict[str, grpc.Channel] = {}
+        for name in SERVICES:
+            addr = getattr(endpoints, name)
+            if addr:
+                self._channels[name] = grpc.insecure_channel(addr, options=options)
+        stubs = {
+            "prompts": prompt_service_pb2_grpc.PromptServiceStub,
+            "render": render_service_pb2_grpc.RenderServiceStub,
+            "training": training_service_pb2_grpc.TrainingServiceStub,
+            "serving": serving_service_pb2_grpc.ServingServiceStub,
+        }
+        self._stubs = {name: stubs[name](ch) for name, ch in self._channels.items()}
+
+    @classmethod
+    def from_endpoints(cls, endpoints: Endpoints | None = None, **kwargs: Any) -> SelmaClient:
+        return cls(endpoints or Endpoints.load(), **kwargs)
+
+    def __enter__(self) -> SelmaClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+    def stub(self, service: str) -> Any:
+        if service not in self._stubs:
+            raise InvalidArgument(f"no endpoint configured for the {service} service", field="endpoints")
+        return self._stubs[service]
+
+    def jobs(self, kind: str) -> JobClient:
+        """Job calls for ``prompts``, ``render``, ``training`` or ``merge``."""
+        k = JOB_KINDS[kind]
+        return JobClient(self.stub(k.service), k, self.timeout)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 60.0, services: tuple[str, ...] = SERVICES) -> None:
+        from selma.server import wait_for_serving
+
+        for name in services:
+            wait_for_serving(getattr(self.endpoints, name), SERVICE_NAMES[name], timeout=timeout)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        model_name: str = "",
+        experts: Mapping[str, float] | None = None,
+        method: int = common_pb2.MERGE_METHOD_MEAN_DELTA,
+        steps: int = 0,
+        guidance_scale: float | None = None,
+        width: int = 0,
+        height: int = 0,
+        seed: int | None = None,
+        images_per_prompt: int = 1,
+        negative_prompt: str = "",
+        timeout: float | None = 600.0,
+    ) -> Iterator[serving_service_pb2.GenerateResponse]:
+        """Stream generated images: a registered model, the base with per-request expert weights, or the base."""
+        if model_name and experts:
+            raise InvalidArgument("give either a model name or expert weights, not both", field="model")
+        diffusion = common_pb2.DiffusionSettings(steps=steps, width=width, height=height, negative_prompt=negative_prompt)
+        if guidance_scale is not None:
+            diffusion.guidance_scale = guidance_scale
+        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt)
+        if seed is not None:
+            req.seed = seed
+        if model_name:
+            req.model_name = model_name
+        elif experts:
+            req.experts.CopyFrom(common_pb2.MergeSpec(method=method, experts=[common_pb2.ExpertWeight(expert_id=k, weight=v) for k, v in experts.items()]))
+        yield from self.stub("serving").Generate(req, timeout=timeout)
+
+    def lineage(self, artifact_id: str) -> list[common_pb2.ArtifactManifest]:
+        req = serving_service_pb2.GetLineageRequest(artifact=common_pb2.ArtifactRef(id=artifact_id))
+        return list(self.stub("serving").GetLineage(req, timeout=self.timeout).artifacts)

@@ -1,0 +1,204 @@
+"""``selma up``: the four services on localhost with embedded defaults, supervised.
+
+Each service runs as its own process (``selma serve NAME``), exactly as in a pod, with
+settings passed as ``SELMA_*`` variables: ``file://`` storage under the data directory (or
+``--storage s3://…``), the local training launcher (or ``--launcher kubernetes``), tiny
+offline models and the bundled small LLM.  ``selma up`` waits until every health check
+reports SERVING, prints the endpoints (gRPC as ``127.0.0.1:PORT``, metrics as
+``http://127.0.0.1:PORT/metrics``), writes them to ``<data_dir>/endpoints.json`` for
+``selma run``/``selma generate``, and on Ctrl-C (or SIGTERM) drains and stops every
+service by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selma.client import SERVICE_NAMES, SERVICES, Endpoints
+from selma.errors import FailedPrecondition, Unavailable
+from selma.server import wait_for_serving
+
+log = logging.getLogger(__name__)
+
+# Settings each service gets in the local stack (on top of the shared ones), as SELMA_* names.
+# They select the embedded defaults: tiny offline models, the bundled LLM, the local launcher.
+EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
+    "prompts": {"SELMA_PROMPTS_DEFAULT_BACKEND": "embedded"},
+    "render": {},
+    "training": {"SELMA_TRAINING_LAUNCHER": "local"},
+    "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    grpc_port: int
+    metrics_port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+@dataclass
+class LocalStack:
+    """Starts, watches and stops the four service processes."""
+
+    data_dir: Path
+    storage_uri: str = ""
+    launcher: str = "local"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = SERVICES
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def env_for(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SELMA_")}
+        env.update(
+            {
+                "SELMA_HOST": "127.0.0.1",
+                "SELMA_GRPC_PORT": str(grpc_port),
+                "SELMA_METRICS_PORT": str(metrics_port),
+                "SELMA_DATA_DIR": str(self.data_dir),
+                "SELMA_STORAGE_URI": self.storage_uri or (self.data_dir / "storage").as_uri(),
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        # Pass through the caller's own SELMA_* settings (S3 endpoint, credentials, ...).
+        env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
+        env.update(EMBEDDED_DEFAULTS.get(name, {}))
+        if name == "training":
+            env["SELMA_TRAINING_LAUNCHER"] = self.launcher
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> Endpoints:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for name in self.services:
+            grpc_port, metrics_port = free_port(), free_port()
+            log_path = logs / f"{name}.log"
+            out = log_path.open("ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "selma.cli", "serve", name],
+                env=self.env_for(name, grpc_port, metrics_port),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C goes to `selma up`, which drains the children in order
+            )
+            out.close()
+            self.processes[name] = ServiceProcess(name, grpc_port, metrics_port, proc, log_path)
+            log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
+        deadline = time.monotonic() + timeout
+        for name, sp in self.processes.items():
+            while True:
+                if sp.proc.poll() is not None:
+                    self.stop()
+                    tail = sp.log_path.read_text(errors="replace")[-2000:]
+                    raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
+                try:
+                    wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
+                    break
+                except TimeoutError as e:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise Unavailable(f"the {name} service did not become SERVING within {timeout:.0f} s ({e}); see {sp.log_path}") from None
+        endpoints = self.endpoints()
+        endpoints.save(self.data_dir / "endpoints.json")
+        return endpoints
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(
+            **{name: sp.address for name, sp in self.processes.items()},
+            metrics={name: sp.metrics_url for name, sp in self.processes.items()},
+        )
+
+    def poll(self) -> str | None:
+        """The name of a service that exited, if any."""
+        for name, sp in self.processes.items():
+            if sp.proc.poll() is not None:
+                return name
+        return None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM every service (they drain), then SIGKILL what is left after ``grace``."""
+        for sp in self.processes.values():
+            if sp.proc.poll() is None:
+                sp.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for sp in self.processes.values():
+            try:
+                sp.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing pid %d", sp.name, grace, sp.proc.pid)
+                sp.proc.kill()
+                sp.proc.wait()
+        endpoints_file = self.data_dir / "endpoints.json"
+        endpoints_file.unlink(missing_ok=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the four services on localhost with embedded defaults")
+    p.add_argument("--dir", default=".selma", help="data directory: storage, model cache, logs, endpoints.json (default .selma)")
+    p.add_argument("--storage", default="", help="artifact storage URI (default file://<dir>/storage; s3://bucket/prefix with SELMA_S3_* settings)")
+    p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sys.stdout.write("starting prompts, render, training and serving ...\n")
+    sys.stdout.flush()
+    endpoints = stack.start(timeout=args.timeout)
+    for name in SERVICES:
+        sp = stack.processes[name]
+        sys.stdout.write(f"{SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")
+    sys.stdout.write(f"storage {stack.storage_uri or (stack.data_dir / 'storage').as_uri()}\n")
+    sys.stdout.write(f"endpoints written to {stack.data_dir / 'endpoints.json'}; logs in {stack.data_dir / 'logs'}\n")
+    sys.stdout.write("all services SERVING; Ctrl-C stops them\n")
+    sys.stdout.flush()
+    del endpoints
+    try:
+        while not stop.wait(1.0):
+            dead = stack.poll()
+            if dead:
+                sys.stderr.write(f"selma up: the {dead} service exited (code {stack.processes[dead].proc.returncode}); stopping the stack. See {stack.processes[dead].log_path}\n")
+                stack.stop()
+                return 1
+    finally:
+        if stack.poll() is None or any(sp.proc.poll() is None for sp in stack.processes.values()):
+            sys.stdout.write("stopping ...\n")
+            sys.stdout.flush()
+            stack.stop()
+    sys.stdout.write("stopped\n")
+    return 0

@@ -1,0 +1,475 @@
+"""``selma run``: drive a whole SELMA run from a SkillSet, through the gRPC services only.
+
+Per skill, in parallel: prompt set → image dataset → LoRA expert; then one merge of all
+experts, registered on the serving service under the SkillSet's model name.  Every job is
+started with a deterministic idempotency key (``<run>/<skill>/<stage>``), so re-running the
+same run attaches to jobs that are running and skips those that finished: nothing is done
+twice, nothing finished is lost, and Ctrl-C leaves a resumable run (the services keep
+working).  A service that goes away pauses the run with a clear status until it is back.
+
+The run's state (stages, job ids, outputs) is kept in ``<dir>/runs/<run>.json``, replaced
+atomically; a lock file stops two ``selma run`` of the same run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from selma.api import message_to_dict
+from selma.client import Endpoints, SelmaClient
+from selma.errors import Aborted, FailedPrecondition, InvalidArgument, SelmaError
+from selma.skillset import SkillSet, load_skillset, merge_job_spec
+from selma.v1 import common_pb2, render_service_pb2, training_service_pb2
+
+log = logging.getLogger(__name__)
+
+SKILL_STAGES = ("prompts", "render", "training")
+TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED}
+PHASE_NAMES = {v.number: v.name.removeprefix("JOB_PHASE_").lower() for v in common_pb2.JobPhase.DESCRIPTOR.values}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class RunFailed(SelmaError):
+    """A stage of the run failed; the message says which and why."""
+
+    code = FailedPrecondition.code
+
+
+def stage_key(run: str, skill: str | None, stage: str) -> str:
+    return f"{run}/{skill}/{stage}" if skill else f"{run}/{stage}"
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+class RunState:
+    """The run's durable record: one JSON file per run, replaced atomically after each change."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, runs_dir: Path, skillset: SkillSet) -> RunState:
+        path = runs_dir / f"{skillset.name}.json"
+        digest = hashlib.sha256(json.dumps(skillset.raw, sort_keys=True, default=str).encode()).hexdigest()
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("skillset_digest") != digest:
+                log.warning("run %s: the SkillSet changed since the last attempt; finished stages are reused only where their settings match", skillset.name)
+                data["skillset_digest"] = digest
+        else:
+            data = {"name": skillset.name, "skillset": skillset.source, "skillset_digest": digest, "created_at": _now(), "stages": {}, "phase": "pending"}
+        state = cls(path, data)
+        state.save()
+        return state
+
+    @classmethod
+    def load(cls, runs_dir: Path, name: str) -> RunState:
+        path = runs_dir / f"{name}.json"
+        if not path.exists():
+            raise InvalidArgument(f"no run named {name!r} in {runs_dir}; `selma runs` lists them", field="run")
+        return cls(path, json.loads(path.read_text()))
+
+    def stage(self, skill: str | None, stage: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(f"{skill or '*'}/{stage}", {"skill": skill, "stage": stage, "phase": "pending"})
+
+    def update_stage(self, skill: str | None, stage: str, **fields: Any) -> None:
+        with self._lock:
+            self.stage(skill, stage).update(fields)
+            self.save_locked()
+
+    def set(self, **fields: Any) -> None:
+        with self._lock:
+            self.data.update(fields)
+            self.save_locked()
+
+    def save(self) -> None:
+        with self._lock:
+            self.save_locked()
+
+    def save_locked(self) -> None:
+        self.data["updated_at"] = _now()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+class RunLock:
+    """An exclusive lock per run name (a file holding the owner's pid; stale locks are taken over)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise Aborted(f"run {self.path.stem!r} is already being driven by `selma run` (pid {pid}); wait for it or stop it first", field="run") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise Aborted(f"could not take the lock {self.path}", field="run")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------- reporting
+
+
+class Reporter:
+    """Live progress per stage and skill: rich bars on a terminal, plain log lines otherwise."""
+
+    def __init__(self, console: Console, *, live: bool | None = None) -> None:
+        self.console = console
+        self.live = console.is_terminal if live is None else live
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+        self._last: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Reporter:
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description:<32}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]:<7} {task.fields[phase]:<10}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def update(self, label: str, status: common_pb2.JobStatus, note: str = "") -> None:
+        phase = note or PHASE_NAMES.get(status.phase, "?")
+        done, total = status.progress.done, status.progress.total
+        with self._lock:
+            if self._progress is not None:
+                if label not in self._tasks:
+                    self._tasks[label] = self._progress.add_task(label, total=total or None, unit=status.progress.unit, phase=phase)
+                self._progress.update(self._tasks[label], completed=done, total=total or None, unit=status.progress.unit, phase=phase)
+                return
+            # Plain lines: on phase changes and every 10 % of progress.
+            decile = int(10 * done / total) if total else 0
+            key = (phase, decile)
+            if self._last.get(label) != key:
+                self._last[label] = key
+                eta = f", eta {status.progress.eta.seconds}s" if status.progress.HasField("eta") and status.phase == common_pb2.JOB_PHASE_RUNNING else ""
+                msg = f" - {status.message}" if status.message and phase in ("failed", "cancelled") else ""
+                self.console.print(f"{label}: {phase} {done}/{total} {status.progress.unit}{eta}{msg}", highlight=False)
+
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+class RunDriver:
+    """Runs one SkillSet against the services; resumable by construction (idempotency keys)."""
+
+    def __init__(self, client: SelmaClient, skillset: SkillSet, state: RunState, reporter: Reporter, *, retry_seconds: float = 2.0) -> None:
+        self.client = client
+        self.skillset = skillset
+        self.state = state
+        self.reporter = reporter
+        self.retry_seconds = retry_seconds
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # One stage: start (or attach to) the job for its key, then watch it to the end.
+    def drive(self, kind: str, skill: str | None, spec: Any) -> Any:
+        run = self.skillset.name
+        key = stage_key(run, skill, kind)
+        label = f"{skill or run} · {kind}"
+        jobs = self.client.jobs(kind)
+        job = self._retrying(label, lambda: jobs.start(key, spec))[0]
+        self.state.update_stage(skill, kind, job_id=job.status.job_id, phase=PHASE_NAMES[job.status.phase], key=key)
+        job_id = job.status.job_id
+        while not self._stop.is_set():
+            try:
+                for job in jobs.watch(job_id):
+                    self.reporter.update(label, job.status)
+                    self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total, message=job.status.message)
+                    if self._stop.is_set():
+                        return job
+                if job.status.phase in TERMINAL:
+                    break
+                job = self._retrying(label, lambda: jobs.get(job_id))
+                if job.status.phase in TERMINAL:
+                    break
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise RunFailed(f"{label}: the {jobs._k.service} service answered {e.code().name}: {e.details()}") from None
+                self._pause(label, e)
+        status = job.status
+        if status.phase == common_pb2.JOB_PHASE_SUCCEEDED:
+            self.state.update_stage(skill, kind, phase="succeeded", output=message_to_dict(status.output))
+            return job
+        if status.phase in TERMINAL:
+            why = status.error.message or status.message
+            raise RunFailed(f"{label} {PHASE_NAMES[status.phase]}: {why}. Fix the cause and run `selma run` again: finished stages are kept")
+        return job
+
+    def _retrying(self, label: str, call: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    raise RunFailed(
+                        f"{label}: {e.details()}. This run name was used before with different settings: "
+                        "restore the SkillSet or choose a new metadata.name"
+                    ) from None
+                if e.code() not in RETRYABLE:
+                    raise RunFailed(f"{label}: {e.code().name}: {e.details()}") from None
+                self._pause(label, e)
+                if self._stop.is_set():
+                    raise RunFailed(f"{label}: stopped while waiting for the service") from None
+
+    def _pause(self, label: str, e: grpc.RpcError) -> None:
+        self.state.set(phase="paused", message=f"{label}: service unavailable ({e.details()}); retrying")
+        self.reporter.note(f"[paused] {label}: service unavailable ({e.code().name}); retrying every {self.retry_seconds:.0f} s until it is back (Ctrl-C leaves a resumable run)")
+        self._stop.wait(self.retry_seconds)
+        self.state.set(phase="running", message="")
+
+    def skill_chain(self, skill) -> str:  # noqa: ANN001 - SkillEntry
+        """prompts → render → training for one skill; returns the expert artifact id."""
+        ss = self.skillset
+        job = self.drive("prompts", skill.name, ss.prompt_spec(skill))
+        prompt_set = job.status.output
+        render_spec = render_service_pb2.DatasetRenderSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, settings=ss.render)
+        job = self.drive("render", skill.name, render_spec)
+        dataset = job.status.output
+        train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config, placement=ss.placement)
+        job = self.drive("training", skill.name, train_spec)
+        return job.status.output.id
+
+    def run(self) -> dict[str, Any]:
+        ss = self.skillset
+        self.state.set(phase="running", message="", started_at=_now())
+        experts: dict[str, str] = {}
+        errors: list[BaseException] = []
+
+        def chain(skill) -> None:  # noqa: ANN001
+            try:
+                experts[skill.name] = self.skill_chain(skill)
+            except BaseException as e:  # noqa: BLE001 - reported below, the other skills go on
+                errors.append(e)
+
+        threads = [threading.Thread(target=chain, args=(s,), name=f"run-{s.name}", daemon=True) for s in ss.skills]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        if self._stop.is_set():
+            self.state.set(phase="interrupted", message="stopped by the user; run again to resume")
+            raise KeyboardInterrupt
+        if errors:
+            self.state.set(phase="failed", message="; ".join(str(e) for e in errors))
+            raise errors[0]
+        job = self.drive("merge", None, merge_job_spec(ss, experts))
+        merged = job.status.output.id
+        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now())
+        return {"model_name": ss.model_name, "merged_model": merged, "experts": experts}
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=".selma", help="state directory: runs/, endpoints.json (default .selma)")
+    common.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+
+    p = sub.add_parser("run", parents=[common], help="run a SkillSet end to end through the services (resumable)")
+    p.add_argument("skillset", help="SkillSet YAML file, e.g. examples/quickstart.yaml")
+    p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("runs", parents=[common], help="list runs and their phase")
+    p.set_defaults(func=_runs)
+
+    p = sub.add_parser("status", parents=[common], help="show one run's stages")
+    p.add_argument("run", help="run name (the SkillSet's metadata.name)")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("lineage", parents=[common], help="the tree from an artifact (e.g. a merged model) back to its prompts")
+    p.add_argument("artifact", help="artifact id")
+    p.set_defaults(func=_lineage)
+
+    p = sub.add_parser("generate", parents=[common], help="generate images with a served model")
+    p.add_argument("prompt", nargs="+", help="prompt text (several prompts allowed)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default="", help="registered model name (default: the base model)")
+    g.add_argument("--experts", default="", help="per-request expert weights: id=w,id=w (ids or <run>/<skill>)")
+    p.add_argument("-o", "--out", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (0 = server default)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: server default)")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    p.set_defaults(func=_generate)
+
+
+def _endpoints(args: argparse.Namespace) -> Endpoints:
+    if args.endpoints:
+        return Endpoints.load(args.endpoints)
+    if os.environ.get("SELMA_ENDPOINTS"):
+        return Endpoints.load()
+    return Endpoints.load(Path(args.dir) / "endpoints.json")
+
+
+def _run(args: argparse.Namespace) -> int:
+    skillset = load_skillset(args.skillset)  # validate before anything starts
+    console = Console()
+    runs_dir = Path(args.dir) / "runs"
+    with RunLock(runs_dir / f"{skillset.name}.lock"):
+        state = RunState.open(runs_dir, skillset)
+        with SelmaClient(_endpoints(args)) as client, Reporter(console, live=False if args.plain else None) as reporter:
+            driver = RunDriver(client, skillset, state, reporter)
+            try:
+                result = driver.run()
+            except KeyboardInterrupt:
+                driver.stop()
+                state.set(phase="interrupted", message="stopped by the user; run again to resume")
+                console.print(f"run {skillset.name} interrupted: the services keep the work; `selma run {args.skillset}` resumes it")
+                return 130
+    console.print(f"run {skillset.name} succeeded: model [bold]{result['model_name']}[/bold] (merged model {result['merged_model']})", highlight=False)
+    for skill, expert in result["experts"].items():
+        console.print(f"  expert {skill}: {expert}", highlight=False)
+    console.print(f"try: selma generate \"a photo\" --model {result['model_name']} -o out.png", highlight=False)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    runs_dir = Path(args.dir) / "runs"
+    table = Table(title=f"runs in {runs_dir}")
+    for col in ("run", "phase", "updated", "model", "skillset"):
+        table.add_column(col)
+    for path in sorted(runs_dir.glob("*.json")) if runs_dir.exists() else []:
+        d = json.loads(path.read_text())
+        table.add_row(d.get("name", path.stem), d.get("phase", "?"), d.get("updated_at", ""), d.get("model_name", ""), d.get("skillset", ""))
+    Console().print(table)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = RunState.load(Path(args.dir) / "runs", args.run)
+    d = state.data
+    table = Table(title=f"run {d['name']}: {d.get('phase')}" + (f" ({d['message']})" if d.get("message") else ""))
+    for col in ("skill", "stage", "phase", "progress", "job", "output"):
+        table.add_column(col)
+    for st in d["stages"].values():
+        table.add_row(st.get("skill") or "-", st["stage"], st.get("phase", ""), f"{st.get('done', 0)}/{st.get('total', 0)}", st.get("job_id", ""), (st.get("output") or {}).get("id", ""))
+    Console().print(table)
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    with SelmaClient(_endpoints(args)) as client:
+        manifests = client.lineage(args.artifact)
+    by_id = {m.id: m for m in manifests}
+    kinds = {v.number: v.name.removeprefix("ARTIFACT_KIND_").lower() for v in common_pb2.ArtifactKind.DESCRIPTOR.values}
+
+    def add(node: Tree, aid: str, seen: set[str]) -> None:
+        m = by_id.get(aid)
+        if m is None:
+            node.add(f"{aid} (missing)")
+            return
+        branch = node.add(f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else ""))
+        if aid in seen:
+            return
+        for parent in m.parent_ids:
+            add(branch, parent, seen | {aid})
+
+    root = Tree(f"lineage of {args.artifact}")
+    add(root, args.artifact, set())
+    Console().print(root)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    experts: dict[str, float] = {}
+    if args.experts:
+        for part in args.experts.split(","):
+            name, _, w = part.partition("=")
+            try:
+                experts[name.strip()] = float(w)
+            except ValueError:
+                raise InvalidArgument(f"--experts entry {part!r} is not id=weight", field="experts") from None
+    out = Path(args.out)
+    written = []
+    with SelmaClient(_endpoints(args)) as client:
+        try:
+            responses = list(
+                client.generate(
+                    args.prompt, model_name=args.model, experts=experts or None, steps=args.steps, guidance_scale=args.guidance,
+                    width=args.width, height=args.height, seed=args.seed, images_per_prompt=args.num_images,
+                )
+            )
+        except grpc.RpcError as e:
+            raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
+    for i, resp in enumerate(responses):
+        path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(resp.image.png)
+        written.append(path)
+        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={resp.model.model_name or 'base'}\n")
+    return 0

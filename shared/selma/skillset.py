@@ -1,0 +1,373 @@
+"""The SkillSet: one declarative YAML file that describes a whole SELMA run.
+
+```yaml
+apiVersion: selma.dev/v1alpha1
+kind: SkillSet
+metadata: {name: quickstart}          # the run name (DNS label)
+spec:
+  skills:                             # built-in skills by name, or inline rules + seed examples
+    - {name: counting, count: 8}
+    - {name: my-skill, description: "...", rules: ["..."], seedExamples: ["a", "b", "c"], count: 8}
+  prompts:  {backend: {embedded: {}}, rougeLThreshold: 0.8, seed: 0}
+  render:   {model: {source: tiny://sd}, diffusion: {scheduler: ddim, steps: 10}, batchSize: 4}
+  training: {config: {baseModel: {source: tiny://sd}, preset: tiny, maxSteps: 30}, placement: {launcher: local}}
+  merge:    {method: mean_delta, weights: {counting: 0.5}, modelName: quickstart}
+  evaluation: {...}                   # optional, an EvaluationSpec
+```
+
+The stage sections are the API's own messages in their JSON form (``RenderSettings``,
+``ExpertTrainingConfig``, ``Placement``, ``LlmBackend``, ``EvaluationSpec``), so the file can
+say everything the API can and stays in step with it.  Enum values may be written short
+(``ddim``, ``mean_delta``, ``tiny``) or in full (``SCHEDULER_DDIM``).  Every error names the
+field and the line it is on; nothing starts until the whole file is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from selma.errors import InvalidArgument
+from selma.v1 import common_pb2, prompt_service_pb2, render_service_pb2, serving_service_pb2, training_service_pb2
+
+API_VERSION = "selma.dev/v1alpha1"
+KIND = "SkillSet"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SKILL_RE = re.compile(r"^[a-z0-9]([-_a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class SkillSetError(InvalidArgument):
+    """A SkillSet that cannot be used; the message names the field path and line."""
+
+
+@dataclass
+class SkillEntry:
+    """One skill of the run: built-in (``builtin``) or inline (``inline``), with its prompt count."""
+
+    name: str
+    count: int
+    inline: prompt_service_pb2.Skill | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.inline is None
+
+
+@dataclass
+class SkillSet:
+    """A validated SkillSet: the run name and one API message per stage."""
+
+    name: str
+    skills: list[SkillEntry]
+    prompts: dict[str, Any]
+    backend: common_pb2.LlmBackend | None
+    render: render_service_pb2.RenderSettings
+    training_config: training_service_pb2.ExpertTrainingConfig
+    placement: common_pb2.Placement
+    merge_method: int
+    merge_weights: dict[str, float]
+    merge_density: float
+    merge_output_rank: int
+    merge_fuse: bool
+    model_name: str
+    evaluation: training_service_pb2.EvaluationSpec | None = None
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def prompt_spec(self, skill: SkillEntry, *, run: str | None = None) -> prompt_service_pb2.PromptGenerationSpec:
+        spec = prompt_service_pb2.PromptGenerationSpec(run=run or self.name, count=skill.count)
+        if skill.inline is not None:
+            spec.skill.CopyFrom(skill.inline)
+        else:
+            spec.skill_name = skill.name
+        p = self.prompts
+        if "rougeLThreshold" in p:
+            spec.rouge_l_threshold = float(p["rougeLThreshold"])
+        if "seed" in p:
+            spec.seed = int(p["seed"])
+        for key, attr in (("examplesPerRequest", "examples_per_request"), ("promptsPerRequest", "prompts_per_request"), ("maxLlmRequests", "max_llm_requests")):
+            if key in p:
+                setattr(spec, attr, int(p[key]))
+        if self.backend is not None:
+            spec.backend.CopyFrom(self.backend)
+        return spec
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_skillset(path: str | Path) -> SkillSet:
+    """Read and validate a SkillSet file; SkillSetError (INVALID_ARGUMENT) names field and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SkillSetError(f"SkillSet file {path} does not exist", field="skillset") from None
+    return parse_skillset(text, source=str(path))
+
+
+def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SkillSetError(f"{source}: not valid YAML: {e}") from None
+    lines = _LineIndex(node, source)
+    if not isinstance(data, dict):
+        raise SkillSetError(f"{source}: a SkillSet is a YAML mapping with apiVersion, kind, metadata and spec")
+    if data.get("apiVersion") != API_VERSION:
+        raise lines.error(("apiVersion",), f"must be {API_VERSION!r}; got {data.get('apiVersion')!r}")
+    if data.get("kind") != KIND:
+        raise lines.error(("kind",), f"must be {KIND!r}; got {data.get('kind')!r}")
+    _only(data, {"apiVersion", "kind", "metadata", "spec"}, (), lines)
+    meta = data.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise lines.error(("metadata", "name"), "the run name must be a DNS label (lowercase letters, digits, '-', at most 63)")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise lines.error(("spec",), "spec is required and must be a mapping")
+    _only(spec, {"skills", "prompts", "render", "training", "merge", "evaluation"}, ("spec",), lines)
+
+    skills = _skills(spec.get("skills"), lines)
+    prompts = _mapping(spec.get("prompts", {}), ("spec", "prompts"), lines)
+    _only(prompts, {"backend", "rougeLThreshold", "seed", "examplesPerRequest", "promptsPerRequest", "maxLlmRequests"}, ("spec", "prompts"), lines)
+    if "rougeLThreshold" in prompts:
+        t = prompts["rougeLThreshold"]
+        if not isinstance(t, int | float) or not 0 < float(t) <= 1:
+            raise lines.error(("spec", "prompts", "rougeLThreshold"), f"must be in (0, 1]; got {t!r}")
+    for key in ("seed", "examplesPerRequest", "promptsPerRequest", "maxLlmRequests"):
+        if key in prompts and (not isinstance(prompts[key], int) or prompts[key] < 0):
+            raise lines.error(("spec", "prompts", key), f"must be a non-negative integer; got {prompts[key]!r}")
+    backend = None
+    if "backend" in prompts:
+        backend = _proto(prompts["backend"], common_pb2.LlmBackend, ("spec", "prompts", "backend"), lines)
+
+    training = _mapping(spec.get("training"), ("spec", "training"), lines, required=True)
+    _only(training, {"config", "placement"}, ("spec", "training"), lines)
+    config = _proto(training.get("config"), training_service_pb2.ExpertTrainingConfig, ("spec", "training", "config"), lines, required=True)
+    if not config.base_model.source:
+        raise lines.error(("spec", "training", "config", "baseModel"), "baseModel.source is required (a hub id, a path, an s3:// prefix or tiny://sd)")
+    placement = _proto(training.get("placement", {}), common_pb2.Placement, ("spec", "training", "placement"), lines)
+
+    render = _proto(spec.get("render", {}), render_service_pb2.RenderSettings, ("spec", "render"), lines)
+    if not render.model.source:
+        render.model.CopyFrom(config.base_model)  # render with the model being fine-tuned unless told otherwise
+
+    merge = _mapping(spec.get("merge", {}), ("spec", "merge"), lines)
+    _only(merge, {"method", "weights", "density", "outputRank", "fuse", "modelName"}, ("spec", "merge"), lines)
+    method = _enum_value(common_pb2.MergeMethod.DESCRIPTOR, merge.get("method", "mean_delta"), ("spec", "merge", "method"), lines)
+    weights = _mapping(merge.get("weights", {}), ("spec", "merge", "weights"), lines)
+    names = {s.name for s in skills}
+    for skill, w in weights.items():
+        if skill not in names:
+            raise lines.error(("spec", "merge", "weights", skill), f"no skill {skill!r} in spec.skills ({', '.join(sorted(names))})")
+        if not isinstance(w, int | float) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
+            raise lines.error(("spec", "merge", "weights", skill), f"weight must be a finite number; got {w!r}")
+    if weights and len(weights) != len(skills):
+        raise lines.error(("spec", "merge", "weights"), "give a weight for every skill or for none (none = 1/N each)")
+    model_name = merge.get("modelName", name)
+    if not isinstance(model_name, str) or not _NAME_RE.match(model_name):
+        raise lines.error(("spec", "merge", "modelName"), "must be a DNS label")
+    density = merge.get("density", 0.0)
+    if not isinstance(density, int | float) or not 0 <= density <= 1:
+        raise lines.error(("spec", "merge", "density"), f"must be in [0, 1]; got {density!r}")
+    rank = merge.get("outputRank", 0)
+    if not isinstance(rank, int) or rank < 0:
+        raise lines.error(("spec", "merge", "outputRank"), f"must be a non-negative integer; got {rank!r}")
+
+    evaluation = None
+    if spec.get("evaluation") is not None:
+        evaluation = _proto(spec["evaluation"], training_service_pb2.EvaluationSpec, ("spec", "evaluation"), lines)
+
+    return SkillSet(
+        name=name,
+        skills=skills,
+        prompts=prompts,
+        backend=backend,
+        render=render,
+        training_config=config,
+        placement=placement,
+        merge_method=method,
+        merge_weights={k: float(v) for k, v in weights.items()},
+        merge_density=float(density),
+        merge_output_rank=rank,
+        merge_fuse=bool(merge.get("fuse", False)),
+        model_name=model_name,
+        evaluation=evaluation,
+        source=source,
+        raw=data,
+    )
+
+
+def _skills(value: Any, lines: _LineIndex) -> list[SkillEntry]:
+    path = ("spec", "skills")
+    if not isinstance(value, list) or not value:
+        raise lines.error(path, "give at least one skill (a built-in name or inline rules + seedExamples)")
+    out: list[SkillEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        p = (*path, i)
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise lines.error(p, "a skill is a name or a mapping with name and count")
+        _only(item, {"name", "count", "description", "rules", "seedExamples"}, p, lines)
+        name = item.get("name")
+        if not isinstance(name, str) or not _SKILL_RE.match(name):
+            raise lines.error((*p, "name"), f"skill name must be lowercase letters, digits, '-' or '_' (at most 63); got {name!r}")
+        if name in seen:
+            raise lines.error((*p, "name"), f"skill {name!r} appears twice")
+        seen.add(name)
+        count = item.get("count", 100)
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise lines.error((*p, "count"), f"count must be a positive integer; got {count!r}")
+        inline = None
+        if any(k in item for k in ("description", "rules", "seedExamples")):
+            rules = item.get("rules") or []
+            seeds = item.get("seedExamples") or []
+            if not isinstance(rules, list) or not rules or not all(isinstance(r, str) and r.strip() for r in rules):
+                raise lines.error((*p, "rules"), "an inline skill needs a non-empty list of rules")
+            if not isinstance(seeds, list) or len(seeds) < 3 or not all(isinstance(s, str) and s.strip() for s in seeds):
+                raise lines.error((*p, "seedExamples"), f"an inline skill needs at least 3 seed examples; got {len(seeds) if isinstance(seeds, list) else seeds!r}")
+            inline = prompt_service_pb2.Skill(name=name, description=str(item.get("description", "")), rules=rules, seed_examples=seeds)
+        out.append(SkillEntry(name=name, count=count, inline=inline))
+    return out
+
+
+# ------------------------------------------------------------------------------- proto parsing
+
+
+def _proto(value: Any, cls: type[Message], path: tuple, lines: _LineIndex, *, required: bool = False) -> Any:
+    """Parse a section into an API message, accepting short enum names; errors name field + line."""
+    if value is None:
+        if required:
+            raise lines.error(path, "is required")
+        value = {}
+    if not isinstance(value, dict):
+        raise lines.error(path, f"must be a mapping (the JSON form of {cls.DESCRIPTOR.name})")
+    normalized = _normalize(value, cls.DESCRIPTOR, path, lines)
+    try:
+        return json_format.ParseDict(normalized, cls())
+    except json_format.ParseError as e:
+        raise lines.error(path, f"{e}") from None
+
+
+def _normalize(value: dict, desc: Descriptor, path: tuple, lines: _LineIndex) -> dict:
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        fd = desc.fields_by_camelcase_name.get(key) or desc.fields_by_name.get(key)
+        if fd is None:
+            known = ", ".join(sorted(f.camelcase_name for f in desc.fields))
+            raise lines.error((*path, key), f"unknown field {key!r} in {desc.name}; known fields: {known}")
+        p = (*path, key)
+        if fd.type == FieldDescriptor.TYPE_ENUM:
+            if fd.is_repeated and isinstance(v, list):
+                v = [desc_enum_name(fd, x, (*p, i), lines) for i, x in enumerate(v)]
+            else:
+                v = desc_enum_name(fd, v, p, lines)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry is False and fd.message_type.full_name.startswith("selma."):
+            if fd.is_repeated and isinstance(v, list):
+                v = [_normalize(x, fd.message_type, (*p, i), lines) if isinstance(x, dict) else x for i, x in enumerate(v)]
+            elif isinstance(v, dict):
+                v = _normalize(v, fd.message_type, p, lines)
+        elif fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Duration" and isinstance(v, int | float):
+            v = f"{v}s"  # durations may be written as plain seconds
+        out[key] = v
+    return out
+
+
+def desc_enum_name(fd: FieldDescriptor, value: Any, path: tuple, lines: _LineIndex) -> str:
+    return common_enum_name(fd.enum_type, value, path, lines)
+
+
+def common_enum_name(enum_desc: Any, value: Any, path: tuple, lines: _LineIndex) -> str:
+    names = [v.name for v in enum_desc.values if not v.name.endswith("_UNSPECIFIED")]
+    prefix = _enum_prefix(enum_desc)
+    if isinstance(value, str):
+        full = value if value in names else prefix + value.upper().replace("-", "_")
+        if full in names:
+            return full
+    short = ", ".join(n.removeprefix(prefix).lower() for n in names)
+    raise lines.error(path, f"{value!r} is not a {enum_desc.name}; choose one of: {short}")
+
+
+def _enum_value(enum_desc: Any, value: Any, path: tuple, lines: _LineIndex) -> int:
+    return enum_desc.values_by_name[common_enum_name(enum_desc, value, path, lines)].number
+
+
+def _enum_prefix(enum_desc: Any) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_desc.name).upper() + "_"
+
+
+def _mapping(value: Any, path: tuple, lines: _LineIndex, *, required: bool = False) -> dict:
+    if value is None:
+        if required:
+            raise lines.error(path, "is required")
+        return {}
+    if not isinstance(value, dict):
+        raise lines.error(path, "must be a mapping")
+    return value
+
+
+def _only(mapping: dict, allowed: set[str], path: tuple, lines: _LineIndex) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise lines.error((*path, key), f"unknown field {key!r}; expected one of: {', '.join(sorted(allowed))}")
+
+
+# -------------------------------------------------------------------------------- line numbers
+
+
+class _LineIndex:
+    """Finds the line of a field path in the composed YAML node tree, for error messages."""
+
+    def __init__(self, root: yaml.Node | None, source: str) -> None:
+        self.root = root
+        self.source = source
+
+    def line(self, path: tuple) -> int | None:
+        node = self.root
+        best = node.start_mark.line + 1 if node is not None else None
+        for part in path:
+            nxt = None
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == part:
+                        nxt = v if not isinstance(v, yaml.ScalarNode) or v.value != "" else k
+                        best = k.start_mark.line + 1
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                nxt = node.value[part]
+                best = nxt.start_mark.line + 1
+            if nxt is None:
+                break
+            node = nxt
+        return best
+
+    def error(self, path: tuple, message: str) -> SkillSetError:
+        dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+        line = self.line(path)
+        where = f"{self.source}:{line}" if line else self.source
+        return SkillSetError(f"{where}: {dotted}: {message}", field=dotted)
+
+
+def merge_spec(skillset: SkillSet, expert_ids: dict[str, str]) -> common_pb2.MergeSpec:
+    """The MergeSpec for the trained experts (skill → expert id), with the SkillSet's weights."""
+    spec = common_pb2.MergeSpec(method=skillset.merge_method, density=skillset.merge_density, output_rank=skillset.merge_output_rank, fuse=skillset.merge_fuse)
+    for s in skillset.skills:
+        ew = spec.experts.add(expert_id=expert_ids[s.name])
+        if skillset.merge_weights:
+            ew.weight = skillset.merge_weights[s.name]
+    return spec
+
+
+def merge_job_spec(skillset: SkillSet, expert_ids: dict[str, str]) -> serving_service_pb2.MergeJobSpec:
+    return serving_service_pb2.MergeJobSpec(run=skillset.name, model_name=skillset.model_name, merge=merge_spec(skillset, expert_ids), register=True, load=True, replace=True)

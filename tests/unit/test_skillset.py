@@ -1,0 +1,99 @@
+"""SkillSet parsing: the shipped examples load; malformed files name the field and the line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from selma.skillset import SkillSetError, load_skillset, merge_job_spec, parse_skillset
+from selma.v1 import common_pb2, training_service_pb2
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+GOOD = textwrap.dedent(
+    """\
+    apiVersion: selma.dev/v1alpha1
+    kind: SkillSet
+    metadata: {name: demo}
+    spec:
+      skills:
+        - {name: counting, count: 4}
+        - name: shapes
+          count: 3
+          rules: ["one shape per scene"]
+          seedExamples: ["a red circle", "a blue square", "a green triangle"]
+      prompts: {backend: {tinyTest: {}}, rougeLThreshold: 0.7}
+      render:
+        diffusion: {scheduler: dpm_solver_multistep, steps: 4}
+      training:
+        config: {baseModel: {source: "tiny://sd"}, preset: tiny, maxSteps: 5, lora: {rank: 4}}
+        placement: {launcher: kubernetes, gpus: 1}
+      merge: {method: ties, density: 0.5, weights: {counting: 0.7, shapes: 0.3}, modelName: demo-merged}
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "sd2.yaml", "sdxl.yaml"])
+def test_shipped_examples_are_valid(name):
+    ss = load_skillset(EXAMPLES / name)
+    assert {s.name for s in ss.skills} == {"general", "paragraph", "real_user", "counting", "commonsense_defying"}
+    assert ss.merge_method == common_pb2.MERGE_METHOD_MEAN_DELTA
+
+
+def test_quickstart_runs_on_tiny_models_with_the_embedded_llm():
+    ss = load_skillset(EXAMPLES / "quickstart.yaml")
+    assert ss.training_config.base_model.source == "tiny://sd"
+    assert ss.render.model.source == "tiny://sd"  # defaults to the base model
+    assert ss.backend.WhichOneof("backend") == "embedded"
+    assert ss.placement.launcher == common_pb2.LAUNCHER_KIND_LOCAL
+
+
+def test_short_enum_names_and_specs():
+    ss = parse_skillset(GOOD)
+    assert ss.render.diffusion.scheduler == common_pb2.SCHEDULER_DPM_SOLVER_MULTISTEP
+    assert ss.training_config.preset == training_service_pb2.TRAINING_PRESET_TINY
+    assert ss.placement.launcher == common_pb2.LAUNCHER_KIND_KUBERNETES
+    inline = ss.skills[1]
+    assert not inline.builtin and list(inline.inline.seed_examples)[0] == "a red circle"
+    spec = ss.prompt_spec(ss.skills[0])
+    assert spec.skill_name == "counting" and spec.count == 4 and spec.rouge_l_threshold == pytest.approx(0.7)
+    assert ss.prompt_spec(inline).skill.name == "shapes"
+    merge = merge_job_spec(ss, {"counting": "expert-a", "shapes": "expert-b"})
+    assert merge.model_name == "demo-merged" and merge.merge.method == common_pb2.MERGE_METHOD_TIES
+    assert [(e.expert_id, round(e.weight, 3)) for e in merge.merge.experts] == [("expert-a", 0.7), ("expert-b", 0.3)]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "line"),
+    [
+        ("kind: SkillSet", "kind: SkillSat", "kind", 2),
+        ("metadata: {name: demo}", "metadata: {name: Demo_Run}", "metadata.name", 3),
+        ("- {name: counting, count: 4}", "- {name: counting, count: 0}", "spec.skills[0].count", 6),
+        ('seedExamples: ["a red circle", "a blue square", "a green triangle"]', 'seedExamples: ["a red circle"]', "spec.skills[1].seedExamples", 10),
+        ("rougeLThreshold: 0.7", "rougeLThreshold: 1.5", "spec.prompts.rougeLThreshold", 11),
+        ("scheduler: dpm_solver_multistep", "scheduler: warp", "spec.render.diffusion.scheduler", 13),
+        ("lora: {rank: 4}", "lora: {rnak: 4}", "spec.training.config.lora.rnak", 15),
+        ("weights: {counting: 0.7, shapes: 0.3}", "weights: {counting: 0.7, circles: 0.3}", "spec.merge.weights.circles", 17),
+        ("method: ties", "method: average", "spec.merge.method", 17),
+    ],
+)
+def test_malformed_skillset_names_field_and_line(old, new, field, line):
+    assert old in GOOD
+    with pytest.raises(SkillSetError) as ei:
+        parse_skillset(GOOD.replace(old, new), source="bad.yaml")
+    assert ei.value.field == field
+    assert f"bad.yaml:{line}:" in str(ei.value), str(ei.value)
+
+
+def test_unknown_enum_lists_the_choices():
+    with pytest.raises(SkillSetError, match="ddim"):
+        parse_skillset(GOOD.replace("scheduler: dpm_solver_multistep", "scheduler: warp"))
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(SkillSetError, match="does not exist"):
+        load_skillset(tmp_path / "nope.yaml")
+    with pytest.raises(SkillSetError, match="not valid YAML"):
+        parse_skillset("spec: [unclosed")
