@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 # They select the embedded defaults: tiny offline models, the bundled LLM, the local launcher.
 EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
     "prompts": {"SELMA_PROMPTS_DEFAULT_BACKEND": "embedded"},
-    "render": {},
-    "training": {"SELMA_TRAINING_LAUNCHER": "local"},
+    "render": {"SELMA_RENDER_DEFAULT_MODEL": "tiny://sd"},
+    "training": {"SELMA_TRAINING_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
     "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},
 }
 
