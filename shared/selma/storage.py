@@ -55,6 +55,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
+from selma.metrics import STORAGE_ERRORS
 from selma.errors import (
     Aborted,
     FailedPrecondition,
@@ -523,7 +524,12 @@ class FileStorage(Storage):
 
     @contextmanager
     def _fs_errors(self, key: str) -> Iterator[None]:
-        """Map local filesystem errors to domain errors naming the URI."""
+        """Map local filesystem errors to domain errors naming the URI, and count failures."""
+        with _counted("file"), self._fs_mapped(key):
+            yield
+
+    @contextmanager
+    def _fs_mapped(self, key: str) -> Iterator[None]:
         uri = self._uri(key)
         try:
             yield
@@ -749,7 +755,12 @@ class S3Storage(Storage):
 
     @contextmanager
     def _s3_errors(self, key: str | None) -> Iterator[None]:
-        """Map minio/urllib3 errors to domain errors naming the URI and endpoint."""
+        """Map minio/urllib3 errors to domain errors naming the URI and endpoint, and count failures."""
+        with _counted("s3"), self._s3_mapped(key):
+            yield
+
+    @contextmanager
+    def _s3_mapped(self, key: str | None) -> Iterator[None]:
         uri = f"{self.uri}/{key}" if key else self.uri
         attempts = self._retries + 1
         try:
@@ -989,6 +1000,21 @@ def resolve_uri(settings: SelmaSettings, uri: str) -> tuple[Storage, str]:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+@contextmanager
+def _counted(backend: str) -> Iterator[None]:
+    """Count storage failures by backend and status code (NotFound is a normal answer, not a failure).
+
+    Used outside the error mapping, so it sees the domain error the mapping raised.
+    """
+    try:
+        yield
+    except NotFound:
+        raise
+    except SelmaError as e:
+        STORAGE_ERRORS.labels(backend, e.code.value).inc()
+        raise
 
 
 def _read_chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:

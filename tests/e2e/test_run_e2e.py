@@ -1,0 +1,156 @@
+"""A whole SELMA run through the four gRPC services (`selma up` processes) on the tiny models.
+
+The LLM is the scripted OpenAI-compatible server (deterministic numbered lists), so the
+prompt stage exercises the real HTTP backend without SmolLM2's load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from selma.client import Endpoints, SelmaClient
+from selma.local_stack import LocalStack
+from selma.runner import Reporter, RunDriver, RunState
+from selma.skillset import parse_skillset
+from selma.v1 import common_pb2, serving_service_pb2
+
+pytestmark = pytest.mark.slow
+
+SELMA = str(Path(sys.executable).parent / "selma")
+
+
+def skillset_text(name: str, llm_url: str, *, steps: int = 6) -> str:
+    return textwrap.dedent(
+        f"""\
+        apiVersion: selma.dev/v1alpha1
+        kind: SkillSet
+        metadata: {{name: {name}}}
+        spec:
+          skills:
+            - {{name: counting, count: 4}}
+            - {{name: general, count: 4}}
+          prompts:
+            backend: {{openaiCompatible: {{baseUrl: "{llm_url}", model: scripted, api: completions}}}}
+            promptsPerRequest: 5
+          render:
+            diffusion: {{scheduler: ddim, steps: 2, width: 64, height: 64}}
+            batchSize: 3
+          training:
+            config: {{baseModel: {{source: "tiny://sd"}}, preset: tiny, maxSteps: {steps}, checkpointEvery: 2, lora: {{rank: 4, alpha: 4}}}}
+            placement: {{launcher: local}}
+          merge: {{method: mean_delta, modelName: {name}}}
+        """
+    )
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from selma_prompts.fake_llm import FakeLlmServer
+
+    with FakeLlmServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    stack = LocalStack(root)
+    try:
+        endpoints = stack.start(timeout=300)
+        yield stack, endpoints
+    finally:
+        stack.stop()
+
+
+def _drive(endpoints: Endpoints, text: str, state_dir: Path) -> dict:
+    ss = parse_skillset(text, source="e2e.yaml")
+    from rich.console import Console
+
+    with SelmaClient(endpoints) as client, Reporter(Console(), live=False) as reporter:
+        state = RunState.open(state_dir / "runs", ss)
+        return RunDriver(client, ss, state, reporter).run()
+
+
+def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm, tmp_path):
+    _, endpoints = stack
+    result = _drive(endpoints, skillset_text("e2e-basic", llm.base_url), tmp_path)
+    assert set(result["experts"]) == {"counting", "general"}
+    with SelmaClient(endpoints) as client:
+        models = client.stub("serving").ListModels(serving_service_pb2.ListModelsRequest(), timeout=30).models
+        assert "e2e-basic" in {m.model_name for m in models}
+        chain = client.lineage(result["merged_model"])
+    kinds = [m.kind for m in chain]
+    assert kinds[0] == common_pb2.ARTIFACT_KIND_MERGED_MODEL
+    assert kinds.count(common_pb2.ARTIFACT_KIND_EXPERT) == 2
+    assert kinds.count(common_pb2.ARTIFACT_KIND_IMAGE_DATASET) == 2
+    prompt_sets = [m for m in chain if m.kind == common_pb2.ARTIFACT_KIND_PROMPT_SET]
+    assert {m.skill for m in prompt_sets} == {"counting", "general"}
+
+    out = tmp_path / "out.png"
+    env = {**os.environ, "SELMA_ENDPOINTS": ",".join(f"{n}={getattr(endpoints, n)}" for n in ("prompts", "render", "training", "serving"))}
+    proc = subprocess.run([SELMA, "generate", "two red apples", "--model", "e2e-basic", "--steps", "2", "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 64)
+
+    # Re-running the finished run redoes nothing: every stage attaches to its finished job.
+    again = _drive(endpoints, skillset_text("e2e-basic", llm.base_url), tmp_path)
+    assert again == result
+
+
+def test_killed_run_resumes_without_duplicate_work(stack, llm, tmp_path):
+    _, endpoints = stack
+    skillset = tmp_path / "resume.yaml"
+    skillset.write_text(skillset_text("e2e-resume", llm.base_url, steps=30))
+    env = {**os.environ, "SELMA_ENDPOINTS": ",".join(f"{n}={getattr(endpoints, n)}" for n in ("prompts", "render", "training", "serving"))}
+    cmd = [SELMA, "run", str(skillset), "--dir", str(tmp_path), "--plain"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    state_file = tmp_path / "runs" / "e2e-resume.json"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if state_file.exists():
+                stages = json.loads(state_file.read_text())["stages"]
+                if any(s["stage"] == "training" and s.get("phase") == "running" for s in stages.values()):
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        else:
+            pytest.fail("training never started")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The lock of the killed run is stale (its pid is gone): the second run takes it over.
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+
+    with SelmaClient(endpoints) as client:
+        for kind in ("prompts", "render", "training"):
+            jobs = client.jobs(kind).list(run="e2e-resume")
+            skills = [j.spec.skill_name if kind == "prompts" else j.spec.skill for j in jobs]
+            assert sorted(skills) == ["counting", "general"], kind
+            assert all(j.status.attempt == 1 for j in jobs), kind
+        renders = client.jobs("render").list(run="e2e-resume")
+        assert all(j.stats.images_done == j.stats.images_total == 4 for j in renders)
+        assert len(client.jobs("merge").list(run="e2e-resume")) == 1
+
+
+def test_second_concurrent_run_of_the_same_name_is_refused(tmp_path):
+    from selma.errors import Aborted
+    from selma.runner import RunLock
+
+    with RunLock(tmp_path / "runs" / "x.lock"):
+        with pytest.raises(Aborted, match="already being driven"):
+            with RunLock(tmp_path / "runs" / "x.lock"):
+                pass
