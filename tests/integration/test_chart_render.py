@@ -1,0 +1,709 @@
+"""The Helm chart, checked with the real tools: helm lint/template (Helm 4 from .ci/install-tools.sh)
+and kubernetes-validate --strict (any WARN, e.g. an unknown kind, is a failure), plus the rules a
+schema cannot express: least-privilege RBAC, hardened containers, GPUs where they belong, native
+gRPC probes, settings that the services really read, no credentials in values, current manifests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from _chart_tools import (
+    CHART,
+    COMPONENTS,
+    GRPC_SERVICES,
+    KUBERNETES_VERSION,
+    MANIFESTS,
+    NAMESPACE,
+    ROOT,
+    SCENARIOS,
+    by_kind,
+    kubernetes_validate,
+    objects,
+    pod_specs,
+    promtool,
+    render,
+    run_helm,
+)
+
+pytestmark = pytest.mark.integration
+
+SCENARIO_IDS = [p.name.removesuffix("-values.yaml") for p in SCENARIOS]
+CRD_GROUP = "monitoring.coreos.com/"
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(scenario: str) -> str:
+    return render((CHART / "ci" / f"{scenario}-values.yaml",))
+
+
+def scenario_objects(scenario: str) -> list[dict[str, Any]]:
+    return objects(rendered(scenario))
+
+
+def test_ci_scenarios_cover_the_issue() -> None:
+    assert {"default", "cpu-minimal", "gpu", "external-s3", "monitoring"} <= set(SCENARIO_IDS)
+
+
+# --- helm lint and the Kubernetes schema ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_helm_lint_strict_passes(scenario: str) -> None:
+    proc = run_helm("lint", "--strict", str(CHART), "-f", str(CHART / "ci" / f"{scenario}-values.yaml"), "--namespace", NAMESPACE)
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def _validate_strict(tmp_path: Path, docs: list[dict[str, Any]], name: str) -> None:
+    """kubernetes-validate --strict over the core objects; WARN (unknown kind/apiVersion) fails too."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("---\n".join(yaml.safe_dump(d) for d in docs))
+    proc = subprocess.run(
+        [kubernetes_validate(), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "WARN" not in out and "ERROR" not in out, out
+
+
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_rendered_objects_pass_kubernetes_validate_strict(scenario: str, tmp_path: Path) -> None:
+    docs = scenario_objects(scenario)
+    core = [d for d in docs if not d["apiVersion"].startswith(CRD_GROUP)]
+    assert core, "nothing rendered"
+    _validate_strict(tmp_path, core, scenario)
+    # The only non-core kinds are the prometheus-operator ones, validated structurally below.
+    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("kubernetes", ["1.29.0", "1.37.0"])
+def test_default_install_is_valid_on_the_oldest_and_newest_kubernetes(kubernetes: str, tmp_path: Path) -> None:
+    """Chart.yaml says kubeVersion >= 1.29; the schemas of 1.29 and 1.37 both accept the defaults."""
+    docs = scenario_objects("default")
+    path = tmp_path / "default.yaml"
+    path.write_text("---\n".join(yaml.safe_dump(d) for d in docs))
+    proc = subprocess.run([kubernetes_validate(), "--strict", "--quiet", "-k", kubernetes, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "WARN" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_the_validator_catches_typos_and_unknown_kinds(tmp_path: Path) -> None:
+    """kubernetes-validate is wired strictly: a misspelled field fails, and so does an unknown kind (WARN)."""
+    deployment = next(d for d in scenario_objects("default") if d["kind"] == "Deployment")
+    typo = json.loads(json.dumps(deployment))
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(AssertionError):
+        _validate_strict(tmp_path, [typo], "typo")
+    with pytest.raises(AssertionError, match="WARN"):
+        _validate_strict(tmp_path, [{"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}], "unknown")
+
+
+def test_helm_install_dry_run_prints_how_to_reach_the_api() -> None:
+    proc = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    for component in COMPONENTS:
+        assert f"svc/selma-{component}" in notes
+    assert "helm test selma -n selma" in notes and "grpcurl -plaintext" in notes and "SELMA_ENDPOINTS=" in notes
+
+
+def test_monitoring_objects_only_render_when_enabled() -> None:
+    for scenario in SCENARIO_IDS:
+        crds = [d["kind"] for d in scenario_objects(scenario) if d["apiVersion"].startswith(CRD_GROUP)]
+        if scenario == "monitoring":
+            assert sorted(crds) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+        else:  # clusters without the prometheus-operator CRDs install cleanly
+            assert crds == [], scenario
+
+
+# Fields of the monitoring.coreos.com/v1 specs the chart may use (a subset of the CRDs' schemas).
+SERVICE_MONITOR_SPEC = {"endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit"}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels"}
+POD_MONITOR_SPEC = {"podMetricsEndpoints", "selector", "namespaceSelector", "jobLabel", "podTargetLabels", "sampleLimit"}
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In" and value not in expr["values"]:
+            return False
+        if expr["operator"] == "NotIn" and value in expr["values"]:
+            return False
+    return True
+
+
+def test_monitoring_crd_objects_are_structurally_valid(tmp_path: Path) -> None:
+    docs = scenario_objects("monitoring")
+    services = by_kind(docs, "Service")
+    (sm,) = by_kind(docs, "ServiceMonitor").values()
+    (pm,) = by_kind(docs, "PodMonitor").values()
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    for o in (sm, pm, rule):
+        assert o["apiVersion"] == "monitoring.coreos.com/v1"
+        assert o["metadata"]["labels"]["release"] == "kube-prometheus-stack", "monitoring.labels must reach the Prometheus selector"
+    assert set(sm["spec"]) <= SERVICE_MONITOR_SPEC
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selected = {n: s for n, s in services.items() if _matches(sm["spec"]["selector"], s["metadata"]["labels"])}
+    assert sorted(selected) == sorted(f"selma-{c}" for c in COMPONENTS), "ServiceMonitor must select exactly the four services"
+    for ep in sm["spec"]["endpoints"]:
+        assert set(ep) <= ENDPOINT_FIELDS
+        for svc in selected.values():
+            assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert set(pm["spec"]) <= POD_MONITOR_SPEC
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    assert set(rule["spec"]) == {"groups"}
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    proc = subprocess.run([promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(r["labels"]["team"] == "ml-platform" for g in rule["spec"]["groups"] for r in g["rules"])
+    dashboards = [c for c in by_kind(docs, "ConfigMap").values() if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(dashboards) == len(list((CHART / "files" / "dashboards").glob("*.json"))) >= 2
+    for cm in dashboards:
+        for text in cm["data"].values():
+            assert json.loads(text)["panels"]
+
+
+# --- values.schema.json and validateValues -----------------------------------------------------
+
+BAD_VALUES = {
+    "replicas as a string": ({"render": {"replicaCount": "two"}}, "/render/replicaCount"),
+    "negative GPU count": ({"serving": {"gpu": -1}}, "/serving/gpu"),
+    "negative trainer retries": ({"training": {"jobs": {"backoffLimit": -2}}}, "/training/jobs/backoffLimit"),
+    "misspelled key": ({"render": {"replicas": 2}}, "replicas"),
+    "plain S3 secret key": ({"storage": {"credentials": {"secretKey": "hunter2"}}}, "secretKey"),
+    "credential as a setting": ({"config": {"extra": {"SELMA_S3_SECRET_KEY": "hunter2"}}}, "SELMA_S3_SECRET_KEY"),
+    "API key as a service setting": ({"prompts": {"settings": {"SELMA_PROMPTS_OPENAI_API_KEY": "sk-1"}}}, "SELMA_PROMPTS_OPENAI_API_KEY"),
+    "non-SELMA setting": ({"render": {"settings": {"PATH": "/bin"}}}, "'PATH' does not match"),
+    "unknown log level": ({"config": {"logLevel": "VERBOSE"}}, "/config/logLevel"),
+    "storage not on S3": ({"storage": {"uri": "http://bucket"}}, "/storage/uri"),
+    "bad pull policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    "port out of range": ({"ports": {"grpc": 70000}}, "/ports/grpc"),
+    "privileged containers": ({"containerSecurityContext": {"allowPrivilegeEscalation": True, "capabilities": {"drop": ["ALL"]}}}, "allowPrivilegeEscalation"),
+    "root pods": ({"podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
+    "bad quantity": ({"modelCache": {"size": "lots"}}, "/modelCache/size"),
+    "bad launcher": ({"training": {"jobs": {"launcher": "slurm"}}}, "/training/jobs/launcher"),
+}
+
+
+@pytest.mark.parametrize("values,where", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_schema_rejects_invalid_values(values: dict[str, Any], where: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = run_helm("template", "selma", str(CHART), "-f", str(path), check=False)
+    assert proc.returncode != 0, f"accepted: {values}"
+    assert where in proc.stderr, proc.stderr
+
+
+def test_helm_set_string_for_replicas_is_rejected() -> None:
+    # The infra note: `helm lint --set replicaCount=two` passes without a schema.
+    proc = run_helm("lint", "--strict", str(CHART), "--set", "serving.autoscaling.enabled=false,serving.replicaCount=two", check=False)
+    assert proc.returncode != 0 and "/serving/replicaCount" in proc.stdout + proc.stderr
+
+
+INVALID_COMBINATIONS = {
+    "external S3 without endpoint": ({"minio": {"enabled": False}, "storage": {"credentials": {"existingSecret": "s"}}}, "storage.s3.endpoint is required"),
+    "external S3 without Secret": ({"minio": {"enabled": False}, "storage": {"s3": {"endpoint": "s3.example.com"}}}, "storage.credentials.existingSecret is required"),
+    "HPA max below min": ({"serving": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}}, "maxReplicas must be >= "),
+    "same port twice": ({"ports": {"grpc": 9400, "metrics": 9400}}, "must differ"),
+}
+
+
+@pytest.mark.parametrize("values,message", INVALID_COMBINATIONS.values(), ids=INVALID_COMBINATIONS.keys())
+def test_invalid_combinations_fail_with_a_message(values: dict[str, Any], message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = run_helm("template", "selma", str(CHART), "-f", str(path), check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> set[str]:
+    if isinstance(node, dict) and node:
+        out: set[str] = set()
+        for k, v in node.items():
+            out |= _leaf_paths(v, f"{prefix}.{k}" if prefix else k)
+        return out
+    return {prefix}
+
+
+def test_every_value_is_documented() -> None:
+    text = (CHART / "values.yaml").read_text()
+    documented = set(re.findall(r"^\s*## @param (\S+) \S", text, flags=re.M))
+    values = yaml.safe_load(text)
+    undocumented = sorted(p for p in _leaf_paths(values) if not any(p == d or p.startswith(d + ".") for d in documented))
+    assert not undocumented, f"values without a `## @param` line: {undocumented}"
+    stale = sorted(d for d in documented if not any(p == d or p.startswith(d + ".") for p in _leaf_paths(values)))
+    assert not stale, f"`## @param` lines for values that do not exist: {stale}"
+
+
+# --- credentials --------------------------------------------------------------------------------
+
+SECRETISH = re.compile(r"password|secret|token|apikey|api_key|accesskey|access_key|credential", re.I)
+
+
+def _walk(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+@pytest.mark.parametrize("values_file", [CHART / "values.yaml", *SCENARIOS], ids=lambda p: p.name)
+def test_values_hold_only_references_to_secrets(values_file: Path) -> None:
+    for path, value in _walk(yaml.safe_load(values_file.read_text()) or {}):
+        leaf = re.sub(r"\[\d+\]$", "", path.rsplit(".", 1)[-1])
+        if SECRETISH.search(leaf) and value not in ("", None, False, True):
+            # Allowed: names of existing Secrets and the key names inside them.
+            assert leaf in ("existingSecret", "secrets") or leaf.endswith("KeyKey"), f"{values_file.name}: {path} holds a credential"
+
+
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_rendered_credentials_come_only_from_secrets(scenario: str) -> None:
+    docs = scenario_objects(scenario)
+    for cm in by_kind(docs, "ConfigMap").values():
+        for key in cm.get("data") or {}:
+            assert not re.search(r"SECRET_KEY$|ACCESS_KEY$|API_KEY$|PASSWORD", key), f"{cm['metadata']['name']}: {key}"
+    for name, spec in pod_specs(docs):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for env in c.get("env", []):
+                if SECRETISH.search(env["name"].replace("_", "")) or env["name"].endswith("_KEY"):
+                    assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), f"{name}: {env['name']} must come from a Secret"
+    secrets = by_kind(docs, "Secret")
+    if scenario == "external-s3":
+        assert not secrets, "with existingSecret the chart must not create credentials"
+
+
+# --- RBAC ----------------------------------------------------------------------------------------
+
+# The Kubernetes calls the training launcher makes, as (apiGroup, resource, verb).
+EXPECTED_TRAINING_RULES = {
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("batch", "jobs", "delete"),
+    ("", "pods", "get"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "pods/log", "get"),
+}
+_CLIENT_CALLS = {
+    "create_namespaced_job": ("batch", "jobs", "create"),
+    "read_namespaced_job": ("batch", "jobs", "get"),
+    "read_namespaced_job_status": ("batch", "jobs", "get"),
+    "list_namespaced_job": ("batch", "jobs", "list"),
+    "delete_namespaced_job": ("batch", "jobs", "delete"),
+    "patch_namespaced_job": ("batch", "jobs", "patch"),
+    "replace_namespaced_job": ("batch", "jobs", "update"),
+    "read_namespaced_pod": ("", "pods", "get"),
+    "list_namespaced_pod": ("", "pods", "list"),
+    "read_namespaced_pod_log": ("", "pods/log", "get"),
+    "delete_namespaced_pod": ("", "pods", "delete"),
+    "create_namespaced_pod": ("", "pods", "create"),
+}
+
+
+def _rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    out = set()
+    for r in role["rules"]:
+        assert "resourceNames" not in r or r["resourceNames"], "empty resourceNames"
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                for v in r["verbs"]:
+                    out.add((g, res, v))
+    return out
+
+
+def test_training_rbac_is_namespaced_and_least_privilege() -> None:
+    for scenario in SCENARIO_IDS:
+        kinds = {d["kind"] for d in scenario_objects(scenario)}
+        assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"{scenario}: cluster-wide RBAC"
+    docs = scenario_objects("default")
+    (role,) = by_kind(docs, "Role").values()
+    (binding,) = by_kind(docs, "RoleBinding").values()
+    granted = _rules(role)
+    assert not any("*" in part for rule in granted for part in rule), "wildcards in the Role"
+    assert granted == EXPECTED_TRAINING_RULES
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "selma-training", "namespace": NAMESPACE}]
+    # Only the training service's pod carries that account's token; every other pod has none.
+    for name, spec in pod_specs(docs):
+        if name == "Deployment/selma-training":
+            assert spec["serviceAccountName"] == "selma-training" and spec["automountServiceAccountToken"] is True
+        else:
+            assert spec["serviceAccountName"] != "selma-training" and spec["automountServiceAccountToken"] is False, name
+    config = by_kind(docs, "ConfigMap")["selma-training"]["data"]
+    assert config["SELMA_TRAINING_NAMESPACE"] == NAMESPACE, "trainer Jobs must go to the namespace the Role covers"
+    assert config["SELMA_TRAINING_SERVICE_ACCOUNT"] == "selma-trainer"
+    trainer_sa = by_kind(docs, "ServiceAccount")["selma-trainer"]
+    assert trainer_sa["automountServiceAccountToken"] is False
+
+
+def test_rbac_grants_exactly_the_calls_the_training_service_makes() -> None:
+    sources = "\n".join(p.read_text() for p in (ROOT / "services" / "training").glob("*.py"))
+    used = {rule for call, rule in _CLIENT_CALLS.items() if re.search(rf"\b{call}\b", sources)}
+    if not used:
+        pytest.skip("the training service's Kubernetes launcher is not in this tree yet")
+    if re.search(r"\bwatch\.Watch\b|\bWatch\(\)", sources):
+        used |= {("batch", "jobs", "watch")} if "list_namespaced_job" in sources else set()
+        used |= {("", "pods", "watch")} if "list_namespaced_pod" in sources else set()
+    (role,) = by_kind(scenario_objects("default"), "Role").values()
+    granted = _rules(role)
+    assert used <= granted, f"the launcher calls APIs the Role does not grant: {sorted(used - granted)}"
+    assert granted - used <= {("", "pods", "watch"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get")}, (
+        f"granted but never used: {sorted(granted - used)}"
+    )
+
+
+def test_local_launcher_gets_no_kubernetes_access() -> None:
+    docs = scenario_objects("cpu-minimal")
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert all(spec["automountServiceAccountToken"] is False for _, spec in pod_specs(docs))
+
+
+# --- pods: security, GPUs, probes, settings ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_every_container_is_non_root_read_only_without_capabilities(scenario: str) -> None:
+    specs = pod_specs(scenario_objects(scenario))
+    assert specs
+    for name, spec in specs:
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0 and psc["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert spec["enableServiceLinks"] is False, f"{name}: Kubernetes would inject SELMA_*_PORT variables"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, f"{name}/{c['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, f"{name}/{c['name']}"
+            assert sc["runAsNonRoot"] is True and sc.get("privileged") is False, f"{name}/{c['name']}"
+            assert "ALL" in sc["capabilities"]["drop"] and not sc["capabilities"].get("add"), f"{name}/{c['name']}"
+            assert c["resources"].get("requests") and c["resources"].get("limits", {}).get("memory"), f"{name}/{c['name']} needs requests and a memory limit"
+            # A read-only root needs a writable /tmp.
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            if "tmp" in volumes:
+                assert mounts.get("/tmp") == "tmp" and "emptyDir" in volumes["tmp"], f"{name}/{c['name']}"
+
+
+def _containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name.split("/", 1)[1]: spec["containers"][0] for name, spec in pod_specs(docs) if name.startswith("Deployment/")}
+
+
+def _gpus(container: dict[str, Any]) -> tuple[str | None, str | None]:
+    r = container["resources"]
+    return str(r.get("requests", {}).get("nvidia.com/gpu")) if "nvidia.com/gpu" in r.get("requests", {}) else None, (
+        str(r["limits"]["nvidia.com/gpu"]) if "nvidia.com/gpu" in r.get("limits", {}) else None
+    )
+
+
+def test_gpus_are_requested_where_expected() -> None:
+    default = scenario_objects("default")
+    c = _containers(default)
+    assert _gpus(c["selma-render"]) == ("1", "1")
+    assert _gpus(c["selma-serving"]) == ("1", "1")
+    assert _gpus(c["selma-prompts"]) == (None, None) and _gpus(c["selma-training"]) == (None, None)
+
+    gpu = scenario_objects("gpu")
+    c = _containers(gpu)
+    assert _gpus(c["selma-serving"]) == ("2", "2")
+    for name in ("selma-render", "selma-serving"):
+        spec = by_kind(gpu, "Deployment")[name]["spec"]["template"]["spec"]
+        assert spec["runtimeClassName"] == "nvidia"
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert by_kind(gpu, "Deployment")[name]["spec"]["strategy"]["type"] == "Recreate"
+    assert by_kind(gpu, "Deployment")["selma-serving"]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+
+    cpu = rendered("cpu-minimal")
+    assert "nvidia.com/gpu" not in cpu
+    assert by_kind(objects(cpu), "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_LAUNCHER"] == "local"
+
+
+def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
+    from selma.serve_cli import SERVICES
+
+    docs = scenario_objects("default")
+    deployments = by_kind(docs, "Deployment")
+    services = by_kind(docs, "Service")
+    assert sorted(deployments) == sorted(f"selma-{c}" for c in COMPONENTS)
+    for component in COMPONENTS:
+        c = _containers(docs)[f"selma-{component}"]
+        assert c["args"] == ["serve", component] and component in SERVICES
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": 50051, "metrics": 9400}
+        assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": GRPC_SERVICES[component]}
+        assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+        assert c["startupProbe"]["grpc"]["port"] == 50051
+        svc = services[f"selma-{component}"]
+        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "metrics": 9400}
+        assert svc["spec"]["selector"] == deployments[f"selma-{component}"]["spec"]["selector"]["matchLabels"]
+    # The helm test pod checks every service's health by its gRPC name.
+    (test_pod,) = by_kind(docs, "Pod").values()
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in COMPONENTS)
+
+
+def _settings_fields(component: str) -> set[str] | None:
+    from selma.config import SelmaSettings
+
+    fields = {f"SELMA_{name.upper()}" for name in SelmaSettings.model_fields}
+    try:
+        module = importlib.import_module(f"selma_{component}.settings")
+    except ModuleNotFoundError:
+        return None
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if issubclass(cls, SelmaSettings) and cls is not SelmaSettings:
+            fields |= {f"SELMA_{name.upper()}" for name in cls.model_fields}
+    return fields
+
+
+@pytest.mark.parametrize("scenario", ["default", "external-s3", "cpu-minimal"])
+def test_configmap_settings_are_fields_the_services_read(scenario: str) -> None:
+    from selma.config import SelmaSettings
+
+    docs = scenario_objects(scenario)
+    common = by_kind(docs, "ConfigMap")["selma-config"]["data"]
+    shared = {f"SELMA_{name.upper()}" for name in SelmaSettings.model_fields}
+    assert set(common) <= shared, f"unknown shared settings: {sorted(set(common) - shared)}"
+    assert common["SELMA_HOST"] == "0.0.0.0" and common["SELMA_LOG_FORMAT"] == "json"
+    SelmaSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in common.items()})
+    for component in COMPONENTS:
+        own = by_kind(docs, "ConfigMap")[f"selma-{component}"].get("data") or {}
+        fields = _settings_fields(component)
+        if fields is None:
+            assert not own, f"{component} has no settings module yet, but the chart sets {sorted(own)}"
+            continue
+        assert set(own) <= fields, f"{component}: settings the service does not read: {sorted(set(own) - fields)}"
+
+
+# --- storage, networking, scaling -----------------------------------------------------------------
+
+
+def test_minio_or_external_s3() -> None:
+    default = scenario_objects("default")
+    assert set(by_kind(default, "StatefulSet")) == {"selma-minio"}
+    sts = by_kind(default, "StatefulSet")["selma-minio"]
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert "selma-minio" in by_kind(default, "Service")
+    assert by_kind(default, "ConfigMap")["selma-config"]["data"]["SELMA_S3_ENDPOINT"] == "http://selma-minio:9000"
+    (job,) = by_kind(default, "Job").values()
+    assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    assert {"name": "SELMA_BUCKETS", "value": "selma"} in job["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    external = scenario_objects("external-s3")
+    assert not by_kind(external, "StatefulSet")
+    data = by_kind(external, "ConfigMap")["selma-config"]["data"]
+    assert data["SELMA_S3_ENDPOINT"].startswith("https://") and data["SELMA_STORAGE_URI"] == "s3://selma-prod/runs"
+    (job,) = by_kind(external, "Job").values()
+    assert {"name": "SELMA_BUCKETS", "value": "selma-prod,selma-prod-eval"} in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    env = {e["name"]: e for e in _containers(external)["selma-prompts"]["env"]}
+    assert env["SELMA_PROMPTS_OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "selma-llm", "key": "api-key"}
+    assert env["SELMA_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "selma-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_network_policy_admits_only_grpc_metrics_and_s3() -> None:
+    docs = scenario_objects("default")
+    policies = by_kind(docs, "NetworkPolicy")
+    main, minio = policies["selma"], policies["selma-minio"]
+    ingress_ports = sorted(p["port"] for rule in main["spec"]["ingress"] for p in rule["ports"])
+    assert ingress_ports == [9400, 50051]
+    assert set(main["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    grpc_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}}}]
+    metrics_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 9400)
+    assert all("namespaceSelector" in peer for peer in metrics_rule["from"])
+    assert sorted(p["port"] for p in minio["spec"]["ingress"][0]["ports"]) == [9000, 9001]
+    assert minio["spec"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer", "app.kubernetes.io/part-of": "selma"}}},
+    ]
+    trainer = policies["selma-trainer"]
+    assert [p["port"] for rule in trainer["spec"]["ingress"] for p in rule["ports"]] == [9400], "trainers only serve /metrics"
+    # Every pod but MinIO is covered by the main policy, MinIO by its own.
+    for o in docs:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            pod_labels = o["spec"]["template"]["metadata"]["labels"]
+            covering = [p for p in policies.values() if _matches(p["spec"]["podSelector"], pod_labels)]
+            assert len(covering) == 1, f"{o['kind']}/{o['metadata']['name']}"
+
+
+def test_serving_autoscales_and_disruptions_are_bounded() -> None:
+    docs = scenario_objects("default")
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "selma-serving"}
+    assert "replicas" not in by_kind(docs, "Deployment")["selma-serving"]["spec"], "the HPA owns serving's replica count"
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    for component in COMPONENTS:
+        selector = pdbs[f"selma-{component}"]["spec"]["selector"]
+        assert selector == by_kind(docs, "Deployment")[f"selma-{component}"]["spec"]["selector"]
+    gpu_hpa = by_kind(scenario_objects("gpu"), "HorizontalPodAutoscaler")["selma-serving"]
+    assert any(m["type"] == "Pods" and m["pods"]["metric"]["name"] == "selma_serving_queue_depth" for m in gpu_hpa["spec"]["metrics"])
+    assert not by_kind(scenario_objects("cpu-minimal"), "HorizontalPodAutoscaler")
+
+
+def _trainer_job(scenario: str, gpus: int = 1) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The Job the training service would create, from its real builder and the chart's settings."""
+    kube = pytest.importorskip("selma_training.kube", reason="the training service's Job builder is not in this tree yet")
+    from selma_training.launchers import LaunchRequest
+    from selma_training.settings import TrainingSettings
+
+    docs = scenario_objects(scenario)
+    config_maps = by_kind(docs, "ConfigMap")
+    env = {**config_maps["selma-config"]["data"], **(config_maps["selma-training"].get("data") or {})}
+    settings = TrainingSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in env.items()})
+    req = LaunchRequest(
+        job_id="j0123456789",
+        idempotency_key="k",
+        run="quickstart",
+        skill="counting",
+        config_uri="s3://selma/jobs/expert_training/j0123456789/config.json",
+        expert_id="e1",
+        placement={"gpus": gpus},
+    )
+    return kube.build_job(req, settings), docs
+
+
+def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
+    """Trainer Jobs built from the chart's settings are valid, use the trainer account, the chart's
+    Secret and model cache, may reach MinIO, and are selected by the PodMonitor."""
+    job, docs = _trainer_job("monitoring")
+    _validate_strict(tmp_path, [job], "trainer-job")
+    spec = job["spec"]["template"]["spec"]
+    assert job["metadata"]["namespace"] == NAMESPACE
+    assert spec["serviceAccountName"] == "selma-trainer" and by_kind(docs, "ServiceAccount")["selma-trainer"]["automountServiceAccountToken"] is False
+    container = spec["containers"][0]
+    assert container["image"] == _containers(docs)["selma-render"]["image"], "one image for services and trainers"
+    assert container["command"][:2] == ["selma", "train"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
+    assert refs["SELMA_S3_ACCESS_KEY"] == {"name": "selma-storage", "key": "access-key"}
+    assert {v["name"]: v for v in spec["volumes"]}["model-cache"]["persistentVolumeClaim"]["claimName"] == "selma-model-cache"
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    (pm,) = by_kind(docs, "PodMonitor").values()
+    assert _matches(pm["spec"]["selector"], pod_labels), "the PodMonitor does not select trainer pods"
+    policies = by_kind(scenario_objects("default"), "NetworkPolicy")
+    assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], pod_labels)] == ["selma-trainer"]
+    minio_peers = policies["selma-minio"]["spec"]["ingress"][0]["from"]
+    assert any(_matches(peer["podSelector"], pod_labels) for peer in minio_peers), "trainers cannot reach MinIO"
+
+
+def test_model_cache_is_a_pvc_mounted_where_settings_point() -> None:
+    docs = scenario_objects("default")
+    pvc = by_kind(docs, "PersistentVolumeClaim")["selma-model-cache"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert by_kind(docs, "ConfigMap")["selma-config"]["data"]["SELMA_MODEL_CACHE_DIR"] == "/models"
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_MODEL_CACHE_PVC"] == "selma-model-cache"
+    for name in ("selma-render", "selma-serving"):
+        mounts = {m["mountPath"]: m["name"] for m in _containers(docs)[name]["volumeMounts"]}
+        assert mounts["/models"] == "model-cache" and mounts["/dev/shm"] == "dshm"
+
+
+# --- manifests/ and the image -------------------------------------------------------------------
+
+
+def test_manifests_are_current() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "helm" / "scripts" / "generate.py"), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, "manifests/ or dashboards are stale: run .venv/bin/python helm/scripts/generate.py\n" + proc.stderr
+
+
+def test_plain_manifests_are_valid_and_namespaced(tmp_path: Path) -> None:
+    docs = objects((MANIFESTS / "selma.yaml").read_text())
+    _validate_strict(tmp_path, docs, "plain")
+    assert docs[0] == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "selma"}}}
+    assert all(d["metadata"].get("namespace") == NAMESPACE for d in docs[1:])
+    assert not by_kind(docs, "Secret"), "plain manifests must not ship credentials"
+    monitoring = objects((MANIFESTS / "monitoring.yaml").read_text())
+    _validate_strict(tmp_path, [d for d in monitoring if not d["apiVersion"].startswith(CRD_GROUP)], "plain-monitoring")
+
+
+def test_dockerfile_matches_the_chart() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    assert entrypoint[-1] == "selma", "the chart passes `serve <component>` as args to the selma entrypoint"
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)[-1]
+    uid = re.search(r"^ARG SELMA_UID=(\d+)$", dockerfile, re.M).group(1)
+    assert user.startswith("${SELMA_UID}") and int(uid) == values["podSecurityContext"]["runAsUser"] != 0
+    assert re.search(rf"^EXPOSE {values['ports']['grpc']} {values['ports']['metrics']}$", dockerfile, re.M)
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-\S*runtime", dockerfile, re.M), "CUDA runtime base"
+    assert "download.pytorch.org/whl/${TORCH_CUDA}" in dockerfile
+    for line in re.findall(r"^(?:ENV|ARG) .*$", dockerfile, re.M):
+        assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY)\w*=\S", line), line
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("**") if "**" in ignore else 0] == "**", ".dockerignore must start from excluding everything"
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M)
+    for line in copied:
+        for src in line.split():
+            assert (ROOT / src.rstrip("/")).exists(), f"COPY {src}: missing"
+            assert f"!{src}" in ignore, f"COPY {src} is excluded by .dockerignore"
+
+
+def _not_in_image(directory: str, names: list[str]) -> set[str]:
+    """What .dockerignore keeps out of the build context: caches and the generated stubs."""
+    skip = {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".egg-info"))}
+    if Path(directory).name == "selma" and Path(directory).parent.name == "shared":
+        skip.add("v1")
+    return skip
+
+
+def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
+    """The files the Dockerfile copies build the package (stubs generated) with all four services."""
+    import shutil
+    import zipfile
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    src = tmp_path / "src"
+    src.mkdir()
+    for line in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
+        for item in line.split():
+            path = ROOT / item.rstrip("/")
+            if path.is_dir():
+                shutil.copytree(path, src / item.rstrip("/"), ignore=_not_in_image)
+            else:
+                shutil.copy2(path, src / item)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for package in ("selma/v1/render_service_pb2_grpc.py", "selma/serve_cli.py", *(f"selma_{c}/__init__.py" for c in COMPONENTS)):
+        assert package in names, package
+
+
+def test_example_skillset_is_valid_for_the_cluster() -> None:
+    from selma.skillset import load_skillset
+
+    path = MANIFESTS / "examples" / "skillset.yaml"
+    load_skillset(path)  # raises with the field and line on any error
+    doc = yaml.safe_load(path.read_text())
+    assert doc["spec"]["training"]["placement"]["launcher"] == "kubernetes"
+    # The Secret it names is one the chart can mount for the prompt service.
+    secret = doc["spec"]["prompts"]["backend"]["openaiCompatible"]["apiKey"]["name"]
+    deployment = by_kind(scenario_objects("external-s3"), "Deployment")["selma-prompts"]["spec"]["template"]["spec"]
+    assert {"name": f"secret-{secret}", "secret": {"secretName": secret}} in deployment["volumes"]
+    mounts = {m["mountPath"]: m for m in deployment["containers"][0]["volumeMounts"]}
+    assert mounts[f"/var/run/secrets/selma/{secret}"]["readOnly"] is True
+    assert by_kind(scenario_objects("external-s3"), "ConfigMap")["selma-prompts"]["data"]["SELMA_PROMPTS_SECRETS_DIR"] == "/var/run/secrets/selma"
