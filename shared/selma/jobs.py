@@ -271,7 +271,11 @@ class JobManager:
     def recover(self) -> list[str]:
         """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids."""
         requeued: list[str] = []
-        for info in self.storage.list(self._prefix):
+        try:
+            stored = self.storage.list(self._prefix)
+        except NotFound:
+            stored = []  # a fresh bucket: nothing was ever stored
+        for info in stored:
             if not info.key.endswith(".json"):
                 continue
             try:

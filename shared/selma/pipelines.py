@@ -208,6 +208,11 @@ def make_scheduler(pipe: DiffusionPipeline, name: str = "") -> Any:
     if key not in SCHEDULERS:
         raise InvalidArgument(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}", field="scheduler")
     cls_name, overrides = SCHEDULERS[key]
+    overrides = dict(overrides)
+    if key in ("ddim", "ddpm") and "clip_sample" not in pipe.scheduler.config:
+        # Latent-diffusion checkpoints whose own scheduler has no clip_sample (PNDM, Euler) must
+        # not inherit DDIM/DDPM's pixel-space default of clipping x0 to [-1, 1].
+        overrides["clip_sample"] = False
     return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
 

@@ -1,0 +1,31 @@
+"""Settings of the render service (``SELMA_RENDER_*`` variables on top of the shared ``SELMA_*`` ones).
+
+Field names start with ``render_`` and never end in ``_port`` / ``_service_host``: Kubernetes
+injects ``SELMA_RENDER_PORT`` and friends for a Service called ``selma-render``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from selma.config import SelmaSettings
+
+
+class RenderSettings(SelmaSettings):
+    """Render service settings: default model, request limits, concurrency."""
+
+    render_default_model: str = Field(
+        "",
+        description="Model used when a request leaves model.source empty: hub id, local path or s3:// prefix; '' = none (requests must name one).",
+    )
+    render_preload_default_model: bool = Field(
+        True, description="Load the default model before reporting SERVING, so the first job does not pay for it."
+    )
+    render_max_resolution: int = Field(2048, ge=8, description="Largest width or height a request may ask for, in pixels.")
+    render_max_steps: int = Field(150, ge=1, le=10000, description="Most denoising steps a request may ask for.")
+    render_default_batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call when a request says 0.")
+    render_preview_max_prompts: int = Field(4, ge=1, le=64, description="Most prompts one Preview call may carry.")
+    render_preview_max_images: int = Field(8, ge=1, le=256, description="Most images one Preview call may return.")
+    render_max_concurrent_jobs: int = Field(1, ge=1, le=64, description="Dataset renders running at once (one per accelerator).")
+    render_max_models: int = Field(2, ge=1, le=16, description="Loaded pipelines kept in memory (LRU).")
+    render_watch_interval_seconds: float = Field(1.0, ge=0, description="Default minimum time between Watch updates.")

@@ -1,0 +1,236 @@
+"""Validated render requests: protobuf ``RenderSettings`` / ``DatasetRenderSpec`` → plain domain objects.
+
+The proto messages are the schema of what a client sends and of the job spec stored with each
+job; this module checks every field against the service limits (errors name the field by its
+request path, e.g. ``spec.settings.diffusion.width``) and resolves the "0 = default" values, so
+the rest of the service works with explicit numbers.  :func:`normalized_settings` writes those
+defaults back into the message, so the stored job spec does not change meaning if the service
+defaults change while a job waits or resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from selma.errors import InvalidArgument
+from selma.pipelines import SCHEDULERS, ModelSpec
+from selma.v1 import common_pb2, render_service_pb2
+
+from selma_render.seeds import SEED_MODULUS, SeedPolicy
+from selma_render.settings import RenderSettings
+
+DEFAULT_STEPS = 50
+MAX_GUIDANCE = 30.0
+MAX_BATCH_SIZE = 256
+MAX_IMAGES_PER_PROMPT = 16
+MAX_PROMPT_CHARS = 10_000
+
+_PRECISIONS = {
+    common_pb2.PRECISION_UNSPECIFIED: "",
+    common_pb2.PRECISION_FP32: "fp32",
+    common_pb2.PRECISION_FP16: "fp16",
+    common_pb2.PRECISION_BF16: "bf16",
+}
+_SEED_POLICIES = {
+    common_pb2.SEED_POLICY_UNSPECIFIED: SeedPolicy.DERIVED,
+    common_pb2.SEED_POLICY_DERIVED: SeedPolicy.DERIVED,
+    common_pb2.SEED_POLICY_SEQUENTIAL: SeedPolicy.SEQUENTIAL,
+    common_pb2.SEED_POLICY_FIXED: SeedPolicy.FIXED,
+}
+
+
+def scheduler_name(value: int) -> str:
+    """``Scheduler`` enum value → the :data:`selma.pipelines.SCHEDULERS` key ("" = model default)."""
+    if value == common_pb2.SCHEDULER_UNSPECIFIED:
+        return ""
+    return common_pb2.Scheduler.Name(value).removeprefix("SCHEDULER_").lower()
+
+
+def scheduler_enum(name: str) -> int:
+    """The inverse of :func:`scheduler_name`; unknown names (a custom model scheduler) → UNSPECIFIED."""
+    if name in SCHEDULERS:
+        return common_pb2.Scheduler.Value("SCHEDULER_" + name.upper())
+    return common_pb2.SCHEDULER_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How to render: everything in ``selma.v1.RenderSettings``, validated, defaults resolved
+    (except the model-dependent ones: guidance ``None`` and size 0 mean the model's own)."""
+
+    model: ModelSpec
+    scheduler: str = ""
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float | None = None
+    width: int = 0
+    height: int = 0
+    negative_prompt: str = ""
+    images_per_prompt: int = 1
+    base_seed: int = 0
+    seed_policy: SeedPolicy = SeedPolicy.DERIVED
+    batch_size: int = 4
+    device: str = ""
+    precision: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSetRef:
+    """Which prompt set to render (``selma.v1.ArtifactRef``)."""
+
+    id: str = ""
+    uri: str = ""
+    kind: int = common_pb2.ARTIFACT_KIND_UNSPECIFIED
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A validated ``DatasetRenderSpec``."""
+
+    prompt_set: PromptSetRef
+    config: RenderConfig
+    run: str = ""
+    skill: str = ""
+    max_prompts: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def parse_render_settings(
+    msg: render_service_pb2.RenderSettings,
+    settings: RenderSettings,
+    *,
+    prefix: str = "settings",
+    batch_size_used: bool = True,
+) -> RenderConfig:
+    """Validate ``msg`` against the service limits; errors name ``<prefix>.<field>``."""
+    f = lambda name: f"{prefix}.{name}"  # noqa: E731 - field paths for error messages
+    d = msg.diffusion
+
+    source = msg.model.source.strip() or settings.render_default_model.strip()
+    if not source:
+        raise InvalidArgument(
+            "no model given and the service has no default model; set model.source to a hub id, a local path or an s3:// prefix",
+            field=f("model.source"),
+        )
+    model = ModelSpec(
+        source=source,
+        revision=msg.model.revision.strip(),
+        variant=msg.model.variant.strip(),
+        vae_source=msg.model.vae_source.strip(),
+    )
+
+    if d.scheduler not in common_pb2.Scheduler.values():
+        raise InvalidArgument(f"unknown scheduler value {d.scheduler}", field=f("diffusion.scheduler"))
+    scheduler = scheduler_name(d.scheduler)
+
+    steps = d.steps or DEFAULT_STEPS
+    if not 1 <= steps <= settings.render_max_steps:
+        raise InvalidArgument(f"steps must be 1..{settings.render_max_steps} (0 = {DEFAULT_STEPS}); got {d.steps}", field=f("diffusion.steps"))
+
+    guidance: float | None = None
+    if d.HasField("guidance_scale"):
+        guidance = d.guidance_scale
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
+            raise InvalidArgument(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}]; got {guidance}", field=f("diffusion.guidance_scale"))
+
+    for name in ("width", "height"):
+        value = getattr(d, name)
+        if value < 0 or value % 8:
+            raise InvalidArgument(f"{name} must be a positive multiple of 8 (0 = the model's native size); got {value}", field=f(f"diffusion.{name}"))
+        if value > settings.render_max_resolution:
+            raise InvalidArgument(
+                f"{name} {value} is above this service's maximum of {settings.render_max_resolution} pixels",
+                field=f(f"diffusion.{name}"),
+            )
+    if len(d.negative_prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters", field=f("diffusion.negative_prompt"))
+
+    ipp = msg.images_per_prompt or 1
+    if not 1 <= ipp <= MAX_IMAGES_PER_PROMPT:
+        raise InvalidArgument(f"images_per_prompt must be 1..{MAX_IMAGES_PER_PROMPT} (0 = 1); got {msg.images_per_prompt}", field=f("images_per_prompt"))
+
+    base_seed = msg.base_seed if msg.HasField("base_seed") else 0
+    if not 0 <= base_seed < SEED_MODULUS:
+        raise InvalidArgument(f"base_seed must be in [0, 2^63); got {base_seed}", field=f("base_seed"))
+    if msg.seed_policy not in _SEED_POLICIES:
+        raise InvalidArgument(f"unknown seed_policy value {msg.seed_policy}", field=f("seed_policy"))
+
+    batch_size = settings.render_default_batch_size
+    if batch_size_used:
+        if msg.batch_size < 0 or msg.batch_size > MAX_BATCH_SIZE:
+            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (0 = service default {settings.render_default_batch_size}); got {msg.batch_size}", field=f("batch_size"))
+        batch_size = msg.batch_size or batch_size
+
+    if msg.device.precision not in _PRECISIONS:
+        raise InvalidArgument(f"unknown precision value {msg.device.precision}", field=f("device.precision"))
+    device = msg.device.device.strip().lower()
+    if device and not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {msg.device.device!r}", field=f("device.device"))
+
+    return RenderConfig(
+        model=model,
+        scheduler=scheduler,
+        steps=steps,
+        guidance_scale=guidance,
+        width=d.width,
+        height=d.height,
+        negative_prompt=d.negative_prompt,
+        images_per_prompt=ipp,
+        base_seed=base_seed,
+        seed_policy=_SEED_POLICIES[msg.seed_policy],
+        batch_size=batch_size,
+        device=device,
+        precision=_PRECISIONS[msg.device.precision],
+    )
+
+
+def normalized_settings(cfg: RenderConfig) -> render_service_pb2.RenderSettings:
+    """``RenderSettings`` with every service default written in (what a job spec stores)."""
+    msg = render_service_pb2.RenderSettings(
+        model=common_pb2.ModelRef(
+            source=cfg.model.source, revision=cfg.model.revision, variant=cfg.model.variant, vae_source=cfg.model.vae_source
+        ),
+        diffusion=common_pb2.DiffusionSettings(
+            scheduler=scheduler_enum(cfg.scheduler),
+            steps=cfg.steps,
+            width=cfg.width,
+            height=cfg.height,
+            negative_prompt=cfg.negative_prompt,
+        ),
+        images_per_prompt=cfg.images_per_prompt,
+        base_seed=cfg.base_seed,
+        seed_policy=common_pb2.SeedPolicy.Value("SEED_POLICY_" + cfg.seed_policy.name),
+        batch_size=cfg.batch_size,
+        device=common_pb2.DeviceOptions(
+            device=cfg.device,
+            precision={v: k for k, v in _PRECISIONS.items()}[cfg.precision],
+        ),
+    )
+    if cfg.guidance_scale is not None:
+        msg.diffusion.guidance_scale = cfg.guidance_scale
+    return msg
+
+
+def parse_dataset_spec(msg: render_service_pb2.DatasetRenderSpec, settings: RenderSettings, *, prefix: str = "spec") -> DatasetSpec:
+    """Validate a ``DatasetRenderSpec`` (the prompt set's existence is checked by the caller)."""
+    ref = msg.prompt_set
+    if not ref.id and not ref.uri:
+        raise InvalidArgument("prompt_set is required: give the prompt set's artifact id or uri", field=f"{prefix}.prompt_set")
+    if ref.kind not in (common_pb2.ARTIFACT_KIND_UNSPECIFIED, common_pb2.ARTIFACT_KIND_PROMPT_SET):
+        raise InvalidArgument(
+            f"prompt_set must be a prompt set; got kind {common_pb2.ArtifactKind.Name(ref.kind)}", field=f"{prefix}.prompt_set.kind"
+        )
+    if msg.max_prompts < 0:
+        raise InvalidArgument(f"max_prompts must be >= 0 (0 = all); got {msg.max_prompts}", field=f"{prefix}.max_prompts")
+    for k, v in msg.labels.items():
+        if not k or len(k) > 253 or len(v) > 253:
+            raise InvalidArgument(f"label {k!r} is empty or too long (keys and values up to 253 characters)", field=f"{prefix}.labels")
+    return DatasetSpec(
+        prompt_set=PromptSetRef(id=ref.id.strip(), uri=ref.uri.strip(), kind=ref.kind, sha256=ref.sha256.strip().lower()),
+        config=parse_render_settings(msg.settings, settings, prefix=f"{prefix}.settings"),
+        run=msg.run.strip(),
+        skill=msg.skill.strip(),
+        max_prompts=msg.max_prompts,
+        labels=dict(msg.labels),
+    )
