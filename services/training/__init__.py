@@ -1,1 +1,16 @@
-"""TrainingService (selma.v1.TrainingService): LoRA skill experts trained in Kubernetes Jobs or local processes."""
+"""TrainingService (selma.v1.TrainingService): LoRA skill experts trained in Kubernetes Jobs or local processes.
+
+Modules, in the order data flows:
+
+* ``config``      presets (sd1, sd2, sdxl, tiny) + overrides → a validated ``TrainingConfig``;
+                  the ``TrainingJob`` document stored as a training_config artifact.
+* ``data``        the image_dataset, PIL/numpy transforms, the latent/text-embedding cache.
+* ``trainer``     ``train(job, settings)``: LoRA training, checkpoints, expert export.
+* ``checkpoint``  safetensors + JSON checkpoints with corrupt-checkpoint fallback.
+* ``progress``    the progress object the trainer writes and the service reads.
+* ``cli``         ``selma train --config URI``: the entrypoint of Jobs and local subprocesses.
+* ``launchers``   the launcher interface and the local-subprocess launcher.
+* ``kube``        the pure Job builder and the Kubernetes launcher.
+* ``core``        validate → store the job document → launch → follow (no gRPC).
+* ``server``      gRPC glue; ``metrics`` and ``settings`` beside it.
+"""

@@ -1,0 +1,67 @@
+"""``selma train --config URI``: the trainer entrypoint of Kubernetes Jobs and local subprocesses.
+
+Thin on purpose: settings from ``SELMA_*`` variables, logging, SIGTERM → checkpoint and exit,
+then :func:`selma_training.trainer.run_job_document`.  Exit codes: 0 done, 2 bad input (a
+domain error: retrying cannot help; the Job's podFailurePolicy fails fast on it), 143 stopped
+by SIGTERM after saving a checkpoint (pre-emption; the retry resumes), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+EXIT_INTERRUPTED = 143
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``selma train`` to the ``selma`` parser."""
+    p = subparsers.add_parser("train", help="train one LoRA expert from a stored training job document")
+    p.add_argument("--config", required=True, help="job document: s3://… or file://… URI, a local JSON/YAML file, or a training_config artifact id")
+    p.add_argument("--device", default="", help="override the device (cpu, cuda, cuda:N)")
+    p.add_argument("--dataset", default="", help="with a bare config file (preset + fields, JSON/YAML): the image_dataset artifact id")
+    p.add_argument("--run", default="local", help="with a bare config file: the run name (default local)")
+    p.add_argument("--skill", default="skill", help="with a bare config file: the skill name (default skill)")
+    p.set_defaults(func=_train)
+
+
+def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Local trainers: get SIGTERM when the service dies (Linux), so no orphan keeps training."""
+    import ctypes
+    import os
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the service died before we armed it
+        stop.set()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from selma.logs import configure_logging
+    from selma_training.settings import TrainingSettings
+    from selma_training.trainer import TrainingInterrupted, load_job_document, run_job, standalone_job
+
+    settings = TrainingSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()  # finish the current step, checkpoint, exit 143
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if settings.training_parent_pid:
+        _exit_with_parent(settings.training_parent_pid, stop)
+    if args.dataset:
+        job = standalone_job(args.config, args.dataset, args.run, args.skill, settings)
+    else:
+        job = load_job_document(args.config, settings)
+    if args.device:
+        job = job.model_copy(update={"device": args.device})
+    try:
+        run_job(job, settings, should_stop=stop.is_set)
+    except TrainingInterrupted:
+        return EXIT_INTERRUPTED
+    return 0

@@ -1,0 +1,355 @@
+"""The training service's core (no gRPC): validate, store the job document, launch, follow.
+
+``TrainingCore.start`` validates everything a trainer would trip over — run/skill names, the
+dataset (exists, is an image_dataset, every image captioned), the config (preset, ranges,
+resolution vs. the model) and the placement — and asks the launcher for a preflight (the
+Kubernetes API answers and lets us list Jobs) *before* anything is created.  It then
+publishes the resolved :class:`~selma_training.config.TrainingJob` as a ``training_config``
+artifact (id derived from the idempotency key) and starts a :class:`selma.jobs.JobManager`
+job whose function launches the trainer with that document's URI and follows it: progress,
+checkpoints, warnings and launcher details flow from the trainer's progress object into the
+job record (and Prometheus) at each launcher wake-up.
+
+After a restart, ``recover`` re-queues unfinished jobs (a Kubernetes Job is adopted, not
+created twice: the create is idempotent by name) and, for the Kubernetes launcher, rebuilds
+records for our Jobs found by label that the store no longer knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from datetime import datetime
+from typing import Any
+
+from selma.api import output_ref
+from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
+from selma.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    ErrorCode,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SelmaError,
+    Unavailable,
+)
+from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
+from selma.storage import Storage, open_storage
+
+from selma_training import metrics
+from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
+from selma_training.data import load_dataset
+from selma_training.kube import KubernetesLauncher, validate_placement
+from selma_training.launchers import LaunchRequest, Launcher, LocalLauncher, Monitor, Outcome
+from selma_training.progress import read_progress
+from selma_training.settings import TrainingSettings
+from selma_training.trainer import JOB_FILE
+
+log = logging.getLogger(__name__)
+
+KIND = "expert_training"
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LAUNCHER_ENUM = {"LAUNCHER_KIND_LOCAL": "local", "LAUNCHER_KIND_KUBERNETES": "kubernetes"}
+_ERRORS: dict[str, type[SelmaError]] = {
+    c.value: cls for c, cls in (
+        (ErrorCode.INVALID_ARGUMENT, InvalidArgument), (ErrorCode.NOT_FOUND, NotFound), (ErrorCode.ALREADY_EXISTS, AlreadyExists),
+        (ErrorCode.FAILED_PRECONDITION, FailedPrecondition), (ErrorCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+        (ErrorCode.UNAVAILABLE, Unavailable), (ErrorCode.PERMISSION_DENIED, PermissionDenied),
+        (ErrorCode.DEADLINE_EXCEEDED, DeadlineExceeded), (ErrorCode.ABORTED, Aborted),
+    )
+}
+
+
+class Prepared:
+    """A validated start request: the job document and the launcher that will run it."""
+
+    def __init__(self, job: TrainingJob, launcher: str, placement: dict[str, Any]) -> None:
+        self.job, self.launcher, self.placement = job, launcher, placement
+
+    @property
+    def resolved_config(self) -> dict[str, Any]:
+        return to_proto_dict(self.job.config)
+
+
+def _ts(value: str | None) -> str | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
+    """ExpertTrainingStats (proto-JSON dict) from the trainer's progress document."""
+    stats: dict[str, Any] = {}
+    for k in ("step", "max_steps", "epoch", "resumed_from_step", "peak_memory_bytes"):
+        if doc.get(k) is not None:
+            stats[k] = int(doc[k])
+    for k in ("loss", "loss_ema", "learning_rate", "steps_per_second"):
+        v = doc.get(k)
+        if isinstance(v, (int, float)) and v == v:
+            stats[k] = float(v)
+    if "checkpoints" in doc:
+        stats["checkpoints"] = [{"step": c["step"], "uri": c["uri"], "created_at": _ts(c.get("created_at")), "loss": c.get("loss", 0.0)}
+                                for c in doc["checkpoints"]]
+    if "loss_history" in doc:
+        stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in doc["loss_history"]]
+    if doc.get("latent_cache"):
+        c = doc["latent_cache"]
+        stats["latent_cache"] = {"id": c["id"], "kind": "ARTIFACT_KIND_LATENT_CACHE", "uri": c.get("uri", ""), "sha256": c.get("sha256", "")}
+        stats["latent_cache_hit"] = bool(doc.get("latent_cache_hit"))
+    return stats
+
+
+class _JobMonitor(Monitor):
+    def __init__(self, core: TrainingCore, ctx: JobContext, job: TrainingJob) -> None:
+        self.core, self.ctx, self.job = core, ctx, job
+
+    def state(self) -> str | None:
+        try:
+            self.ctx.check_cancelled()
+        except Interrupted:
+            return "stopping"
+        except Cancelled:
+            return "cancelled"
+        return None
+
+    def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
+        doc = read_progress(self.core.storage, self.job.progress_key) or {}
+        stats = stats_from_progress(doc)
+        details = dict(details)
+        if doc.get("pod"):
+            details["kubernetes.pod"] = doc["pod"]
+        if doc.get("node"):
+            details["kubernetes.node"] = doc["node"]
+        if attempt is not None:
+            details["attempt"] = str(attempt)
+        known = set(self.core.manager.get(self.ctx.job_id).warnings)
+        for w in doc.get("warnings", []):
+            if w not in known:
+                if "corrupt" in w:
+                    metrics.CHECKPOINT_FALLBACKS.inc()
+                self.ctx.warn(w)
+        skill = self.job.skill
+        step, total = int(doc.get("step", 0) or 0), self.job.config.max_steps
+        metrics.TRAINING_STEP.labels(skill).set(step)
+        metrics.TRAINING_MAX_STEPS.labels(skill).set(total)
+        if "loss" in stats:
+            metrics.TRAINING_LOSS.labels(skill).set(stats["loss"])
+        if stats.get("steps_per_second"):
+            metrics.TRAINING_STEPS_PER_SECOND.labels(skill).set(stats["steps_per_second"])
+            metrics.TRAINING_ETA.labels(skill).set((total - step) / stats["steps_per_second"])
+        phase = doc.get("phase", "starting")
+        if message is None:
+            message = f"{phase}: step {step}/{total}" + (f", loss {stats['loss']:.4f}" if "loss" in stats else "")
+        self.ctx.progress(step, total, unit="steps", message=message, stats=stats, details=details)
+
+
+class TrainingCore:
+    """Start, get, watch, cancel and list expert-training jobs."""
+
+    def __init__(self, settings: TrainingSettings, *, storage: Storage | None = None, launchers: dict[str, Launcher] | None = None) -> None:
+        self.settings = settings
+        self.storage = storage or open_storage(settings)
+        self.store = ArtifactStore(self.storage)
+        self.launchers: dict[str, Launcher] = launchers or {"local": LocalLauncher(settings), "kubernetes": KubernetesLauncher(settings)}
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
+        self._live: dict[str, tuple[Launcher, LaunchRequest]] = {}
+        self._lock = threading.Lock()
+
+    # -- validation
+
+    def prepare(self, idempotency_key: str, spec: dict[str, Any]) -> Prepared:
+        """Validate a start request completely; nothing is created."""
+        if not idempotency_key or len(idempotency_key) > 256 or not idempotency_key.isascii() or not idempotency_key.isprintable():
+            raise InvalidArgument("idempotency_key must be 1..256 printable ASCII characters, e.g. '<run>/train/<skill>'", field="idempotency_key")
+        run, skill = spec.get("run", ""), spec.get("skill", "")
+        for name, value, limit in (("run", run, 40), ("skill", skill, 20)):
+            if not value:
+                raise InvalidArgument(f"{name} is required", field=f"spec.{name}")
+            if len(value) > limit or not _NAME.match(value):
+                raise InvalidArgument(f"{name} {value!r} must be lowercase letters, digits and '-', at most {limit} characters (it names the Kubernetes Job)", field=f"spec.{name}")
+        dataset_id = (spec.get("dataset") or {}).get("id", "")
+        if not dataset_id:
+            raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")
+        config, _info = from_proto_dict(spec.get("config") or {}, default_model=self.settings.training_default_model)
+        dataset, _examples = load_dataset(self.store, dataset_id)
+        want = (spec.get("dataset") or {}).get("sha256", "")
+        if want and want != dataset.digest:
+            raise FailedPrecondition(f"dataset {dataset_id} has sha256 {dataset.digest}, not the {want} the request pins; it changed or the reference is stale",
+                                     field="spec.dataset.sha256")
+        placement = dict(spec.get("placement") or {})
+        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
+        validate_placement(placement)  # the proto's ranges hold for every launcher
+        self.launchers[launcher].validate(placement)
+        job_id = job_id_for(KIND, idempotency_key)
+        job = TrainingJob(
+            job_id=job_id,
+            idempotency_key=idempotency_key,
+            run=run,
+            skill=skill,
+            dataset_id=dataset.id,
+            config=config,
+            expert_id=new_artifact_id(ArtifactKind.EXPERT, idempotency_key),
+            work_prefix=f"training/{job_id}",
+            config_artifact_id=new_artifact_id(ArtifactKind.TRAINING_CONFIG, idempotency_key),
+            labels=dict(spec.get("labels") or {}),
+            spec=spec,
+        )
+        return Prepared(job, launcher, placement)
+
+    # -- the RPC operations
+
+    def start(self, idempotency_key: str, spec: dict[str, Any], *, validate_only: bool = False) -> tuple[JobRecord | None, bool, Prepared]:
+        prepared = self.prepare(idempotency_key, spec)
+        if validate_only:
+            return None, False, prepared
+        job = prepared.job
+        try:
+            existing = self.manager.get(job.job_id)
+        except NotFound:
+            existing = None
+        if existing is None or existing.spec_digest == spec_digest(spec):
+            if existing is None or existing.phase.terminal:
+                self.launchers[prepared.launcher].preflight()
+            self._publish_job(prepared)
+        rec, created = self.manager.start(idempotency_key, spec, run=job.run, skill=job.skill, labels=job.labels)
+        return rec, created, prepared
+
+    def _publish_job(self, prepared: Prepared) -> None:
+        job = prepared.job
+        if self.store.exists(job.config_artifact_id):
+            return
+        with self.store.writer(ArtifactKind.TRAINING_CONFIG, id=job.config_artifact_id, parents=[job.dataset_id],
+                               parameters={"config": job.config.model_dump(mode="json"), "launcher": prepared.launcher, "skill": job.skill, "run": job.run},
+                               labels={"selma.dev/run": job.run, "selma.dev/skill": job.skill}, name=f"{job.skill} training config") as w:
+            w.put_bytes(JOB_FILE, job.model_dump_json(indent=2).encode())
+            w.put_bytes("config.json", job.config.model_dump_json(indent=2).encode())
+
+    def job_document(self, rec: JobRecord) -> TrainingJob:
+        config_id = new_artifact_id(ArtifactKind.TRAINING_CONFIG, rec.idempotency_key)
+        return TrainingJob.model_validate_json(self.store.read_bytes(config_id, JOB_FILE))
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.manager.get(job_id)
+
+    def watch(self, job_id: str, **kwargs: Any) -> Any:
+        return self.manager.watch(job_id, **kwargs)
+
+    def list(self, **kwargs: Any) -> tuple[list[JobRecord], str]:
+        return self.manager.list(**kwargs)
+
+    def cancel(self, job_id: str, reason: str = "") -> JobRecord:
+        rec = self.manager.cancel(job_id, reason or "cancelled by client")
+        with self._lock:
+            live = self._live.get(job_id)
+        if live is not None:
+            launcher, req = live
+            launcher.cancel(req)  # wakes the follower at once (Job DELETED event / process exit)
+        elif rec.details.get("kubernetes.job") and "kubernetes" in self.launchers:
+            launcher = self.launchers["kubernetes"]
+            if isinstance(launcher, KubernetesLauncher):
+                launcher.cancel_by_name(rec.details["kubernetes.job"])
+        return self.manager.get(job_id)
+
+    @staticmethod
+    def presets() -> list[tuple[str, str, dict[str, Any]]]:
+        """(preset, description, full proto-JSON config) for every preset."""
+        return [(p, PRESET_DESCRIPTIONS[p], to_proto_dict(parse_config(preset_config(p)))) for p in PRESETS_NAMES]
+
+    # -- lifecycle
+
+    def recover(self) -> list[str]:
+        """Re-queue unfinished jobs; with Kubernetes as default, adopt our Jobs the records do not know."""
+        requeued = self.manager.recover()
+        if self.settings.training_launcher == "kubernetes":
+            try:
+                found = self.launchers["kubernetes"].discover()
+            except SelmaError as e:
+                log.warning("could not list training Jobs to re-adopt them: %s", e)
+                found = []
+            for item in found:
+                try:
+                    self.manager.get(item["job_id"])
+                    continue
+                except (NotFound, InvalidArgument):
+                    pass
+                if not item.get("idempotency_key") or not item.get("job_id"):
+                    continue
+                try:
+                    from selma_training.trainer import load_job_document
+
+                    doc = load_job_document(item["config_uri"], self.settings)
+                    self.manager.start(doc.idempotency_key, doc.spec, run=doc.run, skill=doc.skill, labels=doc.labels)
+                    requeued.append(doc.job_id)
+                    log.info("re-adopted Kubernetes Job %s as %s", item["name"], doc.job_id)
+                except SelmaError as e:
+                    log.warning("cannot re-adopt Job %s: %s", item["name"], e)
+        return requeued
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.manager.shutdown(wait=wait)
+
+    # -- the job function
+
+    def _run(self, ctx: JobContext) -> JobResult:
+        rec = self.manager.get(ctx.job_id)
+        job = self.job_document(rec)
+        placement = dict(job.spec.get("placement") or {})
+        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
+        launcher = self.launchers[name]
+        config_uri = self.store.get(job.config_artifact_id).file_uri(JOB_FILE)
+        req = LaunchRequest(job_id=job.job_id, idempotency_key=job.idempotency_key, run=job.run, skill=job.skill,
+                            config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels)
+        config_ref = {"id": job.config_artifact_id, "kind": "ARTIFACT_KIND_TRAINING_CONFIG", "uri": self.store.get(job.config_artifact_id).uri}
+        ctx.update(
+            stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,
+                   "launcher": "LAUNCHER_KIND_" + name.upper()},
+            details={"launcher": name, "checkpoint.uri": self.storage.uri_for(job.checkpoint_prefix.rstrip("/")), "config.uri": config_uri},
+        )
+        if self.store.exists(job.expert_id):  # finished before a restart: nothing to launch
+            return self._succeeded(ctx, job, Outcome("succeeded", "already trained"))
+        if name == "local":
+            metrics.LAUNCHES.labels("local").inc()
+        monitor = _JobMonitor(self, ctx, job)
+        with self._lock:
+            self._live[job.job_id] = (launcher, req)
+        try:
+            outcome = launcher.run(req, monitor)
+        finally:
+            with self._lock:
+                self._live.pop(job.job_id, None)
+        metrics.OUTCOMES.labels(name, outcome.state).inc()
+        if outcome.state == "succeeded":
+            return self._succeeded(ctx, job, outcome)
+        if outcome.state == "cancelled":
+            raise Cancelled(outcome.message or "cancelled")
+        if outcome.state == "interrupted":
+            raise Interrupted(outcome.message)
+        doc = read_progress(self.storage, job.progress_key) or {}
+        err = doc.get("error") or {}
+        if err:
+            cls = _ERRORS.get(err.get("code", ""), Aborted)
+            raise cls(f"{err.get('message', '')} ({outcome.message})")
+        ctx.update(details={"failure.reason": outcome.reason})
+        raise Aborted(f"{outcome.message}; re-start the job with the same key to resume from its last checkpoint")
+
+    def _succeeded(self, ctx: JobContext, job: TrainingJob, outcome: Outcome) -> JobResult:
+        try:
+            manifest = self.store.get(job.expert_id)
+        except NotFound:
+            raise FailedPrecondition(f"the trainer reported success but expert {job.expert_id} is not published") from None
+        doc = read_progress(self.storage, job.progress_key) or {}
+        stats = stats_from_progress(doc)
+        p = manifest.parameters
+        stats["step"] = int(p.get("steps", job.config.max_steps))
+        if p.get("final_loss") is not None:
+            stats["loss"] = float(p["final_loss"])
+        stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in p.get("loss_history", [])]
+        ctx.progress(stats["step"], job.config.max_steps, unit="steps", stats=stats)
+        return JobResult(output=output_ref(manifest), stats=stats,
+                         message=f"trained {stats['step']} steps; final loss {stats.get('loss', float('nan')):.4f}; expert {manifest.id}")

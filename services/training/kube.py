@@ -1,0 +1,499 @@
+"""The Kubernetes launcher: one ``batch/v1`` Job per expert, built by a pure function.
+
+* :func:`build_job` turns a launch request + settings into the Job manifest (a plain dict,
+  schema-valid for Kubernetes 1.33): deterministic DNS-safe name from run and skill (plus a
+  short hash of the job id, so two keys for one skill never collide), ``app.kubernetes.io/*``
+  and ``selma.dev/*`` labels (the service rebuilds its view from them), restartPolicy Never,
+  ``backoffLimit``, a ``podFailurePolicy`` that ignores pod disruptions (pre-emption, node
+  drain: condition ``DisruptionTarget``) so they do not use up the retry budget and that fails
+  the Job at once on exit code 2 (bad input: retrying cannot help), ``activeDeadlineSeconds``,
+  ``ttlSecondsAfterFinished``, image and service account from settings, storage credentials
+  from a Secret (``valueFrom.secretKeyRef``, never inline), GPU limits, node selector,
+  tolerations, affinity, priority class, runtime class, the optional Kueue queue label, the
+  model-cache volume (a PVC) and a memory-backed ``/dev/shm``.
+* :class:`KubernetesLauncher` creates it idempotently (409 → adopt the existing Job if it
+  carries our job id), follows it with a watch (``resourceVersion`` + server-side
+  ``timeoutSeconds``, re-listing on 410 Gone; no sleep-polling), cancels by deleting with
+  background propagation, and lists our Jobs by label after a restart.  API unreachable →
+  UNAVAILABLE; 401/403 → PERMISSION_DENIED saying which RBAC rule is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from typing import Any
+
+from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
+
+from selma_training.launchers import EXIT_BAD_INPUT, LaunchRequest, Launcher, Monitor, Outcome
+from selma_training.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+
+CONTAINER = "trainer"
+MANAGED_BY = "selma-training"
+LABEL_JOB_ID = "selma.dev/job-id"
+LABEL_RUN = "selma.dev/run"
+LABEL_SKILL = "selma.dev/skill"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ANN_KEY = "selma.dev/idempotency-key"
+ANN_CONFIG = "selma.dev/config-uri"
+ANN_EXPERT = "selma.dev/expert-id"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[mkMGTPE]|u|n)?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_OPERATORS = {"TOLERATION_OPERATOR_EQUAL": "Equal", "TOLERATION_OPERATOR_EXISTS": "Exists"}
+_EFFECTS = {"TAINT_EFFECT_NO_SCHEDULE": "NoSchedule", "TAINT_EFFECT_PREFER_NO_SCHEDULE": "PreferNoSchedule", "TAINT_EFFECT_NO_EXECUTE": "NoExecute"}
+
+
+def dns_part(text: str) -> str:
+    """Lower-case DNS-label characters only, runs of others collapsed to '-'."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def job_name(run: str, skill: str, job_id: str) -> str:
+    """``selma-train-<run>-<skill>-<hash>``, at most 63 characters, stable for a job id."""
+    h = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    base = dns_part(f"selma-train-{run}-{skill}")[: 63 - 9].strip("-")
+    return f"{base}-{h}"
+
+
+def _duration_seconds(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value)
+    if text.endswith("s"):
+        return int(float(text[:-1]))
+    raise InvalidArgument(f"active_deadline must be a duration like '3600s'; got {value!r}", field="spec.placement.active_deadline")
+
+
+def validate_placement(p: dict[str, Any]) -> None:
+    """Placement checks a Job needs, before anything is created."""
+    f = "spec.placement"
+    gpus = int(p.get("gpus", 0))
+    if not 0 <= gpus <= 8:
+        raise InvalidArgument(f"gpus must be in 0..8; got {gpus}", field=f"{f}.gpus")
+    retries = p.get("max_retries")
+    if retries is not None and not 0 <= int(retries) <= 20:
+        raise InvalidArgument(f"max_retries must be in 0..20; got {retries}", field=f"{f}.max_retries")
+    for k, v in (p.get("resources") or {}).items():
+        if v and not _QUANTITY.match(str(v)):
+            raise InvalidArgument(f"{k} {v!r} is not a Kubernetes quantity (e.g. '4', '500m', '16Gi')", field=f"{f}.resources.{k}")
+    for k, v in (p.get("node_selector") or {}).items():
+        if not _LABEL_KEY.match(k) or not _LABEL_VALUE.match(v) or len(v) > 63:
+            raise InvalidArgument(f"node_selector {k}={v} is not a valid label", field=f"{f}.node_selector")
+    for i, t in enumerate(p.get("tolerations") or []):
+        op = _OPERATORS.get(t.get("operator", ""), "Equal")
+        if op == "Exists" and t.get("value"):
+            raise InvalidArgument("a toleration with operator EXISTS must not have a value", field=f"{f}.tolerations[{i}].value")
+        if op == "Equal" and not t.get("key"):
+            raise InvalidArgument("a toleration with operator EQUAL needs a key", field=f"{f}.tolerations[{i}].key")
+        if "toleration_seconds" in t and t.get("effect") != "TAINT_EFFECT_NO_EXECUTE":
+            raise InvalidArgument("toleration_seconds is only allowed with effect NO_EXECUTE", field=f"{f}.tolerations[{i}].toleration_seconds")
+    aff = p.get("affinity") or {}
+    extra = set(aff) - {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+    if extra:
+        raise InvalidArgument(f"affinity may only hold nodeAffinity, podAffinity, podAntiAffinity; got {sorted(extra)}", field=f"{f}.affinity")
+    for name in ("priority_class_name", "runtime_class_name"):
+        v = p.get(name, "")
+        if v and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", v):
+            raise InvalidArgument(f"{name} {v!r} is not a valid Kubernetes name", field=f"{f}.{name}")
+    q = p.get("queue_name", "")
+    if q and (not _DNS_LABEL.match(q) or len(q) > 63):
+        raise InvalidArgument(f"queue_name {q!r} is not a valid LocalQueue name", field=f"{f}.queue_name")
+    _duration_seconds(p.get("active_deadline"))
+
+
+def _tolerations(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in items:
+        tol: dict[str, Any] = {}
+        if t.get("key"):
+            tol["key"] = t["key"]
+        tol["operator"] = _OPERATORS.get(t.get("operator", ""), "Equal")
+        if t.get("value"):
+            tol["value"] = t["value"]
+        if t.get("effect") in _EFFECTS:
+            tol["effect"] = _EFFECTS[t["effect"]]
+        if "toleration_seconds" in t:
+            tol["tolerationSeconds"] = int(t["toleration_seconds"])
+        out.append(tol)
+    return out
+
+
+def job_labels(req: LaunchRequest) -> dict[str, str]:
+    labels = {k: v for k, v in req.labels.items() if _LABEL_KEY.match(k) and _LABEL_VALUE.match(v) and len(v) <= 63}
+    labels.update({
+        "app.kubernetes.io/name": "selma",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "selma",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_JOB_ID: req.job_id,
+        LABEL_RUN: dns_part(req.run)[:63],
+        LABEL_SKILL: dns_part(req.skill)[:63],
+    })
+    queue = req.placement.get("queue_name", "")
+    if queue:
+        labels[KUEUE_LABEL] = queue
+    return labels
+
+
+def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
+    """The ``batch/v1`` Job manifest that runs ``selma train --config <uri>`` (pure: no API calls)."""
+    p = req.placement
+    name = job_name(req.run, req.skill, req.job_id)
+    labels = job_labels(req)
+    annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id}
+    res = p.get("resources") or {}
+    gpus = int(p.get("gpus", 0))  # proto: 0 = CPU only
+    gpu_name = p.get("gpu_resource_name") or "nvidia.com/gpu"
+    requests = {"cpu": res.get("cpu_request") or settings.training_cpu_request, "memory": res.get("memory_request") or settings.training_memory_request}
+    limits: dict[str, str] = {"memory": res.get("memory_limit") or settings.training_memory_limit}
+    if res.get("cpu_limit"):
+        limits["cpu"] = res["cpu_limit"]
+    if gpus:
+        limits[gpu_name] = str(gpus)  # extended resources: limits only, as strings (client models are typed)
+    env: list[dict[str, Any]] = [
+        {"name": "SELMA_STORAGE_URI", "value": settings.resolved_storage_uri},
+        {"name": "SELMA_MODEL_CACHE_DIR", "value": "/models"},
+        {"name": "SELMA_HF_OFFLINE", "value": str(settings.hf_offline).lower()},
+        {"name": "SELMA_LOG_FORMAT", "value": "json"},
+        {"name": "SELMA_LOG_LEVEL", "value": settings.log_level},
+        {"name": "SELMA_DEVICE", "value": "cuda" if gpus else "cpu"},
+        {"name": "SELMA_TRAINING_PROGRESS_INTERVAL_SECONDS", "value": str(settings.training_progress_interval_seconds)},
+        {"name": "SELMA_TRAINING_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "SELMA_TRAINING_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "HF_HOME", "value": "/models"},
+    ]
+    if settings.s3_endpoint:
+        env.append({"name": "SELMA_S3_ENDPOINT", "value": settings.s3_endpoint})
+        env.append({"name": "SELMA_S3_SECURE", "value": str(settings.s3_secure).lower()})
+    if settings.s3_region:
+        env.append({"name": "SELMA_S3_REGION", "value": settings.s3_region})
+    if settings.training_storage_secret:
+        for var, key in (("SELMA_S3_ACCESS_KEY", settings.training_storage_secret_access_key_key),
+                         ("SELMA_S3_SECRET_KEY", settings.training_storage_secret_secret_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": settings.training_storage_secret, "key": key}}})
+    shm = res.get("shm_size") or settings.training_shm_size
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-cache", **({"persistentVolumeClaim": {"claimName": settings.training_model_cache_pvc}}
+                                   if settings.training_model_cache_pvc else {"emptyDir": {}})},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.training_image,
+        "imagePullPolicy": settings.training_image_pull_policy,
+        "command": ["selma", "train", "--config", req.config_uri],
+        "env": env,
+        "resources": {"requests": requests, "limits": limits},
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": "/models"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        # the trainer checkpoints on SIGTERM; give it time to finish a step and upload
+        "terminationGracePeriodSeconds": 120,
+    }
+    if settings.training_service_account:
+        pod_spec["serviceAccountName"] = settings.training_service_account
+    if p.get("node_selector"):
+        pod_spec["nodeSelector"] = dict(p["node_selector"])
+    if p.get("tolerations"):
+        pod_spec["tolerations"] = _tolerations(p["tolerations"])
+    if p.get("affinity"):
+        pod_spec["affinity"] = json.loads(json.dumps(p["affinity"]))
+    if p.get("priority_class_name"):
+        pod_spec["priorityClassName"] = p["priority_class_name"]
+    if p.get("runtime_class_name"):
+        pod_spec["runtimeClassName"] = p["runtime_class_name"]
+    deadline = _duration_seconds(p.get("active_deadline")) or settings.training_active_deadline_seconds
+    retries = int(p["max_retries"]) if p.get("max_retries") is not None else settings.training_backoff_limit
+    pod_labels = {k: v for k, v in labels.items() if k != KUEUE_LABEL}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": settings.training_namespace, "labels": labels, "annotations": annotations},
+        "spec": {
+            "backoffLimit": retries,
+            "activeDeadlineSeconds": deadline,
+            "ttlSecondsAfterFinished": settings.training_ttl_seconds_after_finished,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+                ]
+            },
+            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+
+def job_state(job: dict[str, Any]) -> tuple[str, str, str]:
+    """(state, reason, message) of a Job object: pending, queued, running, succeeded or failed."""
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded", cond.get("reason", ""), cond.get("message", "")
+        if cond.get("type") in ("Failed", "FailureTarget"):
+            return "failed", cond.get("reason", ""), cond.get("message", "")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Suspended" and cond.get("status") == "True":
+            return "queued", "Suspended", "waiting for admission (Kueue or suspended)"
+    if (job.get("spec") or {}).get("suspend"):
+        return "queued", "Suspended", "waiting for admission (Kueue or suspended)"
+    if status.get("active"):
+        return "running", "", ""
+    return "pending", "", ""
+
+
+class KubernetesLauncher(Launcher):
+    """Training Jobs in ``training_namespace``; see the module docstring."""
+
+    name = "kubernetes"
+
+    def __init__(self, settings: TrainingSettings, *, api_client: Any = None) -> None:
+        self.settings = settings
+        self.namespace = settings.training_namespace
+        self._api_client = api_client
+        self._lock = threading.Lock()
+
+    # -- client
+
+    def _client(self) -> Any:
+        with self._lock:
+            if self._api_client is None:
+                from kubernetes import client, config
+
+                cfg = client.Configuration()
+                try:
+                    if self.settings.training_kubeconfig:
+                        config.load_kube_config(config_file=self.settings.training_kubeconfig, context=self.settings.training_kube_context or None, client_configuration=cfg)
+                    else:
+                        try:
+                            config.load_incluster_config(client_configuration=cfg)
+                        except config.ConfigException:
+                            config.load_kube_config(context=self.settings.training_kube_context or None, client_configuration=cfg)
+                except (config.ConfigException, OSError, TypeError) as e:
+                    raise Unavailable(f"no Kubernetes configuration: {e}; run in a pod with a service account, or set SELMA_TRAINING_KUBECONFIG") from None
+                cfg.retries = self.settings.training_api_retries
+                self._api_client = client.ApiClient(cfg)
+            return self._api_client
+
+    def _batch(self) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(self._client())
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one API call, turning transport and HTTP errors into domain errors."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        from selma_training import metrics
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as e:
+            metrics.KUBE_API_ERRORS.labels(what, str(e.status or 0)).inc()
+            raise self._map(e, what) from None
+        except (HTTPError, OSError) as e:
+            metrics.KUBE_API_ERRORS.labels(what, "unreachable").inc()
+            host = getattr(getattr(self._api_client, "configuration", None), "host", "?")
+            raise Unavailable(f"Kubernetes API at {host} is unreachable ({type(e).__name__}); check the cluster and the service's network policy") from None
+
+    def _map(self, e: Any, what: str) -> SelmaError:
+        msg = _status_message(e)
+        if e.status in (401, 403):
+            sa = self.settings.training_service_account or "the service's"
+            return PermissionDenied(
+                f"Kubernetes refused to {what} batch/v1 jobs in namespace {self.namespace!r} ({msg}); grant the selma-training "
+                f"ServiceAccount a Role with get, list, watch, create and delete on jobs.batch there (the Helm chart's rbac.create), "
+                f"and let trainer pods run as {sa} service account"
+            )
+        if e.status == 404:
+            return FailedPrecondition(f"Kubernetes: {msg} (does namespace {self.namespace!r} exist?)")
+        if e.status == 409:
+            return AlreadyExists(f"Kubernetes: {msg}")
+        if e.status == 422:
+            return InvalidArgument(f"Kubernetes rejected the Job: {msg}", field="spec.placement")
+        if e.status in (429, 500, 502, 503, 504):
+            return Unavailable(f"Kubernetes API busy or failing ({e.status}): {msg}; retry later")
+        return FailedPrecondition(f"Kubernetes API error {e.status}: {msg}")
+
+    # -- interface
+
+    def validate(self, placement: dict[str, Any]) -> None:
+        validate_placement(placement)
+
+    def preflight(self) -> None:
+        """List our Jobs (limit 1): proves the API answers and we may read jobs here."""
+        if self.settings.resolved_storage_uri.startswith("file://"):
+            log.warning("storage is %s: trainer pods cannot reach a path on the service's disk; use s3:// storage with Kubernetes trainers",
+                        self.settings.resolved_storage_uri)
+        self._call("list", self._batch().list_namespaced_job, self.namespace, label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}", limit=1)
+
+    def discover(self) -> list[dict[str, str]]:
+        """Our Jobs in the namespace, as {job_id, name, idempotency_key, config_uri, expert_id, run, skill, state}."""
+        resp = self._call("list", self._batch().list_namespaced_job, self.namespace,
+                          label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}", _preload_content=False)
+        out = []
+        for item in json.loads(resp.data).get("items", []):
+            md = item.get("metadata", {})
+            labels, ann = md.get("labels") or {}, md.get("annotations") or {}
+            out.append({
+                "job_id": labels.get(LABEL_JOB_ID, ""), "name": md.get("name", ""), "run": labels.get(LABEL_RUN, ""),
+                "skill": labels.get(LABEL_SKILL, ""), "idempotency_key": ann.get(ANN_KEY, ""),
+                "config_uri": ann.get(ANN_CONFIG, ""), "expert_id": ann.get(ANN_EXPERT, ""), "state": job_state(item)[0],
+            })
+        return out
+
+    def create_or_adopt(self, req: LaunchRequest) -> tuple[dict[str, Any], bool]:
+        """Create the Job, or adopt the one already there for this job id. Returns (job, created)."""
+        body = build_job(req, self.settings)
+        name = body["metadata"]["name"]
+        try:
+            resp = self._call("create", self._batch().create_namespaced_job, self.namespace, body, _preload_content=False)
+            from selma_training import metrics
+
+            metrics.LAUNCHES.labels("kubernetes").inc()
+            return json.loads(resp.data), True
+        except AlreadyExists:
+            existing = self._read(name)
+            if existing is None:
+                raise Unavailable(f"Job {name} exists and vanished at once; retry") from None
+            owner = ((existing.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB_ID)
+            if owner != req.job_id:
+                raise AlreadyExists(f"a Job named {name} exists in {self.namespace} but belongs to {owner or 'someone else'}; delete it or use another run/skill") from None
+            from selma_training import metrics
+
+            metrics.ADOPTIONS.labels("kubernetes").inc()
+            log.info("adopted existing Job %s/%s for %s", self.namespace, name, req.job_id)
+            return existing, False
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self._call("get", self._batch().read_namespaced_job, name, self.namespace, _preload_content=False)
+        except FailedPrecondition:
+            return None  # 404
+        return json.loads(resp.data)
+
+    def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        job, created = self.create_or_adopt(req)
+        name = job["metadata"]["name"]
+        details = {"kubernetes.namespace": self.namespace, "kubernetes.job": name, "launcher": "kubernetes"}
+        while True:
+            rv = (job.get("metadata") or {}).get("resourceVersion", "")
+            outcome = self._observe(job, details, monitor)
+            if outcome is not None:
+                return outcome
+            w = watch.Watch()
+            gone = False
+            try:
+                stream = w.stream(self._batch().list_namespaced_job, self.namespace, label_selector=f"{LABEL_JOB_ID}={req.job_id}",
+                                  resource_version=rv, timeout_seconds=self.settings.training_watch_timeout_seconds,
+                                  _request_timeout=self.settings.training_watch_timeout_seconds + 30)
+                for event in self._guard(stream):
+                    obj = event.get("raw_object") or {}
+                    if event.get("type") == "ERROR":
+                        gone = True
+                        break
+                    if (obj.get("metadata") or {}).get("name") != name:
+                        continue
+                    if event.get("type") == "DELETED":
+                        st = monitor.state()
+                        monitor.poll(details)
+                        if st == "cancelled":
+                            return Outcome("cancelled", "cancelled; the Job was deleted")
+                        return Outcome("failed", f"Job {name} was deleted outside selma", "JOB_DELETED")
+                    job = obj
+                    outcome = self._observe(job, details, monitor)
+                    if outcome is not None:
+                        return outcome
+            except ApiException as e:
+                if e.status != 410:
+                    raise self._map(e, "watch") from None
+                gone = True
+            finally:
+                w.stop()
+            # watch timed out (or resourceVersion expired): re-read the Job and watch again
+            fresh = self._read(name)
+            if fresh is None:
+                st = monitor.state()
+                if st == "cancelled":
+                    return Outcome("cancelled", "cancelled; the Job was deleted")
+                return Outcome("failed", f"Job {name} disappeared", "JOB_DELETED")
+            job = fresh
+            if gone:
+                log.info("watch of %s restarted from a fresh resourceVersion", name)
+
+    def _guard(self, stream: Any) -> Any:
+        from urllib3.exceptions import HTTPError
+
+        try:
+            yield from stream
+        except (HTTPError, OSError) as e:
+            raise Unavailable(f"lost the Kubernetes watch ({type(e).__name__}); check the API server") from None
+
+    def _observe(self, job: dict[str, Any], details: dict[str, str], monitor: Monitor) -> Outcome | None:
+        state, reason, message = job_state(job)
+        status = job.get("status") or {}
+        details = {**details, "kubernetes.state": state, "kubernetes.failed_pods": str(status.get("failed", 0) or 0)}
+        if reason:
+            details["kubernetes.reason"] = reason
+        text = {"queued": "queued: " + message, "pending": "Job created, waiting for its pod"}.get(state)
+        monitor.poll(details, message=text, attempt=int(status.get("failed", 0) or 0) + 1)
+        if state == "succeeded":
+            return Outcome("succeeded", "Job complete")
+        if state == "failed":
+            return Outcome("failed", f"Job failed: {reason}: {message}".rstrip(": "), reason or "JOB_FAILED", retryable=False)
+        st = monitor.state()
+        if st == "cancelled":
+            self.cancel_by_name(details["kubernetes.job"])
+            return Outcome("cancelled", "cancelled; the Job was deleted")
+        if st == "stopping":
+            return Outcome("interrupted", "service stopping; the Job keeps running and is re-adopted on restart")
+        return None
+
+    def cancel_by_name(self, name: str) -> None:
+        from kubernetes import client
+
+        try:
+            self._call("delete", self._batch().delete_namespaced_job, name, self.namespace,
+                       body=client.V1DeleteOptions(propagation_policy="Background"), _preload_content=False)
+        except FailedPrecondition:
+            pass  # already gone
+
+    def cancel(self, req: LaunchRequest) -> None:
+        self.cancel_by_name(job_name(req.run, req.skill, req.job_id))
+
+
+def _status_message(e: Any) -> str:
+    try:
+        body = json.loads(e.body or "{}")
+        return body.get("message") or e.reason or str(e.status)
+    except (ValueError, TypeError):
+        return e.reason or str(e.status)

@@ -1,0 +1,245 @@
+"""Where a trainer runs: one interface, a local-subprocess and a Kubernetes implementation.
+
+A launcher takes a :class:`LaunchRequest` (the stored job document's URI plus placement),
+starts the trainer — ``selma train --config URI`` — if it is not already running, and follows
+it until a terminal outcome, waking up on its own events (a process exit or a poll timeout; a
+Job watch event or the watch's server-side timeout).  At each wake-up it hands the
+:class:`Monitor` launcher facts (pid, Job and pod names) so the service can read the trainer's
+progress object and check for cancel / shutdown.
+
+The **local** launcher (the embedded default) runs the trainer as a child process with a
+concurrency limit.  The child dies with the service (it arms ``PR_SET_PDEATHSIG`` = SIGTERM
+itself, so it checkpoints first) and the restarted service re-queues the job, whose new trainer resumes
+from the last checkpoint: no orphan keeps training, and no work is lost beyond one interval.
+A child that fails for a reason other than bad input is restarted (resuming) up to the
+placement's ``max_retries``, mirroring a Job's ``backoffLimit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selma.errors import InvalidArgument
+
+from selma_training.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 143
+
+
+@dataclass
+class LaunchRequest:
+    """One trainer to run: ids, the job document URI and placement (proto-JSON ``Placement``)."""
+
+    job_id: str
+    idempotency_key: str
+    run: str
+    skill: str
+    config_uri: str
+    expert_id: str
+    placement: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """How a launch ended: succeeded, failed, cancelled or interrupted (the service is stopping)."""
+
+    state: str
+    message: str = ""
+    reason: str = ""
+    retryable: bool = True
+
+
+class Monitor(ABC):
+    """The service side of a launch: progress, details and the cancel/stop signals."""
+
+    @abstractmethod
+    def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
+        """Read the trainer's progress and publish it together with launcher ``details``."""
+
+    @abstractmethod
+    def state(self) -> str | None:
+        """None while the job should go on; "cancelled" or "stopping" otherwise."""
+
+
+class Launcher(ABC):
+    """Runs trainers somewhere; see the module docstring."""
+
+    name: str
+
+    def validate(self, placement: dict[str, Any]) -> None:
+        """Reject a placement this launcher cannot honour (InvalidArgument naming the field)."""
+
+    def preflight(self) -> None:
+        """Fail fast (UNAVAILABLE / PERMISSION_DENIED) when the launcher cannot work at all."""
+
+    @abstractmethod
+    def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        """Start (or adopt) the trainer and follow it to an outcome."""
+
+    @abstractmethod
+    def cancel(self, req: LaunchRequest) -> None:
+        """Stop the trainer (idempotent); its checkpoints are kept."""
+
+    def discover(self) -> list[dict[str, str]]:
+        """Trainers this launcher can see running without a service record (Kubernetes: from labels)."""
+        return []
+
+
+class LocalLauncher(Launcher):
+    """Trainer subprocesses on this machine, at most ``training_max_local_jobs`` at once."""
+
+    name = "local"
+
+    def __init__(self, settings: TrainingSettings, *, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self._slots = threading.BoundedSemaphore(settings.training_max_local_jobs)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        self._env = env
+        self.log_dir = Path(settings.data_dir).resolve() / "training-logs"
+
+    def validate(self, placement: dict[str, Any]) -> None:
+        retries = placement.get("max_retries")
+        if retries is not None and not 0 <= int(retries) <= 20:
+            raise InvalidArgument(f"max_retries must be in 0..20; got {retries}", field="spec.placement.max_retries")
+
+    def child_env(self) -> dict[str, str]:
+        """The trainer's environment: ours, plus the settings it must share with the service."""
+        env = dict(self._env if self._env is not None else os.environ)
+        s = self.settings
+        values: dict[str, Any] = {
+            "data_dir": Path(s.data_dir).resolve(),
+            "storage_uri": s.resolved_storage_uri,
+            "s3_endpoint": s.s3_endpoint,
+            "s3_access_key": s.s3_access_key.get_secret_value(),
+            "s3_secret_key": s.s3_secret_key.get_secret_value(),
+            "s3_region": s.s3_region,
+            "s3_secure": s.s3_secure,
+            "s3_create_buckets": s.s3_create_buckets,
+            "storage_retries": s.storage_retries,
+            "storage_backoff_seconds": s.storage_backoff_seconds,
+            "model_cache_dir": s.resolved_model_cache_dir,
+            "hf_offline": s.hf_offline,
+            "device": s.device,
+            "precision": s.precision,
+            "log_level": s.log_level,
+            "training_progress_interval_seconds": s.training_progress_interval_seconds,
+            # the trainer arms PR_SET_PDEATHSIG itself (no preexec_fn: unsafe in a threaded server)
+            "training_parent_pid": os.getpid(),
+        }
+        for k, v in values.items():
+            env[f"SELMA_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
+        return env
+
+    def command(self, req: LaunchRequest) -> list[str]:
+        python = self.settings.training_python or sys.executable
+        return [python, "-m", "selma.cli", "train", "--config", req.config_uri]
+
+    def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        poll = self.settings.training_poll_seconds
+        while not self._slots.acquire(timeout=poll):
+            monitor.poll({"local.queue": "waiting for a local training slot"}, message="waiting for a local training slot")
+            if (st := monitor.state()) is not None:
+                return Outcome(st, f"{st} while waiting for a slot")
+        try:
+            retries = int(req.placement.get("max_retries", self.settings.training_backoff_limit))
+            attempt = 0
+            while True:
+                attempt += 1
+                outcome = self._run_once(req, monitor, attempt, poll)
+                if outcome.state != "failed" or not outcome.retryable or attempt > retries:
+                    return outcome
+                log.warning("trainer for %s failed (%s); restarting from its last checkpoint (retry %d of %d)", req.job_id, outcome.message, attempt, retries)
+        finally:
+            self._slots.release()
+
+    def _run_once(self, req: LaunchRequest, monitor: Monitor, attempt: int, poll: float) -> Outcome:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{req.job_id}.log"
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                self.command(req), stdout=log_file, stderr=subprocess.STDOUT, env=self.child_env(),
+                start_new_session=True,
+            )
+        with self._lock:
+            self._procs[req.job_id] = proc
+        details = {"local.pid": str(proc.pid), "local.log": str(log_path), "local.attempt": str(attempt)}
+        log.info("started trainer for %s: pid %d, log %s", req.job_id, proc.pid, log_path)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=poll)
+                    break
+                except subprocess.TimeoutExpired:
+                    monitor.poll(details, attempt=attempt)
+                    st = monitor.state()
+                    if st == "cancelled":
+                        self._stop(proc)
+                        return Outcome("cancelled", "cancelled")
+                    if st == "stopping":
+                        self._stop(proc)  # SIGTERM: the trainer checkpoints, the next service resumes it
+                        return Outcome("interrupted", "service stopping")
+        finally:
+            with self._lock:
+                self._procs.pop(req.job_id, None)
+        monitor.poll(details, attempt=attempt)
+        if rc == 0:
+            return Outcome("succeeded", "trainer finished")
+        if monitor.state() == "cancelled":
+            return Outcome("cancelled", "cancelled")
+        tail = _tail(log_path)
+        if rc == EXIT_BAD_INPUT:
+            return Outcome("failed", f"trainer rejected its input (exit 2): {tail}", "BAD_INPUT", retryable=False)
+        if rc == EXIT_INTERRUPTED or rc == -signal.SIGTERM:
+            return Outcome("failed", "trainer was stopped by SIGTERM (checkpoint saved)", "INTERRUPTED")
+        return Outcome("failed", f"trainer exited with {rc}: {tail}", "TRAINER_FAILED")
+
+    def _stop(self, proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def cancel(self, req: LaunchRequest) -> None:
+        with self._lock:
+            proc = self._procs.get(req.job_id)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    def kill(self, job_id: str) -> int | None:
+        """SIGKILL a running trainer (tests: a crash with no chance to checkpoint). Returns its pid."""
+        with self._lock:
+            proc = self._procs.get(job_id)
+        if proc is None or proc.poll() is not None:
+            return None
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc.pid
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_bytes()[-4000:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    errs = [ln for ln in text if "error" in ln.lower()]
+    return (errs[-1] if errs else (text[-1] if text else ""))[-limit:]
+
+
+LauncherFactory = Callable[[TrainingSettings], Launcher]

@@ -1,0 +1,175 @@
+"""The Kubernetes launcher with the real ``kubernetes`` client against a loopback fake API server."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from kubernetes import client
+
+from selma.artifacts import ArtifactStore
+from selma.errors import PermissionDenied, Unavailable
+from selma.jobs import JobPhase
+from selma.storage import open_storage
+from selma_training.core import TrainingCore
+from selma_training.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
+from selma_training.samples import publish_shapes_dataset
+from selma_training.settings import TrainingSettings
+from selma_training.trainer import load_job_document, run_job
+
+from fake_kube_api import FakeKubeApi, complete
+
+NS = "selma"
+
+
+@pytest.fixture
+def fake():
+    with FakeKubeApi() as api:
+        yield api
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_models):
+    return TrainingSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), device="cpu",
+                            training_default_model=str(tiny_models.sd), training_launcher="kubernetes", training_namespace=NS,
+                            training_watch_timeout_seconds=1, training_progress_interval_seconds=0, log_level="WARNING")
+
+
+def api_client(url: str) -> client.ApiClient:
+    cfg = client.Configuration()
+    cfg.host = url
+    cfg.retries = 1
+    return client.ApiClient(cfg)
+
+
+@pytest.fixture
+def make_core(settings, fake):
+    cores = []
+
+    def make(url: str | None = None) -> TrainingCore:
+        launcher = KubernetesLauncher(settings, api_client=api_client(url or fake.url))
+        core = TrainingCore(settings, launchers={"kubernetes": launcher})
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        core.shutdown()
+
+
+@pytest.fixture
+def dataset(settings):
+    return publish_shapes_dataset(ArtifactStore(open_storage(settings)), 4)
+
+
+def spec(dataset_id: str, skill: str = "spatial") -> dict:
+    return {"run": "run-1", "skill": skill, "dataset": {"id": dataset_id},
+            "config": {"max_steps": 2, "checkpoint_every": 1, "resolution": 32},
+            "placement": {"gpus": 1, "queue_name": "gpu"}, "labels": {"team": "a"}}
+
+
+def wait_phase(core: TrainingCore, job_id: str, phases: set[JobPhase]):
+    for rec in core.watch(job_id, min_interval=0.0, heartbeat=1.0):
+        if rec.phase in phases:
+            return rec
+    return core.get(job_id)
+
+
+def wait_details(core: TrainingCore, job_id: str, key: str):
+    for rec in core.watch(job_id, min_interval=0.0, heartbeat=1.0):
+        if key in rec.details or rec.phase.terminal:
+            return rec
+    raise AssertionError("watch ended")
+
+
+@pytest.mark.slow
+def test_idempotent_create_then_watch_to_completion(make_core, fake, settings, dataset):
+    core = make_core()
+    rec, created = core.start("run-1/train/spatial", spec(dataset.id))[:2]
+    assert created
+    job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    again, created_again = core.start("run-1/train/spatial", spec(dataset.id))[:2]
+    assert not created_again and again.job_id == rec.job_id
+    assert fake.count("POST") == 1 and len(fake.jobs) == 1
+    fake.set_job_status(NS, job["metadata"]["name"], {"active": 1, "ready": 1})
+    wait_details(core, rec.job_id, "kubernetes.state")
+    # the pod: the real trainer, from the document URI the Job carries
+    pod_settings = settings.model_copy(update={"training_pod_name": job["metadata"]["name"] + "-x7k2p", "training_node_name": "gpu-node-1"})
+    run_job(load_job_document(job["metadata"]["annotations"][ANN_CONFIG], pod_settings), pod_settings)
+    fake.set_job_status(NS, job["metadata"]["name"], complete(True))
+    done = wait_phase(core, rec.job_id, {JobPhase.SUCCEEDED, JobPhase.FAILED})
+    assert done.phase == JobPhase.SUCCEEDED, done.message
+    assert done.output is not None and done.output.kind == "expert"
+    assert done.details["kubernetes.job"] == job["metadata"]["name"] and done.details["kubernetes.namespace"] == NS
+    assert done.details["kubernetes.pod"].endswith("-x7k2p") and done.details["kubernetes.node"] == "gpu-node-1"
+    assert done.stats["step"] == 2 and done.stats["resolved_config"]["lora"]["rank"] == 4
+
+
+def test_watch_to_failure_reports_the_reason(make_core, fake, dataset):
+    core = make_core()
+    rec = core.start("run-1/train/spatial", spec(dataset.id))[0]
+    job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+    fake.set_job_status(NS, job["metadata"]["name"], complete(False))
+    done = wait_phase(core, rec.job_id, {JobPhase.FAILED, JobPhase.SUCCEEDED})
+    assert done.phase == JobPhase.FAILED and "BackoffLimitExceeded" in done.message
+    assert done.error is not None
+
+
+def test_cancel_deletes_the_job(make_core, fake, dataset):
+    core = make_core()
+    rec = core.start("run-1/train/spatial", spec(dataset.id))[0]
+    job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+    fake.set_job_status(NS, job["metadata"]["name"], {"active": 1})
+    wait_details(core, rec.job_id, "kubernetes.job")
+    core.cancel(rec.job_id, "changed my mind")
+    done = wait_phase(core, rec.job_id, {JobPhase.CANCELLED, JobPhase.FAILED, JobPhase.SUCCEEDED})
+    assert done.phase == JobPhase.CANCELLED
+    assert not fake.jobs
+    assert ("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{job['metadata']['name']}") in fake.requests
+
+
+def test_restart_rebuilds_state_from_job_labels_without_a_second_job(make_core, fake, settings, dataset):
+    core = make_core()
+    rec = core.start("run-1/train/spatial", spec(dataset.id))[0]
+    job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+    fake.set_job_status(NS, job["metadata"]["name"], {"active": 1})
+    wait_details(core, rec.job_id, "kubernetes.state")
+    core.shutdown()  # the service goes away; the Job keeps running
+    assert len(fake.jobs) == 1
+    storage = open_storage(settings)
+    storage.delete_prefix("jobs/")  # even the service's own records are gone
+    core2 = make_core()
+    assert rec.job_id in core2.recover()
+    wait_details(core2, rec.job_id, "kubernetes.job")
+    assert len(fake.jobs) == 1, "a restart must adopt the Job, never launch a second one"
+    listed, _ = core2.list(run="run-1")
+    assert [r.job_id for r in listed] == [rec.job_id]
+    fake.set_job_status(NS, job["metadata"]["name"], complete(False))
+    assert wait_phase(core2, rec.job_id, {JobPhase.FAILED, JobPhase.SUCCEEDED}).phase == JobPhase.FAILED
+
+
+def test_unreachable_api_is_unavailable_and_forbidden_is_permission_denied(make_core, fake, dataset):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    core = make_core(closed)
+    with pytest.raises(Unavailable):
+        core.start("k1", spec(dataset.id))
+    fake.forbid = True
+    core2 = make_core()
+    with pytest.raises(PermissionDenied) as e:
+        core2.start("k2", spec(dataset.id))
+    assert "jobs.batch" in str(e.value) and "Role" in str(e.value)
+    assert not core2.list()[0] and fake.count("POST") == 0
+
+
+def test_an_expired_watch_resource_version_is_recovered(make_core, fake, dataset, caplog):
+    caplog.set_level("INFO", logger="selma_training.kube")
+    fake.expire_watches = 2  # the API server compacted history: "410 Gone" twice
+    core = make_core()
+    rec = core.start("run-1/train/spatial", spec(dataset.id))[0]
+    job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+    fake.set_job_status(NS, job["metadata"]["name"], complete(False))
+    assert wait_phase(core, rec.job_id, {JobPhase.FAILED, JobPhase.SUCCEEDED}).phase == JobPhase.FAILED
+    assert caplog.text.count("restarted from a fresh resourceVersion") >= 1

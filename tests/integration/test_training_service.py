@@ -1,0 +1,163 @@
+"""TrainingService end to end over gRPC with the local launcher (a real trainer subprocess)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+
+from selma.artifacts import ArtifactStore
+from selma.storage import open_storage
+from selma.v1 import common_pb2
+from selma.v1 import training_service_pb2 as pb
+from selma.v1 import training_service_pb2_grpc as pb_grpc
+from selma_training.samples import publish_shapes_dataset
+from selma_training.server import build_server
+from selma_training.settings import TrainingSettings
+
+pytestmark = pytest.mark.slow
+TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED}
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_models):
+    return TrainingSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), device="cpu",
+                            training_default_model=str(tiny_models.sd), training_progress_interval_seconds=0,
+                            training_poll_seconds=0.2, training_max_local_jobs=1, log_level="WARNING")
+
+
+@pytest.fixture
+def service(settings):
+    servers = []
+
+    def start():
+        server = build_server(settings)
+        servers.append(server)
+        channel = grpc.insecure_channel(server.address)
+        return server, channel, pb_grpc.TrainingServiceStub(channel)
+
+    yield start
+    for server in servers:
+        server.stop(0)
+        server.core.shutdown()
+
+
+@pytest.fixture
+def dataset(settings):
+    return publish_shapes_dataset(ArtifactStore(open_storage(settings)), 6)
+
+
+def spec(dataset_id: str, **config) -> pb.ExpertTrainingSpec:
+    cfg = {"resolution": 32, "max_steps": 4, "checkpoint_every": 2, **config}
+    return pb.ExpertTrainingSpec(run="run-1", skill="shapes", dataset=common_pb2.ArtifactRef(id=dataset_id),
+                                 config=pb.ExpertTrainingConfig(**cfg), labels={"team": "a"})
+
+
+def watch_until(stub, job_id, predicate, timeout=180):
+    req = pb.WatchExpertTrainingRequest(job_id=job_id)
+    req.min_interval.FromMilliseconds(100)
+    for update in stub.WatchExpertTraining(req, timeout=timeout):
+        if predicate(update.job):
+            return update.job
+    raise AssertionError("watch ended before the condition held")
+
+
+def test_train_expert_end_to_end_with_the_local_launcher(service, dataset):
+    server, channel, stub = service()
+    req = pb.StartExpertTrainingRequest(idempotency_key="run-1/train/shapes", spec=spec(dataset.id))
+    first = stub.StartExpertTraining(req)
+    assert first.created
+    again = stub.StartExpertTraining(req)
+    assert not again.created and again.job.status.job_id == first.job.status.job_id
+    job = watch_until(stub, first.job.status.job_id, lambda j: j.status.phase in TERMINAL)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.status.output.kind == common_pb2.ARTIFACT_KIND_EXPERT and job.status.output.id
+    assert job.stats.step == 4 and job.stats.max_steps == 4 and job.stats.loss > 0
+    assert [p.step for p in job.stats.loss_history] == [2, 4]
+    assert [c.step for c in job.stats.checkpoints] == [2]
+    assert job.stats.latent_cache.id.startswith("latent-cache-") and not job.stats.latent_cache_hit
+    assert job.stats.resolved_config.lora.rank == 4 and job.stats.resolved_config.preset == pb.TRAINING_PRESET_TINY
+    assert job.stats.launcher == common_pb2.LAUNCHER_KIND_LOCAL and job.stats.config_artifact.id
+    assert "local.pid" in job.status.details and job.status.progress.unit == "steps"
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'selma_training_step{skill="shapes"} 4.0' in metrics and 'selma_training_loss{skill="shapes"}' in metrics
+    store = ArtifactStore(open_storage(server.settings))
+    expert = store.get(job.status.output.id)
+    assert {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "expert.json", "training_config.json"} <= {f.path for f in expert.files}
+    listed = stub.ListExpertTrainings(pb.ListExpertTrainingsRequest(filter=common_pb2.JobFilter(run="run-1")))
+    assert [j.status.job_id for j in listed.jobs] == [job.status.job_id]
+    assert not stub.ListExpertTrainings(pb.ListExpertTrainingsRequest(filter=common_pb2.JobFilter(run="other"))).jobs
+    assert {p.preset for p in stub.ListTrainingPresets(pb.ListTrainingPresetsRequest()).presets} == {1, 2, 3, 4}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="run-1/train/shapes", spec=spec(dataset.id, max_steps=5)))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetEvaluation(pb.GetEvaluationRequest(job_id="x"))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "field"),
+    [
+        (lambda s: s.dataset.CopyFrom(common_pb2.ArtifactRef(id="image-dataset-00000000000000000000")), grpc.StatusCode.NOT_FOUND, "spec.dataset"),
+        (lambda s: s.config.lora.CopyFrom(pb.LoraSettings(rank=-4)), grpc.StatusCode.INVALID_ARGUMENT, "config.lora.rank"),
+        (lambda s: setattr(s.config, "learning_rate", -1.0), grpc.StatusCode.INVALID_ARGUMENT, "config.learning_rate"),
+        (lambda s: setattr(s.config, "preset", 42), grpc.StatusCode.INVALID_ARGUMENT, "config.preset"),
+        (lambda s: setattr(s.config, "resolution", 36), grpc.StatusCode.INVALID_ARGUMENT, "config.resolution"),
+        (lambda s: setattr(s, "run", "Bad_Run"), grpc.StatusCode.INVALID_ARGUMENT, "spec.run"),
+        (lambda s: setattr(s.placement, "gpus", 12), grpc.StatusCode.INVALID_ARGUMENT, "spec.placement"),
+    ],
+)
+def test_bad_requests_fail_before_anything_is_launched(service, dataset, mutate, code, field):
+    server, channel, stub = service()
+    s = spec(dataset.id)
+    mutate(s)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="k", spec=s))
+    assert e.value.code() == code and field in e.value.details()
+    assert not stub.ListExpertTrainings(pb.ListExpertTrainingsRequest()).jobs
+
+
+def test_dataset_without_captions_is_invalid_and_validate_only_launches_nothing(service, settings, dataset):
+    server, channel, stub = service()
+    bare = publish_shapes_dataset(ArtifactStore(open_storage(settings)), 2, captions=False, seed=9)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="k", spec=spec(bare.id)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "caption" in e.value.details()
+    dry = stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="k2", spec=spec(dataset.id), validate_only=True))
+    assert not dry.created and not dry.job.status.job_id and dry.job.stats.resolved_config.batch_size == 2
+    assert not stub.ListExpertTrainings(pb.ListExpertTrainingsRequest()).jobs
+
+
+def test_service_restart_resumes_the_trainer_and_cancel_stops_it(service, dataset):
+    server, channel, stub = service()
+    started = stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="restart", spec=spec(dataset.id, max_steps=30, checkpoint_every=2)))
+    job_id = started.job.status.job_id
+    watch_until(stub, job_id, lambda j: j.stats.step >= 3 or j.status.phase in TERMINAL)
+    server.stop(0)
+    server.core.shutdown()  # SIGTERM to the trainer: it checkpoints and exits; the job stays resumable
+    channel.close()
+    server2, channel2, stub2 = service()
+    job = watch_until(stub2, job_id, lambda j: j.status.phase in TERMINAL)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.stats.resumed_from_step >= 3 and job.stats.step == 30
+    assert job.status.attempt == 1 and job.stats.checkpoints
+    # cancel: a long job stops and is reported CANCELLED
+    long = stub2.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="long", spec=spec(dataset.id, max_steps=5000, checkpoint_every=1000)))
+    long_id = long.job.status.job_id
+    watch_until(stub2, long_id, lambda j: j.stats.step >= 1)
+    stub2.CancelExpertTraining(pb.CancelExpertTrainingRequest(job_id=long_id, reason="test"))
+    done = watch_until(stub2, long_id, lambda j: j.status.phase in TERMINAL)
+    assert done.status.phase == common_pb2.JOB_PHASE_CANCELLED
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(service, dataset):
+    server, channel, stub = service()
+    started = stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="crash", spec=spec(dataset.id, max_steps=30, checkpoint_every=2)))
+    job_id = started.job.status.job_id
+    watch_until(stub, job_id, lambda j: j.stats.step >= 3 or j.status.phase in TERMINAL)
+    assert server.core.launchers["local"].kill(job_id) is not None  # SIGKILL: no chance to checkpoint
+    job = watch_until(stub, job_id, lambda j: j.status.phase in TERMINAL)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.status.details["local.attempt"] == "2" and job.stats.resumed_from_step >= 2 and job.stats.step == 30

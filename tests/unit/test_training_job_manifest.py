@@ -1,0 +1,137 @@
+"""The Kubernetes Job manifest of a trainer: schema-valid (strict) and carrying what the issue lists."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+
+from selma.errors import InvalidArgument
+from selma_training.kube import build_job, job_name, job_state, validate_placement
+from selma_training.launchers import LaunchRequest
+from selma_training.settings import TrainingSettings
+
+K8S_VERSION = "1.33.0"
+
+
+def settings(**kw) -> TrainingSettings:
+    base = dict(storage_uri="s3://selma/root", s3_endpoint="http://minio.selma:9000", training_namespace="selma",
+                training_image="registry.example/selma:1.0", training_service_account="selma-trainer",
+                training_storage_secret="selma-s3", training_model_cache_pvc="selma-models")
+    base.update(kw)
+    return TrainingSettings(**base)
+
+
+def request(**placement) -> LaunchRequest:
+    return LaunchRequest(job_id="expert-training-0123456789abcdef", idempotency_key="run-1/train/spatial", run="run-1",
+                         skill="spatial", config_uri="s3://selma/root/artifacts/training-config-x/files/job.json",
+                         expert_id="expert-abc", placement=placement, labels={"team": "vision"})
+
+
+def strict_validate(manifest: dict) -> None:
+    with _no_warnings():
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+class _no_warnings:
+    """Fail on any warning the validator emits (strict means strict)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self.caught = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        assert not self.caught, [str(w.message) for w in self.caught]
+
+
+def test_cpu_job_manifest_is_schema_valid_and_complete():
+    job = build_job(request(), settings())
+    strict_validate(job)
+    md, spec = job["metadata"], job["spec"]
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert md["name"] == job_name("run-1", "spatial", "expert-training-0123456789abcdef")
+    assert md["labels"]["selma.dev/run"] == "run-1" and md["labels"]["selma.dev/skill"] == "spatial"
+    assert md["labels"]["app.kubernetes.io/managed-by"] == "selma-training" and md["labels"]["team"] == "vision"
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "selma-trainer"
+    assert spec["backoffLimit"] == 3 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert c["command"] == ["selma", "train", "--config", "s3://selma/root/artifacts/training-config-x/files/job.json"]
+    assert c["image"] == "registry.example/selma:1.0"
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_env == {"SELMA_S3_ACCESS_KEY": {"name": "selma-s3", "key": "access-key"},
+                          "SELMA_S3_SECRET_KEY": {"name": "selma-s3", "key": "secret-key"}}
+    assert not any("value" in e and "KEY" in e["name"] for e in c["env"]), "credentials must never be inline"
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["model-cache"]["persistentVolumeClaim"]["claimName"] == "selma-models"
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+
+
+def test_gpu_job_manifest_with_scheduling_constraints_is_schema_valid():
+    placement = {
+        "gpus": 2, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "TOLERATION_OPERATOR_EXISTS", "effect": "TAINT_EFFECT_NO_SCHEDULE"},
+                        {"key": "spot", "operator": "TOLERATION_OPERATOR_EQUAL", "value": "true", "effect": "TAINT_EFFECT_NO_EXECUTE", "toleration_seconds": "300"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["eu-west-1a"]}]}]}}},
+        "priority_class_name": "batch-low", "runtime_class_name": "nvidia", "active_deadline": "7200s", "max_retries": 5,
+        "resources": {"cpu_request": "8", "memory_request": "32Gi", "memory_limit": "64Gi", "shm_size": "16Gi"},
+    }
+    job = build_job(request(**placement), settings())
+    strict_validate(job)
+    pod = job["spec"]["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2" and isinstance(limits["nvidia.com/gpu"], str)
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert pod["tolerations"][1]["tolerationSeconds"] == 300
+    assert pod["priorityClassName"] == "batch-low" and pod["runtimeClassName"] == "nvidia"
+    assert job["spec"]["activeDeadlineSeconds"] == 7200 and job["spec"]["backoffLimit"] == 5
+    assert {"name": "SELMA_DEVICE", "value": "cuda"} in pod["containers"][0]["env"]
+
+
+def test_kueue_job_manifest_carries_the_queue_label_and_is_schema_valid():
+    job = build_job(request(gpus=1, queue_name="gpu-queue"), settings(training_model_cache_pvc="", training_storage_secret=""))
+    strict_validate(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "emptyDir" in {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["model-cache"]
+
+
+def test_job_name_is_deterministic_dns_safe_and_short():
+    a = job_name("A_very_long_Run_Name_" * 3, "Spatial.Relations", "id-1")
+    assert a == job_name("A_very_long_Run_Name_" * 3, "Spatial.Relations", "id-1")
+    assert len(a) <= 63 and a.replace("-", "").isalnum() and a == a.lower()
+    assert a != job_name("A_very_long_Run_Name_" * 3, "Spatial.Relations", "id-2")
+
+
+@pytest.mark.parametrize(
+    ("placement", "field"),
+    [
+        ({"gpus": 9}, "spec.placement.gpus"),
+        ({"resources": {"memory_limit": "lots"}}, "spec.placement.resources.memory_limit"),
+        ({"tolerations": [{"key": "a", "operator": "TOLERATION_OPERATOR_EXISTS", "value": "x"}]}, "spec.placement.tolerations[0].value"),
+        ({"affinity": {"nodeSelector": {}}}, "spec.placement.affinity"),
+        ({"queue_name": "Not_A_Queue"}, "spec.placement.queue_name"),
+        ({"max_retries": 50}, "spec.placement.max_retries"),
+    ],
+)
+def test_bad_placement_is_rejected_naming_the_field(placement, field):
+    with pytest.raises(InvalidArgument) as e:
+        validate_placement(placement)
+    assert e.value.field == field
+
+
+def test_job_state_reads_conditions():
+    assert job_state({"status": {}})[0] == "pending"
+    assert job_state({"status": {"active": 1}})[0] == "running"
+    assert job_state({"spec": {"suspend": True}, "status": {}})[0] == "queued"
+    assert job_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}})[0] == "succeeded"
+    st = job_state({"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "m"}]}})
+    assert st == ("failed", "DeadlineExceeded", "m")
