@@ -54,7 +54,9 @@ from selma_training.trainer import JOB_FILE
 log = logging.getLogger(__name__)
 
 KIND = "expert_training"
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Run and skill names are label values (letters, digits, '-', '_'); the Job name is derived
+# from them DNS-safely with a hash (kube.job_name), so underscores are fine here.
+_NAME = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$")
 _LAUNCHER_ENUM = {"LAUNCHER_KIND_LOCAL": "local", "LAUNCHER_KIND_KUBERNETES": "kubernetes"}
 _ERRORS: dict[str, type[SelmaError]] = {
     c.value: cls for c, cls in (
@@ -168,11 +170,11 @@ class TrainingCore:
         if not idempotency_key or len(idempotency_key) > 256 or not idempotency_key.isascii() or not idempotency_key.isprintable():
             raise InvalidArgument("idempotency_key must be 1..256 printable ASCII characters, e.g. '<run>/train/<skill>'", field="idempotency_key")
         run, skill = spec.get("run", ""), spec.get("skill", "")
-        for name, value, limit in (("run", run, 40), ("skill", skill, 20)):
+        for name, value in (("run", run), ("skill", skill)):
             if not value:
                 raise InvalidArgument(f"{name} is required", field=f"spec.{name}")
-            if len(value) > limit or not _NAME.match(value):
-                raise InvalidArgument(f"{name} {value!r} must be lowercase letters, digits and '-', at most {limit} characters (it names the Kubernetes Job)", field=f"spec.{name}")
+            if len(value) > 63 or not _NAME.match(value):
+                raise InvalidArgument(f"{name} {value!r} must be lowercase letters, digits, '-' or '_', at most 63 characters (it labels the Kubernetes Job)", field=f"spec.{name}")
         dataset_id = (spec.get("dataset") or {}).get("id", "")
         if not dataset_id:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")

@@ -10,7 +10,14 @@
   ``ttlSecondsAfterFinished``, image and service account from settings, storage credentials
   from a Secret (``valueFrom.secretKeyRef``, never inline), GPU limits, node selector,
   tolerations, affinity, priority class, runtime class, the optional Kueue queue label, the
-  model-cache volume (a PVC) and a memory-backed ``/dev/shm``.
+  model-cache volume (a PVC) and a memory-backed ``/dev/shm``.  Pods are hardened like the
+  chart's services: non-root as the image's user (10001), read-only root filesystem with
+  writable emptyDirs where the trainer writes (``/tmp``, which is also ``HOME`` and the
+  XDG/torch caches, and the data dir ``/var/lib/selma``; Hugging Face caches live on the
+  model-cache volume), seccomp RuntimeDefault, no privilege escalation, all capabilities
+  dropped, no service links and no API token (trainers never call the Kubernetes API).
+  Trainers expose no metrics port: progress reaches Prometheus through the training
+  service's ``selma_training_*{skill}`` gauges.
 * :class:`KubernetesLauncher` creates it idempotently (409 → adopt the existing Job if it
   carries our job id), follows it with a watch (``resourceVersion`` + server-side
   ``timeoutSeconds``, re-listing on 410 Gone; no sleep-polling), cancels by deleting with
@@ -43,6 +50,11 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANN_KEY = "selma.dev/idempotency-key"
 ANN_CONFIG = "selma.dev/config-uri"
 ANN_EXPERT = "selma.dev/expert-id"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+# The image's user and group (Dockerfile ARG SELMA_UID); the chart's podSecurityContext uses the same.
+TRAINER_UID = 10001
+DATA_DIR = "/var/lib/selma"
+MODEL_CACHE_DIR = "/models"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[mkMGTPE]|u|n)?$")
@@ -55,6 +67,11 @@ _EFFECTS = {"TAINT_EFFECT_NO_SCHEDULE": "NoSchedule", "TAINT_EFFECT_PREFER_NO_SC
 def dns_part(text: str) -> str:
     """Lower-case DNS-label characters only, runs of others collapsed to '-'."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def _label_value(text: str) -> str:
+    """The name itself when it is a valid label value (so state rebuilt from labels keeps it), else its DNS form."""
+    return text if len(text) <= 63 and _LABEL_VALUE.match(text) else dns_part(text)[:63]
 
 
 def job_name(run: str, skill: str, job_id: str) -> str:
@@ -129,7 +146,8 @@ def _tolerations(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def job_labels(req: LaunchRequest) -> dict[str, str]:
+def job_labels(req: LaunchRequest, settings: TrainingSettings | None = None) -> dict[str, str]:
+    """Labels of the Job (its pods get the same minus the Kueue queue); ours override the request's."""
     labels = {k: v for k, v in req.labels.items() if _LABEL_KEY.match(k) and _LABEL_VALUE.match(v) and len(v) <= 63}
     labels.update({
         "app.kubernetes.io/name": "selma",
@@ -137,9 +155,14 @@ def job_labels(req: LaunchRequest) -> dict[str, str]:
         "app.kubernetes.io/part-of": "selma",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_JOB_ID: req.job_id,
-        LABEL_RUN: dns_part(req.run)[:63],
-        LABEL_SKILL: dns_part(req.skill)[:63],
+        LABEL_RUN: _label_value(req.run),
+        LABEL_SKILL: _label_value(req.skill),
     })
+    # The instance is the service's (the Helm release, whose NetworkPolicy selects its trainer pods
+    # by it); a request's labels must not claim some release's identity.
+    labels.pop(INSTANCE_LABEL, None)
+    if settings is not None and settings.training_instance:
+        labels[INSTANCE_LABEL] = settings.training_instance
     queue = req.placement.get("queue_name", "")
     if queue:
         labels[KUEUE_LABEL] = queue
@@ -150,7 +173,7 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest that runs ``selma train --config <uri>`` (pure: no API calls)."""
     p = req.placement
     name = job_name(req.run, req.skill, req.job_id)
-    labels = job_labels(req)
+    labels = job_labels(req, settings)
     annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id}
     res = p.get("resources") or {}
     gpus = int(p.get("gpus", 0))  # proto: 0 = CPU only
@@ -163,7 +186,8 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         limits[gpu_name] = str(gpus)  # extended resources: limits only, as strings (client models are typed)
     env: list[dict[str, Any]] = [
         {"name": "SELMA_STORAGE_URI", "value": settings.resolved_storage_uri},
-        {"name": "SELMA_MODEL_CACHE_DIR", "value": "/models"},
+        {"name": "SELMA_MODEL_CACHE_DIR", "value": MODEL_CACHE_DIR},
+        {"name": "SELMA_DATA_DIR", "value": DATA_DIR},
         {"name": "SELMA_HF_OFFLINE", "value": str(settings.hf_offline).lower()},
         {"name": "SELMA_LOG_FORMAT", "value": "json"},
         {"name": "SELMA_LOG_LEVEL", "value": settings.log_level},
@@ -171,7 +195,11 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         {"name": "SELMA_TRAINING_PROGRESS_INTERVAL_SECONDS", "value": str(settings.training_progress_interval_seconds)},
         {"name": "SELMA_TRAINING_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELMA_TRAINING_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "HF_HOME", "value": "/models"},
+        {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
+        # The root filesystem is read-only: libraries that cache under $HOME or XDG dirs
+        # (torch inductor/triton, matplotlib, fontconfig) write to the /tmp emptyDir instead.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
     ]
     if settings.s3_endpoint:
         env.append({"name": "SELMA_S3_ENDPOINT", "value": settings.s3_endpoint})
@@ -188,6 +216,7 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
                                    if settings.training_model_cache_pvc else {"emptyDir": {}})},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "data", "emptyDir": {}},
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -197,16 +226,35 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         "env": env,
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": [
-            {"name": "model-cache", "mountPath": "/models"},
+            {"name": "model-cache", "mountPath": MODEL_CACHE_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "data", "mountPath": DATA_DIR},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
         "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,  # the model-cache PVC is writable by the trainer
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # No SELMA_<SERVICE>_PORT=tcp://... variables injected into the trainer's settings.
+        "enableServiceLinks": False,
+        # Trainers never call the Kubernetes API.
+        "automountServiceAccountToken": False,
         # the trainer checkpoints on SIGTERM; give it time to finish a step and upload
         "terminationGracePeriodSeconds": 120,
     }

@@ -1,93 +1,83 @@
-"""``selma demo``: the end-to-end job on embedded defaults (local storage, tiny offline models).
+"""``selma demo``: the whole SELMA loop on embedded defaults, in one command.
 
-It builds the tiny models, then drives every stage that exists through the same code the
-services use and publishes each stage's output as an artifact with lineage, finally printing
-the lineage from the last artifact back to the prompts.
+It starts the local stack (the four services as processes, ``file://`` storage under
+``--dir``, the local training launcher, tiny offline models, the bundled small LLM), runs
+the quickstart SkillSet through the gRPC services exactly as ``selma run`` does, generates
+an image with the merged model, prints where everything is, and stops the stack.
+
+``SELMA_DEMO_MAX_COUNT`` / ``SELMA_DEMO_MAX_STEPS`` cap the prompts per skill and the training
+steps (CI uses them to keep the same command short); unset, the SkillSet is run as written.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
-from selma.artifacts import ArtifactKind, ArtifactStore
-from selma.config import SelmaSettings
-from selma.storage import open_storage
-
-log = logging.getLogger(__name__)
-
-DEMO_PROMPTS = (
-    "two red apples on a wooden table",
-    "a blue bicycle leaning against a yellow wall",
-    "three white birds flying above a green field",
-    "a cat sitting to the left of a black umbrella",
-)
+from selma.client import SERVICE_NAMES, SERVICES, SelmaClient
+from selma.errors import InvalidArgument
+from selma.local_stack import LocalStack
+from selma.runner import Reporter, RunDriver, RunLock, RunState
+from selma.skillset import load_skillset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults (tiny offline models)")
-    p.add_argument("--dir", default=".selma/demo", help="working directory (storage, models); default .selma/demo")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed for models and images (default 0)")
+    p = sub.add_parser("demo", help="start the local stack, run the quickstart SkillSet, generate an image, stop")
+    p.add_argument("--dir", default=".selma/demo", help="working directory: storage, models, logs (default .selma/demo)")
+    p.add_argument("--skillset", default="examples/quickstart.yaml", help="SkillSet to run (default examples/quickstart.yaml)")
+    p.add_argument("--prompt", default="two red apples next to a blue cup", help="prompt for the final image")
+    p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
     p.set_defaults(func=run_demo)
 
 
+def _cap(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidArgument(f"{name} must be a positive integer; got {value!r}", field=name)
+    return int(value)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
+    console = Console(soft_wrap=True)  # long paths and URLs stay on one line in logs
+    skillset = load_skillset(args.skillset)
+    max_count, max_steps = _cap("SELMA_DEMO_MAX_COUNT"), _cap("SELMA_DEMO_MAX_STEPS")
+    for skill in skillset.skills:
+        if max_count:
+            skill.count = min(skill.count, max_count)
+    if max_steps and skillset.training_config.max_steps > max_steps:
+        skillset.training_config.max_steps = max_steps
+        skillset.training_config.checkpoint_every = min(skillset.training_config.checkpoint_every or max_steps, max_steps)
 
-    from selma.models.tiny import build_tiny
-    from selma.pipelines import ModelSpec, PipelineCache
-
-    console = Console()
     root = Path(args.dir).resolve()
-    settings = SelmaSettings(data_dir=root, storage_uri=(root / "storage").as_uri())
-    store = ArtifactStore(open_storage(settings))
-    run = f"demo-{args.seed}"
-    labels = {"selma.dev/run": run, "selma.dev/skill": "general"}
-
-    with console.status("building tiny offline models"):
-        tiny = build_tiny(root / "models", seed=args.seed)
-    console.print(f"tiny models in {tiny.root}")
-
-    records = [{"id": f"p{i:06d}", "index": i, "text": t, "skill": "general"} for i, t in enumerate(DEMO_PROMPTS)]
-    with store.writer(ArtifactKind.PROMPT_SET, key=f"{run}/prompts", parameters={"skill": "general", "count": len(records), "backend": "fixed"}, labels=labels) as w:
-        w.put_bytes("prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
-    prompt_set = w.manifest
-
-    pipe = PipelineCache(settings).get(ModelSpec(str(tiny.sd)), device="cpu")
-    meta = []
-    with store.writer(
-        ArtifactKind.IMAGE_DATASET,
-        key=f"{run}/images",
-        parents=[prompt_set.id],
-        parameters={"model": str(tiny.sd), "steps": args.steps, "seed": args.seed},
-        labels=labels,
-    ) as w, Progress(console=console, transient=True) as bar:
-        task = bar.add_task("rendering", total=len(records))
-        for r in records:
-            seed = args.seed * 1_000_003 + r["index"]
-            image = pipe(r["text"], num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed)).images[0]
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            name = f"images/{r['index']:06d}-0.png"
-            w.put_bytes(name, buf.getvalue())
-            meta.append({"file_name": name, "text": r["text"], "prompt_id": r["id"], "prompt_index": r["index"], "image_index": 0, "seed": seed, "model": str(tiny.sd), "steps": args.steps})
-            bar.advance(task)
-        w.put_bytes("metadata.jsonl", "".join(json.dumps(m) + "\n" for m in meta).encode())
-    dataset = w.manifest
-
-    table = Table(title=f"lineage of {dataset.id}")
-    for col in ("artifact", "kind", "files", "parents"):
-        table.add_column(col)
-    for m in store.lineage(dataset.id):
-        table.add_row(m.id, m.kind.value, str(len(m.files)), ", ".join(m.parents))
-    console.print(table)
-    console.print(f"images: {root / 'storage' / 'artifacts' / dataset.id / 'files' / 'images'}")
+    stack = LocalStack(root)
+    console.print(f"starting the local stack in {root} (first start builds the tiny models and converts the bundled LLM)")
+    endpoints = stack.start()
+    try:
+        for name in SERVICES:
+            sp = stack.processes[name]
+            console.print(f"  {SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}", highlight=False)
+        runs_dir = root / "runs"
+        with RunLock(runs_dir / f"{skillset.name}.lock"), SelmaClient(endpoints) as client:
+            state = RunState.open(runs_dir, skillset)
+            with Reporter(console, live=False if args.plain else None) as reporter:
+                result = RunDriver(client, skillset, state, reporter).run()
+            image = next(iter(client.generate([args.prompt], model_name=result["model_name"], seed=0)))
+        out = root / f"{result['model_name']}.png"
+        out.write_bytes(image.image.png)
+        console.print()
+        console.print(f"merged model [bold]{result['model_name']}[/bold] = {result['merged_model']}", highlight=False)
+        for skill, expert in result["experts"].items():
+            console.print(f"  expert {skill:<22} {expert}", highlight=False)
+        console.print(f"image         {out}  ({args.prompt!r}, seed {image.image.seed})", highlight=False)
+        console.print(f"artifacts     {root / 'storage' / 'artifacts'}   (selma artifacts list --storage {(root / 'storage').as_uri()})", highlight=False)
+        console.print(f"run state     {runs_dir / (skillset.name + '.json')}", highlight=False)
+        console.print(f"service logs  {root / 'logs'}", highlight=False)
+        console.print(f"next: `selma up --dir {root}` then `selma generate \"...\" --model {result['model_name']} --dir {root}`", highlight=False)
+    finally:
+        stack.stop()
     return 0

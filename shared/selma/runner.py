@@ -378,7 +378,7 @@ def _endpoints(args: argparse.Namespace) -> Endpoints:
 
 def _run(args: argparse.Namespace) -> int:
     skillset = load_skillset(args.skillset)  # validate before anything starts
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and URLs stay on one line in logs
     runs_dir = Path(args.dir) / "runs"
     with RunLock(runs_dir / f"{skillset.name}.lock"):
         state = RunState.open(runs_dir, skillset)
@@ -428,19 +428,24 @@ def _lineage(args: argparse.Namespace) -> int:
     by_id = {m.id: m for m in manifests}
     kinds = {v.number: v.name.removeprefix("ARTIFACT_KIND_").lower() for v in common_pb2.ArtifactKind.DESCRIPTOR.values}
 
-    def add(node: Tree, aid: str, seen: set[str]) -> None:
+    expanded: set[str] = set()
+
+    def add(node: Tree, aid: str) -> None:
         m = by_id.get(aid)
         if m is None:
             node.add(f"{aid} (missing)")
             return
-        branch = node.add(f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else ""))
-        if aid in seen:
+        label = f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else "")
+        if aid in expanded:  # a DAG: an ancestor shared by several children is drawn once
+            node.add(label + "  [dim](ancestors shown above)[/dim]")
             return
+        expanded.add(aid)
+        branch = node.add(label)
         for parent in m.parent_ids:
-            add(branch, parent, seen | {aid})
+            add(branch, parent)
 
     root = Tree(f"lineage of {args.artifact}")
-    add(root, args.artifact, set())
+    add(root, args.artifact)
     Console().print(root)
     return 0
 
@@ -471,5 +476,6 @@ def _generate(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
-        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={resp.model.model_name or 'base'}\n")
+        model = resp.model.model_name or ("per-request expert mix" if experts else "base")
+        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}\n")
     return 0

@@ -135,3 +135,69 @@ def test_job_state_reads_conditions():
     assert job_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}})[0] == "succeeded"
     st = job_state({"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "m"}]}})
     assert st == ("failed", "DeadlineExceeded", "m")
+
+
+def test_skill_with_underscore_keeps_its_label_and_gets_a_dns_safe_job_name():
+    from dataclasses import replace
+
+    req = replace(request(), skill="commonsense_defying")
+    job = build_job(req, settings())
+    assert job["metadata"]["labels"]["selma.dev/skill"] == "commonsense_defying"
+    name = job["metadata"]["name"]
+    assert "_" not in name and len(name) <= 63
+    strict_validate(job)
+
+
+VARIANTS = {
+    "cpu": ({}, {}),
+    "gpu": ({"gpus": 2, "runtime_class_name": "nvidia"}, {}),
+    "kueue": ({"gpus": 1, "queue_name": "gpu-queue"}, {"training_model_cache_pvc": "", "training_storage_secret": ""}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_trainer_pods_are_hardened_like_the_chart_services(variant):
+    placement, overrides = VARIANTS[variant]
+    job = build_job(request(**placement), settings(training_instance="selma-prod", **overrides))
+    strict_validate(job)
+    pod = job["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == psc["runAsGroup"] == psc["fsGroup"] == 10001
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True
+    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    # Every place the trainer writes is a volume: scratch and HOME, data dir, model/HF cache, /dev/shm.
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert "emptyDir" in vols[mounts["/tmp"]] and "emptyDir" in vols[mounts["/var/lib/selma"]]
+    assert mounts["/models"] == "model-cache" and mounts["/dev/shm"] == "dshm"
+    assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"].startswith("/tmp/")
+    assert env["SELMA_DATA_DIR"] == "/var/lib/selma" and env["SELMA_MODEL_CACHE_DIR"] == env["HF_HOME"] == "/models"
+    assert "ports" not in c, "trainers expose no ports (progress reaches Prometheus through the training service)"
+    # The release's instance label, on the Job and its pods.
+    assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma-prod"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma-prod"
+
+
+def test_instance_label_comes_from_settings_only():
+    from dataclasses import replace
+
+    req = replace(request(), labels={"app.kubernetes.io/instance": "someone-else", "team": "vision"})
+    job = build_job(req, settings())
+    assert "app.kubernetes.io/instance" not in job["metadata"]["labels"], "no instance setting, no instance label"
+    assert job["metadata"]["labels"]["team"] == "vision"
+    job = build_job(req, settings(training_instance="selma"))
+    assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma"
+
+
+def test_instance_setting_must_be_a_label_value():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        settings(training_instance="not a label!")
+    with pytest.raises(ValidationError):
+        settings(training_instance="x" * 64)
