@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 SELMA = str(Path(sys.executable).parent / "selma")
 
 
-def skillset_text(name: str, llm_url: str, *, steps: int = 6) -> str:
+def skillset_text(name: str, llm_url: str, *, steps: int = 6, launcher: str = "local") -> str:
     return textwrap.dedent(
         f"""\
         apiVersion: selma.dev/v1alpha1
@@ -47,18 +47,10 @@ def skillset_text(name: str, llm_url: str, *, steps: int = 6) -> str:
             batchSize: 3
           training:
             config: {{baseModel: {{source: "tiny://sd"}}, preset: tiny, maxSteps: {steps}, checkpointEvery: 2, lora: {{rank: 4, alpha: 4}}}}
-            placement: {{launcher: local}}
+            placement: {{launcher: {launcher}}}
           merge: {{method: mean_delta, modelName: {name}}}
         """
     )
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from selma_prompts.fake_llm import FakeLlmServer
-
-    with FakeLlmServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
