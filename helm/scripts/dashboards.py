@@ -127,6 +127,24 @@ OVERVIEW = Dashboard(
             ),
         ),
         Row(
+            "Storage",
+            (
+                Panel(
+                    "Storage errors/s by service, backend and code",
+                    (
+                        Q(
+                            f"sum by (job, backend, code) (rate(selma_storage_errors_total{{{NS}}}[{RI}]))",
+                            "{{job}} {{backend}} {{code}}",
+                        ),
+                    ),
+                    unit="ops",
+                    width=24,
+                    description="Storage calls that failed after the client's retries (NOT_FOUND is not counted). "
+                    "UNAVAILABLE: S3/MinIO endpoint down or unreachable; PERMISSION_DENIED: credentials or bucket policy (never heals by itself).",
+                ),
+            ),
+        ),
+        Row(
             "Jobs",
             (
                 Panel(

@@ -157,10 +157,10 @@ def parse_render_settings(
         raise InvalidArgument(f"unknown seed_policy value {msg.seed_policy}", field=f("seed_policy"))
 
     batch_size = settings.render_default_batch_size
-    if batch_size_used:
-        if msg.batch_size < 0 or msg.batch_size > MAX_BATCH_SIZE:
-            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (0 = service default {settings.render_default_batch_size}); got {msg.batch_size}", field=f("batch_size"))
-        batch_size = msg.batch_size or batch_size
+    if batch_size_used and msg.HasField("batch_size"):
+        if not 1 <= msg.batch_size <= MAX_BATCH_SIZE:
+            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (leave it unset for the service default {settings.render_default_batch_size}); got {msg.batch_size}", field=f("batch_size"))
+        batch_size = msg.batch_size
 
     if msg.device.precision not in _PRECISIONS:
         raise InvalidArgument(f"unknown precision value {msg.device.precision}", field=f("device.precision"))

@@ -26,6 +26,8 @@ class TrainingSettings(SelmaSettings):
     training_image: str = Field("ghcr.io/selma/selma:latest", description="Trainer container image.")
     training_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
     training_service_account: str = Field("", description="ServiceAccount of trainer pods; empty = namespace default.")
+    training_instance: str = Field("", max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+                                   description="app.kubernetes.io/instance label of trainer Jobs and pods (the Helm release name); empty = no label.")
     training_storage_secret: str = Field("", description="Secret holding the S3 credentials for trainer pods; empty = none (file storage / IRSA).")
     training_storage_secret_access_key_key: str = Field("access-key", description="Key of the access key in that Secret.")
     training_storage_secret_secret_key_key: str = Field("secret-key", description="Key of the secret key in that Secret.")

@@ -98,40 +98,55 @@ class LocalStack:
 
     def start(self, timeout: float = 180.0) -> Endpoints:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.data_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
         for name in self.services:
-            grpc_port, metrics_port = free_port(), free_port()
-            log_path = logs / f"{name}.log"
-            out = log_path.open("ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "selma.cli", "serve", name],
-                env=self.env_for(name, grpc_port, metrics_port),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C goes to `selma up`, which drains the children in order
-            )
-            out.close()
-            self.processes[name] = ServiceProcess(name, grpc_port, metrics_port, proc, log_path)
-            log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
-        deadline = time.monotonic() + timeout
-        for name, sp in self.processes.items():
-            while True:
-                if sp.proc.poll() is not None:
-                    self.stop()
-                    tail = sp.log_path.read_text(errors="replace")[-2000:]
-                    raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
-                try:
-                    wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
-                    break
-                except TimeoutError as e:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise Unavailable(f"the {name} service did not become SERVING within {timeout:.0f} s ({e}); see {sp.log_path}") from None
+            self._spawn(name, free_port(), free_port())
+        for name in self.processes:
+            self._wait_serving(name, timeout)
         endpoints = self.endpoints()
         endpoints.save(self.data_dir / "endpoints.json")
         return endpoints
+
+    def _spawn(self, name: str, grpc_port: int, metrics_port: int) -> ServiceProcess:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        out = log_path.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "selma.cli", "serve", name],
+            env=self.env_for(name, grpc_port, metrics_port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to `selma up`, which drains the children in order
+        )
+        out.close()
+        sp = self.processes[name] = ServiceProcess(name, grpc_port, metrics_port, proc, log_path)
+        log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
+        return sp
+
+    def restart(self, name: str, timeout: float = 180.0) -> ServiceProcess:
+        """Start a stopped service again on its old ports (its jobs resume from storage)."""
+        old = self.processes[name]
+        if old.proc.poll() is None:
+            raise FailedPrecondition(f"the {name} service is still running (pid {old.proc.pid})")
+        self._spawn(name, old.grpc_port, old.metrics_port)
+        self._wait_serving(name, timeout)
+        return self.processes[name]
+
+    def _wait_serving(self, name: str, timeout: float) -> None:
+        sp = self.processes[name]
+        deadline = time.monotonic() + timeout
+        while True:
+            if sp.proc.poll() is not None:
+                self.stop()
+                tail = sp.log_path.read_text(errors="replace")[-2000:]
+                raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
+            try:
+                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
+                return
+            except TimeoutError as e:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise Unavailable(f"the {name} service did not become SERVING within {timeout:.0f} s ({e}); see {sp.log_path}") from None
 
     def endpoints(self) -> Endpoints:
         return Endpoints(

@@ -146,3 +146,41 @@ def test_second_concurrent_run_of_the_same_name_is_refused(tmp_path):
         with pytest.raises(Aborted, match="already being driven"):
             with RunLock(tmp_path / "runs" / "x.lock"):
                 pass
+
+
+def test_service_down_mid_run_pauses_and_resumes_when_it_is_back(stack, llm, tmp_path):
+    import threading
+
+    local, endpoints = stack
+    render = local.processes["render"]
+    render.proc.send_signal(signal.SIGTERM)  # the render service goes away before the run needs it
+    assert render.proc.wait(timeout=60) == 0
+    result: dict = {}
+    errors: list = []
+
+    def drive() -> None:
+        try:
+            result.update(_drive(endpoints, skillset_text("e2e-pause", llm.base_url), tmp_path))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=drive, daemon=True)
+    t.start()
+    state_file = tmp_path / "runs" / "e2e-pause.json"
+    deadline = time.monotonic() + 180
+    paused = None
+    while time.monotonic() < deadline and paused is None:
+        if state_file.exists():
+            data = json.loads(state_file.read_text())
+            if data.get("phase") == "paused":
+                paused = data["message"]
+        time.sleep(0.05)
+    assert paused and "render" in paused and "unavailable" in paused
+    assert t.is_alive() and not errors
+    local.restart("render")
+    t.join(timeout=300)
+    assert not errors, errors
+    assert result["model_name"] == "e2e-pause"
+    with SelmaClient(endpoints) as client:
+        renders = client.jobs("render").list(run="e2e-pause")
+    assert len(renders) == 2 and all(j.status.attempt == 1 for j in renders)

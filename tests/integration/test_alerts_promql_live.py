@@ -79,7 +79,8 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
             (fires if t.get("exp_alerts") else silent).add(t["alertname"])
     assert alerts - fires == set(), f"alerts never tested firing: {sorted(alerts - fires)}"
     assert alerts - silent == set(), f"alerts never tested not firing: {sorted(alerts - silent)}"
-    required = {"SelmaServiceDown", "SelmaTrainingJobFailed", "SelmaTrainingStalled", "SelmaRenderSlow", "SelmaServingLatencyHigh"}
+    required = {"SelmaServiceDown", "SelmaTrainingJobFailed", "SelmaTrainingStalled", "SelmaRenderSlow", "SelmaServingLatencyHigh",
+                "SelmaStorageErrors", "SelmaStoragePermissionDenied"}
     assert required <= alerts
 
 
@@ -134,8 +135,10 @@ def _wait(predicate, timeout: float, what: str, step: float = 0.2):  # noqa: ANN
 
 @pytest.fixture(scope="module")
 def selma_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Four selma gRPC servers on 127.0.0.1 with their metrics endpoints, and one finished job."""
+    """Four selma gRPC servers on 127.0.0.1 with their metrics endpoints, one finished job and one
+    failed storage call (so selma_storage_errors_total has a series, as after any outage)."""
     from selma.config import SelmaSettings
+    from selma.errors import Unavailable
     from selma.jobs import JobManager, JobResult
     from selma.server import SelmaServer, ServiceRegistration
     from selma.storage import open_storage
@@ -159,6 +162,12 @@ def selma_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         for rec in jobs.watch(record.job_id):
             if rec.phase.terminal:
                 break
+        # A real storage failure: S3 on a loopback port nothing listens on, no retries. The
+        # counter is process-wide, so every server's /metrics shows it (in a pod: that pod's).
+        down = settings.model_copy(update={"storage_uri": "s3://selma-down/x", "s3_endpoint": f"http://127.0.0.1:{_free_port()}",
+                                           "s3_create_buckets": False, "storage_retries": 0, "storage_backoff_seconds": 0.0})
+        with pytest.raises(Unavailable):
+            open_storage(down).get_bytes("probe")
         yield {"servers": servers, "metrics_urls": {c: s.metrics_url for c, s in servers.items()}}
     finally:
         jobs.shutdown()
@@ -282,3 +291,7 @@ def test_core_panels_return_data_from_the_live_stack(prometheus_url: str) -> Non
     _wait(has_data("selma-overview / RPCs/s by service / A"), 30, "RPC rate by service")
     _wait(has_data("selma-overview / Jobs finished by kind and state (1h) / A"), 30, "finished jobs by kind and phase")
     _wait(has_data("selma-overview / Job duration by kind / A"), 30, "job duration quantiles")
+    storage = "selma-overview / Storage errors/s by service, backend and code / A"
+    _wait(has_data(storage, 4), 30, "storage errors by service, backend and code")
+    status, body = _query(prometheus_url, exprs[storage])
+    assert {(r["metric"]["backend"], r["metric"]["code"]) for r in body["data"]["result"]} == {("s3", "UNAVAILABLE")}

@@ -86,7 +86,7 @@ def test_rendered_objects_pass_kubernetes_validate_strict(scenario: str, tmp_pat
     assert core, "nothing rendered"
     _validate_strict(tmp_path, core, scenario)
     # The only non-core kinds are the prometheus-operator ones, validated structurally below.
-    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("kubernetes", ["1.29.0", "1.37.0"])
@@ -122,7 +122,7 @@ def test_monitoring_objects_only_render_when_enabled() -> None:
     for scenario in SCENARIO_IDS:
         crds = [d["kind"] for d in scenario_objects(scenario) if d["apiVersion"].startswith(CRD_GROUP)]
         if scenario == "monitoring":
-            assert sorted(crds) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+            assert sorted(crds) == ["PrometheusRule", "ServiceMonitor"]
         else:  # clusters without the prometheus-operator CRDs install cleanly
             assert crds == [], scenario
 
@@ -130,7 +130,6 @@ def test_monitoring_objects_only_render_when_enabled() -> None:
 # Fields of the monitoring.coreos.com/v1 specs the chart may use (a subset of the CRDs' schemas).
 SERVICE_MONITOR_SPEC = {"endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit"}
 ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels"}
-POD_MONITOR_SPEC = {"podMetricsEndpoints", "selector", "namespaceSelector", "jobLabel", "podTargetLabels", "sampleLimit"}
 
 
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -149,9 +148,8 @@ def test_monitoring_crd_objects_are_structurally_valid(tmp_path: Path) -> None:
     docs = scenario_objects("monitoring")
     services = by_kind(docs, "Service")
     (sm,) = by_kind(docs, "ServiceMonitor").values()
-    (pm,) = by_kind(docs, "PodMonitor").values()
     (rule,) = by_kind(docs, "PrometheusRule").values()
-    for o in (sm, pm, rule):
+    for o in (sm, rule):
         assert o["apiVersion"] == "monitoring.coreos.com/v1"
         assert o["metadata"]["labels"]["release"] == "kube-prometheus-stack", "monitoring.labels must reach the Prometheus selector"
     assert set(sm["spec"]) <= SERVICE_MONITOR_SPEC
@@ -162,9 +160,6 @@ def test_monitoring_crd_objects_are_structurally_valid(tmp_path: Path) -> None:
         assert set(ep) <= ENDPOINT_FIELDS
         for svc in selected.values():
             assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
-    assert set(pm["spec"]) <= POD_MONITOR_SPEC
-    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
-    assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
     assert set(rule["spec"]) == {"groups"}
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
@@ -197,6 +192,9 @@ BAD_VALUES = {
     "root pods": ({"podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
     "bad quantity": ({"modelCache": {"size": "lots"}}, "/modelCache/size"),
     "bad launcher": ({"training": {"jobs": {"launcher": "slurm"}}}, "/training/jobs/launcher"),
+    "bad storage alert duration": ({"monitoring": {"prometheusRule": {"storageErrorsFor": "ten minutes"}}}, "/monitoring/prometheusRule/storageErrorsFor"),
+    # Trainer pods expose no metrics; the PodMonitor is gone and its old switch is refused, not ignored.
+    "trainer PodMonitor": ({"monitoring": {"podMonitor": {"enabled": True}}}, "podMonitor"),
 }
 
 
@@ -528,16 +526,17 @@ def test_network_policy_admits_only_grpc_metrics_and_s3() -> None:
     assert ingress_ports == [9400, 50051]
     assert set(main["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     grpc_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
-    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}}}]
+    not_trainers = [{"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["trainer"]}]
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}, "matchExpressions": not_trainers}}]
     metrics_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 9400)
     assert all("namespaceSelector" in peer for peer in metrics_rule["from"])
     assert sorted(p["port"] for p in minio["spec"]["ingress"][0]["ports"]) == [9000, 9001]
-    assert minio["spec"]["ingress"][0]["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}}},
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer", "app.kubernetes.io/part-of": "selma"}}},
-    ]
+    # This release's pods, its trainers included (they carry app.kubernetes.io/instance).
+    assert minio["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}}}]
     trainer = policies["selma-trainer"]
-    assert [p["port"] for rule in trainer["spec"]["ingress"] for p in rule["ports"]] == [9400], "trainers only serve /metrics"
+    assert trainer["spec"]["podSelector"] == {"matchLabels": {
+        "app.kubernetes.io/component": "trainer", "app.kubernetes.io/part-of": "selma", "app.kubernetes.io/instance": "selma"}}
+    assert "Ingress" in trainer["spec"]["policyTypes"] and trainer["spec"]["ingress"] == [], "trainers serve nothing: no ingress"
     # Every pod but MinIO is covered by the main policy, MinIO by its own.
     for o in docs:
         if o["kind"] in ("Deployment", "StatefulSet", "Job"):
@@ -584,7 +583,8 @@ def _trainer_job(scenario: str, gpus: int = 1) -> tuple[dict[str, Any], list[dic
 
 def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     """Trainer Jobs built from the chart's settings are valid, use the trainer account, the chart's
-    Secret and model cache, may reach MinIO, and are selected by the PodMonitor."""
+    Secret and model cache, run hardened as the chart's pods do, carry the release's instance
+    label, may reach MinIO and nothing may reach them."""
     job, docs = _trainer_job("monitoring")
     _validate_strict(tmp_path, [job], "trainer-job")
     spec = job["spec"]["template"]["spec"]
@@ -598,12 +598,43 @@ def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     assert refs["SELMA_S3_ACCESS_KEY"] == {"name": "selma-storage", "key": "access-key"}
     assert {v["name"]: v for v in spec["volumes"]}["model-cache"]["persistentVolumeClaim"]["claimName"] == "selma-model-cache"
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
-    (pm,) = by_kind(docs, "PodMonitor").values()
-    assert _matches(pm["spec"]["selector"], pod_labels), "the PodMonitor does not select trainer pods"
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_INSTANCE"] == "selma"
+    assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == pod_labels["app.kubernetes.io/instance"] == "selma"
+    # Hardened like the chart's own pods: the same user, group and seccomp profile.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    psc = spec["securityContext"]
+    for key in ("runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"):
+        assert psc[key] == values["podSecurityContext"][key], key
+    assert spec["enableServiceLinks"] is False and spec["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and "ports" not in container
     policies = by_kind(scenario_objects("default"), "NetworkPolicy")
     assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], pod_labels)] == ["selma-trainer"]
     minio_peers = policies["selma-minio"]["spec"]["ingress"][0]["from"]
     assert any(_matches(peer["podSelector"], pod_labels) for peer in minio_peers), "trainers cannot reach MinIO"
+    grpc_peers = next(r for r in policies["selma"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051)["from"]
+    assert not any(_matches(peer["podSelector"], pod_labels) for peer in grpc_peers if "podSelector" in peer), "trainers call no service"
+    # Another release's trainers are not this release's.
+    other = {**pod_labels, "app.kubernetes.io/instance": "other"}
+    assert not any(_matches(p["spec"]["podSelector"], other) for p in policies.values())
+
+
+def test_trainer_progress_reaches_prometheus_through_the_training_service() -> None:
+    """Trainer pods expose no metrics port, so nothing scrapes them: no PodMonitor, and the training
+    alerts and dashboard panels use the training service's selma_training_* series."""
+    docs = scenario_objects("monitoring")
+    assert not by_kind(docs, "PodMonitor")
+    job, _ = _trainer_job("monitoring")
+    assert not any("ports" in c for c in job["spec"]["template"]["spec"]["containers"])
+    (sm,) = by_kind(docs, "ServiceMonitor").values()
+    assert "training" in sm["spec"]["selector"]["matchExpressions"][0]["values"]
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    training_rules = next(g for g in rule["spec"]["groups"] if g["name"] == "selma.training")["rules"]
+    stalled = next(r for r in training_rules if r["alert"] == "SelmaTrainingStalled")
+    assert "selma_training_step" in stalled["expr"]
+    pipeline = json.loads((CHART / "files" / "dashboards" / "selma-pipeline.json").read_text())
+    exprs = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in pipeline["panels"]}
+    for title in ("Training progress per skill", "Training loss per skill", "Steps/s per skill", "Time to completion per skill"):
+        assert re.search(r"selma_training_\w+\{", exprs[title]) and "by (skill)" in exprs[title], title
 
 
 def test_model_cache_is_a_pvc_mounted_where_settings_point() -> None:

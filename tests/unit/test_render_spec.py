@@ -87,6 +87,7 @@ def test_explicit_values_survive_normalisation(settings):
         ({"guidance_scale": -1.0}, {}, "settings.diffusion.guidance_scale"),
         ({"guidance_scale": float("nan")}, {}, "settings.diffusion.guidance_scale"),
         ({}, {"batch_size": -1}, "settings.batch_size"),
+        ({}, {"batch_size": 0}, "settings.batch_size"),
         ({}, {"batch_size": 257}, "settings.batch_size"),
         ({}, {"images_per_prompt": 17}, "settings.images_per_prompt"),
         ({}, {"base_seed": -5}, "settings.base_seed"),

@@ -3,7 +3,8 @@ selma's alerting rules as Prometheus rule groups. The PrometheusRule wraps them;
 helm/scripts/generate.py writes the same groups to manifests/prometheus/selma-alerts.yaml, which
 `promtool check rules` and `promtool test rules` (helm/selma/files/alerts-test.yaml) exercise in CI.
 Every metric is one the services export (checked against a live scrape in CI).
-Selectors pin the release's namespace and Service names, as set by the ServiceMonitor/PodMonitor.
+Selectors pin the release's namespace and Service names, as set by the ServiceMonitor. Trainer
+pods expose no metrics: training alerts use the training service's selma_training_* series.
 */}}
 {{- define "selma.alertGroups" -}}
 {{- $r := .Values.monitoring.prometheusRule }}
@@ -73,6 +74,29 @@ Selectors pin the release's namespace and Service names, as set by the ServiceMo
       annotations:
         summary: "a selma {{`{{ $labels.kind }}`}} job failed"
         description: "{{`{{ $value | humanize }}`}} {{`{{ $labels.kind }}`}} job(s) failed in the last 15 minutes: `selma status` or the job's Get RPC gives the reason."
+- name: selma.storage
+  rules:
+    # selma_storage_errors_total counts storage calls that failed after the client's retries
+    # (NOT_FOUND is an answer, not a failure). Transient codes warn once they persist;
+    # PERMISSION_DENIED never heals by itself (wrong keys or bucket policy), so it pages.
+    - alert: SelmaStorageErrors
+      expr: sum by (namespace, job, backend, code) (rate(selma_storage_errors_total{namespace="{{ $ns }}", code!="PERMISSION_DENIED"}[5m])) > 0
+      for: {{ $r.storageErrorsFor }}
+      labels:
+        severity: warning
+        {{- with $labels }}{{ toYaml . | nindent 8 }}{{ end }}
+      annotations:
+        summary: "{{`{{ $labels.job }}`}} storage calls fail with {{`{{ $labels.code }}`}} ({{`{{ $labels.backend }}`}})"
+        description: "{{`{{ $labels.job }}`}} has had {{`{{ $labels.backend }}`}} storage calls failing with {{`{{ $labels.code }}`}} after retries for {{ $r.storageErrorsFor }}: UNAVAILABLE means the S3/MinIO endpoint is down or unreachable (SELMA_S3_ENDPOINT, NetworkPolicy egress), RESOURCE_EXHAUSTED a full disk or quota."
+    - alert: SelmaStoragePermissionDenied
+      expr: sum by (namespace, job, backend) (rate(selma_storage_errors_total{namespace="{{ $ns }}", code="PERMISSION_DENIED"}[5m])) > 0
+      for: 2m
+      labels:
+        severity: critical
+        {{- with $labels }}{{ toYaml . | nindent 8 }}{{ end }}
+      annotations:
+        summary: "{{`{{ $labels.job }}`}} is denied access to its {{`{{ $labels.backend }}`}} storage"
+        description: "{{`{{ $labels.job }}`}} gets PERMISSION_DENIED from {{`{{ $labels.backend }}`}} storage: this does not heal by retrying. Check the storage credentials Secret (storage.credentials) and the bucket policy; for file storage, the volume's owner (fsGroup)."
 {{- if .Values.prompts.enabled }}
 - name: selma.prompts
   rules:
