@@ -84,3 +84,7 @@ STORAGE_ERRORS = Counter(
     "Storage operations that failed (after retries), by backend (s3, file) and status code; NOT_FOUND is not counted.",
     ["backend", "code"],
 )
+# Create the label sets up front so the first error is a visible increase for rate() and alerts.
+for _backend in ("s3", "file"):
+    for _code in ("UNAVAILABLE", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "INVALID_ARGUMENT"):
+        STORAGE_ERRORS.labels(_backend, _code)
