@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from selma.api import dict_to_message, filter_kwargs, job_status
+from selma.api import dict_to_message, filter_kwargs, generated_image, job_status
 from selma.errors import InvalidArgument
 from selma.jobs import JobRecord
 from selma.logs import configure_logging
@@ -100,15 +100,7 @@ class RenderServicer(render_service_pb2_grpc.RenderServiceServicer):
         m = result.model.resolved
         out = render_service_pb2.PreviewResponse(
             images=[
-                common_pb2.GeneratedImage(
-                    png=img.png,
-                    seed=img.seed,
-                    prompt=img.prompt,
-                    prompt_index=img.prompt_index,
-                    image_index=img.image_index,
-                    width=img.width,
-                    height=img.height,
-                )
+                generated_image(img)
                 for img in result.images
             ],
             model_resolved=common_pb2.ModelRef(source=m.source, revision=m.revision, variant=m.variant, vae_source=m.vae_source),

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from selma.api import artifact_kind_from_proto, artifact_ref, dict_to_message, filter_kwargs, job_status, manifest_to_proto, message_to_dict, timestamp
+from selma.api import artifact_kind_from_proto, artifact_ref, dict_to_message, filter_kwargs, generated_image, job_status, manifest_to_proto, message_to_dict, timestamp
 from selma.artifacts import ArtifactKind, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.jobs import JobRecord
@@ -134,15 +134,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         for img in self.core.engine.generate(req, cancel=cancel, is_active=context.is_active, deadline=deadline):
             yield pb.GenerateResponse(
-                image=common_pb2.GeneratedImage(
-                    png=img.png,
-                    seed=img.seed,
-                    prompt=img.prompt,
-                    prompt_index=img.prompt_index,
-                    image_index=img.image_index,
-                    width=img.width,
-                    height=img.height,
-                ),
+                image=generated_image(img),
                 model=self._served(img),
                 index=img.index,
                 total=img.total,

@@ -153,3 +153,16 @@ def filter_kwargs(f: common_pb2.JobFilter) -> dict[str, Any]:
         "labels": dict(f.labels),
         "idempotency_key": f.idempotency_key,
     }
+
+
+def generated_image(img: Any) -> common_pb2.GeneratedImage:
+    """The GeneratedImage message for any rendered image (render previews, serving responses)."""
+    return common_pb2.GeneratedImage(
+        png=img.png,
+        seed=img.seed,
+        prompt=img.prompt,
+        prompt_index=img.prompt_index,
+        image_index=img.image_index,
+        width=img.width,
+        height=img.height,
+    )
