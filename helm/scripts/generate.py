@@ -4,7 +4,7 @@
 Writes:
   helm/selma/files/dashboards/*.json    Grafana dashboards (from helm/scripts/dashboards.py)
   manifests/selma.yaml                  the chart rendered for `kubectl apply` (namespace selma)
-  manifests/monitoring.yaml             ServiceMonitor, PrometheusRule, dashboard ConfigMaps
+  manifests/monitoring.yaml             ServiceMonitor, PodMonitor, PrometheusRule, dashboard ConfigMaps
   manifests/prometheus/selma-alerts.yaml  the alert rules as a plain Prometheus rule file
   manifests/grafana/*.json              the dashboards, for importing by hand
 
@@ -42,6 +42,7 @@ MANIFEST_VALUES = {
 }
 MONITORING_TEMPLATES = (
     "templates/monitoring/servicemonitor.yaml",
+    "templates/monitoring/podmonitor.yaml",
     "templates/monitoring/prometheusrule.yaml",
     "templates/monitoring/dashboards.yaml",
 )

@@ -4,15 +4,25 @@ Thin on purpose: settings from ``SELMA_*`` variables, logging, SIGTERM → check
 then :func:`selma_training.trainer.run_job_document`.  Exit codes: 0 done, 2 bad input (a
 domain error: retrying cannot help; the Job's podFailurePolicy fails fast on it), 143 stopped
 by SIGTERM after saving a checkpoint (pre-emption; the retry resumes), 1 anything else.
+
+With a metrics port configured (``SELMA_METRICS_PORT`` > 0; Kubernetes Jobs set it, local
+trainers do not) the trainer serves ``selma_trainer_*`` on ``http://SELMA_HOST:port/metrics``
+until it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selma_training.settings import TrainingSettings
 
 EXIT_INTERRUPTED = 143
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +52,6 @@ def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
 def _train(args: argparse.Namespace) -> int:
     from selma.logs import configure_logging
     from selma_training.settings import TrainingSettings
-    from selma_training.trainer import TrainingInterrupted, load_job_document, run_job, standalone_job
 
     settings = TrainingSettings()
     configure_logging(settings.log_level, settings.log_format)
@@ -52,6 +61,25 @@ def _train(args: argparse.Namespace) -> int:
         stop.set()  # finish the current step, checkpoint, exit 143
 
     signal.signal(signal.SIGTERM, on_signal)
+    metrics_server = None
+    if settings.metrics_port:
+        from selma.metrics import MetricsServer
+
+        try:
+            metrics_server = MetricsServer(settings.host, settings.metrics_port)
+            log.info("trainer metrics on %s", metrics_server.url)
+        except OSError as e:  # metrics are best effort: training must not die of a taken port
+            log.warning("no trainer metrics: cannot serve on %s:%d: %s", settings.host, settings.metrics_port, e)
+    try:
+        return _run(args, settings, stop)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+
+
+def _run(args: argparse.Namespace, settings: TrainingSettings, stop: threading.Event) -> int:
+    from selma_training.trainer import TrainingInterrupted, load_job_document, run_job, standalone_job
+
     if settings.training_parent_pid:
         _exit_with_parent(settings.training_parent_pid, stop)
     if args.dataset:

@@ -16,8 +16,10 @@
   XDG/torch caches, and the data dir ``/var/lib/selma``; Hugging Face caches live on the
   model-cache volume), seccomp RuntimeDefault, no privilege escalation, all capabilities
   dropped, no service links and no API token (trainers never call the Kubernetes API).
-  Trainers expose no metrics port: progress reaches Prometheus through the training
-  service's ``selma_training_*{skill}`` gauges.
+  Trainers expose Prometheus metrics (``selma_trainer_*{skill}``) on a container port named
+  ``metrics`` (:data:`METRICS_PORT_NAME`, ``training_metrics_port``, bound on 0.0.0.0), which the
+  chart's PodMonitor scrapes; the service's ``selma_training_*{skill}`` gauges carry the same
+  progress from the progress object.
 * :class:`KubernetesLauncher` creates it idempotently (409 → adopt the existing Job if it
   carries our job id), follows it with a watch (``resourceVersion`` + server-side
   ``timeoutSeconds``, re-listing on 410 Gone; no sleep-polling), cancels by deleting with
@@ -42,6 +44,7 @@ from selma_training.settings import TrainingSettings
 log = logging.getLogger(__name__)
 
 CONTAINER = "trainer"
+METRICS_PORT_NAME = "metrics"  # the chart's PodMonitor scrapes the port by this name
 MANAGED_BY = "selma-training"
 LABEL_JOB_ID = "selma.dev/job-id"
 LABEL_RUN = "selma.dev/run"
@@ -193,6 +196,9 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         {"name": "SELMA_LOG_LEVEL", "value": settings.log_level},
         {"name": "SELMA_DEVICE", "value": "cuda" if gpus else "cpu"},
         {"name": "SELMA_TRAINING_PROGRESS_INTERVAL_SECONDS", "value": str(settings.training_progress_interval_seconds)},
+        # the trainer's /metrics server (selma_trainer_*): reachable by the pod IP, scraped by the PodMonitor
+        {"name": "SELMA_HOST", "value": "0.0.0.0"},
+        {"name": "SELMA_METRICS_PORT", "value": str(settings.training_metrics_port)},
         {"name": "SELMA_TRAINING_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELMA_TRAINING_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
@@ -223,6 +229,7 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         "image": settings.training_image,
         "imagePullPolicy": settings.training_image_pull_policy,
         "command": ["selma", "train", "--config", req.config_uri],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.training_metrics_port, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": [

@@ -138,6 +138,9 @@ class LocalLauncher(Launcher):
             "precision": s.precision,
             "log_level": s.log_level,
             "training_progress_interval_seconds": s.training_progress_interval_seconds,
+            # no /metrics server in local trainers: the service's port (inherited through the
+            # environment) would clash, and the service already exports selma_training_* gauges
+            "metrics_port": 0,
             # the trainer arms PR_SET_PDEATHSIG itself (no preexec_fn: unsafe in a threaded server)
             "training_parent_pid": os.getpid(),
         }

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the training service (labels bounded: launcher, skill, phase, API verb/code)."""
+"""Prometheus metrics of the training service and of the trainer process (labels bounded: launcher, skill, phase, API verb/code).
+
+``selma_training_*`` are the service's view (read from the trainer's progress object);
+``selma_trainer_*`` are exported by the trainer process itself (``selma train`` with a metrics
+port: Kubernetes trainer pods, scraped by the chart's PodMonitor; the pod label comes from the scrape).
+"""
 
 from __future__ import annotations
 
@@ -14,3 +19,11 @@ ADOPTIONS = Counter("selma_training_adoptions_total", "Existing Kubernetes Jobs 
 CHECKPOINT_FALLBACKS = Counter("selma_training_checkpoint_fallbacks_total", "Resumes that skipped a corrupt checkpoint.")
 KUBE_API_ERRORS = Counter("selma_training_kubernetes_api_errors_total", "Failed Kubernetes API calls, by verb and HTTP status.", ["verb", "code"])
 OUTCOMES = Counter("selma_training_outcomes_total", "Finished launches by launcher and outcome.", ["launcher", "outcome"])
+
+# --- exported by the trainer process (``selma train``), not by the service
+TRAINER_STEP = Gauge("selma_trainer_step", "Optimizer steps completed by this trainer.", ["skill"])
+TRAINER_MAX_STEPS = Gauge("selma_trainer_max_steps", "Optimizer steps this trainer will run in all.", ["skill"])
+TRAINER_LOSS = Gauge("selma_trainer_loss", "Loss of this trainer's latest optimizer step.", ["skill"])
+TRAINER_STEPS_PER_SECOND = Gauge("selma_trainer_steps_per_second", "Optimizer steps per second of this trainer since it (re)started.", ["skill"])
+TRAINER_CHECKPOINTS = Counter("selma_trainer_checkpoints_total", "Checkpoints this trainer process saved.", ["skill"])
+TRAINER_LAST_CHECKPOINT_STEP = Gauge("selma_trainer_last_checkpoint_step", "Step of the newest checkpoint (0: none yet).", ["skill"])

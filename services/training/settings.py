@@ -39,6 +39,7 @@ class TrainingSettings(SelmaSettings):
     training_memory_request: str = Field("8Gi", description="Default memory request of a trainer pod.")
     training_memory_limit: str = Field("32Gi", description="Default memory limit of a trainer pod.")
     training_shm_size: str = Field("8Gi", description="Default size of the memory-backed /dev/shm.")
+    training_metrics_port: int = Field(9400, ge=1, le=65535, description="Prometheus /metrics port of trainer pods (container port `metrics`; the PodMonitor scrapes it).")
     training_watch_timeout_seconds: int = Field(30, ge=1, description="Server-side timeout of one Job watch; progress is re-read at least this often.")
     training_api_retries: int = Field(3, ge=0, le=10, description="Retries of a Kubernetes API call on connection errors.")
     # --- facts about the trainer's own pod (downward API), shown in job details

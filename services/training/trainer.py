@@ -40,6 +40,7 @@ from selma.pipelines import ModelSpec, load_pipeline, resolve_device
 from selma.storage import open_storage
 
 from selma_training import data as data_mod
+from selma_training import metrics as trainer_metrics
 from selma_training.checkpoint import CheckpointStore, TrainState
 from selma_training.config import TrainingJob
 from selma_training.progress import ProgressWriter
@@ -127,9 +128,19 @@ def train(
     progress = ProgressWriter(storage, job.progress_key, settings.training_progress_interval_seconds)
     progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id,
                     pod=settings.training_pod_name, node=settings.training_node_name, force=True)
+    # this process's /metrics (served by `selma train` when a metrics port is set): the skill is
+    # the only label; the pod comes from the scrape
+    m_step = trainer_metrics.TRAINER_STEP.labels(job.skill)
+    m_loss = trainer_metrics.TRAINER_LOSS.labels(job.skill)
+    m_rate = trainer_metrics.TRAINER_STEPS_PER_SECOND.labels(job.skill)
+    m_ckpts = trainer_metrics.TRAINER_CHECKPOINTS.labels(job.skill)
+    m_last_ckpt = trainer_metrics.TRAINER_LAST_CHECKPOINT_STEP.labels(job.skill)
+    trainer_metrics.TRAINER_MAX_STEPS.labels(job.skill).set(cfg.max_steps)
+    m_last_ckpt.set(0)  # no checkpoint of this process yet; a resume sets the step it resumed from
     if store.exists(job.expert_id):
         m = store.get(job.expert_id)
         p = m.parameters
+        m_step.set(int(p.get("steps", cfg.max_steps)))
         progress.update(phase="done", step=p.get("steps", cfg.max_steps), final_loss=p.get("final_loss"), force=True)
         return TrainResult(job.expert_id, int(p.get("steps", cfg.max_steps)), float(p.get("final_loss") or 0.0),
                            p.get("loss_history", []), p.get("latent_cache_id", ""), True, 0)
@@ -252,7 +263,9 @@ def train(
             scaler.load_state_dict(state.scaler)
         start_step, cursor, history = state.step, state.cursor, state.loss_history
         log.info("resumed from checkpoint at step %d", start_step)
+        m_last_ckpt.set(start_step)
     resumed_from = start_step
+    m_step.set(start_step)
     order = DataOrder(len(examples), cfg.seed, cfg.random_flip)
     progress.update(phase="training", step=start_step, resumed_from_step=resumed_from,
                     checkpoints=[c.__dict__ for c in ckpts.info()], loss_history=history, force=True)
@@ -328,6 +341,11 @@ def train(
                                          loss_history=history, interval_loss=interval_loss), gen)
             ckpts.prune(cfg.checkpoints_to_keep)
             ckpt_infos = [c.__dict__ for c in ckpts.info()] or [info.__dict__]
+            m_ckpts.inc()
+            m_last_ckpt.set(done)
+        m_step.set(done)
+        m_loss.set(loss_value)
+        m_rate.set(rate)
         progress.update(step=done, loss=loss_value, loss_ema=ema, learning_rate=lr_sched.get_last_lr()[0],
                         steps_per_second=rate, eta_seconds=(cfg.max_steps - done) / rate if rate else None,
                         epoch=cursor // len(examples), checkpoints=ckpt_infos, loss_history=history,
@@ -340,6 +358,8 @@ def train(
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
                                       scaler=scaler.state_dict() if scaler is not None else None, rng={},
                                       loss_history=history, interval_loss=sum(interval_losses) / max(len(interval_losses), 1)), gen)
+                m_ckpts.inc()
+                m_last_ckpt.set(done)
             progress.update(phase="interrupted", force=True)
             raise TrainingInterrupted(f"stopped at step {done}; checkpoint saved")
 

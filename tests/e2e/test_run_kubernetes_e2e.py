@@ -9,6 +9,7 @@ Kubernetes would) and reports the outcome back through the API.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +72,11 @@ class LocalJobController:
                 env[e["name"]] = SECRETS[ref["name"]][ref["key"]]
             elif "fieldRef" in e.get("valueFrom", {}):
                 env[e["name"]] = {"metadata.name": pod_name, "spec.nodeName": "test-node"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        # A pod binds its metrics port (SELMA_HOST=0.0.0.0) on its own IP; here every "pod" shares
+        # this host, so each trainer serves /metrics on loopback, on a port of its own.
+        if "SELMA_METRICS_PORT" in env:
+            env["SELMA_HOST"] = "127.0.0.1"
+            env["SELMA_METRICS_PORT"] = str(_free_port())
         return env
 
     def _run(self, job: dict) -> None:
@@ -83,6 +89,12 @@ class LocalJobController:
         with (self.log_dir / f"{pod}.log").open("wb") as log:
             rc = subprocess.run(argv, env=self._env(job, pod), stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
         self.api.set_job_status(NS, name, complete(rc == 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_run_with_s3_storage_and_kubernetes_launcher(s3_server, llm, tmp_path):

@@ -86,7 +86,7 @@ def test_rendered_objects_pass_kubernetes_validate_strict(scenario: str, tmp_pat
     assert core, "nothing rendered"
     _validate_strict(tmp_path, core, scenario)
     # The only non-core kinds are the prometheus-operator ones, validated structurally below.
-    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PrometheusRule"}
+    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("kubernetes", ["1.29.0", "1.37.0"])
@@ -122,7 +122,7 @@ def test_monitoring_objects_only_render_when_enabled() -> None:
     for scenario in SCENARIO_IDS:
         crds = [d["kind"] for d in scenario_objects(scenario) if d["apiVersion"].startswith(CRD_GROUP)]
         if scenario == "monitoring":
-            assert sorted(crds) == ["PrometheusRule", "ServiceMonitor"]
+            assert sorted(crds) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
         else:  # clusters without the prometheus-operator CRDs install cleanly
             assert crds == [], scenario
 
@@ -149,7 +149,8 @@ def test_monitoring_crd_objects_are_structurally_valid(tmp_path: Path) -> None:
     services = by_kind(docs, "Service")
     (sm,) = by_kind(docs, "ServiceMonitor").values()
     (rule,) = by_kind(docs, "PrometheusRule").values()
-    for o in (sm, rule):
+    (pm,) = by_kind(docs, "PodMonitor").values()
+    for o in (sm, rule, pm):
         assert o["apiVersion"] == "monitoring.coreos.com/v1"
         assert o["metadata"]["labels"]["release"] == "kube-prometheus-stack", "monitoring.labels must reach the Prometheus selector"
     assert set(sm["spec"]) <= SERVICE_MONITOR_SPEC
@@ -193,8 +194,8 @@ BAD_VALUES = {
     "bad quantity": ({"modelCache": {"size": "lots"}}, "/modelCache/size"),
     "bad launcher": ({"training": {"jobs": {"launcher": "slurm"}}}, "/training/jobs/launcher"),
     "bad storage alert duration": ({"monitoring": {"prometheusRule": {"storageErrorsFor": "ten minutes"}}}, "/monitoring/prometheusRule/storageErrorsFor"),
-    # Trainer pods expose no metrics; the PodMonitor is gone and its old switch is refused, not ignored.
-    "trainer PodMonitor": ({"monitoring": {"podMonitor": {"enabled": True}}}, "podMonitor"),
+    "PodMonitor switch not a boolean": ({"monitoring": {"podMonitor": {"enabled": "yes"}}}, "/monitoring/podMonitor/enabled"),
+    "unknown PodMonitor field": ({"monitoring": {"podMonitor": {"port": 9400}}}, "port"),
 }
 
 
@@ -536,7 +537,9 @@ def test_network_policy_admits_only_grpc_metrics_and_s3() -> None:
     trainer = policies["selma-trainer"]
     assert trainer["spec"]["podSelector"] == {"matchLabels": {
         "app.kubernetes.io/component": "trainer", "app.kubernetes.io/part-of": "selma", "app.kubernetes.io/instance": "selma"}}
-    assert "Ingress" in trainer["spec"]["policyTypes"] and trainer["spec"]["ingress"] == [], "trainers serve nothing: no ingress"
+    # Trainers serve no gRPC: only their /metrics, to the same peers that scrape the services.
+    assert "Ingress" in trainer["spec"]["policyTypes"]
+    assert trainer["spec"]["ingress"] == [{"from": metrics_rule["from"], "ports": [{"port": 9400, "protocol": "TCP"}]}]
     # Every pod but MinIO is covered by the main policy, MinIO by its own.
     for o in docs:
         if o["kind"] in ("Deployment", "StatefulSet", "Job"):
@@ -561,15 +564,25 @@ def test_serving_autoscales_and_disruptions_are_bounded() -> None:
 
 def _trainer_job(scenario: str, gpus: int = 1) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The Job the training service would create, from its real builder and the chart's settings."""
-    kube = pytest.importorskip("selma_training.kube", reason="the training service's Job builder is not in this tree yet")
-    from selma_training.launchers import LaunchRequest
+    docs = scenario_objects(scenario)
+    return _job_from(docs, gpus), docs
+
+
+def _job_from(docs: list[dict[str, Any]], gpus: int = 1) -> dict[str, Any]:
+    """The Job the training service would create with the settings of these rendered ConfigMaps."""
+    from selma_training.kube import build_job
     from selma_training.settings import TrainingSettings
 
-    docs = scenario_objects(scenario)
     config_maps = by_kind(docs, "ConfigMap")
     env = {**config_maps["selma-config"]["data"], **(config_maps["selma-training"].get("data") or {})}
     settings = TrainingSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in env.items()})
-    req = LaunchRequest(
+    return build_job(_launch_request(gpus), settings)
+
+
+def _launch_request(gpus: int = 1) -> Any:
+    from selma_training.launchers import LaunchRequest
+
+    return LaunchRequest(
         job_id="j0123456789",
         idempotency_key="k",
         run="quickstart",
@@ -578,13 +591,12 @@ def _trainer_job(scenario: str, gpus: int = 1) -> tuple[dict[str, Any], list[dic
         expert_id="e1",
         placement={"gpus": gpus},
     )
-    return kube.build_job(req, settings), docs
 
 
 def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     """Trainer Jobs built from the chart's settings are valid, use the trainer account, the chart's
     Secret and model cache, run hardened as the chart's pods do, carry the release's instance
-    label, may reach MinIO and nothing may reach them."""
+    label, may reach MinIO and only the scrapers may reach them (on their metrics port)."""
     job, docs = _trainer_job("monitoring")
     _validate_strict(tmp_path, [job], "trainer-job")
     spec = job["spec"]["template"]["spec"]
@@ -606,7 +618,8 @@ def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     for key in ("runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"):
         assert psc[key] == values["podSecurityContext"][key], key
     assert spec["enableServiceLinks"] is False and spec["automountServiceAccountToken"] is False
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True and "ports" not in container
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}], "only the trainer's /metrics"
     policies = by_kind(scenario_objects("default"), "NetworkPolicy")
     assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], pod_labels)] == ["selma-trainer"]
     minio_peers = policies["selma-minio"]["spec"]["ingress"][0]["from"]
@@ -618,15 +631,41 @@ def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     assert not any(_matches(p["spec"]["podSelector"], other) for p in policies.values())
 
 
-def test_trainer_progress_reaches_prometheus_through_the_training_service() -> None:
-    """Trainer pods expose no metrics port, so nothing scrapes them: no PodMonitor, and the training
-    alerts and dashboard panels use the training service's selma_training_* series."""
-    docs = scenario_objects("monitoring")
-    assert not by_kind(docs, "PodMonitor")
-    job, _ = _trainer_job("monitoring")
-    assert not any("ports" in c for c in job["spec"]["template"]["spec"]["containers"])
-    (sm,) = by_kind(docs, "ServiceMonitor").values()
-    assert "training" in sm["spec"]["selector"]["matchExpressions"][0]["values"]
+@pytest.mark.parametrize("port", [9400, 9500])
+def test_podmonitor_scrapes_exactly_the_trainer_pods_on_the_port_the_job_builder_sets(port: int) -> None:
+    """The PodMonitor selects this release's trainer pods only (not the services, MinIO, hooks or
+    another release's trainers), by the port name and number the real Job builder gives them, and
+    the NetworkPolicy lets the monitoring namespace reach exactly that port."""
+    from selma_training.kube import METRICS_PORT_NAME
+
+    if port == 9400:
+        job, docs = _trainer_job("monitoring")
+    else:  # a non-default ports.metrics reaches the trainer Job through the chart's settings
+        docs = objects(render((CHART / "ci" / "monitoring-values.yaml",), values={"ports": {"metrics": port}}))
+        job = _job_from(docs)
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_METRICS_PORT"] == str(port)
+    (pm,) = by_kind(docs, "PodMonitor").values()
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["metadata"]["name"] == "selma-trainer"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert set(pm["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels", "sampleLimit"}
+    pod = job["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["ports"] == [{"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SELMA_HOST"] == "0.0.0.0" and env["SELMA_METRICS_PORT"] == str(port), "the trainer serves where the port points"
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert set(ep) <= ENDPOINT_FIELDS and ep["port"] == METRICS_PORT_NAME and ep["path"] == "/metrics"
+    # exactly the trainer pods: not a Deployment's, StatefulSet's or hook Job's pods, not another release's trainers
+    assert _matches(pm["spec"]["selector"], pod["metadata"]["labels"])
+    assert not _matches(pm["spec"]["selector"], {**pod["metadata"]["labels"], "app.kubernetes.io/instance": "other"})
+    for o in docs:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            assert not _matches(pm["spec"]["selector"], o["spec"]["template"]["metadata"]["labels"]), o["metadata"]["name"]
+    # the NetworkPolicy covering trainer pods admits the scrapers on that port and nothing else
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values() if _matches(p["spec"]["podSelector"], pod["metadata"]["labels"])]
+    (policy,) = policies
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [port]
+    # the alerts and dashboards keep to the service-side selma_training_* series (they exist for local trainers too)
     (rule,) = by_kind(docs, "PrometheusRule").values()
     training_rules = next(g for g in rule["spec"]["groups"] if g["name"] == "selma.training")["rules"]
     stalled = next(r for r in training_rules if r["alert"] == "SelmaTrainingStalled")
@@ -635,6 +674,11 @@ def test_trainer_progress_reaches_prometheus_through_the_training_service() -> N
     exprs = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in pipeline["panels"]}
     for title in ("Training progress per skill", "Training loss per skill", "Steps/s per skill", "Time to completion per skill"):
         assert re.search(r"selma_training_\w+\{", exprs[title]) and "by (skill)" in exprs[title], title
+
+
+def test_podmonitor_has_its_own_switch() -> None:
+    docs = objects(render(values={"monitoring": {"enabled": True, "podMonitor": {"enabled": False}}}))
+    assert not by_kind(docs, "PodMonitor") and by_kind(docs, "ServiceMonitor")
 
 
 def test_model_cache_is_a_pvc_mounted_where_settings_point() -> None:

@@ -6,7 +6,7 @@ import kubernetes_validate
 import pytest
 
 from selma.errors import InvalidArgument
-from selma_training.kube import build_job, job_name, job_state, validate_placement
+from selma_training.kube import METRICS_PORT_NAME, build_job, job_name, job_state, validate_placement
 from selma_training.launchers import LaunchRequest
 from selma_training.settings import TrainingSettings
 
@@ -177,10 +177,28 @@ def test_trainer_pods_are_hardened_like_the_chart_services(variant):
     assert mounts["/models"] == "model-cache" and mounts["/dev/shm"] == "dshm"
     assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"].startswith("/tmp/")
     assert env["SELMA_DATA_DIR"] == "/var/lib/selma" and env["SELMA_MODEL_CACHE_DIR"] == env["HF_HOME"] == "/models"
-    assert "ports" not in c, "trainers expose no ports (progress reaches Prometheus through the training service)"
+    # The only port: the trainer's /metrics, bound on all interfaces, named as the PodMonitor scrapes it.
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert env["SELMA_HOST"] == "0.0.0.0" and env["SELMA_METRICS_PORT"] == "9400"
     # The release's instance label, on the Job and its pods.
     assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma-prod"
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma-prod"
+
+
+def test_metrics_port_is_a_setting():
+    job = build_job(request(), settings(training_metrics_port=9500))
+    strict_validate(job)
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["ports"] == [{"name": METRICS_PORT_NAME, "containerPort": 9500, "protocol": "TCP"}]
+    assert {"name": "SELMA_METRICS_PORT", "value": "9500"} in c["env"]
+
+
+def test_local_trainers_bind_no_metrics_port():
+    """The service's SELMA_METRICS_PORT is inherited by local trainers; it is reset so they serve no /metrics."""
+    from selma_training.launchers import LocalLauncher
+
+    env = LocalLauncher(settings(), env={"SELMA_METRICS_PORT": "9400", "SELMA_HOST": "0.0.0.0"}).child_env()
+    assert env["SELMA_METRICS_PORT"] == "0", "0 = no trainer /metrics server"
 
 
 def test_instance_label_comes_from_settings_only():

@@ -56,6 +56,8 @@ SELMA_TRAINING_IMAGE_PULL_POLICY: {{ .Values.image.pullPolicy | quote }}
 SELMA_TRAINING_SERVICE_ACCOUNT: {{ include "selma.trainerServiceAccountName" . | quote }}
 {{- /* app.kubernetes.io/instance of trainer pods: this release's NetworkPolicy selects them by it. */}}
 SELMA_TRAINING_INSTANCE: {{ .Release.Name | quote }}
+{{- /* trainer pods serve selma_trainer_* on the same port as the services (PodMonitor, NetworkPolicy) */}}
+SELMA_TRAINING_METRICS_PORT: {{ .Values.ports.metrics | quote }}
 SELMA_TRAINING_STORAGE_SECRET: {{ include "selma.storageSecretName" . | quote }}
 SELMA_TRAINING_STORAGE_SECRET_ACCESS_KEY_KEY: {{ .Values.storage.credentials.accessKeyKey | quote }}
 SELMA_TRAINING_STORAGE_SECRET_SECRET_KEY_KEY: {{ .Values.storage.credentials.secretKeyKey | quote }}
