@@ -56,6 +56,10 @@ class PromptSettings(SelmaSettings):
     prompts_openai_api: Literal["chat", "completions"] = Field("chat", description="Default OpenAI API flavour.")
     prompts_openai_api_key: SecretStr = Field(SecretStr(""), description="Default API key (from a Kubernetes Secret); empty = none.")
     prompts_api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="Named API keys a SecretRef may select (JSON).")
+    prompts_allowed_base_urls: list[str] = Field(
+        default_factory=list,
+        description="Endpoints (besides prompts_openai_base_url) that may receive a configured API key (JSON list).",
+    )
     prompts_secrets_dir: Path | None = Field(None, description="Directory of mounted Secrets: <dir>/<name>/<key>.")
     prompts_request_timeout_seconds: float = Field(60.0, gt=0, description="Default HTTP timeout per LLM request.")
     prompts_max_concurrency: int = Field(4, ge=1, le=64, description="Default LLM requests in flight per job.")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from selma.errors import InvalidArgument
+from selma.errors import InvalidArgument, PermissionDenied
 
 from selma_prompts.rouge import DEFAULT_THRESHOLD
 from selma_prompts.settings import PromptSettings
@@ -230,6 +230,11 @@ def _device(d: Any, fld: str) -> tuple[str, str]:
     return device, _PRECISION[precision]
 
 
+def _credential_endpoint_allowed(base_url: str, settings: PromptSettings) -> bool:
+    allowed = [settings.prompts_openai_base_url, *settings.prompts_allowed_base_urls]
+    return base_url.rstrip("/") in {u.rstrip("/") for u in allowed if u}
+
+
 def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend") -> BackendSpec:
     """Validate an ``LlmBackend`` dict (empty = the service default)."""
     d = _mapping(d, fld)
@@ -292,7 +297,14 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             extra_body=dict(extra),
         )
         # Resolve the credential now so a misnamed secret fails the request, not the job later.
-        settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
+        credential = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
+        if credential is not None and not _credential_endpoint_allowed(base_url, settings):
+            # A caller must not be able to send the service's keys to an endpoint of its choosing.
+            raise PermissionDenied(
+                f"the service only sends API keys to configured endpoints; {base_url!r} is not one "
+                "(add it to SELMA_PROMPTS_ALLOWED_BASE_URLS, or call it without an api_key)",
+                field=f"{fld}.base_url",
+            )
         return spec
     if kind == "local_causal_lm":
         _check_known(body, {"model", "device", "sampling", "use_chat_template"}, fld)

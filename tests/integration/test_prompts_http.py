@@ -33,7 +33,7 @@ def llm():
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> PromptSettings:
+def settings(tmp_path: Path, llm: FakeLlmServer) -> PromptSettings:
     return PromptSettings(
         data_dir=tmp_path / "data",
         storage_uri=(tmp_path / "storage").as_uri(),
@@ -41,6 +41,7 @@ def settings(tmp_path: Path) -> PromptSettings:
         prompts_retry_max_backoff_seconds=0.01,
         prompts_checkpoint_seconds=0,
         prompts_api_keys={"llm": API_KEY},
+        prompts_allowed_base_urls=[llm.base_url],
     )
 
 
@@ -198,3 +199,16 @@ def test_requests_run_concurrently_up_to_the_limit(llm, settings):
     out = runner(settings).run("k", spec(llm, count=30, backend={"max_concurrency": 3}), state_id="j")
     assert out.stats["accepted"] == 30
     assert in_flight[1] == 3 and len(llm.requests) % 3 == 0
+
+
+def test_configured_key_is_never_sent_to_an_endpoint_the_caller_picks(llm, settings):
+    from selma.errors import PermissionDenied
+    from selma_prompts.spec import resolve_backend
+
+    other = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": {"name": "llm"}}}
+    with pytest.raises(PermissionDenied, match="SELMA_PROMPTS_ALLOWED_BASE_URLS"):
+        resolve_backend(other, settings)
+    keyless = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    assert resolve_backend(keyless, settings).base_url == "http://127.0.0.1:9/v1"
+    allowed = {"openai_compatible": {"base_url": llm.base_url, "model": "m", "api_key": {"name": "llm"}}}
+    assert resolve_backend(allowed, settings).api_key_name == "llm"
