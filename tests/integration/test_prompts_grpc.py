@@ -25,12 +25,6 @@ TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_
 
 
 @pytest.fixture
-def llm():
-    with FakeLlmServer() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(tmp_path: Path, llm: FakeLlmServer) -> PromptSettings:
     return PromptSettings(
         data_dir=tmp_path / "data",

@@ -27,12 +27,6 @@ API_KEY = "sk-test-should-never-be-logged"
 
 
 @pytest.fixture
-def llm():
-    with FakeLlmServer() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(tmp_path: Path, llm: FakeLlmServer) -> PromptSettings:
     return PromptSettings(
         data_dir=tmp_path / "data",
