@@ -275,6 +275,8 @@ class TrainingCore:
                 log.warning("could not list training Jobs to re-adopt them: %s", e)
                 found = []
             for item in found:
+                if item.get("task", "train") != "train":
+                    continue  # evaluation Jobs are adopted by the evaluation core
                 try:
                     self.manager.get(item["job_id"])
                     continue

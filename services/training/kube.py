@@ -49,6 +49,7 @@ MANAGED_BY = "selma-training"
 LABEL_JOB_ID = "selma.dev/job-id"
 LABEL_RUN = "selma.dev/run"
 LABEL_SKILL = "selma.dev/skill"
+LABEL_TASK = "selma.dev/task"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANN_KEY = "selma.dev/idempotency-key"
 ANN_CONFIG = "selma.dev/config-uri"
@@ -77,10 +78,10 @@ def _label_value(text: str) -> str:
     return text if len(text) <= 63 and _LABEL_VALUE.match(text) else dns_part(text)[:63]
 
 
-def job_name(run: str, skill: str, job_id: str) -> str:
-    """``selma-train-<run>-<skill>-<hash>``, at most 63 characters, stable for a job id."""
+def job_name(run: str, skill: str, job_id: str, task: str = "train") -> str:
+    """``selma-<task>-<run>-<skill>-<hash>``, at most 63 characters, stable for a job id."""
     h = hashlib.sha256(job_id.encode()).hexdigest()[:8]
-    base = dns_part(f"selma-train-{run}-{skill}")[: 63 - 9].strip("-")
+    base = dns_part(f"selma-{task}-{run}-{skill}")[: 63 - 9].strip("-")
     return f"{base}-{h}"
 
 
@@ -160,6 +161,7 @@ def job_labels(req: LaunchRequest, settings: TrainingSettings | None = None) -> 
         LABEL_JOB_ID: req.job_id,
         LABEL_RUN: _label_value(req.run),
         LABEL_SKILL: _label_value(req.skill),
+        LABEL_TASK: req.task,
     })
     # The instance is the service's (the Helm release, whose NetworkPolicy selects its trainer pods
     # by it); a request's labels must not claim some release's identity.
@@ -175,7 +177,7 @@ def job_labels(req: LaunchRequest, settings: TrainingSettings | None = None) -> 
 def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest that runs ``selma train --config <uri>`` (pure: no API calls)."""
     p = req.placement
-    name = job_name(req.run, req.skill, req.job_id)
+    name = job_name(req.run, req.skill, req.job_id, req.task)
     labels = job_labels(req, settings)
     annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id}
     res = p.get("resources") or {}
@@ -207,6 +209,14 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
     ]
+    if req.task == "eval":
+        # evaluation workers read the service's eval_* settings (VQA defaults, serving endpoint);
+        # secret ones are not copied into the Job: they stay in the service's Secret
+        for k in type(settings).model_fields:
+            v = getattr(settings, k)
+            if k.startswith("eval_") and not hasattr(v, "get_secret_value"):
+                text = json.dumps(v) if isinstance(v, (list, dict)) else (str(v).lower() if isinstance(v, bool) else str(v))
+                env.append({"name": f"SELMA_{k.upper()}", "value": text})
     if settings.s3_endpoint:
         env.append({"name": "SELMA_S3_ENDPOINT", "value": settings.s3_endpoint})
         env.append({"name": "SELMA_S3_SECURE", "value": str(settings.s3_secure).lower()})
@@ -228,7 +238,7 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         "name": CONTAINER,
         "image": settings.training_image,
         "imagePullPolicy": settings.training_image_pull_policy,
-        "command": ["selma", "train", "--config", req.config_uri],
+        "command": ["selma", *req.args],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.training_metrics_port, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": requests, "limits": limits},
@@ -420,6 +430,7 @@ class KubernetesLauncher(Launcher):
                 "job_id": labels.get(LABEL_JOB_ID, ""), "name": md.get("name", ""), "run": labels.get(LABEL_RUN, ""),
                 "skill": labels.get(LABEL_SKILL, ""), "idempotency_key": ann.get(ANN_KEY, ""),
                 "config_uri": ann.get(ANN_CONFIG, ""), "expert_id": ann.get(ANN_EXPERT, ""), "state": job_state(item)[0],
+                "task": labels.get(LABEL_TASK, "train"),
             })
         return out
 
@@ -543,7 +554,7 @@ class KubernetesLauncher(Launcher):
             pass  # already gone
 
     def cancel(self, req: LaunchRequest) -> None:
-        self.cancel_by_name(job_name(req.run, req.skill, req.job_id))
+        self.cancel_by_name(job_name(req.run, req.skill, req.job_id, req.task))
 
 
 def _status_message(e: Any) -> str:

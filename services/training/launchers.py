@@ -17,6 +17,7 @@ placement's ``max_retries``, mirroring a Job's ``backoffLimit``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,16 @@ class LaunchRequest:
     expert_id: str
     placement: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    # What the worker does: "train" runs ``selma train --config URI``; "eval" runs
+    # ``selma eval execute --config URI`` (evaluations are batch work launched the same way).
+    task: str = "train"
+
+    @property
+    def args(self) -> list[str]:
+        """The ``selma`` subcommand and arguments the worker runs."""
+        if self.task == "eval":
+            return ["eval", "execute", "--config", self.config_uri]
+        return ["train", "--config", self.config_uri]
 
 
 @dataclass
@@ -144,13 +155,18 @@ class LocalLauncher(Launcher):
             # the trainer arms PR_SET_PDEATHSIG itself (no preexec_fn: unsafe in a threaded server)
             "training_parent_pid": os.getpid(),
         }
+        # evaluation workers run through this launcher too: they need the service's eval_* settings
+        for k in type(s).model_fields:
+            if k.startswith("eval_"):
+                v = getattr(s, k)
+                values[k] = v.get_secret_value() if hasattr(v, "get_secret_value") else (json.dumps(v) if isinstance(v, (list, dict)) else v)
         for k, v in values.items():
             env[f"SELMA_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
         return env
 
     def command(self, req: LaunchRequest) -> list[str]:
         python = self.settings.training_python or sys.executable
-        return [python, "-m", "selma.cli", "train", "--config", req.config_uri]
+        return [python, "-m", "selma.cli", *req.args]
 
     def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
         poll = self.settings.training_poll_seconds

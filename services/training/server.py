@@ -1,7 +1,7 @@
-"""gRPC glue of the TrainingService: protobuf ⇄ domain, calls into :mod:`selma_training.core`.
+"""gRPC glue of the TrainingService: protobuf ⇄ domain, calls into the cores.
 
-The expert-training RPCs are implemented here; the evaluation RPCs belong to the evaluation
-work and stay UNIMPLEMENTED (the generated base servicer answers them).
+Expert training goes to :mod:`selma_training.core`; the Evaluation RPCs go to
+:mod:`selma_evaluation.core`, which launches its workers through the same launchers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.v1 import training_service_pb2 as pb
 from selma.v1 import training_service_pb2_grpc as pb_grpc
 
+from selma_evaluation.core import EvaluationCore
 from selma_training.core import TrainingCore
 from selma_training.settings import TrainingSettings
 
@@ -33,11 +34,46 @@ def to_job(rec: JobRecord) -> pb.ExpertTrainingJob:
     return job
 
 
-class TrainingServicer(pb_grpc.TrainingServiceServicer):
-    """Expert-training RPCs over a :class:`TrainingCore`."""
+def to_eval_job(rec: JobRecord) -> pb.EvaluationJob:
+    """An EvaluationJob message for a job record."""
+    job = pb.EvaluationJob(status=job_status(rec))
+    job.spec.CopyFrom(dict_to_message(rec.spec, pb.EvaluationSpec))
+    job.stats.CopyFrom(dict_to_message(rec.stats, pb.EvaluationStats))
+    return job
 
-    def __init__(self, core: TrainingCore) -> None:
+
+class TrainingServicer(pb_grpc.TrainingServiceServicer):
+    """Expert-training RPCs over a :class:`TrainingCore`, evaluation RPCs over an :class:`EvaluationCore`."""
+
+    def __init__(self, core: TrainingCore, evaluation: EvaluationCore | None = None) -> None:
         self.core = core
+        self.evaluation = evaluation or EvaluationCore(core.settings, core.storage, core.launchers)
+
+    # -- evaluation
+
+    def StartEvaluation(self, request: pb.StartEvaluationRequest, context: Any) -> pb.StartEvaluationResponse:
+        spec = message_to_dict(request.spec)
+        rec, created, _doc = self.evaluation.start(request.idempotency_key, spec, validate_only=request.validate_only)
+        if rec is None:
+            return pb.StartEvaluationResponse(job=pb.EvaluationJob(spec=request.spec), created=False)
+        return pb.StartEvaluationResponse(job=to_eval_job(rec), created=created)
+
+    def GetEvaluation(self, request: pb.GetEvaluationRequest, context: Any) -> pb.GetEvaluationResponse:
+        return pb.GetEvaluationResponse(job=to_eval_job(self.evaluation.get(request.job_id)))
+
+    def WatchEvaluation(self, request: pb.WatchEvaluationRequest, context: Any) -> Any:
+        interval = request.min_interval.ToTimedelta().total_seconds() if request.HasField("min_interval") else 1.0
+        for rec in self.evaluation.watch(request.job_id, min_interval=interval, is_active=context.is_active):
+            yield pb.WatchEvaluationResponse(job=to_eval_job(rec))
+
+    def CancelEvaluation(self, request: pb.CancelEvaluationRequest, context: Any) -> pb.CancelEvaluationResponse:
+        return pb.CancelEvaluationResponse(job=to_eval_job(self.evaluation.cancel(request.job_id, request.reason)))
+
+    def ListEvaluations(self, request: pb.ListEvaluationsRequest, context: Any) -> pb.ListEvaluationsResponse:
+        recs, token = self.evaluation.list(**filter_kwargs(request.filter), page_size=request.page_size or 50, page_token=request.page_token)
+        return pb.ListEvaluationsResponse(jobs=[to_eval_job(r) for r in recs], next_page_token=token)
+
+    # -- expert training
 
     def StartExpertTraining(self, request: pb.StartExpertTrainingRequest, context: Any) -> pb.StartExpertTrainingResponse:
         spec = message_to_dict(request.spec)
@@ -76,8 +112,10 @@ def build_server(settings: TrainingSettings, *, core: TrainingCore | None = None
     core = core or TrainingCore(settings)
     core.recover()
     servicer = TrainingServicer(core)
+    servicer.evaluation.recover()
     server = SelmaServer(settings, [ServiceRegistration(name=SERVICE_NAME, servicer=servicer, add_fn=pb_grpc.add_TrainingServiceServicer_to_server)], name="training")
     server.core = core  # type: ignore[attr-defined]  # tests and main() reach the core through the server
+    server.evaluation = servicer.evaluation  # type: ignore[attr-defined]
     return server.start()
 
 
@@ -85,9 +123,16 @@ def main() -> int:
     settings = TrainingSettings()
     configure_logging(settings.log_level, settings.log_format)
     core = TrainingCore(settings)
+    servicer = TrainingServicer(core)
+
+    def on_start(_server: Any) -> None:
+        core.recover()
+        servicer.evaluation.recover()
+
     try:
-        serve(settings, [ServiceRegistration(name=SERVICE_NAME, servicer=TrainingServicer(core), add_fn=pb_grpc.add_TrainingServiceServicer_to_server)],
-              name="training", on_start=lambda _server: core.recover())
+        serve(settings, [ServiceRegistration(name=SERVICE_NAME, servicer=servicer, add_fn=pb_grpc.add_TrainingServiceServicer_to_server)],
+              name="training", on_start=on_start)
     finally:
+        servicer.evaluation.shutdown()
         core.shutdown()
     return 0

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from selma.config import SelmaSettings
+from selma_evaluation.settings import EvaluationSettings
 
 
-class TrainingSettings(SelmaSettings):
+class TrainingSettings(EvaluationSettings):
     """The shared settings plus launcher, Kubernetes Job and trainer options."""
 
     training_default_model: str = Field("", description="Base model used when a request names none.")

@@ -23,7 +23,9 @@ _COMMAND_MODULES = (
     "selma.runner",
 )
 # Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
-_SERVICE_COMMAND_MODULES = ("selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli")
+_SERVICE_COMMAND_MODULES = (
+    "selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli", "selma_evaluation.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

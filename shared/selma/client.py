@@ -106,6 +106,7 @@ JOB_KINDS = {
     "render": _JobKind("render", "StartDatasetRender", "GetDatasetRender", "WatchDatasetRender", "CancelDatasetRender", "ListDatasetRenders", render_service_pb2),
     "training": _JobKind("training", "StartExpertTraining", "GetExpertTraining", "WatchExpertTraining", "CancelExpertTraining", "ListExpertTrainings", training_service_pb2),
     "merge": _JobKind("serving", "StartMerge", "GetMerge", "WatchMerge", "CancelMerge", "ListMerges", serving_service_pb2),
+    "evaluation": _JobKind("training", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation", "ListEvaluations", training_service_pb2),
 }
 
 
@@ -189,7 +190,7 @@ class SelmaClient:
         return self._stubs[service]
 
     def jobs(self, kind: str) -> JobClient:
-        """Job calls for ``prompts``, ``render``, ``training`` or ``merge``."""
+        """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``."""
         k = JOB_KINDS[kind]
         return JobClient(self.stub(k.service), k, self.timeout)
 

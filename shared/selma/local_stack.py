@@ -99,8 +99,12 @@ class LocalStack:
     def start(self, timeout: float = 180.0) -> Endpoints:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        # Ports first: the training service must know serving's address (evaluations render through it).
+        ports = {name: (free_port(), free_port()) for name in self.services}
+        if "serving" in ports:
+            self.extra_env.setdefault("SELMA_EVAL_SERVING_ENDPOINT", f"127.0.0.1:{ports['serving'][0]}")
         for name in self.services:
-            self._spawn(name, free_port(), free_port())
+            self._spawn(name, *ports[name])
         for name in self.processes:
             self._wait_serving(name, timeout)
         endpoints = self.endpoints()

@@ -325,8 +325,26 @@ class RunDriver:
             raise errors[0]
         job = self.drive("merge", None, merge_job_spec(ss, experts))
         merged = job.status.output.id
-        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now())
-        return {"model_name": ss.model_name, "merged_model": merged, "experts": experts}
+        result: dict[str, Any] = {"model_name": ss.model_name, "merged_model": merged, "experts": experts}
+        if ss.evaluation is not None:
+            job = self.drive("evaluation", None, evaluation_spec(ss))
+            result["eval_report"] = job.status.output.id
+            result["scores"] = {f"{s.target_label}/{training_service_pb2.EvaluationMetric.Name(s.metric).removeprefix('EVALUATION_METRIC_').lower()}": round(s.score_percent, 2)
+                                for s in job.stats.scores if not s.category and not s.skill}
+        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now(),
+                       **{k: result[k] for k in ("eval_report", "scores") if k in result})
+        return result
+
+
+def evaluation_spec(ss: SkillSet) -> training_service_pb2.EvaluationSpec:
+    """The SkillSet's evaluation section for this run: base vs the merged model unless it names targets."""
+    spec = training_service_pb2.EvaluationSpec()
+    spec.CopyFrom(ss.evaluation)
+    spec.run = ss.name
+    if not spec.targets:
+        spec.targets.add(label="base")
+        spec.targets.add(label=ss.model_name, model_name=ss.model_name)
+    return spec
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -528,7 +528,10 @@ def test_network_policy_admits_only_grpc_metrics_and_s3() -> None:
     assert set(main["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     grpc_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
     not_trainers = [{"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["trainer"]}]
-    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}, "matchExpressions": not_trainers}}]
+    evaluators = {"app.kubernetes.io/component": "trainer", "app.kubernetes.io/part-of": "selma", "app.kubernetes.io/instance": "selma",
+                  "selma.dev/task": "eval"}
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "selma"}, "matchExpressions": not_trainers}},
+                                 {"podSelector": {"matchLabels": evaluators}}]
     metrics_rule = next(r for r in main["spec"]["ingress"] if r["ports"][0]["port"] == 9400)
     assert all("namespaceSelector" in peer for peer in metrics_rule["from"])
     assert sorted(p["port"] for p in minio["spec"]["ingress"][0]["ports"]) == [9000, 9001]

@@ -219,3 +219,20 @@ def test_instance_setting_must_be_a_label_value():
         settings(training_instance="not a label!")
     with pytest.raises(ValidationError):
         settings(training_instance="x" * 64)
+
+
+def test_an_evaluation_job_runs_the_eval_worker_with_its_own_name_label_and_settings():
+    settings = TrainingSettings(eval_serving_endpoint="selma-serving:50051", eval_vqa_model="org/vqa", storage_uri="s3://b/p")
+    req = LaunchRequest(job_id="evaluation-0123456789abcdef", idempotency_key="run-1/eval", run="run-1", skill="evaluation",
+                        config_uri="s3://b/p/evaluation/evaluation-0123456789abcdef/job.json", expert_id="eval_report-x", task="eval")
+    job = build_job(req, settings)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["selma", "eval", "execute", "--config", req.config_uri]
+    assert job["metadata"]["name"].startswith("selma-eval-run-1-evaluation-")
+    assert job["metadata"]["labels"]["selma.dev/task"] == "eval"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051" and env["SELMA_EVAL_VQA_MODEL"] == "org/vqa"
+    train = build_job(LaunchRequest(job_id="j", idempotency_key="k", run="r", skill="s", config_uri="s3://b/c", expert_id="e"), settings)
+    assert train["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["selma", "train"]
+    assert not any(e["name"].startswith("SELMA_EVAL_") for e in train["spec"]["template"]["spec"]["containers"][0]["env"])
+    assert train["metadata"]["labels"]["selma.dev/task"] == "train"

