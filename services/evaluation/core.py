@@ -267,7 +267,7 @@ class EvaluationCore:
         return self.manager.list(**kwargs)
 
     def cancel(self, job_id: str, reason: str = "") -> JobRecord:
-        rec = self.manager.cancel(job_id, reason or "cancelled by client")
+        self.manager.cancel(job_id, reason or "cancelled by client")
         with self._lock:
             live = self._live.get(job_id)
         if live is not None:

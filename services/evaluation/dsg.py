@@ -226,7 +226,7 @@ class _Slice:
             score_percent=100.0 * sum(per_item) / len(per_item) if per_item else 0.0,
             micro_percent=100.0 * self.question_sum / self.question_n if self.question_n else 0.0,
             prompt_count=len(per_item),
-            question_count=len(self.questions),
+            question_count=self.question_n,
         )
 
 
@@ -239,7 +239,7 @@ def score_dsg(samples: Iterable[Sample], rule: str = "transitive") -> ScoreTable
     images.  For each category (``item.category``) and overall: ``score_percent`` is the mean over
     items ×100 (the DSG standard), ``micro_percent`` the question scores summed over all questions of
     all images ×100 (what SELMA's script printed); ``prompt_count`` counts items and
-    ``question_count`` distinct questions.  ``per_question_category`` groups questions by their broad
+    ``question_count`` answered questions (questions × images, as TIFA counts them).  ``per_question_category`` groups questions by their broad
     category (entity, attribute, relation, global, other): ``micro_percent`` is that type's accuracy,
     ``score_percent`` the mean over items having such questions of their mean on them.
 

@@ -827,7 +827,6 @@ def _html_summary(m: _Model) -> str:
 
 
 def _html_items(m: _Model, max_items: int) -> str:
-    inp = m.inp
     shown = m.ordered_items[:max_items]
     omitted = len(m.ordered_items) - len(shown)
     parts = ["<h2>Items</h2>\n"]

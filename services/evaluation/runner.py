@@ -482,7 +482,7 @@ class EvaluationRunner:
     def _render_target(self, target: Target, items: Sequence[EvalItem], prefix: str) -> dict[tuple[str, int], str]:
         """Render what is missing; returns (item id, image index) → storage key of the PNG."""
         keys: dict[tuple[str, int], str] = {}
-        present = set(self.storage.list(self._key(prefix, target.slug) + "/"))
+        present = {o.key for o in self.storage.list(self._key(prefix, target.slug) + "/")}
         for item in items:
             self._check()
             names = [self._key(prefix, target.slug, f"{slug(item.id)}-{i}.png") for i in range(self.ipp)]
@@ -505,12 +505,14 @@ class EvaluationRunner:
 
         from selma_evaluation.vqa import VqaQuery
 
-        key = self._key(prefix, "answers", f"{target.slug}.json")
-        stored = self._read_json(key) or {}
+        # answers are appended as numbered part files, one per batch: a resumed worker reads them all
+        part_prefix = self._key(prefix, "answers", target.slug) + "/"
         answers: dict[tuple[str, int, str], str] = {}
-        for k, v in stored.items():
-            item_id, idx, qid = json.loads(k)
-            answers[(item_id, int(idx), qid)] = v
+        parts = self.storage.list(part_prefix)
+        for obj in parts:
+            for item_id, idx, qid, answer in json.loads(self.storage.get_bytes(obj.key)):
+                answers[(item_id, int(idx), qid)] = answer
+        next_part = len(parts)
         todo: list[tuple[tuple[str, int, str], Question]] = []
         for item in items:
             for q in item.questions:
@@ -535,10 +537,13 @@ class EvaluationRunner:
                     img = decoded[(item_id, i)] = Image.open(io.BytesIO(png)).convert("RGB")
                 queries.append(VqaQuery(image=img, question=q.text, choices=q.choices))
             got = self.vqa.answer(queries)
+            if len(got) != len(queries):
+                raise FailedPrecondition(f"the VQA backend returned {len(got)} answers for {len(queries)} questions")
             for ((k3, _q), a) in zip(chunk, got):
                 answers[k3] = a
             self.stats["questions_answered"] += len(chunk)
-            self._write_json(key, {json.dumps([k[0], k[1], k[2]]): v for k, v in answers.items()})
+            self._write_json(f"{part_prefix}part-{next_part:06d}.json", [[k3[0], k3[1], k3[2], a] for ((k3, _q), a) in zip(chunk, got)])
+            next_part += 1
             self._report_progress(f"answering {target.label}")
         return answers
 

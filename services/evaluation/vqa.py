@@ -50,8 +50,8 @@ import selma
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 from selma_evaluation.settings import EvaluationSettings
-from selma_prompts.llm import _excerpt, _retry_after, _Retryable
-from selma_prompts.spec import _FORBIDDEN_EXTRA, _RESERVED_EXTRA, _check_known, _duration, _float, _int, _mapping, _str
+from selma_prompts.llm import response_excerpt, retry_after_seconds, RetryableError
+from selma_prompts.spec import FORBIDDEN_EXTRA_FIELDS, RESERVED_EXTRA_FIELDS, check_known_fields, parse_duration, parse_float, parse_int, parse_mapping, parse_str
 
 log = logging.getLogger(__name__)
 
@@ -185,21 +185,21 @@ def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetting
     Raises InvalidArgument naming the field (``spec.vqa.transformers.batch_size``, …) and
     PermissionDenied when a configured API key would go to an endpoint not configured for it.
     """
-    d = _mapping(backend, FIELD)
-    _check_known(d, set(BACKEND_KINDS), FIELD)
+    d = parse_mapping(backend, FIELD)
+    check_known_fields(d, set(BACKEND_KINDS), FIELD)
     if len(d) > 1:
         raise InvalidArgument(f"set exactly one VQA backend; got {sorted(d)}", field=FIELD)
     if not d:
         return TransformersVqaSpec(source=settings.eval_vqa_model, batch_size=settings.eval_vqa_batch_size)
     kind, body = next(iter(d.items()))
     fld = f"{FIELD}.{kind}"
-    body = _mapping(body, fld)
+    body = parse_mapping(body, fld)
     if kind == "transformers":
         return _parse_transformers(body, fld, settings)
     if kind == "openai_compatible":
         return _parse_openai(body, fld, settings)
-    _check_known(body, {"seed"}, fld)
-    return TinyTestVqaSpec(seed=_int(body.get("seed"), f"{fld}.seed"), batch_size=settings.eval_vqa_batch_size)
+    check_known_fields(body, {"seed"}, fld)
+    return TinyTestVqaSpec(seed=parse_int(body.get("seed"), f"{fld}.seed"), batch_size=settings.eval_vqa_batch_size)
 
 
 def resolve_backend(backend: Mapping[str, Any] | None, settings: EvaluationSettings) -> dict[str, Any]:
@@ -233,28 +233,28 @@ def resolve_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetti
 
 
 def _parse_transformers(body: Mapping[str, Any], fld: str, settings: EvaluationSettings) -> TransformersVqaSpec:
-    _check_known(body, {"model", "device", "batch_size"}, fld)
-    model = _mapping(body.get("model"), f"{fld}.model")
-    _check_known(model, {"source", "revision", "variant", "vae_source"}, f"{fld}.model")
+    check_known_fields(body, {"model", "device", "batch_size"}, fld)
+    model = parse_mapping(body.get("model"), f"{fld}.model")
+    check_known_fields(model, {"source", "revision", "variant", "vae_source"}, f"{fld}.model")
     if model.get("variant") or model.get("vae_source"):
         raise InvalidArgument("variant and vae_source do not apply to VQA models; leave them empty", field=f"{fld}.model")
-    source = _str(model.get("source"), f"{fld}.model.source") or settings.eval_vqa_model
+    source = parse_str(model.get("source"), f"{fld}.model.source") or settings.eval_vqa_model
     if source.startswith("tiny://"):
         raise InvalidArgument("there is no tiny transformers VQA model; use the tiny_test backend", field=f"{fld}.model.source")
-    device_opts = _mapping(body.get("device"), f"{fld}.device")
-    _check_known(device_opts, {"device", "precision"}, f"{fld}.device")
-    device = _str(device_opts.get("device"), f"{fld}.device.device").lower()
+    device_opts = parse_mapping(body.get("device"), f"{fld}.device")
+    check_known_fields(device_opts, {"device", "precision"}, f"{fld}.device")
+    device = parse_str(device_opts.get("device"), f"{fld}.device.device").lower()
     if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device.device")
     precision = device_opts.get("precision") or "PRECISION_UNSPECIFIED"
     if precision not in _PRECISION:
         raise InvalidArgument(f"unknown precision {precision!r}; use one of {sorted(_PRECISION)}", field=f"{fld}.device.precision")
-    batch = _int(body.get("batch_size"), f"{fld}.batch_size")
+    batch = parse_int(body.get("batch_size"), f"{fld}.batch_size")
     if not 0 <= batch <= 256:
         raise InvalidArgument(f"batch_size must be in 1..256 (0 = service default); got {batch}", field=f"{fld}.batch_size")
     return TransformersVqaSpec(
         source=source,
-        revision=_str(model.get("revision"), f"{fld}.model.revision"),
+        revision=parse_str(model.get("revision"), f"{fld}.model.revision"),
         device=device,
         precision=_PRECISION[precision],
         batch_size=batch or settings.eval_vqa_batch_size,
@@ -262,10 +262,10 @@ def _parse_transformers(body: Mapping[str, Any], fld: str, settings: EvaluationS
 
 
 def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSettings) -> OpenAiVqaSpec:
-    _check_known(
+    check_known_fields(
         body, {"base_url", "model", "api_key", "api", "sampling", "request_timeout", "max_concurrency", "max_retries", "extra_body"}, fld
     )
-    base_url = (_str(body.get("base_url"), f"{fld}.base_url") or settings.eval_vqa_openai_base_url).rstrip("/")
+    base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or settings.eval_vqa_openai_base_url).rstrip("/")
     if not base_url:
         raise InvalidArgument(
             "base_url is required (e.g. http://vllm.llm.svc:8000/v1): the service has no default (eval_vqa_openai_base_url)",
@@ -275,49 +275,49 @@ def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSetting
         raise InvalidArgument(f"base_url must be an http(s) URL up to and including /v1; got {base_url!r}", field=f"{fld}.base_url")
     if "@" in base_url.split("/")[2]:
         raise InvalidArgument("base_url must not carry credentials; name an api_key secret instead", field=f"{fld}.base_url")
-    model = _str(body.get("model"), f"{fld}.model") or settings.eval_vqa_openai_model
+    model = parse_str(body.get("model"), f"{fld}.model") or settings.eval_vqa_openai_model
     if not model:
         raise InvalidArgument("model is required: the service has no default (eval_vqa_openai_model)", field=f"{fld}.model")
     api = body.get("api") or "OPEN_AI_API_UNSPECIFIED"
     if api not in ("OPEN_AI_API_UNSPECIFIED", "OPEN_AI_API_CHAT_COMPLETIONS"):
         raise InvalidArgument(f"VQA needs chat completions (images are message parts); got api {api!r}", field=f"{fld}.api")
-    key = _mapping(body.get("api_key"), f"{fld}.api_key")
-    _check_known(key, {"name", "key"}, f"{fld}.api_key")
-    sampling = _mapping(body.get("sampling"), f"{fld}.sampling")
-    _check_known(sampling, {"temperature", "top_p", "max_tokens", "stop"}, f"{fld}.sampling")
+    key = parse_mapping(body.get("api_key"), f"{fld}.api_key")
+    check_known_fields(key, {"name", "key"}, f"{fld}.api_key")
+    sampling = parse_mapping(body.get("sampling"), f"{fld}.sampling")
+    check_known_fields(sampling, {"temperature", "top_p", "max_tokens", "stop"}, f"{fld}.sampling")
     # Greedy by default: an evaluation must give the same answers when it is run again.
-    temperature = _float(sampling.get("temperature"), f"{fld}.sampling.temperature", 0.0)
+    temperature = parse_float(sampling.get("temperature"), f"{fld}.sampling.temperature", 0.0)
     if not 0 <= temperature <= 2:
         raise InvalidArgument(f"temperature must be in [0, 2]; got {temperature}", field=f"{fld}.sampling.temperature")
-    top_p = _float(sampling.get("top_p"), f"{fld}.sampling.top_p", 1.0)
+    top_p = parse_float(sampling.get("top_p"), f"{fld}.sampling.top_p", 1.0)
     if not 0 < top_p <= 1:
         raise InvalidArgument(f"top_p must be in (0, 1]; got {top_p}", field=f"{fld}.sampling.top_p")
-    max_tokens = _int(sampling.get("max_tokens"), f"{fld}.sampling.max_tokens")
+    max_tokens = parse_int(sampling.get("max_tokens"), f"{fld}.sampling.max_tokens")
     if not 0 <= max_tokens <= 4096:
         raise InvalidArgument(f"max_tokens must be in 0..4096 (0 = default); got {max_tokens}", field=f"{fld}.sampling.max_tokens")
     stop = sampling.get("stop") or []
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
         raise InvalidArgument("stop must be a list of at most 8 non-empty strings", field=f"{fld}.sampling.stop")
-    timeout = _duration(body.get("request_timeout"), f"{fld}.request_timeout")
+    timeout = parse_duration(body.get("request_timeout"), f"{fld}.request_timeout")
     if timeout is not None and not 0 < timeout <= 3600:
         raise InvalidArgument(f"request_timeout must be in (0, 3600] seconds; got {timeout}", field=f"{fld}.request_timeout")
-    concurrency = _int(body.get("max_concurrency"), f"{fld}.max_concurrency")
+    concurrency = parse_int(body.get("max_concurrency"), f"{fld}.max_concurrency")
     if not 0 <= concurrency <= 64:
         raise InvalidArgument(f"max_concurrency must be in 1..64 (0 = default); got {concurrency}", field=f"{fld}.max_concurrency")
-    retries = _int(body.get("max_retries"), f"{fld}.max_retries", settings.eval_vqa_max_retries)
+    retries = parse_int(body.get("max_retries"), f"{fld}.max_retries", settings.eval_vqa_max_retries)
     if not 0 <= retries <= 10:
         raise InvalidArgument(f"max_retries must be in 0..10; got {retries}", field=f"{fld}.max_retries")
-    extra = _mapping(body.get("extra_body"), f"{fld}.extra_body")
+    extra = parse_mapping(body.get("extra_body"), f"{fld}.extra_body")
     for k in extra:
-        if _FORBIDDEN_EXTRA.search(k):
+        if FORBIDDEN_EXTRA_FIELDS.search(k):
             raise InvalidArgument(f"extra_body must not carry credentials ({k!r}); name an api_key secret instead", field=f"{fld}.extra_body")
-        if k in _RESERVED_EXTRA:
+        if k in RESERVED_EXTRA_FIELDS:
             raise InvalidArgument(f"extra_body cannot set {k!r}: the service controls it", field=f"{fld}.extra_body")
     spec = OpenAiVqaSpec(
         base_url=base_url,
         model=model,
-        api_key_name=_str(key.get("name"), f"{fld}.api_key.name"),
-        api_key_key=_str(key.get("key"), f"{fld}.api_key.key"),
+        api_key_name=parse_str(key.get("name"), f"{fld}.api_key.name"),
+        api_key_key=parse_str(key.get("key"), f"{fld}.api_key.key"),
         request_timeout=timeout or settings.eval_vqa_request_timeout_seconds,
         max_concurrency=concurrency or settings.eval_vqa_concurrency,
         max_retries=retries,
@@ -823,7 +823,7 @@ class OpenAiVqa(VqaModel):
         for attempt in range(attempts):
             try:
                 return self._parse(self._client.post(self._url, json=body))
-            except _Retryable as e:
+            except RetryableError as e:
                 last, retry_after = str(e), e.retry_after
             except httpx.TimeoutException:
                 last, retry_after = f"timed out after {self.spec.request_timeout:g} s", None
@@ -848,7 +848,7 @@ class OpenAiVqa(VqaModel):
     def _parse(self, resp: httpx.Response) -> str:
         status = resp.status_code
         if status == 429 or status >= 500:
-            raise _Retryable(f"http_{'429' if status == 429 else '5xx'}", f"HTTP {status}: {_excerpt(resp)}", _retry_after(resp))
+            raise RetryableError(f"http_{'429' if status == 429 else '5xx'}", f"HTTP {status}: {response_excerpt(resp)}", retry_after_seconds(resp))
         if status in (401, 403):
             raise PermissionDenied(
                 f"the vision endpoint {self.spec.base_url} refused the credential (HTTP {status}); check the api_key secret",
@@ -856,12 +856,12 @@ class OpenAiVqa(VqaModel):
             )
         if status >= 400:
             raise InvalidArgument(
-                f"the vision endpoint rejected the request (HTTP {status} from {self._url}): {_excerpt(resp)}; "
+                f"the vision endpoint rejected the request (HTTP {status} from {self._url}): {response_excerpt(resp)}; "
                 "check base_url (up to and including /v1), that the model accepts images, and extra_body",
                 field=f"{FIELD}.openai_compatible",
             )
         if status != 200:
-            raise _Retryable("invalid_response", f"unexpected HTTP {status}")
+            raise RetryableError("invalid_response", f"unexpected HTTP {status}")
         try:
             content = resp.json()["choices"][0]["message"]["content"]
             if isinstance(content, list):  # some servers answer with content parts
@@ -869,5 +869,5 @@ class OpenAiVqa(VqaModel):
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Retryable("invalid_response", f"unusable response body ({type(e).__name__}): {_excerpt(resp)}") from None
+            raise RetryableError("invalid_response", f"unusable response body ({type(e).__name__}): {response_excerpt(resp)}") from None
         return content.strip()

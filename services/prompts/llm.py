@@ -89,7 +89,7 @@ def request_seed(seed: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Retryable(Exception):
+class RetryableError(Exception):
     def __init__(self, error_class: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.error_class = error_class
@@ -171,7 +171,7 @@ class OpenAICompatibleBackend(LlmBackend):
             try:
                 resp = self._client.post(self._url, json=body)
                 out = self._parse(resp)
-            except _Retryable as e:
+            except RetryableError as e:
                 metrics.LLM_REQUEST_SECONDS.labels(self.kind).observe(time.perf_counter() - t0)
                 metrics.LLM_ERRORS.labels(self.kind, e.error_class).inc()
                 last, retry_after = str(e), e.retry_after
@@ -206,7 +206,7 @@ class OpenAICompatibleBackend(LlmBackend):
     def _parse(self, resp: httpx.Response) -> LlmResponse:
         status = resp.status_code
         if status == 429 or status >= 500:
-            raise _Retryable(f"http_{'429' if status == 429 else '5xx'}", f"HTTP {status}: {_excerpt(resp)}", _retry_after(resp))
+            raise RetryableError(f"http_{'429' if status == 429 else '5xx'}", f"HTTP {status}: {response_excerpt(resp)}", retry_after_seconds(resp))
         if status in (401, 403):
             metrics.LLM_ERRORS.labels(self.kind, "http_4xx").inc()
             raise PermissionDenied(
@@ -216,12 +216,12 @@ class OpenAICompatibleBackend(LlmBackend):
         if status >= 400:
             metrics.LLM_ERRORS.labels(self.kind, "http_4xx").inc()
             raise InvalidArgument(
-                f"the LLM endpoint rejected the request (HTTP {status} from {self._url}): {_excerpt(resp)}; "
+                f"the LLM endpoint rejected the request (HTTP {status} from {self._url}): {response_excerpt(resp)}; "
                 "check base_url (up to and including /v1), model and extra_body",
                 field="spec.backend.openai_compatible",
             )
         if status != 200:
-            raise _Retryable("invalid_response", f"unexpected HTTP {status}")
+            raise RetryableError("invalid_response", f"unexpected HTTP {status}")
         try:
             data = resp.json()
             choice = data["choices"][0]
@@ -232,7 +232,7 @@ class OpenAICompatibleBackend(LlmBackend):
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Retryable("invalid_response", f"unusable response body ({type(e).__name__}): {_excerpt(resp)}") from None
+            raise RetryableError("invalid_response", f"unusable response body ({type(e).__name__}): {response_excerpt(resp)}") from None
         usage = data.get("usage") or {}
         out = LlmResponse(
             text=text,
@@ -246,7 +246,7 @@ class OpenAICompatibleBackend(LlmBackend):
         return out
 
 
-def _excerpt(resp: httpx.Response) -> str:
+def response_excerpt(resp: httpx.Response) -> str:
     try:
         text = resp.text
     except UnicodeDecodeError:
@@ -255,7 +255,7 @@ def _excerpt(resp: httpx.Response) -> str:
     return text[:_BODY_EXCERPT] + ("…" if len(text) > _BODY_EXCERPT else "") or "<empty body>"
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def retry_after_seconds(resp: httpx.Response) -> float | None:
     value = resp.headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else None

@@ -26,8 +26,8 @@ DEFAULT_PROMPTS_PER_REQUEST = 20
 DEFAULT_MAX_COSINE = 0.9
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Keys of extra_body that would smuggle credentials or replace what the loop controls.
-_FORBIDDEN_EXTRA = re.compile(r"(api[-_]?key|authori[sz]ation|secret|password|bearer|^token$|access[-_]?token|^headers?$)", re.I)
-_RESERVED_EXTRA = {"model", "prompt", "messages", "n", "stream"}
+FORBIDDEN_EXTRA_FIELDS = re.compile(r"(api[-_]?key|authori[sz]ation|secret|password|bearer|^token$|access[-_]?token|^headers?$)", re.I)
+RESERVED_EXTRA_FIELDS = {"model", "prompt", "messages", "n", "stream"}
 _OPENAI_API = {"OPEN_AI_API_UNSPECIFIED": "", "OPEN_AI_API_COMPLETIONS": "completions", "OPEN_AI_API_CHAT_COMPLETIONS": "chat"}
 _PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 BACKEND_KINDS = ("openai_compatible", "local_causal_lm", "embedded", "tiny_test")
@@ -140,7 +140,7 @@ def default_budget(count: int, prompts_per_request: int) -> int:
     return math.ceil(10 * count / prompts_per_request) + 10
 
 
-def _int(value: Any, fld: str, default: int = 0) -> int:
+def parse_int(value: Any, fld: str, default: int = 0) -> int:
     if value is None or value == "":
         return default
     if isinstance(value, bool):
@@ -153,7 +153,7 @@ def _int(value: Any, fld: str, default: int = 0) -> int:
         raise InvalidArgument(f"must be an integer; got {value!r}", field=fld) from None
 
 
-def _float(value: Any, fld: str, default: float | None = None) -> float | None:
+def parse_float(value: Any, fld: str, default: float | None = None) -> float | None:
     if value is None or value == "":
         return default
     if isinstance(value, bool):
@@ -167,7 +167,7 @@ def _float(value: Any, fld: str, default: float | None = None) -> float | None:
     return out
 
 
-def _duration(value: Any, fld: str) -> float | None:
+def parse_duration(value: Any, fld: str) -> float | None:
     """A protobuf JSON duration ("1.5s") or a number of seconds."""
     if value is None or value == "":
         return None
@@ -175,10 +175,10 @@ def _duration(value: Any, fld: str) -> float | None:
         if not value.endswith("s"):
             raise InvalidArgument(f"must be a duration such as '30s'; got {value!r}", field=fld)
         value = value[:-1]
-    return _float(value, fld)
+    return parse_float(value, fld)
 
 
-def _str(value: Any, fld: str) -> str:
+def parse_str(value: Any, fld: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -186,7 +186,7 @@ def _str(value: Any, fld: str) -> str:
     return value.strip()
 
 
-def _mapping(value: Any, fld: str) -> Mapping[str, Any]:
+def parse_mapping(value: Any, fld: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -194,22 +194,22 @@ def _mapping(value: Any, fld: str) -> Mapping[str, Any]:
     return value
 
 
-def _check_known(d: Mapping[str, Any], allowed: set[str], fld: str) -> None:
+def check_known_fields(d: Mapping[str, Any], allowed: set[str], fld: str) -> None:
     unknown = set(d) - allowed
     if unknown:
         raise InvalidArgument(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}", field=fld)
 
 
 def _sampling(d: Any, fld: str, settings: PromptSettings) -> Sampling:
-    d = _mapping(d, fld)
-    _check_known(d, {"temperature", "top_p", "max_tokens", "stop"}, fld)
-    temperature = _float(d.get("temperature"), f"{fld}.temperature", 1.0)
+    d = parse_mapping(d, fld)
+    check_known_fields(d, {"temperature", "top_p", "max_tokens", "stop"}, fld)
+    temperature = parse_float(d.get("temperature"), f"{fld}.temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise InvalidArgument(f"temperature must be in [0, 2]; got {temperature}", field=f"{fld}.temperature")
-    top_p = _float(d.get("top_p"), f"{fld}.top_p", 1.0)
+    top_p = parse_float(d.get("top_p"), f"{fld}.top_p", 1.0)
     if not 0 < top_p <= 1:
         raise InvalidArgument(f"top_p must be in (0, 1]; got {top_p}", field=f"{fld}.top_p")
-    max_tokens = _int(d.get("max_tokens"), f"{fld}.max_tokens")
+    max_tokens = parse_int(d.get("max_tokens"), f"{fld}.max_tokens")
     if max_tokens < 0 or max_tokens > 131072:
         raise InvalidArgument(f"max_tokens must be in 0..131072 (0 = default); got {max_tokens}", field=f"{fld}.max_tokens")
     stop = d.get("stop") or []
@@ -219,9 +219,9 @@ def _sampling(d: Any, fld: str, settings: PromptSettings) -> Sampling:
 
 
 def _device(d: Any, fld: str) -> tuple[str, str]:
-    d = _mapping(d, fld)
-    _check_known(d, {"device", "precision"}, fld)
-    device = _str(d.get("device"), f"{fld}.device").lower()
+    d = parse_mapping(d, fld)
+    check_known_fields(d, {"device", "precision"}, fld)
+    device = parse_str(d.get("device"), f"{fld}.device").lower()
     if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device")
     precision = d.get("precision") or "PRECISION_UNSPECIFIED"
@@ -237,20 +237,20 @@ def _credential_endpoint_allowed(base_url: str, settings: PromptSettings) -> boo
 
 def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend") -> BackendSpec:
     """Validate an ``LlmBackend`` dict (empty = the service default)."""
-    d = _mapping(d, fld)
-    _check_known(d, set(BACKEND_KINDS), fld)
+    d = parse_mapping(d, fld)
+    check_known_fields(d, set(BACKEND_KINDS), fld)
     if len(d) > 1:
         raise InvalidArgument(f"set exactly one backend; got {sorted(d)}", field=fld)
     kind, body = next(iter(d.items())) if d else (settings.prompts_default_backend, {})
     fld = f"{fld}.{kind}"
-    body = _mapping(body, fld)
+    body = parse_mapping(body, fld)
     if kind == "openai_compatible":
-        _check_known(
+        check_known_fields(
             body,
             {"base_url", "model", "api_key", "api", "sampling", "request_timeout", "max_concurrency", "max_retries", "extra_body"},
             fld,
         )
-        base_url = (_str(body.get("base_url"), f"{fld}.base_url") or settings.prompts_openai_base_url).rstrip("/")
+        base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or settings.prompts_openai_base_url).rstrip("/")
         if not base_url:
             raise InvalidArgument(
                 "base_url is required (e.g. http://vllm.llm.svc:8000/v1): the service has no default (prompts_openai_base_url)",
@@ -260,28 +260,28 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             raise InvalidArgument(f"base_url must be an http(s) URL up to and including /v1; got {base_url!r}", field=f"{fld}.base_url")
         if "@" in base_url.split("/")[2]:
             raise InvalidArgument("base_url must not carry credentials; name an api_key secret instead", field=f"{fld}.base_url")
-        model = _str(body.get("model"), f"{fld}.model") or settings.prompts_openai_model
+        model = parse_str(body.get("model"), f"{fld}.model") or settings.prompts_openai_model
         if not model:
             raise InvalidArgument("model is required: the service has no default (prompts_openai_model)", field=f"{fld}.model")
-        key = _mapping(body.get("api_key"), f"{fld}.api_key")
-        _check_known(key, {"name", "key"}, f"{fld}.api_key")
+        key = parse_mapping(body.get("api_key"), f"{fld}.api_key")
+        check_known_fields(key, {"name", "key"}, f"{fld}.api_key")
         api_name = body.get("api") or "OPEN_AI_API_UNSPECIFIED"
         if api_name not in _OPENAI_API:
             raise InvalidArgument(f"unknown api {api_name!r}", field=f"{fld}.api")
-        timeout = _duration(body.get("request_timeout"), f"{fld}.request_timeout")
+        timeout = parse_duration(body.get("request_timeout"), f"{fld}.request_timeout")
         if timeout is not None and not 0 < timeout <= 3600:
             raise InvalidArgument(f"request_timeout must be in (0, 3600] seconds; got {timeout}", field=f"{fld}.request_timeout")
-        concurrency = _int(body.get("max_concurrency"), f"{fld}.max_concurrency")
+        concurrency = parse_int(body.get("max_concurrency"), f"{fld}.max_concurrency")
         if not 0 <= concurrency <= 64:
             raise InvalidArgument(f"max_concurrency must be in 1..64 (0 = default); got {concurrency}", field=f"{fld}.max_concurrency")
-        retries = _int(body.get("max_retries"), f"{fld}.max_retries", settings.prompts_max_retries)
+        retries = parse_int(body.get("max_retries"), f"{fld}.max_retries", settings.prompts_max_retries)
         if not 0 <= retries <= 10:
             raise InvalidArgument(f"max_retries must be in 0..10; got {retries}", field=f"{fld}.max_retries")
-        extra = _mapping(body.get("extra_body"), f"{fld}.extra_body")
+        extra = parse_mapping(body.get("extra_body"), f"{fld}.extra_body")
         for k in extra:
-            if _FORBIDDEN_EXTRA.search(k):
+            if FORBIDDEN_EXTRA_FIELDS.search(k):
                 raise InvalidArgument(f"extra_body must not carry credentials ({k!r}); name an api_key secret instead", field=f"{fld}.extra_body")
-            if k in _RESERVED_EXTRA:
+            if k in RESERVED_EXTRA_FIELDS:
                 raise InvalidArgument(f"extra_body cannot set {k!r}: the service controls it", field=f"{fld}.extra_body")
         spec = BackendSpec(
             kind=kind,
@@ -289,8 +289,8 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             base_url=base_url,
             model=model,
             api=_OPENAI_API[api_name] or settings.prompts_openai_api,
-            api_key_name=_str(key.get("name"), f"{fld}.api_key.name"),
-            api_key_key=_str(key.get("key"), f"{fld}.api_key.key"),
+            api_key_name=parse_str(key.get("name"), f"{fld}.api_key.name"),
+            api_key_key=parse_str(key.get("key"), f"{fld}.api_key.key"),
             request_timeout=timeout or settings.prompts_request_timeout_seconds,
             max_concurrency=concurrency or settings.prompts_max_concurrency,
             max_retries=retries,
@@ -307,10 +307,10 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             )
         return spec
     if kind == "local_causal_lm":
-        _check_known(body, {"model", "device", "sampling", "use_chat_template"}, fld)
-        model_ref = _mapping(body.get("model"), f"{fld}.model")
-        _check_known(model_ref, {"source", "revision", "variant", "vae_source"}, f"{fld}.model")
-        source = _str(model_ref.get("source"), f"{fld}.model.source") or settings.prompts_local_model
+        check_known_fields(body, {"model", "device", "sampling", "use_chat_template"}, fld)
+        model_ref = parse_mapping(body.get("model"), f"{fld}.model")
+        check_known_fields(model_ref, {"source", "revision", "variant", "vae_source"}, f"{fld}.model")
+        source = parse_str(model_ref.get("source"), f"{fld}.model.source") or settings.prompts_local_model
         if not source:
             raise InvalidArgument("model.source is required (a model directory or hub id): the service has no default", field=f"{fld}.model.source")
         device, precision = _device(body.get("device"), f"{fld}.device")
@@ -326,12 +326,12 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             use_chat_template=chat,
         )
     if kind == "embedded":
-        _check_known(body, {"device", "sampling"}, fld)
+        check_known_fields(body, {"device", "sampling"}, fld)
         device, precision = _device(body.get("device"), f"{fld}.device")
         return BackendSpec(kind=kind, sampling=_sampling(body.get("sampling"), f"{fld}.sampling", settings), device=device, precision=precision)
     if kind == "tiny_test":
-        _check_known(body, {"seed"}, fld)
-        seed = _int(body.get("seed"), f"{fld}.seed")
+        check_known_fields(body, {"seed"}, fld)
+        seed = parse_int(body.get("seed"), f"{fld}.seed")
         if not 0 <= seed < 2**31:
             raise InvalidArgument(f"seed must be in 0..2^31-1; got {seed}", field=f"{fld}.seed")
         # Its context is 128 tokens: keep generations short.
@@ -352,8 +352,8 @@ def resolve_spec(
     ``max_count`` caps ``count`` silently (previews); otherwise a count above the service
     maximum is an error.
     """
-    d = _mapping(d, "spec")
-    _check_known(
+    d = parse_mapping(d, "spec")
+    check_known_fields(
         d,
         {
             "run", "skill_name", "skill", "count", "rouge_l_threshold", "embedding_filter", "backend", "seed",
@@ -361,60 +361,60 @@ def resolve_spec(
         },
         "spec",
     )
-    run = "" if preview else _str(d.get("run"), "spec.run")
+    run = "" if preview else parse_str(d.get("run"), "spec.run")
     if run and not _DNS_LABEL.match(run):
         raise InvalidArgument(f"run must be a DNS label (lowercase letters, digits, '-', at most 63); got {run!r}", field="spec.run")
     if "skill" in d and "skill_name" in d:
         raise InvalidArgument("give skill_name or an inline skill, not both", field="spec.skill")
     if "skill" in d:
-        skill = make_skill(_mapping(d["skill"], "spec.skill"), field="spec.skill")
-    elif _str(d.get("skill_name"), "spec.skill_name"):
+        skill = make_skill(parse_mapping(d["skill"], "spec.skill"), field="spec.skill")
+    elif parse_str(d.get("skill_name"), "spec.skill_name"):
         skill = library.get(d["skill_name"], field="spec.skill_name")
     else:
         raise InvalidArgument(
             f"a skill is required: set skill_name (one of {', '.join(library.names())}) or an inline skill", field="spec.skill_name"
         )
-    count = _int(d.get("count"), "spec.count")
+    count = parse_int(d.get("count"), "spec.count")
     if count <= 0:
         raise InvalidArgument(f"count must be at least 1; got {count}", field="spec.count")
     if max_count is not None:
         count = min(count, max_count)
     elif count > settings.prompts_max_count:
         raise InvalidArgument(f"count must be at most {settings.prompts_max_count} (the service maximum); got {count}", field="spec.count")
-    threshold = _float(d.get("rouge_l_threshold"), "spec.rouge_l_threshold", 0.0)
+    threshold = parse_float(d.get("rouge_l_threshold"), "spec.rouge_l_threshold", 0.0)
     if threshold == 0:
         threshold = DEFAULT_THRESHOLD
     elif not 0 < threshold <= 1:
         raise InvalidArgument(f"rouge_l_threshold must be in (0, 1] (0 = default {DEFAULT_THRESHOLD}); got {threshold}", field="spec.rouge_l_threshold")
     embedding = None
     if "embedding_filter" in d:
-        ef = _mapping(d["embedding_filter"], "spec.embedding_filter")
-        _check_known(ef, {"model", "max_cosine_similarity", "device"}, "spec.embedding_filter")
-        model_ref = _mapping(ef.get("model"), "spec.embedding_filter.model")
-        max_cos = _float(ef.get("max_cosine_similarity"), "spec.embedding_filter.max_cosine_similarity", 0.0)
+        ef = parse_mapping(d["embedding_filter"], "spec.embedding_filter")
+        check_known_fields(ef, {"model", "max_cosine_similarity", "device"}, "spec.embedding_filter")
+        model_ref = parse_mapping(ef.get("model"), "spec.embedding_filter.model")
+        max_cos = parse_float(ef.get("max_cosine_similarity"), "spec.embedding_filter.max_cosine_similarity", 0.0)
         if max_cos == 0:
             max_cos = DEFAULT_MAX_COSINE
         elif not 0 < max_cos <= 1:
             raise InvalidArgument(f"max_cosine_similarity must be in (0, 1]; got {max_cos}", field="spec.embedding_filter.max_cosine_similarity")
         device, _ = _device(ef.get("device"), "spec.embedding_filter.device")
         embedding = EmbeddingSpec(
-            model_source=_str(model_ref.get("source"), "spec.embedding_filter.model.source"),
+            model_source=parse_str(model_ref.get("source"), "spec.embedding_filter.model.source"),
             max_cosine_similarity=max_cos,
             device=device or settings.prompts_embedding_device,
         )
-    seed = _int(d.get("seed"), "spec.seed")
+    seed = parse_int(d.get("seed"), "spec.seed")
     if not 0 <= seed < 2**63:
         raise InvalidArgument(f"seed must be in 0..2^63-1; got {seed}", field="spec.seed")
-    k = _int(d.get("examples_per_request"), "spec.examples_per_request") or DEFAULT_EXAMPLES_PER_REQUEST
+    k = parse_int(d.get("examples_per_request"), "spec.examples_per_request") or DEFAULT_EXAMPLES_PER_REQUEST
     if not 1 <= k <= 20:
         raise InvalidArgument(f"examples_per_request must be in 1..20 (0 = default 3); got {k}", field="spec.examples_per_request")
-    n = _int(d.get("prompts_per_request"), "spec.prompts_per_request") or DEFAULT_PROMPTS_PER_REQUEST
+    n = parse_int(d.get("prompts_per_request"), "spec.prompts_per_request") or DEFAULT_PROMPTS_PER_REQUEST
     if not 1 <= n <= 100:
         raise InvalidArgument(f"prompts_per_request must be in 1..100 (0 = default 20); got {n}", field="spec.prompts_per_request")
-    budget = _int(d.get("max_llm_requests"), "spec.max_llm_requests")
+    budget = parse_int(d.get("max_llm_requests"), "spec.max_llm_requests")
     if budget < 0 or budget > 10_000_000:
         raise InvalidArgument(f"max_llm_requests must be in 0..10000000 (0 = default); got {budget}", field="spec.max_llm_requests")
-    labels = {} if preview else dict(_mapping(d.get("labels"), "spec.labels"))
+    labels = {} if preview else dict(parse_mapping(d.get("labels"), "spec.labels"))
     for key, value in labels.items():
         if not isinstance(value, str) or not 0 < len(key) <= 63 or len(value) > 63:
             raise InvalidArgument("label keys must be 1-63 characters and values strings of at most 63", field=f"spec.labels[{key!r}]")

@@ -225,3 +225,95 @@ def test_search_refuses_validation_prompts_that_are_test_prompts_and_oversized_g
     with pytest.raises(grpc.RpcError) as e:
         start(stub, "bad/missing", spec)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_work_and_publishes_the_same_report(stack):
+    from selma.api import message_to_dict
+    from selma_evaluation.runner import EvaluationInterrupted, EvaluationJobDoc, EvaluationRunner, ServingRenderer
+
+    settings, store, experts = stack["settings"], stack["store"], stack["experts"]
+    mix = common_pb2.MergeSpec(experts=[common_pb2.ExpertWeight(expert_id=e.id, weight=1.0) for e in experts])
+    spec = message_to_dict(pb.EvaluationSpec(
+        benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, categories=["whoops"], max_prompts=3, diffusion=DIFFUSION, labels={"title": "resume"},
+        targets=[pb.EvaluationTarget(label="base"), pb.EvaluationTarget(label="mix", experts=mix)]))
+    renders: list[str] = []
+
+    class Counting(ServingRenderer):
+        def render(self, target, prompt, seed, images, diffusion, should_stop):
+            renders.append(target.label)
+            return super().render(target, prompt, seed, images, diffusion, should_stop)
+
+    def doc(name: str) -> EvaluationJobDoc:
+        return EvaluationJobDoc(job_id=name, idempotency_key=name, spec=spec, report_id=f"eval-report-{name}", work_prefix=f"evaluation/{name}",
+                                serving_endpoint=stack["training"].evaluation.serving_endpoint(), vqa={"tiny_test": {"seed": "5"}}, metrics=["dsg"])
+
+    def run(d: EvaluationJobDoc, should_stop=lambda: False) -> dict:
+        runner = EvaluationRunner(d, settings, renderer=Counting(d.serving_endpoint), should_stop=should_stop)
+        try:
+            return runner.run()
+        finally:
+            runner.close()
+
+    resumed = doc("resumed")
+    with pytest.raises(EvaluationInterrupted):
+        run(resumed, should_stop=lambda: len(renders) >= 2)  # killed while rendering
+    assert renders == ["base", "base"]
+    answered = "evaluation/resumed/images/answers/base/part-000000.json"
+    storage = open_storage(settings)
+    with pytest.raises(EvaluationInterrupted):
+        run(resumed, should_stop=lambda: storage.exists(answered))  # killed while answering
+    assert renders == ["base"] * 3  # only the missing image was rendered
+    manifest = run(resumed)
+    assert renders == ["base"] * 3 + ["mix"] * 3  # nothing rendered twice
+    renders.clear()
+    reference = run(doc("uninterrupted"))
+    assert len(renders) == 6
+    a, b = store.get(manifest["id"]), store.get(reference["id"])
+    for path in ("report.json", "tables.md", "verdicts.jsonl"):
+        assert store.read_bytes(a, path) == store.read_bytes(b, path), path
+    assert {f.path: f.sha256 for f in a.files if f.path.startswith("images/")} == {f.path: f.sha256 for f in b.files if f.path.startswith("images/")}
+
+
+def test_questions_for_prompts_without_any_are_written_by_the_llm_and_asked_once(stack, llm):
+    import re
+
+    from selma_prompts.fake_llm import openai_answer
+
+    def respond(path, body):
+        text = body.get("prompt") or "\n".join(m.get("content", "") for m in body.get("messages", []))
+        task = text.split("Now you:")[-1]
+        noun = re.search(r"Description: (.+)", task).group(1).strip().split()[-1]
+        if "Dependencies:" in task:
+            out = "1. 0\n2. 1\n"
+        elif "Yes/no questions:" in task:
+            out = f"1. Is there a {noun}?\n2. Is the {noun} red?\n"
+        elif "Multiple-choice questions:" in task:
+            out = f"1. Is there a {noun}? | yes; no | yes\n2. What color is the {noun}? | red; green; blue | red\n"
+        else:
+            out = f"1. entity | {noun}\n2. attribute (color) | the {noun} is red\n"
+        if "prompt" in body:
+            out = out.split("1.", 1)[1]
+        return 200, openai_answer(path, out)
+
+    llm.responder = respond
+    store = stack["store"]
+    test_set = publish_prompt_set(store, "llm-questions", "colour", ["a red kettle", "a red tram"], questions=False)
+    backend = {"openai_compatible": {"base_url": llm.base_url, "model": "fake", "api": "OPEN_AI_API_CHAT_COMPLETIONS", "max_retries": 0}}
+    spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_PROMPT_SET, prompt_set=common_pb2.ArtifactRef(id=test_set), diffusion=DIFFUSION,
+                             targets=[pb.EvaluationTarget(label="base")], metrics=[pb.EVALUATION_METRIC_DSG, pb.EVALUATION_METRIC_TIFA],
+                             vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend(seed=9)))
+    from selma.api import dict_to_message
+
+    spec.question_backend.CopyFrom(dict_to_message(backend, common_pb2.LlmBackend))
+    job = watch(stack["stub"], start(stack["stub"], "t/llm-questions", spec).job.status.job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    asked = len(llm.requests)
+    assert asked >= 2 * 4  # four steps per prompt
+    overall = {s.metric: s for s in job.stats.scores if not s.skill and not s.category}
+    assert overall[pb.EVALUATION_METRIC_DSG].question_count == 4 and overall[pb.EVALUATION_METRIC_TIFA].question_count == 4
+    items = json.loads(open_storage(stack["settings"]).get_bytes(f"evaluation/{job.status.job_id}/items.json"))
+    assert [q["text"] for q in items[0]["questions"][:2]] == ["Is there a kettle?", "Is the kettle red?"]
+    assert items[0]["questions"][1]["parents"] == ["1"]
+    # the restarted (already finished) job asks the LLM nothing again
+    again = watch(stack["stub"], start(stack["stub"], "t/llm-questions", spec).job.status.job_id)
+    assert again.status.phase == common_pb2.JOB_PHASE_SUCCEEDED and len(llm.requests) == asked

@@ -152,7 +152,7 @@ def test_item_score_is_the_mean_over_its_images():
     table = dsg.score_dsg([(item, 0, answers("1 2")), (item, 1, answers("1", "2")), (item, 2, answers("", "1 2")),
                            (other, 0, answers("1"))])
     assert table.per_item["A"] == pytest.approx(0.5)
-    assert table.overall.prompt_count == 2 and table.overall.question_count == 3
+    assert table.overall.prompt_count == 2 and table.overall.question_count == 7  # answered: 2 questions × 3 images + 1
     assert table.overall.score_percent == pytest.approx(75.0)
     assert table.overall.micro_percent == pytest.approx(100 * 4 / 7)
     assert table.per_question[("A", 1, "2")] == 0.0
