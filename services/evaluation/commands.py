@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from selma.errors import InvalidArgument, SelmaError
+from selma.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     r.add_argument("--vqa", default="", help="tiny[:SEED] | transformers:ID_OR_PATH | openai:MODEL@BASE_URL (default: the service's eval_vqa_model)")
     r.add_argument("--vqa-batch-size", type=int, default=0, help="questions per VQA forward pass (transformers)")
     r.add_argument("--question-backend", default="", help="LLM for questions about prompt-set prompts: embedded | tiny | openai:MODEL@BASE_URL (default: the prompt service default)")
-    r.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
-    r.add_argument("--seed", type=int, default=0, help="base seed; every target renders an item with the same seeds (default 0)")
+    r.add_argument("--images-per-prompt", type=int, default=0, help="images per prompt (default 1)")
+    r.add_argument("--seed", type=int, default=None, help="base seed; every target renders an item with the same seeds (default 0)")
     r.add_argument("--steps", type=int, default=0, help="denoising steps (0 = the model default)")
     r.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     r.add_argument("--width", type=int, default=0)
@@ -71,6 +71,7 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     r.add_argument("--key", default="", help="idempotency key (default: derived from the spec, so a re-run attaches)")
     r.add_argument("--detach", action="store_true", help="start and return without waiting")
     r.add_argument("--out", default="", help="download the finished report into this directory")
+    r.add_argument("--storage", default="", help="artifact storage URI for --out (default: the storage the report was published in)")
     r.add_argument("--json", action="store_true", help="print the final job as JSON")
     _common(r)
     r.set_defaults(func=_run)
@@ -146,8 +147,13 @@ def parse_target(text: str, method: str = "mean_delta") -> dict[str, Any]:
         experts = []
         ids = _csv(value)
         for part in ids:
-            eid, _, w = part.rpartition(":") if part.count(":") >= 1 and _is_number(part.rpartition(":")[2]) else (part, "", "")
-            experts.append({"expert_id": eid, "weight": float(w) if w else 1.0 / len(ids)})
+            # expert ids (`expert-<hex>`, `<run>/<skill>`) have no colon: one means ID:WEIGHT
+            eid, colon, w = part.rpartition(":") if ":" in part else (part, "", "")
+            if colon and (not eid or not _is_number(w)):
+                raise InvalidArgument(f"--target {text!r}: {part!r} is not ID or ID:WEIGHT (a number)", field="target")
+            experts.append({"expert_id": eid, "weight": float(w) if colon else 1.0 / len(ids)})
+        if not experts:
+            raise InvalidArgument(f"--target {text!r} names no expert", field="target")
         return {"label": label, "experts": {"method": _method(method), "experts": experts}}
     raise InvalidArgument(f"--target {text!r} must be LABEL, LABEL=model:NAME or LABEL=experts:ID[:W],...", field="target")
 
@@ -166,6 +172,8 @@ def _backend(text: str, what: str) -> dict[str, Any]:
     kind, _, rest = text.partition(":")
     if what == "vqa":
         if kind == "tiny":
+            if rest and not rest.lstrip("-").isdigit():
+                raise InvalidArgument(f"--vqa {text!r}: the tiny model's seed must be an integer", field="vqa")
             return {"tiny_test": {"seed": int(rest)} if rest else {}}
         if kind == "transformers" and rest:
             return {"transformers": {"model": {"source": rest}}}
@@ -176,7 +184,7 @@ def _backend(text: str, what: str) -> dict[str, Any]:
             return {"tiny_test": {}}
     if kind == "openai" and "@" in rest:
         model, _, url = rest.partition("@")
-        return {"openai_compatible": {"base_url": url, "model": model, "api": "OPENAI_API_CHAT"}}
+        return {"openai_compatible": {"base_url": url, "model": model, "api": "OPEN_AI_API_CHAT_COMPLETIONS"}}
     raise InvalidArgument(f"--{what.replace('_', '-')} {text!r} is not understood; see --help", field=what)
 
 
@@ -186,9 +194,11 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         import yaml
 
         try:
-            spec = yaml.safe_load(Path(args.spec).read_text())
+            spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidArgument(f"no spec file {args.spec}", field="spec") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read spec file {args.spec}: {e}", field="spec") from None
         except yaml.YAMLError as e:
             raise InvalidArgument(f"{args.spec} is not YAML/JSON: {e}", field="spec") from None
         if not isinstance(spec, dict):
@@ -198,9 +208,12 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "EVALUATION_BENCHMARK_DSG_1K" if args.benchmark == "dsg-1k" else "EVALUATION_BENCHMARK_PROMPT_SET",
         "targets": [parse_target(t, args.method) for t in (args.target or ["base"])],
         "metrics": ["EVALUATION_METRIC_" + m.upper() for m in (args.metric or ["dsg"])],
-        "images_per_prompt": args.images_per_prompt,
-        "base_seed": args.seed,
     }
+    # only what was given goes into the spec, so flags and an equivalent spec file share a key
+    if args.images_per_prompt:
+        spec["images_per_prompt"] = args.images_per_prompt
+    if args.seed is not None:
+        spec["base_seed"] = args.seed
     sets = [{"id": p} for p in args.prompt_set]
     if sets:
         spec["prompt_set"] = sets[0]
@@ -223,6 +236,12 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     qb = _backend(args.question_backend, "question_backend")
     if qb:
         spec["question_backend"] = qb
+    search_flags = {"--search-methods": args.search_methods, "--search-densities": args.search_densities,
+                    "--search-weights": args.search_weights, "--max-trials": args.max_trials,
+                    "--validation-prompt-set": args.validation_prompt_set, "--register": args.register}
+    given = [flag for flag, value in search_flags.items() if value]
+    if given and not args.search_experts:
+        raise InvalidArgument(f"{', '.join(given)} configure a merge-weight search: add --search-experts ID,ID,...", field=given[0])
     if args.search_experts:
         search: dict[str, Any] = {
             "expert_ids": _csv(args.search_experts),
@@ -283,15 +302,17 @@ def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from selma.api import dict_to_message, message_to_dict
+    from google.protobuf import json_format
+
+    from selma.api import message_to_dict
     from selma.v1 import training_service_pb2 as pb
 
     spec = spec_from_args(args)
     try:
-        msg = dict_to_message(spec, pb.EvaluationSpec)
-    except SelmaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - protobuf's ParseError and friends: a spec typo
+        # strict, unlike selma.api.dict_to_message: a misspelt field or enum value in a spec file
+        # must be an error, not silently dropped (a dropped `targets` or `metrics` changes the job)
+        msg = json_format.ParseDict(spec, pb.EvaluationSpec())
+    except (json_format.ParseError, TypeError, ValueError) as e:  # a typo in a spec file, a string where a number goes
         raise InvalidArgument(f"the spec is not a valid EvaluationSpec: {e}", field="spec") from None
     key = args.key or "eval/" + hashlib.sha256(json.dumps(message_to_dict(msg), sort_keys=True).encode()).hexdigest()[:16]
     with _client(args) as client:
@@ -307,12 +328,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _follow(stub: Any, job_id: str) -> Any:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from selma.v1 import training_service_pb2 as pb
 
     last = None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
+                  console=Console(stderr=True)) as bar:
         task = bar.add_task("evaluating", total=None)
         for update in _rpc(lambda: list_stream(stub.WatchEvaluation(pb.WatchEvaluationRequest(job_id=job_id)), bar, task)):
             last = update
@@ -333,19 +356,24 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
     from selma.api import message_to_dict
     from selma.v1 import common_pb2
 
-    if getattr(args, "json", False):
+    as_json = getattr(args, "json", False)
+    if as_json:
         sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
     else:
         sys.stdout.write(score_table(job) + "\n")
+        if job.stats.trials:
+            sys.stdout.write("\nmerge search (validation prompts):\n" + search_table(job) + "\n")
     if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
         from selma.runner import RunFailed
 
         raise RunFailed(f"evaluation {job.status.job_id} ended {common_pb2.JobPhase.Name(job.status.phase)}: {job.status.message}")
-    sys.stdout.write(f"report: {job.status.output.id}\n  {job.stats.report_html_uri}\n")
+    # with --json everything below is in the JSON already: keep stdout parseable
+    info = sys.stderr if as_json else sys.stdout
+    info.write(f"report: {job.status.output.id}\n  {job.stats.report_html_uri}\n")
     if job.stats.registered_model_name:
-        sys.stdout.write(f"best merge registered as {job.stats.registered_model_name}\n")
+        info.write(f"best merge registered as {job.stats.registered_model_name}\n")
     if getattr(args, "out", ""):
-        _download(args, job.status.output.id, args.out)
+        _download(args, job.status.output.id, args.out, artifact_uri=job.status.output.uri, stream=info)
     return 0
 
 
@@ -373,6 +401,22 @@ def score_table(job: Any) -> str:
     widths = [max(len(r[i]) for r in [heads, *body]) for i in range(len(heads))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([fmt(heads), fmt(["-" * w for w in widths]), *[fmt(r) for r in body]])
+
+
+def search_table(job: Any, limit: int = 10) -> str:
+    """The best ``limit`` merge-search trials, best first: method, density, weights, validation score."""
+    from selma.v1 import common_pb2
+
+    trials = sorted(job.stats.trials, key=lambda t: (-t.validation_score_percent, t.index))
+    lines = []
+    for rank, t in enumerate(trials[:limit]):
+        method = common_pb2.MergeMethod.Name(t.merge.method).removeprefix("MERGE_METHOD_").lower()
+        density = f" density {t.merge.density:g}" if t.merge.density else ""
+        weights = ", ".join(f"{e.expert_id}×{e.weight:g}" for e in t.merge.experts)
+        lines.append(f"{'*' if rank == 0 else ' '} trial {t.index:3d}  {t.validation_score_percent:5.1f}  {method}{density}  {weights}")
+    if len(trials) > limit:
+        lines.append(f"  ... {len(trials) - limit} more trials in the report")
+    return "\n".join(lines)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -425,20 +469,28 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from selma.artifacts import ArtifactStore
+def _store(args: argparse.Namespace, artifact_uri: str = "", artifact_id: str = "") -> Any:
+    """The artifact store: --storage, else the root of ``artifact_uri`` (``<root>/artifacts/<id>``,
+    as the service reported it), else SELMA_STORAGE_URI, else ``<dir>/storage``."""
+    from selma.artifacts import ARTIFACTS_PREFIX, ArtifactStore
     from selma.config import SelmaSettings
     from selma.storage import open_storage
 
     settings = SelmaSettings()
-    uri = args.storage or (None if settings.storage_uri else (Path(args.dir) / "storage").resolve().as_uri())
+    suffix = f"/{ARTIFACTS_PREFIX}/{artifact_id}"
+    if getattr(args, "storage", ""):
+        uri = args.storage
+    elif artifact_id and artifact_uri.endswith(suffix):
+        uri = artifact_uri[: -len(suffix)]
+    else:
+        uri = None if settings.storage_uri else (Path(args.dir) / "storage").resolve().as_uri()
     return ArtifactStore(open_storage(settings, uri))
 
 
-def _download(args: argparse.Namespace, report_id: str, out: str) -> None:
-    store = _store(args)
+def _download(args: argparse.Namespace, report_id: str, out: str, *, artifact_uri: str = "", stream: Any = None) -> None:
+    store = _store(args, artifact_uri, report_id)
     dest = store.download(report_id, out)
-    sys.stdout.write(f"report files in {dest} (open {Path(dest) / 'index.html'})\n")
+    (stream or sys.stdout).write(f"report files in {dest} (open {Path(dest) / 'index.html'})\n")
 
 
 def _report(args: argparse.Namespace) -> int:

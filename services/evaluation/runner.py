@@ -200,6 +200,14 @@ def read_prompt_records(store: ArtifactStore, refs: Iterable[dict[str, Any]], fi
                 rec["_set"] = pid
                 rec.setdefault("skill", manifest.parameters.get("skill", ""))
                 records.append(rec)
+    # Prompt ids restart at p000000 in every set: two sets of one skill would collide, so their
+    # records are told apart by the set's id.
+    seen: dict[str, set[str]] = {}
+    for rec in records:
+        seen.setdefault(_base_item_id(rec), set()).add(rec["_set"])
+    for rec in records:
+        if len(seen[_base_item_id(rec)]) > 1:
+            rec["_item_id"] = f"{rec.get('skill') or 'prompt'}/{rec['_set']}/{rec.get('id') or rec.get('index')}"
     return records
 
 
@@ -219,9 +227,13 @@ def validation_set_refs(search: dict[str, Any]) -> list[dict[str, Any]]:
     return refs
 
 
-def record_item_id(rec: dict[str, Any]) -> str:
-    """Item ids must be unique across several prompt sets: ``<skill>/<prompt id>``."""
+def _base_item_id(rec: dict[str, Any]) -> str:
     return f"{rec.get('skill') or 'prompt'}/{rec.get('id') or rec.get('index')}"
+
+
+def record_item_id(rec: dict[str, Any]) -> str:
+    """An item id unique across prompt sets: ``<skill>/<prompt id>``, with the set id when two sets share it."""
+    return rec.get("_item_id") or _base_item_id(rec)
 
 
 def items_to_json(items: Sequence[EvalItem]) -> bytes:

@@ -29,8 +29,13 @@ pytestmark = pytest.mark.slow
 SELMA = str(Path(sys.executable).parent / "selma")
 
 
-def skillset_text(name: str, llm_url: str, *, steps: int = 6, launcher: str = "local") -> str:
-    return textwrap.dedent(
+def skillset_text(name: str, llm_url: str, *, steps: int = 6, launcher: str = "local", evaluation: bool = False) -> str:
+    # The run ends with an evaluation stage: base vs the merged model on two DSG-1k prompts.
+    eval_section = (
+        "  evaluation: {benchmark: EVALUATION_BENCHMARK_DSG_1K, categories: [countbench], maxPrompts: 2,"
+        " diffusion: {steps: 2, width: 64, height: 64}, vqa: {tinyTest: {seed: 1}}}\n"
+    ) if evaluation else ""
+    text = textwrap.dedent(
         f"""\
         apiVersion: selma.dev/v1alpha1
         kind: SkillSet
@@ -51,6 +56,7 @@ def skillset_text(name: str, llm_url: str, *, steps: int = 6, launcher: str = "l
           merge: {{method: mean_delta, modelName: {name}}}
         """
     )
+    return text + eval_section
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,11 @@ def _drive(endpoints: Endpoints, text: str, state_dir: Path) -> dict:
 
 def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm, tmp_path):
     _, endpoints = stack
-    result = _drive(endpoints, skillset_text("e2e-basic", llm.base_url), tmp_path)
+    result = _drive(endpoints, skillset_text("e2e-basic", llm.base_url, evaluation=True), tmp_path)
     assert set(result["experts"]) == {"counting", "general"}
+    # the evaluation stage rendered through serving (base and the registered merged model) and published a report
+    assert result["eval_report"].startswith("eval-report-")
+    assert set(result["scores"]) == {"base/dsg", "e2e-basic/dsg"}
     with SelmaClient(endpoints) as client:
         models = client.stub("serving").ListModels(serving_service_pb2.ListModelsRequest(), timeout=30).models
         assert "e2e-basic" in {m.model_name for m in models}
@@ -95,7 +104,7 @@ def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm,
     assert Image.open(out).size == (64, 64)
 
     # Re-running the finished run redoes nothing: every stage attaches to its finished job.
-    again = _drive(endpoints, skillset_text("e2e-basic", llm.base_url), tmp_path)
+    again = _drive(endpoints, skillset_text("e2e-basic", llm.base_url, evaluation=True), tmp_path)
     assert again == result
 
 

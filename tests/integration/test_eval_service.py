@@ -317,3 +317,18 @@ def test_questions_for_prompts_without_any_are_written_by_the_llm_and_asked_once
     # the restarted (already finished) job asks the LLM nothing again
     again = watch(stack["stub"], start(stack["stub"], "t/llm-questions", spec).job.status.job_id)
     assert again.status.phase == common_pb2.JOB_PHASE_SUCCEEDED and len(llm.requests) == asked
+
+
+def test_two_prompt_sets_of_one_skill_keep_all_their_prompts(stack):
+    store = stack["store"]
+    first = publish_prompt_set(store, "same-skill-1", "colour", ["a red plum", "a red sock"])
+    second = publish_prompt_set(store, "same-skill-2", "colour", ["a red fox", "a red bus"])  # ids p000000, p000001 again
+    spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_PROMPT_SET, prompt_set=common_pb2.ArtifactRef(id=first),
+                             prompt_sets=[common_pb2.ArtifactRef(id=second)], diffusion=DIFFUSION,
+                             targets=[pb.EvaluationTarget(label="base")], vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()))
+    job = watch(stack["stub"], start(stack["stub"], "t/two-sets", spec).job.status.job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.stats.images_rendered == 4
+    items = json.loads(open_storage(stack["settings"]).get_bytes(f"evaluation/{job.status.job_id}/items.json"))
+    assert sorted(i["prompt"] for i in items) == ["a red bus", "a red fox", "a red plum", "a red sock"]
+    assert len({i["id"] for i in items}) == 4

@@ -92,9 +92,9 @@ def test_train_expert_end_to_end_with_the_local_launcher(service, dataset):
     with pytest.raises(grpc.RpcError) as e:
         stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="run-1/train/shapes", spec=spec(dataset.id, max_steps=5)))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    with pytest.raises(grpc.RpcError) as e:
-        stub.GetEvaluation(pb.GetEvaluationRequest(job_id="x"))
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as e:  # evaluations live beside trainings; an unknown id is NOT_FOUND
+        stub.GetEvaluation(pb.GetEvaluationRequest(job_id="evaluation-0123456789abcdef"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
