@@ -16,6 +16,8 @@ model from the proto-JSON form of ``selma.v1.VqaBackend``:
   with exponential backoff on transport errors, 429 and 5xx; the API key comes only from the
   settings (see :mod:`selma_evaluation.settings`) and is never logged.
 * ``tiny_test``: deterministic pseudo-answers from a hash of the seed, image and question.
+* ``shapesworld_judge``: the programmatic judge of ShapesWorld images
+  (:class:`selma_shapesworld.judge.ShapesWorldJudgeVqa`); answers the ShapesWorld question grammar only.
 * none: ``transformers`` with ``eval_vqa_model``.
 
 Loaded transformers models live in a process-wide cache keyed by the resolved backend, so an
@@ -56,7 +58,7 @@ from selma_prompts.spec import FORBIDDEN_EXTRA_FIELDS, RESERVED_EXTRA_FIELDS, ch
 log = logging.getLogger(__name__)
 
 FIELD = "spec.vqa"
-BACKEND_KINDS = ("transformers", "openai_compatible", "tiny_test")
+BACKEND_KINDS = ("transformers", "openai_compatible", "tiny_test", "shapesworld_judge")
 _PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 # First words of English yes/no questions ("Is there…", "Does the cat…", "Are the…").
 _YES_NO_OPENERS = frozenset(
@@ -176,7 +178,16 @@ class TinyTestVqaSpec:
     kind = "tiny_test"
 
 
-VqaSpec = TransformersVqaSpec | OpenAiVqaSpec | TinyTestVqaSpec
+@dataclass(frozen=True)
+class ShapesWorldJudgeVqaSpec:
+    """The ShapesWorld judge (no options)."""
+
+    batch_size: int = 64
+
+    kind = "shapesworld_judge"
+
+
+VqaSpec = TransformersVqaSpec | OpenAiVqaSpec | TinyTestVqaSpec | ShapesWorldJudgeVqaSpec
 
 
 def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSettings) -> VqaSpec:
@@ -198,6 +209,9 @@ def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetting
         return _parse_transformers(body, fld, settings)
     if kind == "openai_compatible":
         return _parse_openai(body, fld, settings)
+    if kind == "shapesworld_judge":
+        check_known_fields(body, set(), fld)
+        return ShapesWorldJudgeVqaSpec(batch_size=settings.eval_vqa_batch_size)
     check_known_fields(body, {"seed"}, fld)
     return TinyTestVqaSpec(seed=parse_int(body.get("seed"), f"{fld}.seed"), batch_size=settings.eval_vqa_batch_size)
 
@@ -215,6 +229,8 @@ def resolve_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetti
         return {"transformers": {"model": model, **({"device": device} if device else {}), "batch_size": spec.batch_size}}
     if isinstance(spec, TinyTestVqaSpec):
         return {"tiny_test": {"seed": str(spec.seed)}}
+    if isinstance(spec, ShapesWorldJudgeVqaSpec):
+        return {"shapesworld_judge": {}}
     out: dict[str, Any] = {
         "base_url": spec.base_url,
         "model": spec.model,
@@ -347,6 +363,10 @@ def build_vqa(backend: Mapping[str, Any] | None, settings: EvaluationSettings) -
     spec = parse_backend(backend, settings)
     if isinstance(spec, TinyTestVqaSpec):
         return TinyTestVqa(seed=spec.seed, batch_size=spec.batch_size)
+    if isinstance(spec, ShapesWorldJudgeVqaSpec):
+        from selma_shapesworld.judge import ShapesWorldJudgeVqa  # numpy/scipy only; imported when asked for
+
+        return ShapesWorldJudgeVqa(batch_size=spec.batch_size)
     if isinstance(spec, OpenAiVqaSpec):
         api_key = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{FIELD}.openai_compatible.api_key")
         return OpenAiVqa(spec, api_key, settings)

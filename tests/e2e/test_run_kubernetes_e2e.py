@@ -121,14 +121,16 @@ def test_run_with_s3_storage_and_kubernetes_launcher(s3_server, llm, tmp_path):
         stack = LocalStack(tmp_path / "stack", storage_uri="s3://selma-e2e/root", launcher="kubernetes", extra_env=extra)
         try:
             endpoints = stack.start(timeout=300)
-            result = _drive(endpoints, skillset_text("e2e-kube", llm.base_url, launcher="kubernetes"), tmp_path)
+            result = _drive(endpoints, skillset_text("e2e-kube", llm.base_url, launcher="kubernetes", evaluation=True), tmp_path)
             with SelmaClient(endpoints) as client:
                 trainings = client.jobs("training").list(run="e2e-kube")
                 chain = client.lineage(result["merged_model"])
         finally:
             stack.stop()
     assert sorted(controller.started) == sorted({j["metadata"]["name"] for j in api.jobs.values()})
-    assert len(api.jobs) == 2  # one Job per skill, none duplicated
+    tasks = sorted(j["metadata"]["labels"]["selma.dev/task"] for j in api.jobs.values())
+    assert tasks == ["eval", "train", "train"]  # one Job per skill and one evaluation Job, none duplicated
+    assert result["eval_report"] and set(result["scores"]) == {"base/dsg", "e2e-kube/dsg"}
     assert all(j.status.details.get("kubernetes.job") for j in trainings)
     assert all(m.uri.startswith("s3://selma-e2e/root/") for m in chain)
     assert {m.skill for m in chain if m.kind == 1} == {"counting", "general"}  # both prompt sets reached
