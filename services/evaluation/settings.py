@@ -15,17 +15,13 @@ configured key is only ever sent to ``eval_vqa_openai_base_url`` or ``eval_allow
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 
-from selma.config import SelmaSettings
-from selma.errors import InvalidArgument
+from selma.config import SelmaSettings, resolve_secret
 
 SECRET_ENV_PREFIX = "SELMA_EVAL_SECRET_"
-DEFAULT_SECRET_KEY = "api-key"
 
 
 class EvaluationSettings(SelmaSettings):
@@ -65,37 +61,11 @@ class EvaluationSettings(SelmaSettings):
 
     def api_key(self, name: str = "", key: str = "", *, field: str = "spec.vqa.openai_compatible.api_key") -> SecretStr | None:
         """The credential a SecretRef names (see the module docstring); None for no credential."""
-        if not name:
-            if key:
-                raise InvalidArgument("api_key.key needs api_key.name", field=f"{field}.name")
-            value = self.eval_openai_api_key.get_secret_value()
-            return SecretStr(value) if value else None
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", name) or (key and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", key)):
-            raise InvalidArgument("secret names and keys use letters, digits, '.', '_' and '-'", field=f"{field}.name")
-        for candidate in (f"{name}/{key}" if key else None, name):
-            if candidate and candidate in self.eval_api_keys:
-                return self.eval_api_keys[candidate]
-        if self.eval_secrets_dir is not None:
-            path = self.eval_secrets_dir / name / (key or DEFAULT_SECRET_KEY)
-            if path.is_file():
-                return SecretStr(path.read_text(encoding="utf-8").strip())
-        env_names = [_env_name(name, key)] if key else [_env_name(name, ""), _env_name(name, DEFAULT_SECRET_KEY)]
-        for env in env_names:
-            value = os.environ.get(env)
-            if value:
-                return SecretStr(value.strip())
-        raise InvalidArgument(
-            f"no secret {name!r}{f' with key {key!r}' if key else ''} is configured on the service; mount it under "
-            f"eval_secrets_dir/<name>/<key>, add it to SELMA_EVAL_API_KEYS, or set {env_names[0]}",
-            field=f"{field}.name",
-        )
+        return resolve_secret(name, key, default=self.eval_openai_api_key, named=self.eval_api_keys, secrets_dir=self.eval_secrets_dir,
+                              env_prefix=SECRET_ENV_PREFIX, prefix="eval", field=field)
 
     def credential_endpoint_allowed(self, base_url: str) -> bool:
         """Whether a configured API key may be sent to ``base_url`` (a caller must not pick where keys go)."""
         allowed = [self.eval_vqa_openai_base_url, *self.eval_allowed_base_urls]
         return base_url.rstrip("/") in {u.rstrip("/") for u in allowed if u}
 
-
-def _env_name(name: str, key: str) -> str:
-    raw = f"{name}_{key}" if key else name
-    return SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", raw).upper()

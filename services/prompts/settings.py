@@ -16,19 +16,15 @@ credential (say, its S3 keys) to an endpoint.  An empty ``SecretRef`` means
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from selma.config import SelmaSettings
-from selma.errors import InvalidArgument
+from selma.config import SelmaSettings, resolve_secret
 
 BackendKind = Literal["embedded", "tiny_test", "openai_compatible", "local_causal_lm"]
 SECRET_ENV_PREFIX = "SELMA_PROMPTS_SECRET_"
-DEFAULT_SECRET_KEY = "api-key"
 
 
 class PromptSettings(SelmaSettings):
@@ -77,32 +73,6 @@ class PromptSettings(SelmaSettings):
 
     def api_key(self, name: str = "", key: str = "", *, field: str = "spec.backend.openai_compatible.api_key") -> SecretStr | None:
         """The credential a SecretRef names (see the module docstring); None for no credential."""
-        if not name:
-            if key:
-                raise InvalidArgument("api_key.key needs api_key.name", field=f"{field}.name")
-            value = self.prompts_openai_api_key.get_secret_value()
-            return SecretStr(value) if value else None
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", name) or (key and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", key)):
-            raise InvalidArgument("secret names and keys use letters, digits, '.', '_' and '-'", field=f"{field}.name")
-        for candidate in (f"{name}/{key}" if key else None, name):
-            if candidate and candidate in self.prompts_api_keys:
-                return self.prompts_api_keys[candidate]
-        if self.prompts_secrets_dir is not None:
-            path = self.prompts_secrets_dir / name / (key or DEFAULT_SECRET_KEY)
-            if path.is_file():
-                return SecretStr(path.read_text(encoding="utf-8").strip())
-        env_names = [_env_name(name, key)] if key else [_env_name(name, ""), _env_name(name, DEFAULT_SECRET_KEY)]
-        for env in env_names:
-            value = os.environ.get(env)
-            if value:
-                return SecretStr(value.strip())
-        raise InvalidArgument(
-            f"no secret {name!r}{f' with key {key!r}' if key else ''} is configured on the service; mount it under "
-            f"prompts_secrets_dir/<name>/<key>, add it to SELMA_PROMPTS_API_KEYS, or set {env_names[0]}",
-            field=f"{field}.name",
-        )
+        return resolve_secret(name, key, default=self.prompts_openai_api_key, named=self.prompts_api_keys, secrets_dir=self.prompts_secrets_dir,
+                              env_prefix=SECRET_ENV_PREFIX, prefix="prompts", field=field)
 
-
-def _env_name(name: str, key: str) -> str:
-    raw = f"{name}_{key}" if key else name
-    return SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", raw).upper()

@@ -82,3 +82,60 @@ class SelmaSettings(BaseSettings):
             if isinstance(getattr(self, k), SecretStr):
                 out[k] = "**********" if v else ""
         return out
+
+
+DEFAULT_SECRET_KEY = "api-key"
+
+
+def resolve_secret(
+    name: str,
+    key: str,
+    *,
+    default: SecretStr,
+    named: dict[str, SecretStr],
+    secrets_dir: Path | None,
+    env_prefix: str,
+    prefix: str,
+    field: str,
+) -> SecretStr | None:
+    """The credential a ``SecretRef {name, key}`` names, for services that take API keys from settings.
+
+    No name: the service's ``default`` key (None when empty).  A name is looked up, in order, in
+    ``named`` (``<name>/<key>`` then ``<name>``; the ``<prefix>_api_keys`` setting), a mounted
+    Secret file ``<secrets_dir>/<name>/<key or api-key>``, then the environment variable
+    ``<env_prefix><NAME>[_<KEY>]``.  A name found nowhere is INVALID_ARGUMENT saying where to put it.
+    Values are never logged.
+    """
+    import os
+    import re
+
+    from selma.errors import InvalidArgument
+
+    if not name:
+        if key:
+            raise InvalidArgument("api_key.key needs api_key.name", field=f"{field}.name")
+        value = default.get_secret_value()
+        return SecretStr(value) if value else None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", name) or (key and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", key)):
+        raise InvalidArgument("secret names and keys use letters, digits, '.', '_' and '-'", field=f"{field}.name")
+    for candidate in (f"{name}/{key}" if key else None, name):
+        if candidate and candidate in named:
+            return named[candidate]
+    if secrets_dir is not None:
+        path = secrets_dir / name / (key or DEFAULT_SECRET_KEY)
+        if path.is_file():
+            return SecretStr(path.read_text(encoding="utf-8").strip())
+
+    def env_name(k: str) -> str:
+        return env_prefix + re.sub(r"[^A-Za-z0-9]", "_", f"{name}_{k}" if k else name).upper()
+
+    env_names = [env_name(key)] if key else [env_name(""), env_name(DEFAULT_SECRET_KEY)]
+    for env in env_names:
+        value = os.environ.get(env)
+        if value:
+            return SecretStr(value.strip())
+    raise InvalidArgument(
+        f"no secret {name!r}{f' with key {key!r}' if key else ''} is configured on the service; mount it under "
+        f"{prefix}_secrets_dir/<name>/<key>, add it to SELMA_{prefix.upper()}_API_KEYS, or set {env_names[0]}",
+        field=f"{field}.name",
+    )

@@ -15,15 +15,8 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as spb
-from selma.v1 import serving_service_pb2_grpc as spb_grpc
 from selma.v1 import training_service_pb2 as pb
-from selma.v1 import training_service_pb2_grpc as pb_grpc
 from selma_evaluation.runner import item_seed
-from selma_serving.server import build_server as build_serving
-from selma_serving.settings import ServingSettings
-from selma_serving.testing import make_expert
-from selma_training.server import build_server as build_training
-from selma_training.settings import TrainingSettings
 
 pytestmark = pytest.mark.slow
 
@@ -31,31 +24,8 @@ DIFFUSION = common_pb2.DiffusionSettings(steps=2, width=64, height=64)
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-stack")
-    storage_uri = (root / "storage").as_uri()
-    serving_settings = ServingSettings(data_dir=root / "serving", storage_uri=storage_uri, serving_base_model=str(tiny_models.sd),
-                                       serving_max_steps=20, serving_max_resolution=128, grpc_workers=8, log_level="WARNING")
-    serving = build_serving(serving_settings).start()
-    serving.core.engine.load_base()
-    serving.set_ready(True)
-    store = ArtifactStore(open_storage(serving_settings))
-    experts = [make_expert(store, str(tiny_models.sd), seed=s, rank=4, skill=f"skill{s}", run="evalrun") for s in (1, 2)]
-    settings = TrainingSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", training_progress_interval_seconds=0,
-                                training_poll_seconds=0.2, training_max_local_jobs=2, log_level="WARNING",
-                                eval_serving_endpoint=serving.address, eval_vqa_batch_size=4, hf_offline=True)
-    training = build_training(settings)
-    channel = grpc.insecure_channel(training.address)
-    serving_channel = grpc.insecure_channel(serving.address)
-    yield {"stub": pb_grpc.TrainingServiceStub(channel), "serving": spb_grpc.ServingServiceStub(serving_channel), "store": store,
-           "experts": experts, "training": training, "settings": settings}
-    channel.close()
-    serving_channel.close()
-    training.stop(0)
-    training.evaluation.shutdown()
-    training.core.shutdown()
-    serving.stop(0)
-    serving.core.shutdown()
+def stack(eval_stack):
+    return eval_stack
 
 
 def publish_prompt_set(store: ArtifactStore, name: str, skill: str, prompts: list[str], *, questions: bool = True) -> str:
