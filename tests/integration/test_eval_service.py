@@ -302,3 +302,26 @@ def test_two_prompt_sets_of_one_skill_keep_all_their_prompts(stack):
     items = json.loads(open_storage(stack["settings"]).get_bytes(f"evaluation/{job.status.job_id}/items.json"))
     assert sorted(i["prompt"] for i in items) == ["a red bus", "a red fox", "a red plum", "a red sock"]
     assert len({i["id"] for i in items}) == 4
+
+
+def test_cancel_stops_the_worker_and_a_restart_resumes_its_stored_work(stack):
+    stub = stack["stub"]
+    spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, categories=["vrd"], max_prompts=12, diffusion=DIFFUSION,
+                             targets=[pb.EvaluationTarget(label="base")], vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()))
+    job_id = start(stub, "t/cancel", spec).job.status.job_id
+    req = pb.WatchEvaluationRequest(job_id=job_id)
+    req.min_interval.FromMilliseconds(100)
+    for update in stub.WatchEvaluation(req, timeout=300):
+        if update.job.stats.images_rendered >= 2:
+            break
+    cancelled = stub.CancelEvaluation(pb.CancelEvaluationRequest(job_id=job_id, reason="test")).job
+    job = watch(stub, job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_CANCELLED, (cancelled.status.phase, job.status.message)
+    storage = open_storage(stack["settings"])
+    kept = [o.key for o in storage.list(f"evaluation/{job_id}/images/base/")]
+    assert 2 <= len(kept) < 12  # the worker stopped early and its images are kept
+    stamps = {k: storage.stat(k).modified for k in kept}
+    job = watch(stub, start(stub, "t/cancel", spec).job.status.job_id)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.stats.images_rendered == 12
+    assert all(storage.stat(k).modified == t for k, t in stamps.items())  # nothing rendered twice
