@@ -439,27 +439,34 @@ class EvaluationRunner:
     def validation_items(self) -> list[EvalItem]:
         search = self.spec.get("merge_search") or {}
         return self._items("validation-items.json", "EVALUATION_BENCHMARK_PROMPT_SET", validation_set_refs(search),
-                           "spec.merge_search.validation_prompt_set", max_prompts=0)
+                           "spec.merge_search.validation_prompt_set", max_prompts=0, categories=())
 
-    def _items(self, name: str, benchmark: str, refs: list[dict[str, Any]], field_name: str, max_prompts: int | None = None) -> list[EvalItem]:
+    def _items(self, name: str, benchmark: str, refs: list[dict[str, Any]], field_name: str, max_prompts: int | None = None,
+               categories: Sequence[str] | None = None) -> list[EvalItem]:
         stored = self._read_json(self._key(name))
         if stored is not None:
             return items_from_json(json.dumps(stored).encode())
         limit = int(self.spec.get("max_prompts") or 0) if max_prompts is None else max_prompts
+        # categories select test prompts (DSG-1k sources or skills); validation prompts are all used
+        wanted = list(self.spec.get("categories") or ()) if categories is None else list(categories)
         if benchmark == "EVALUATION_BENCHMARK_DSG_1K":
             from selma_evaluation.dsg import load_dsg1k
 
-            items = load_dsg1k(self.spec.get("categories") or (), limit)
+            items = load_dsg1k(wanted, limit)
         else:
-            items = self._prompt_set_items(refs, field_name, limit)
+            items = self._prompt_set_items(refs, field_name, limit, wanted)
         self.storage.put_bytes(self._key(name), items_to_json(items), content_type="application/json")
         return items
 
-    def _prompt_set_items(self, refs: list[dict[str, Any]], field_name: str, limit: int) -> list[EvalItem]:
+    def _needs_tifa(self) -> bool:
+        """Multiple-choice questions are written when TIFA is reported or is the search's objective."""
+        objective = (self.spec.get("merge_search") or {}).get("objective", "")
+        return "tifa" in self.doc.metrics or objective == "EVALUATION_METRIC_TIFA"
+
+    def _prompt_set_items(self, refs: list[dict[str, Any]], field_name: str, limit: int, wanted: Sequence[str]) -> list[EvalItem]:
         from selma_evaluation.questions import backend_from_spec, generate_questions, questions_from_records
 
         records = read_prompt_records(self.store, refs, field_name)
-        wanted = set(self.spec.get("categories") or [])
         if wanted:
             records = [r for r in records if r.get("skill") in wanted]
         if limit:
@@ -477,7 +484,7 @@ class EvaluationRunner:
             backend = backend_from_spec(self.spec.get("question_backend") or {}, self.settings)
             try:
                 generated = generate_questions([(record_item_id(r), r["text"], r.get("skill", "")) for r in without], backend,
-                                               tifa="tifa" in self.doc.metrics, seed=self.base_seed)
+                                               tifa=self._needs_tifa(), seed=self.base_seed)
             finally:
                 backend.close()
             for it in generated:
