@@ -440,6 +440,11 @@ class ModelRegistry:
 
     def backend(self, spec: BackendSpec) -> LlmBackend:
         """A ready backend for ``spec`` (loads local models; resolves the API key)."""
+        if spec.kind == "shapesworld_grammar":
+            # The ShapesWorld caption grammar: no model to load (imported here: optional package).
+            from selma_shapesworld.grammar import GrammarBackend
+
+            return GrammarBackend()
         if spec.kind == "openai_compatible":
             return OpenAICompatibleBackend(
                 spec,

@@ -30,7 +30,8 @@ FORBIDDEN_EXTRA_FIELDS = re.compile(r"(api[-_]?key|authori[sz]ation|secret|passw
 RESERVED_EXTRA_FIELDS = {"model", "prompt", "messages", "n", "stream"}
 _OPENAI_API = {"OPEN_AI_API_UNSPECIFIED": "", "OPEN_AI_API_COMPLETIONS": "completions", "OPEN_AI_API_CHAT_COMPLETIONS": "chat"}
 _PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
-BACKEND_KINDS = ("openai_compatible", "local_causal_lm", "embedded", "tiny_test")
+# shapesworld_grammar: the ShapesWorld caption grammar (selma_shapesworld.grammar), for the ShapesWorld loop.
+BACKEND_KINDS = ("openai_compatible", "local_causal_lm", "embedded", "tiny_test", "shapesworld_grammar")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class BackendSpec:
             return "SmolLM2-135M-Instruct"
         if self.kind == "tiny_test":
             return f"tiny-lm-seed{self.tiny_seed}"
+        if self.kind == "shapesworld_grammar":
+            return "shapesworld-grammar"
         return self.model
 
     @property
@@ -336,6 +339,10 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             raise InvalidArgument(f"seed must be in 0..2^31-1; got {seed}", field=f"{fld}.seed")
         # Its context is 128 tokens: keep generations short.
         return BackendSpec(kind=kind, sampling=Sampling(max_tokens=48), tiny_seed=seed)
+    if kind == "shapesworld_grammar":
+        # The ShapesWorld grammar (selma_shapesworld.grammar) has no options and loads no model.
+        check_known_fields(body, set(), fld)
+        return BackendSpec(kind=kind, sampling=Sampling(temperature=0.0, max_tokens=0))
     raise InvalidArgument(f"unknown backend {kind!r}; use one of {', '.join(BACKEND_KINDS)}", field=fld)
 
 

@@ -78,6 +78,11 @@ def check_model_reference(model: ModelSpec, settings: RenderSettings, *, field: 
         if name not in ("sd", "sdxl") or (query and not re.fullmatch(r"seed=\d+", query)):
             raise InvalidArgument(f"tiny text-to-image models are tiny://sd and tiny://sdxl (optionally ?seed=N); got {source!r}", field=field)
         return
+    if source.startswith("shapesworld://"):  # weights shipped inside the package (selma.pipelines resolves them)
+        from selma.pipelines import shapesworld_model_path
+
+        shapesworld_model_path(source)
+        return
     if source.startswith(("s3://", "file://")):
         storage = open_storage(settings, source)
         if not storage.exists("model_index.json"):

@@ -19,7 +19,11 @@ Modules:
 * ``model``     the base model: a small Stable-Diffusion-architecture pipeline for 64×64 renders
                 (configs and builders).
 * ``pretrain``  trains that base model from scratch, deterministically from a seed, on a CPU.
-* ``cli``       ``selma shapesworld …`` (pretrain, eval-base).
+* ``grammar``   the prompt service's ``shapesworld_grammar`` LLM backend: new captions of the
+                in-context examples' kinds, from the grammar.
+* ``loop``      the SELMA loop in ShapesWorld through the real services: held-out prompt sets with
+                inline questions, the judge gate, the mixed-data baseline and ``table``.
+* ``cli``       ``selma shapesworld …`` (pretrain, eval-base, table, heldout, gate, mix).
 * ``weights/``  the published base-model weights.
 
 ``world`` and ``judge`` need numpy, Pillow and scipy besides selma itself, and never import torch,

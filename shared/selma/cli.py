@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
 # Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
 _SERVICE_COMMAND_MODULES = (
     "selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli", "selma_evaluation.cli",
+    "selma_shapesworld.cli",
 )
 
 

@@ -71,6 +71,7 @@ class LocalStack:
     storage_uri: str = ""
     launcher: str = "local"
     extra_env: dict[str, str] = field(default_factory=dict)
+    base_model: str = ""  # "" = the embedded tiny://sd
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
@@ -88,9 +89,12 @@ class LocalStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        # Pass through the caller's own SELMA_* settings (S3 endpoint, credentials, ...).
-        env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
         env.update(EMBEDDED_DEFAULTS.get(name, {}))
+        if self.base_model:
+            env.update({"SELMA_RENDER_DEFAULT_MODEL": self.base_model, "SELMA_TRAINING_DEFAULT_MODEL": self.base_model,
+                        "SELMA_SERVING_BASE_MODEL": self.base_model})
+        # The caller's own SELMA_* settings (S3 endpoint, credentials, a model of their choice) win over the defaults.
+        env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
         if name == "training":
             env["SELMA_TRAINING_LAUNCHER"] = self.launcher
         env.update(self.extra_env)
@@ -188,11 +192,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default="", help="artifact storage URI (default file://<dir>/storage; s3://bucket/prefix with SELMA_S3_* settings)")
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
+    p.add_argument("--base-model", default="", help="text-to-image model every service defaults to (default tiny://sd; e.g. shapesworld://base)")
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher)
+    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
