@@ -23,6 +23,7 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.storage import Storage
+from selma_training.launchers import ContextMonitor
 
 from selma_evaluation.runner import (
     METRIC_NAMES,
@@ -344,20 +345,11 @@ def stats_from_progress(doc: dict[str, Any], launcher: str) -> dict[str, Any]:
     return out
 
 
-class _EvalMonitor:
+class _EvalMonitor(ContextMonitor):
     """The launcher's view of an evaluation job: progress from the worker, cancel/stop signals."""
 
     def __init__(self, core: EvaluationCore, ctx: JobContext, doc: EvaluationJobDoc, launcher: str) -> None:
         self.core, self.ctx, self.doc, self.launcher = core, ctx, doc, launcher
-
-    def state(self) -> str | None:
-        try:
-            self.ctx.check_cancelled()
-        except Interrupted:
-            return "stopping"
-        except Cancelled:
-            return "cancelled"
-        return None
 
     def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
         from selma_training.progress import read_progress

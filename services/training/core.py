@@ -46,7 +46,7 @@ from selma_training import metrics
 from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
 from selma_training.data import load_dataset
 from selma_training.kube import KubernetesLauncher, validate_placement
-from selma_training.launchers import LaunchRequest, Launcher, LocalLauncher, Monitor, Outcome
+from selma_training.launchers import ContextMonitor, LaunchRequest, Launcher, LocalLauncher, Outcome
 from selma_training.progress import read_progress
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
@@ -107,18 +107,9 @@ def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-class _JobMonitor(Monitor):
+class _JobMonitor(ContextMonitor):
     def __init__(self, core: TrainingCore, ctx: JobContext, job: TrainingJob) -> None:
         self.core, self.ctx, self.job = core, ctx, job
-
-    def state(self) -> str | None:
-        try:
-            self.ctx.check_cancelled()
-        except Interrupted:
-            return "stopping"
-        except Cancelled:
-            return "cancelled"
-        return None
 
     def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
         doc = read_progress(self.core.storage, self.job.progress_key) or {}

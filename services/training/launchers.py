@@ -86,6 +86,24 @@ class Monitor(ABC):
         """None while the job should go on; "cancelled" or "stopping" otherwise."""
 
 
+class ContextMonitor(Monitor):
+    """A Monitor whose cancel and shutdown signals come from a :class:`selma.jobs.JobContext` (``self.ctx``)."""
+
+    ctx: Any
+
+    def state(self) -> str | None:
+        from selma.errors import Cancelled
+        from selma.jobs import Interrupted
+
+        try:
+            self.ctx.check_cancelled()
+        except Interrupted:
+            return "stopping"
+        except Cancelled:
+            return "cancelled"
+        return None
+
+
 class Launcher(ABC):
     """Runs trainers somewhere; see the module docstring."""
 

@@ -191,6 +191,21 @@ def test_tiny_test_answers_are_deterministic_functions_of_seed_image_and_questio
 _WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] yes no is there a the red blue cat dog on in of two one what color ? . , how many".split()
 
 
+
+def _save_widened(model, processor, path: Path, seed: int) -> None:
+    """Save a random model with wide weights: the default init (std 0.02) makes every input give the
+    same answer; wide weights make answers depend on image and question, so batching and ordering
+    bugs would show."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+
 def build_tiny_blip_vqa(path: Path, seed: int = 0) -> Path:
     """A random-init BlipForQuestionAnswering with a BERT word-piece tokenizer, all offline."""
     import torch
@@ -217,15 +232,7 @@ def build_tiny_blip_vqa(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = BlipForQuestionAnswering(config).eval()
-    # The default init (std 0.02) makes every input give the same answer; wide weights make
-    # answers depend on image and question, so batching and ordering bugs would show.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
+    _save_widened(model, processor, path, seed)
     return path
 
 
@@ -409,13 +416,7 @@ def build_tiny_llava(path: Path, seed: int = 0, *, chat_template: bool = True) -
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
+    _save_widened(model, processor, path, seed)
     return path
 
 
@@ -501,13 +502,7 @@ def build_tiny_blip2(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
+    _save_widened(model, processor, path, seed)
     return path
 
 
