@@ -108,7 +108,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     record = pretrain(args.out, cfg, checkpoint_dir=ckpt, progress=not args.no_progress and sys.stderr.isatty())
     if not args.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
-    print(json.dumps({"out": str(args.out), "seconds": record["seconds"], "final_losses": record["final_losses"]}, indent=2))
+    sys.stdout.write(json.dumps({"out": str(args.out), "seconds": record["seconds"], "final_losses": record["final_losses"]}, indent=2) + "\n")
     return 0
 
 
@@ -143,9 +143,9 @@ def _eval_base(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     table = evaluate(pipe, kinds, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed, image_dir=args.save_images)
     if args.json:
-        print(json.dumps(table, indent=2))
+        sys.stdout.write(json.dumps(table, indent=2) + "\n")
         return 0
-    print(f"{'kind':<10} {'n':>4} {'ok %':>7} {'strict %':>9}")
+    sys.stdout.write(f"{'kind':<10} {'n':>4} {'ok %':>7} {'strict %':>9}" + "\n")
     for kind, row in table.items():
-        print(f"{kind:<10} {row['n']:>4} {row['ok'] * 100:>7.1f} {row['strict'] * 100:>9.1f}")
+        sys.stdout.write(f"{kind:<10} {row['n']:>4} {row['ok'] * 100:>7.1f} {row['strict'] * 100:>9.1f}" + "\n")
     return 0
