@@ -53,7 +53,7 @@ from selma.errors import FailedPrecondition, InvalidArgument, NotFound, Permissi
 
 from selma_evaluation.settings import EvaluationSettings
 from selma_prompts.llm import response_excerpt, retry_after_seconds, RetryableError
-from selma_prompts.spec import FORBIDDEN_EXTRA_FIELDS, RESERVED_EXTRA_FIELDS, check_known_fields, parse_duration, parse_float, parse_int, parse_mapping, parse_str
+from selma_prompts.spec import check_known_fields, parse_base_url, parse_float, parse_int, parse_mapping, parse_str, parse_transport
 
 log = logging.getLogger(__name__)
 
@@ -281,16 +281,7 @@ def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSetting
     check_known_fields(
         body, {"base_url", "model", "api_key", "api", "sampling", "request_timeout", "max_concurrency", "max_retries", "extra_body"}, fld
     )
-    base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or settings.eval_vqa_openai_base_url).rstrip("/")
-    if not base_url:
-        raise InvalidArgument(
-            "base_url is required (e.g. http://vllm.llm.svc:8000/v1): the service has no default (eval_vqa_openai_base_url)",
-            field=f"{fld}.base_url",
-        )
-    if not re.match(r"^https?://[^\s/]+", base_url):
-        raise InvalidArgument(f"base_url must be an http(s) URL up to and including /v1; got {base_url!r}", field=f"{fld}.base_url")
-    if "@" in base_url.split("/")[2]:
-        raise InvalidArgument("base_url must not carry credentials; name an api_key secret instead", field=f"{fld}.base_url")
+    base_url = parse_base_url(body, fld, settings.eval_vqa_openai_base_url, "eval_vqa_openai_base_url")
     model = parse_str(body.get("model"), f"{fld}.model") or settings.eval_vqa_openai_model
     if not model:
         raise InvalidArgument("model is required: the service has no default (eval_vqa_openai_model)", field=f"{fld}.model")
@@ -314,21 +305,7 @@ def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSetting
     stop = sampling.get("stop") or []
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
         raise InvalidArgument("stop must be a list of at most 8 non-empty strings", field=f"{fld}.sampling.stop")
-    timeout = parse_duration(body.get("request_timeout"), f"{fld}.request_timeout")
-    if timeout is not None and not 0 < timeout <= 3600:
-        raise InvalidArgument(f"request_timeout must be in (0, 3600] seconds; got {timeout}", field=f"{fld}.request_timeout")
-    concurrency = parse_int(body.get("max_concurrency"), f"{fld}.max_concurrency")
-    if not 0 <= concurrency <= 64:
-        raise InvalidArgument(f"max_concurrency must be in 1..64 (0 = default); got {concurrency}", field=f"{fld}.max_concurrency")
-    retries = parse_int(body.get("max_retries"), f"{fld}.max_retries", settings.eval_vqa_max_retries)
-    if not 0 <= retries <= 10:
-        raise InvalidArgument(f"max_retries must be in 0..10; got {retries}", field=f"{fld}.max_retries")
-    extra = parse_mapping(body.get("extra_body"), f"{fld}.extra_body")
-    for k in extra:
-        if FORBIDDEN_EXTRA_FIELDS.search(k):
-            raise InvalidArgument(f"extra_body must not carry credentials ({k!r}); name an api_key secret instead", field=f"{fld}.extra_body")
-        if k in RESERVED_EXTRA_FIELDS:
-            raise InvalidArgument(f"extra_body cannot set {k!r}: the service controls it", field=f"{fld}.extra_body")
+    timeout, concurrency, retries, extra = parse_transport(body, fld, default_retries=settings.eval_vqa_max_retries)
     spec = OpenAiVqaSpec(
         base_url=base_url,
         model=model,

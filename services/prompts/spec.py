@@ -253,16 +253,7 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
             {"base_url", "model", "api_key", "api", "sampling", "request_timeout", "max_concurrency", "max_retries", "extra_body"},
             fld,
         )
-        base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or settings.prompts_openai_base_url).rstrip("/")
-        if not base_url:
-            raise InvalidArgument(
-                "base_url is required (e.g. http://vllm.llm.svc:8000/v1): the service has no default (prompts_openai_base_url)",
-                field=f"{fld}.base_url",
-            )
-        if not re.match(r"^https?://[^\s/]+", base_url):
-            raise InvalidArgument(f"base_url must be an http(s) URL up to and including /v1; got {base_url!r}", field=f"{fld}.base_url")
-        if "@" in base_url.split("/")[2]:
-            raise InvalidArgument("base_url must not carry credentials; name an api_key secret instead", field=f"{fld}.base_url")
+        base_url = parse_base_url(body, fld, settings.prompts_openai_base_url, "prompts_openai_base_url")
         model = parse_str(body.get("model"), f"{fld}.model") or settings.prompts_openai_model
         if not model:
             raise InvalidArgument("model is required: the service has no default (prompts_openai_model)", field=f"{fld}.model")
@@ -271,21 +262,7 @@ def resolve_backend(d: Any, settings: PromptSettings, fld: str = "spec.backend")
         api_name = body.get("api") or "OPEN_AI_API_UNSPECIFIED"
         if api_name not in _OPENAI_API:
             raise InvalidArgument(f"unknown api {api_name!r}", field=f"{fld}.api")
-        timeout = parse_duration(body.get("request_timeout"), f"{fld}.request_timeout")
-        if timeout is not None and not 0 < timeout <= 3600:
-            raise InvalidArgument(f"request_timeout must be in (0, 3600] seconds; got {timeout}", field=f"{fld}.request_timeout")
-        concurrency = parse_int(body.get("max_concurrency"), f"{fld}.max_concurrency")
-        if not 0 <= concurrency <= 64:
-            raise InvalidArgument(f"max_concurrency must be in 1..64 (0 = default); got {concurrency}", field=f"{fld}.max_concurrency")
-        retries = parse_int(body.get("max_retries"), f"{fld}.max_retries", settings.prompts_max_retries)
-        if not 0 <= retries <= 10:
-            raise InvalidArgument(f"max_retries must be in 0..10; got {retries}", field=f"{fld}.max_retries")
-        extra = parse_mapping(body.get("extra_body"), f"{fld}.extra_body")
-        for k in extra:
-            if FORBIDDEN_EXTRA_FIELDS.search(k):
-                raise InvalidArgument(f"extra_body must not carry credentials ({k!r}); name an api_key secret instead", field=f"{fld}.extra_body")
-            if k in RESERVED_EXTRA_FIELDS:
-                raise InvalidArgument(f"extra_body cannot set {k!r}: the service controls it", field=f"{fld}.extra_body")
+        timeout, concurrency, retries, extra = parse_transport(body, fld, default_retries=settings.prompts_max_retries)
         spec = BackendSpec(
             kind=kind,
             sampling=_sampling(body.get("sampling"), f"{fld}.sampling", settings),
@@ -438,3 +415,38 @@ def resolve_spec(
         run=run,
         labels=labels,
     )
+
+
+def parse_base_url(body: Mapping[str, Any], fld: str, default: str, setting: str) -> str:
+    """An OpenAI-compatible ``base_url`` (or the service default named ``setting``): http(s), no credentials."""
+    base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or default).rstrip("/")
+    if not base_url:
+        raise InvalidArgument(
+            f"base_url is required (e.g. http://vllm.llm.svc:8000/v1): the service has no default ({setting})",
+            field=f"{fld}.base_url",
+        )
+    if not re.match(r"^https?://[^\s/]+", base_url):
+        raise InvalidArgument(f"base_url must be an http(s) URL up to and including /v1; got {base_url!r}", field=f"{fld}.base_url")
+    if "@" in base_url.split("/")[2]:
+        raise InvalidArgument("base_url must not carry credentials; name an api_key secret instead", field=f"{fld}.base_url")
+    return base_url
+
+
+def parse_transport(body: Mapping[str, Any], fld: str, *, default_retries: int) -> tuple[float | None, int, int, dict[str, Any]]:
+    """(request_timeout or None, max_concurrency (0 = default), max_retries, extra_body) of an OpenAI-compatible backend."""
+    timeout = parse_duration(body.get("request_timeout"), f"{fld}.request_timeout")
+    if timeout is not None and not 0 < timeout <= 3600:
+        raise InvalidArgument(f"request_timeout must be in (0, 3600] seconds; got {timeout}", field=f"{fld}.request_timeout")
+    concurrency = parse_int(body.get("max_concurrency"), f"{fld}.max_concurrency")
+    if not 0 <= concurrency <= 64:
+        raise InvalidArgument(f"max_concurrency must be in 1..64 (0 = default); got {concurrency}", field=f"{fld}.max_concurrency")
+    retries = parse_int(body.get("max_retries"), f"{fld}.max_retries", default_retries)
+    if not 0 <= retries <= 10:
+        raise InvalidArgument(f"max_retries must be in 0..10; got {retries}", field=f"{fld}.max_retries")
+    extra = parse_mapping(body.get("extra_body"), f"{fld}.extra_body")
+    for k in extra:
+        if FORBIDDEN_EXTRA_FIELDS.search(k):
+            raise InvalidArgument(f"extra_body must not carry credentials ({k!r}); name an api_key secret instead", field=f"{fld}.extra_body")
+        if k in RESERVED_EXTRA_FIELDS:
+            raise InvalidArgument(f"extra_body cannot set {k!r}: the service controls it", field=f"{fld}.extra_body")
+    return timeout, concurrency, retries, dict(extra)
