@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.storage import Storage
-from selma_training.launchers import ContextMonitor
+from selma_training.launchers import ContextMonitor, LiveLaunches
 
 from selma_evaluation.runner import (
     METRIC_NAMES,
@@ -103,8 +102,7 @@ class EvaluationCore:
         self.store = ArtifactStore(storage)
         self.launchers = launchers
         self.manager = JobManager(storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
-        self._live: dict[str, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self._live = LiveLaunches()
 
     # -- validation
 
@@ -269,11 +267,7 @@ class EvaluationCore:
 
     def cancel(self, job_id: str, reason: str = "") -> JobRecord:
         self.manager.cancel(job_id, reason or "cancelled by client")
-        with self._lock:
-            live = self._live.get(job_id)
-        if live is not None:
-            launcher, req = live
-            launcher.cancel(req)
+        self._live.cancel(job_id)
         return self.manager.get(job_id)
 
     def recover(self) -> list[str]:
@@ -298,13 +292,7 @@ class EvaluationCore:
             req = LaunchRequest(job_id=doc.job_id, idempotency_key=doc.idempotency_key, run=doc.run or "eval", skill="evaluation",
                                 config_uri=self.storage.uri_for(key), expert_id=doc.report_id, placement=placement, labels=doc.labels, task="eval")
             monitor = _EvalMonitor(self, ctx, doc, name)
-            with self._lock:
-                self._live[doc.job_id] = (launcher, req)
-            try:
-                outcome = launcher.run(req, monitor)
-            finally:
-                with self._lock:
-                    self._live.pop(doc.job_id, None)
+            outcome = self._live.run(launcher, req, monitor)
             if outcome.state == "cancelled":
                 raise Cancelled(outcome.message or "cancelled")
             if outcome.state == "interrupted":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from datetime import datetime
 from typing import Any
 
@@ -46,7 +45,7 @@ from selma_training import metrics
 from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
 from selma_training.data import load_dataset
 from selma_training.kube import KubernetesLauncher, validate_placement
-from selma_training.launchers import ContextMonitor, LaunchRequest, Launcher, LocalLauncher, Outcome
+from selma_training.launchers import ContextMonitor, LaunchRequest, Launcher, LiveLaunches, LocalLauncher, Outcome
 from selma_training.progress import read_progress
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
@@ -151,8 +150,7 @@ class TrainingCore:
         self.store = ArtifactStore(self.storage)
         self.launchers: dict[str, Launcher] = launchers or {"local": LocalLauncher(settings), "kubernetes": KubernetesLauncher(settings)}
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
-        self._live: dict[str, tuple[Launcher, LaunchRequest]] = {}
-        self._lock = threading.Lock()
+        self._live = LiveLaunches()
 
     # -- validation
 
@@ -238,12 +236,8 @@ class TrainingCore:
 
     def cancel(self, job_id: str, reason: str = "") -> JobRecord:
         rec = self.manager.cancel(job_id, reason or "cancelled by client")
-        with self._lock:
-            live = self._live.get(job_id)
-        if live is not None:
-            launcher, req = live
-            launcher.cancel(req)  # wakes the follower at once (Job DELETED event / process exit)
-        elif rec.details.get("kubernetes.job") and "kubernetes" in self.launchers:
+        # a running launch is woken at once; a Job this service instance did not launch is deleted by name
+        if not self._live.cancel(job_id) and rec.details.get("kubernetes.job") and "kubernetes" in self.launchers:
             launcher = self.launchers["kubernetes"]
             if isinstance(launcher, KubernetesLauncher):
                 launcher.cancel_by_name(rec.details["kubernetes.job"])
@@ -311,13 +305,7 @@ class TrainingCore:
         if name == "local":
             metrics.LAUNCHES.labels("local").inc()
         monitor = _JobMonitor(self, ctx, job)
-        with self._lock:
-            self._live[job.job_id] = (launcher, req)
-        try:
-            outcome = launcher.run(req, monitor)
-        finally:
-            with self._lock:
-                self._live.pop(job.job_id, None)
+        outcome = self._live.run(launcher, req, monitor)
         metrics.OUTCOMES.labels(name, outcome.state).inc()
         if outcome.state == "succeeded":
             return self._succeeded(ctx, job, outcome)

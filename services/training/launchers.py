@@ -104,6 +104,34 @@ class ContextMonitor(Monitor):
         return None
 
 
+class LiveLaunches:
+    """The launches in flight, by job id, so that a cancel reaches the launcher at once."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, tuple[Launcher, LaunchRequest]] = {}
+        self._lock = threading.Lock()
+
+    def run(self, launcher: Launcher, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        """``launcher.run(req, monitor)``, registered for :meth:`cancel` while it runs."""
+        with self._lock:
+            self._live[req.job_id] = (launcher, req)
+        try:
+            return launcher.run(req, monitor)
+        finally:
+            with self._lock:
+                self._live.pop(req.job_id, None)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop the job's running launch, if any (wakes its follower: process exit, Job DELETED); True if there was one."""
+        with self._lock:
+            live = self._live.get(job_id)
+        if live is None:
+            return False
+        launcher, req = live
+        launcher.cancel(req)
+        return True
+
+
 class Launcher(ABC):
     """Runs trainers somewhere; see the module docstring."""
 
