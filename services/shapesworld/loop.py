@@ -461,6 +461,7 @@ class TableRunner:
                 "heldout": {s.name: self.cfg.eval_per_skill for s in ss.skills},
                 "experts": experts, "gated_experts": gated_experts, "mixed_expert": mixed_expert, "merged_model": result["merged_model"],
                 "eval_report": job.status.output.id, "stage_seconds": self.stage_seconds(state, f"eval-{ev_digest}"),
+                "span_seconds": self.span_seconds(state, f"eval-{ev_digest}"),
                 "local_seconds": {k: round(v, 1) for k, v in self.local_seconds.items()},
                 "skills": [s.name for s in ss.skills],
                 "model": template_model(self.cfg), "steps": ss.training_config.max_steps,
@@ -469,24 +470,35 @@ class TableRunner:
             state.set(phase="succeeded", table={"scores": scores})
         return SeedResult(seed=seed, run=run, scores=scores, facts=facts)
 
-    def stage_seconds(self, state: Any, evaluation: str) -> dict[str, float]:
-        """Seconds each job of the run took on its service (started → finished), summed per stage.
+    def _job_times(self, state: Any, evaluation: str) -> list[tuple[str, float, float]]:
+        """(stage label, started, finished) in epoch seconds of every finished job of the run.
 
         ``evaluation``: the current evaluation's stage label (earlier evaluations of the run are left out).
         """
-        out: dict[str, float] = {}
+        out = []
         for st in state.data["stages"].values():
             if not st.get("job_id") or (st["stage"] == "evaluation" and st.get("skill") != evaluation):
                 continue
             job = self.client.jobs(st["stage"]).get(st["job_id"])
             s = job.status
             if s.HasField("started_at") and s.HasField("finished_at"):
-                dt = s.finished_at.ToDatetime().timestamp() - s.started_at.ToDatetime().timestamp()
                 label = st["stage"] + ("-gated" if str(st.get("skill") or "").endswith("-gated") or st.get("skill") == "gated" else "")
                 if st.get("skill") == MIXED_SKILL:
                     label = "training-mixed"
-                out[label] = round(out.get(label, 0.0) + dt, 1)
+                out.append((label, s.started_at.ToDatetime().timestamp(), s.finished_at.ToDatetime().timestamp()))
         return out
+
+    def stage_seconds(self, state: Any, evaluation: str) -> dict[str, float]:
+        """Seconds each job of the run took on its service (started → finished), summed per stage."""
+        out: dict[str, float] = {}
+        for label, start, end in self._job_times(state, evaluation):
+            out[label] = round(out.get(label, 0.0) + end - start, 1)
+        return out
+
+    def span_seconds(self, state: Any, evaluation: str) -> float:
+        """Wall time of the seed's jobs: first start to last finish (the same when a re-run only attaches)."""
+        times = self._job_times(state, evaluation)
+        return round(max(e for _, _, e in times) - min(s for _, s, _ in times), 1) if times else 0.0
 
 
 def _count(store: ArtifactStore, prompt_set_id: str) -> int:
@@ -571,9 +583,11 @@ def render_table(results: Sequence[SeedResult], cfg: TableConfig, wall_seconds: 
         for k, v in r.facts.get("local_seconds", {}).items():
             stage.setdefault(k, []).append(v)
     timing = ", ".join(f"{k} {statistics.fmean(v):.0f} s" for k, v in sorted(stage.items()))
+    spans = ", ".join(f"seed {r.seed} {r.facts.get('span_seconds', 0.0) / 60:.1f} min" for r in results)
     lines += [
         "",
-        f"How it was obtained: `{cfg.command or 'selma shapesworld table'}` (wall time {wall_seconds / 60:.1f} min). "
+        f"How it was obtained: `{cfg.command or 'selma shapesworld table'}` (this invocation's wall time {wall_seconds / 60:.1f} min; "
+        f"per seed, first job start to last job end: {spans}). "
         f"Base model `{f0['model']}`; prompts from the ShapesWorld grammar backend through the prompt service "
         f"(accepted per skill, mean over seeds: {per_skill('prompts', mean_int)}); images rendered by the base model itself "
         f"({f0['render']}; per skill: {per_skill('images', mean_int)}); one LoRA expert per skill "

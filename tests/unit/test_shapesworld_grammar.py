@@ -184,7 +184,7 @@ def _result(seed, bump):
     scores = {lab: {s: 10.0 * i + bump for i, s in enumerate(["", *skills])} for lab in labels}
     facts = {"skills": skills, "prompts": dict.fromkeys(skills, 6), "images": dict.fromkeys(skills, 6),
              "gate": {s: {"kept": 1, "total": 6} for s in skills}, "heldout": dict.fromkeys(skills, 3),
-             "stage_seconds": {"training": 10.0}, "model": "tiny://sd", "steps": 4, "rank": 4, "render": "ddim 4 steps"}
+             "stage_seconds": {"training": 10.0}, "span_seconds": 90.0 + 30 * seed, "model": "tiny://sd", "steps": 4, "rank": 4, "render": "ddim 4 steps"}
     return SeedResult(seed=seed, run=f"r-s{seed}", scores=scores, facts=facts)
 
 
@@ -196,6 +196,7 @@ def test_table_has_every_row_and_column_with_mean_and_spread(tmp_path):
     text = render_table(results, TableConfig(seeds=(0, 1), command="selma shapesworld table --seeds 0,1"), 60.0)
     assert "| base model | 11.0 ± 1.4 | 21.0 ± 1.4 | 1.0 ± 1.4 |" in text
     assert "--seeds 0,1" in text
+    assert "seed 0 1.5 min, seed 1 2.0 min" in text  # each seed's job span, also when a re-run only attaches
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nrest\n")
     replace_readme_section(readme, text)
