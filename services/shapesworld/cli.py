@@ -54,8 +54,8 @@ def _add_pretrain(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=from_defaults["checkpoint_every"], help="steps between checkpoints (default %(default)s)")
     p.add_argument("--log-every", type=int, default=from_defaults["log_every"], help="steps between loss log lines (default %(default)s)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR", help="resumable state (default: <out>.ckpt)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1, as the published weights were made; part of what determines the weights)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2, as the published weights were made; part of what determines the weights)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep --checkpoint-dir after a finished run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=_pretrain)

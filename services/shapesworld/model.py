@@ -8,9 +8,10 @@ render, training (LoRA) and serving services load and use it unchanged
   deterministic trainer, merged until every grammar word is one token; ``model_max_length`` 24;
 * ``CLIPTextModel``: hidden 64, 2 layers, 4 heads, FFN 128, 24 positions (trained jointly with
   the UNet);
-* ``AutoencoderKL``: 64x64x3 <-> 16x16x4 (two downsamples), trained first as an autoencoder on
+* ``AutoencoderKL``: 64x64x3 <-> 32x32x3 (one downsample; the latent is tied to the
+  2x2-average-pooled image, so it is an image the UNet can learn like pixel space), trained first as an autoencoder on
   world renders; its ``scaling_factor`` is measured so that scaled latents have unit variance;
-* ``UNet2DConditionModel``: on 16x16x4 latents with cross-attention to the text states;
+* ``UNet2DConditionModel``: on 32x32x3 latents with cross-attention to the text states;
 * ``DDIMScheduler`` (``squaredcos_cap_v2`` betas, epsilon prediction, no x0 clipping).
 
 This module holds the configs (data, in one place) and the builders; ``pretrain.py`` trains them.
@@ -33,7 +34,7 @@ from selma.models import tokenizer as tokenizer_mod
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
-LATENT_SIZE = 16
+LATENT_SIZE = 32
 MODEL_MAX_LENGTH = 24
 
 # Every module constructor below is data: change one and the others' initial weights stay the same
@@ -41,13 +42,17 @@ MODEL_MAX_LENGTH = 24
 VAE: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    # three blocks = two downsamples: 64 px -> 16x16 latents; narrow at full resolution, where
-    # a CPU step spends most of its time (32 channels there doubled the step time)
-    block_out_channels=(16, 32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    # two blocks = one downsample: 64 px -> 32x32 latents, so a small shape (8-11 px) still spans
+    # 4-5 latent pixels (at 16x16 latents it spanned 2-3 and the UNet drew blobs); narrow at full
+    # resolution, where a CPU step spends most of its time
+    block_out_channels=(16, 32),
     layers_per_block=1,
-    latent_channels=4,
+    # three latent channels, trained to stay close to the 2x2-average-pooled image (see
+    # ``pretrain.PretrainConfig.vae_pixel_tie``): a free 4-channel latent scored 2 % on single
+    # objects after the same UNet training, the image-like latent is what a small UNet learns well
+    latent_channels=3,
     norm_num_groups=8,
     sample_size=IMAGE_SIZE,
     scaling_factor=1.0,  # replaced by the measured value after the autoencoder is trained
@@ -63,15 +68,14 @@ TEXT_ENCODER: dict[str, Any] = dict(
 )
 UNET: dict[str, Any] = dict(
     sample_size=LATENT_SIZE,
-    in_channels=4,
-    out_channels=4,
-    # 16x16 -> 8x8 -> 4x4; cross-attention at 8x8, 4x4 and the mid block.  (Attention at 16x16 too
-    # made a training step 3x slower on the CPU.)
+    in_channels=3,
+    out_channels=3,
+    # 32x32 -> 16x16 -> 8x8; cross-attention at 16x16, 8x8 and the mid block
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=8,
+    attention_head_dim=4,
     norm_num_groups=16,
     cross_attention_dim=64,  # = text encoder hidden size
 )

@@ -16,11 +16,11 @@ from selma_shapesworld import judge, world  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-# Judge `ok` accuracy on the 24 prompts below, DDIM 25 steps, CFG 2, 1 thread: measured 12/24 (50 %) on
-# the published weights (CFG 4: 5/24; the base model empties images at high guidance).  The floor
+# Judge `ok` accuracy on the 24 prompts below, DDIM 25 steps, CFG 2, 1 thread: measured 8/24 (33 %) on
+# the published weights (CFG 4: 7/24; on 48 fresh single-object captions at CFG 4: 58 %).  The floor
 # leaves room for float differences across CPUs and library versions; random weights score 0.
 GUIDANCE = 2.0
-ACCURACY_FLOOR = 0.25
+ACCURACY_FLOOR = 0.2
 
 
 def test_published_weights_are_small_safetensors_with_their_training_record():

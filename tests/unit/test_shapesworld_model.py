@@ -60,18 +60,18 @@ def test_builder_makes_a_64px_sd_pipeline_of_the_standard_classes():
     assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.unet, UNet2DConditionModel)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.clip_sample is False
-    assert pipe.vae_scale_factor == 4  # 64 px <-> 16x16 latents
-    assert pipe.unet.config.sample_size == 16 and pipe.unet.config.in_channels == 4
+    assert pipe.vae_scale_factor == 2  # 64 px <-> 32x32 latents
+    assert pipe.unet.config.sample_size == 32 and pipe.unet.config.in_channels == 3
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 24
     with torch.no_grad():
         x = torch.rand(2, 3, 64, 64) * 2 - 1
         z = pipe.vae.encode(x).latent_dist.mean
-        assert z.shape == (2, 4, 16, 16)
+        assert z.shape == (2, 3, 32, 32)
         assert pipe.vae.decode(z).sample.shape == (2, 3, 64, 64)
         ids = pipe.tokenizer(["a red circle", ""], padding="max_length", max_length=24, return_tensors="pt").input_ids
         hidden = pipe.text_encoder(ids)[0]
-        assert pipe.unet(z, torch.tensor([10, 500]), hidden).sample.shape == (2, 4, 16, 16)
+        assert pipe.unet(z, torch.tensor([10, 500]), hidden).sample.shape == (2, 3, 32, 32)
     image = pipe("a red circle", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (64, 64)
 
@@ -119,7 +119,7 @@ def test_pretrain_command_runs_end_to_end_and_is_deterministic(tmp_path: Path):
     assert 0.0 <= record["reconstruction_judge_strict"] <= 1.0
     pipe = StableDiffusionPipeline.from_pretrained(a, use_safetensors=True)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
-    assert pipe.vae.config.scaling_factor != 1.0
+    assert pipe.vae.config.scaling_factor == record["config"]["latent_scaling"] == 1.0  # pixel-like latent magnitudes
 
 
 @pytest.mark.parametrize("phase,stop_at", [("vae", 2), ("unet", 3), ("decoder", 3)])
