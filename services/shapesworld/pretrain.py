@@ -105,7 +105,7 @@ class PretrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "unet_steps"):
+        for name in ("vae_steps", "unet_steps", "vae_pixel_tie", "latent_scaling"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0", field=name.replace("_", "-"))
         for name in ("vae_batch", "unet_batch", "vae_scenes", "unet_scenes", "tokenizer_scenes_per_kind", "checkpoint_every", "log_every"):
@@ -318,8 +318,7 @@ def train_vae(
         kl = posterior.kl().mean()
         loss = mse + l1 + kl_weight * kl
         tie = F.mse_loss(posterior.mean, F.avg_pool2d(x, 2)) if phase == "vae" else torch.zeros(())
-        if phase == "vae" and cfg.vae_pixel_tie:
-            loss = loss + cfg.vae_pixel_tie * tie
+        loss = loss + cfg.vae_pixel_tie * tie
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
