@@ -63,6 +63,8 @@ def test_reduced_loop_runs_end_to_end_and_produces_the_table(tmp_path):
     (r,) = results
     assert results2[0].scores == r.scores
     assert results2[0].facts["eval_report"] == r.facts["eval_report"]
+    assert {"heldout", "gate", "mix"} <= set(r.facts["local_seconds"])  # a re-run reports the first run's times, not its own ~0 s
+    assert results2[0].facts["local_seconds"] == r.facts["local_seconds"]
     labels = {"base", "expert-counting", "expert-spatial", "mixed", "merged", "merged-gated"}
     assert set(r.scores) == labels
     for label in labels:
