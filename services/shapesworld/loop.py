@@ -456,6 +456,7 @@ class TableRunner:
                 scores["merged-gated"] = dict(scores["base"])
             # This process's own stages (held-out sets, gate, mix) as the run that did the work measured them: a re-run
             # that only finds the published artifacts would report ~0 s.
+            job_times = self.job_times(state, f"eval-{ev_digest}")  # one Get per job, for both timings below
             local_seconds = (state.data.get("table") or {}).get("local_seconds") or {
                 k: round(v, 1) for k, v in self.local_seconds.items()}
             facts = {
@@ -464,8 +465,7 @@ class TableRunner:
                 "gate": {s.name: {"kept": gated[s.name].parameters.get("kept", 0), "total": gated[s.name].parameters.get("total", 0)} for s in ss.skills},
                 "heldout": {s.name: self.cfg.eval_per_skill for s in ss.skills},
                 "experts": experts, "gated_experts": gated_experts, "mixed_expert": mixed_expert, "merged_model": result["merged_model"],
-                "eval_report": job.status.output.id, "stage_seconds": self.stage_seconds(state, f"eval-{ev_digest}"),
-                "span_seconds": self.span_seconds(state, f"eval-{ev_digest}"),
+                "eval_report": job.status.output.id, "stage_seconds": stage_seconds(job_times), "span_seconds": span_seconds(job_times),
                 "local_seconds": local_seconds,
                 "skills": [s.name for s in ss.skills],
                 "model": template_model(self.cfg), "steps": ss.training_config.max_steps,
@@ -474,7 +474,7 @@ class TableRunner:
             state.set(phase="succeeded", table={"scores": scores, "local_seconds": local_seconds})
         return SeedResult(seed=seed, run=run, scores=scores, facts=facts)
 
-    def _job_times(self, state: Any, evaluation: str) -> list[tuple[str, float, float]]:
+    def job_times(self, state: Any, evaluation: str) -> list[tuple[str, float, float]]:
         """(stage label, started, finished) in epoch seconds of every finished job of the run.
 
         ``evaluation``: the current evaluation's stage label (earlier evaluations of the run are left out).
@@ -492,17 +492,18 @@ class TableRunner:
                 out.append((label, s.started_at.ToDatetime().timestamp(), s.finished_at.ToDatetime().timestamp()))
         return out
 
-    def stage_seconds(self, state: Any, evaluation: str) -> dict[str, float]:
-        """Seconds each job of the run took on its service (started → finished), summed per stage."""
-        out: dict[str, float] = {}
-        for label, start, end in self._job_times(state, evaluation):
-            out[label] = round(out.get(label, 0.0) + end - start, 1)
-        return out
 
-    def span_seconds(self, state: Any, evaluation: str) -> float:
-        """Wall time of the seed's jobs: first start to last finish (the same when a re-run only attaches)."""
-        times = self._job_times(state, evaluation)
-        return round(max(e for _, _, e in times) - min(s for _, s, _ in times), 1) if times else 0.0
+def stage_seconds(job_times: Sequence[tuple[str, float, float]]) -> dict[str, float]:
+    """Seconds each job took on its service (started → finished), summed per stage, from :meth:`TableRunner.job_times`."""
+    out: dict[str, float] = {}
+    for label, start, end in job_times:
+        out[label] = round(out.get(label, 0.0) + end - start, 1)
+    return out
+
+
+def span_seconds(job_times: Sequence[tuple[str, float, float]]) -> float:
+    """Wall time of a seed's jobs: first start to last finish (the same when a re-run only attaches)."""
+    return round(max(e for _, _, e in job_times) - min(s for _, s, _ in job_times), 1) if job_times else 0.0
 
 
 def _count(store: ArtifactStore, prompt_set_id: str) -> int:
