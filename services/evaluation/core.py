@@ -22,7 +22,7 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.storage import Storage
-from selma_training.launchers import ContextMonitor, LiveLaunches
+from selma_training.launchers import RELAUNCH_CAUSE, ContextMonitor, LiveLaunches
 
 from selma_evaluation.runner import (
     METRIC_NAMES,
@@ -355,4 +355,5 @@ class _EvalMonitor(ContextMonitor):
                        f"{stats['questions_answered']}/{stats['questions_total']} answers")
         if attempt is not None:
             details = {**details, "attempt": str(attempt)}
+            self.ctx.launched(attempt, cause=details.get(RELAUNCH_CAUSE, ""))
         self.ctx.progress(done, total or None, unit="images+answers", message=message, stats=stats, details=details)

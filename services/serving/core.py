@@ -51,6 +51,10 @@ def spec_json_from_dict(d: dict[str, Any]) -> dict[str, Any]:
         out["method"] = "MERGE_METHOD_" + str(out["method"]).upper().removeprefix("MERGE_METHOD_")
     if out.get("sign_election"):
         out["sign_election"] = "SIGN_ELECTION_" + str(out["sign_election"]).upper().removeprefix("SIGN_ELECTION_")
+    if out.get("variant"):
+        out["variant"] = "MERGE_VARIANT_" + str(out["variant"]).upper().removeprefix("MERGE_VARIANT_")
+    elif "variant" not in out and out.get("method", "mean_delta") not in ("mean_delta", "MERGE_METHOD_MEAN_DELTA"):
+        out["variant"] = "MERGE_VARIANT_SELMA"  # merges stored before variants existed used selma's
     if "seed" in out:
         out["seed"] = str(out["seed"])
     return out
@@ -168,6 +172,7 @@ class ServingCore:
             "fused": rm.fuse,
             "density": rm.density,
             "sign_election": rm.sign_election,
+            "variant": rm.variant,
             "seed": rm.seed,
             "output_rank": rm.output_rank,
             "svd_relative_error_max": result.svd_error_max,

@@ -4,8 +4,9 @@ An adapter is a mapping ``module name → LoraModule(A, B, alpha)`` over UNet mo
 in ``unet.named_modules()``, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``).
 Its weight delta is ΔW = (alpha / r)·B·A.  Only safetensors files are read.
 
-Files written here always carry scale 1 (B is pre-multiplied by alpha / r, and alpha = r), so
-every loader reads them the same way, whether or not it understands alpha metadata.
+The scale convention is :mod:`selma.lora_format`'s: files carry α/r in their up matrices, so
+alpha here comes only from per-module ``….alpha`` tensors in a file (else alpha = r), never from
+``expert.json``; files written here are exact at scale 1.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
+from selma.lora_format import check_format, fold_scale
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,11 @@ def block_of(module: str) -> str | None:
     return None
 
 
-def parse_state_dict(sd: Mapping[str, torch.Tensor], *, alpha: float | None, what: str) -> dict[str, LoraModule]:
+def parse_state_dict(sd: Mapping[str, torch.Tensor], *, what: str) -> dict[str, LoraModule]:
     """UNet LoRA tensors (diffusers ``unet.….lora.down/up.weight`` or PEFT ``lora_A/lora_B``) → modules.
 
-    ``alpha`` (from expert.json) applies to every module unless the file has per-module
-    ``….alpha`` tensors; None = alpha equals the rank (scale 1), diffusers' default.
+    A module's alpha is its ``….alpha`` tensor if the file has one, else its rank (scale 1, the
+    convention of :mod:`selma.lora_format` and diffusers' default).
     """
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -120,7 +122,7 @@ def parse_state_dict(sd: Mapping[str, torch.Tensor], *, alpha: float | None, wha
             raise InvalidArgument(f"{what}: module {module} has incompatible shapes down {tuple(A.shape)} / up {tuple(B.shape)}", field="experts")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise InvalidArgument(f"{what}: module {module} has non-finite weights", field="experts")
-        a = alphas.get(module, alpha if alpha is not None else float(A.shape[0]))
+        a = alphas.get(module, float(A.shape[0]))
         if not math.isfinite(a) or a <= 0:
             raise InvalidArgument(f"{what}: alpha must be a positive number; got {a}", field="experts")
         out[module] = LoraModule(A=A.detach(), B=B.detach(), alpha=a)
@@ -219,8 +221,8 @@ def load_expert(store: ArtifactStore, manifest: Manifest) -> Adapter:
         data = store.read_bytes(manifest, DIFFUSERS_FILE)
     except NotFound:
         raise FailedPrecondition(f"{what} has no {DIFFUSERS_FILE}; it may be unfinished or in another format") from None
-    alpha = info.get("alpha")
-    modules = parse_state_dict(read_safetensors(data, what=what), alpha=float(alpha) if alpha else None, what=what)
+    check_format(info, what=what)  # every format reads the same way: the file carries the scale
+    modules = parse_state_dict(read_safetensors(data, what=what), what=what)
     base = BaseModelId.from_dict(info.get("base_model"))
     if not base.source:
         raise FailedPrecondition(f"{what} does not say which base model it was trained on (expert.json base_model.source)")
@@ -314,7 +316,7 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[s
 
 def unit_scale(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The adapter's (A, B) with alpha/r folded into B, so the file is exact at scale 1."""
-    return {n: (m.A, (m.B.float() * m.scale).to(m.B.dtype) if m.scale != 1 else m.B) for n, m in adapter.modules.items()}
+    return {n: (m.A, fold_scale(m.B, m.alpha, m.rank)) for n, m in adapter.modules.items()}
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -6,16 +6,22 @@ research code divides by the length of a string; we do not).  It is exact as a L
 B'A' = ΔW.  The same result can be truncated by SVD to a smaller rank (the relative Frobenius
 error is reported) or added into the base weights.
 
-The ablation methods act entry-wise on the full deltas:
+The ablation methods act entry-wise on the full deltas, in one of two variants.  ``peft`` (the
+default) follows PEFT's ``merge_utils`` exactly, so a merge equals PEFT's ``add_weighted_adapter``
+with the SVD combination types on the same adapters:
 
-* ``magnitude_prune``: keep each ΔWᵢ's top-``density`` entries by magnitude, then Σ wᵢ·ΔW̃ᵢ.
+* ``magnitude_prune``: keep each ΔWᵢ's top ⌊density·n⌋ entries by magnitude, then Σ wᵢ·ΔW̃ᵢ.
 * ``dare_linear``: keep each entry with probability ``density`` (seeded), rescale by 1/density, Σ wᵢ·ΔW̃ᵢ.
-* ``ties``: magnitude-trim, elect a sign per entry from vᵢ = wᵢ·ΔW̃ᵢ (``total``: sign of Σvᵢ;
-  ``frequency``: the sign most experts hold, ties broken by the total), then the weighted mean of
-  the agreeing entries, scaled by the total weight: Σ_agree vᵢ / Σ_agree wᵢ · Σᵢ wᵢ.  With the
-  default weights 1/N this is the TIES paper's disjoint mean (λ = 1); at density 1 with agreeing
-  signs it equals ``mean_delta``.
+* ``ties``: magnitude-trim, elect a sign per entry from the unweighted trimmed deltas (``total``:
+  sign of Σ ΔW̃ᵢ; ``frequency``: the sign most experts hold; a tie goes to +), then
+  Σ_agree wᵢ·ΔW̃ᵢ divided by the number of agreeing experts.
 * ``dare_ties``: DARE dropping instead of the magnitude trim, then TIES election and mean.
+
+``selma`` is the weight-normalised variant: keep ⌈density·n⌉ entries (at least 1), elect signs
+from vᵢ = wᵢ·ΔW̃ᵢ (``frequency`` ties broken by the total), then Σ_agree vᵢ / Σ_agree wᵢ · Σᵢ wᵢ.
+It does not change when all weights are scaled together, and with the default weights 1/N it is
+the TIES paper's disjoint mean (λ = 1), where PEFT's ``ties`` gives that mean divided by N; at
+density 1 with agreeing signs and weights summing to 1 it equals ``mean_delta``.
 
 Their results are full-rank; they are exported by SVD to ``output_rank`` (or to the experts'
 common rank, which must then be equal), or fused.
@@ -37,6 +43,7 @@ from selma_serving.lora import Adapter, LoraModule, block_of, validate_compatibl
 
 METHODS = ("mean_delta", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_ELECTIONS = ("total", "frequency")
+VARIANTS = ("peft", "selma")
 _TIES_METHODS = ("ties", "dare_ties")
 
 
@@ -62,6 +69,7 @@ class MergeParams:
     output_rank: int = 0
     fuse: bool = False
     seed: int = 0
+    variant: str = "peft"
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class ResolvedMerge:
     output_rank: int
     fuse: bool
     seed: int
+    variant: str = ""
 
     def weight(self, i: int, module: str) -> float:
         """Expert i's weight for a module: its block override if set, else its weight."""
@@ -104,6 +113,7 @@ class ResolvedMerge:
             "output_rank": self.output_rank,
             "fuse": self.fuse,
             "seed": self.seed,
+            "variant": self.variant,
         }
 
 
@@ -123,6 +133,8 @@ def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density
         raise InvalidArgument("internal: one adapter per expert expected", field="experts")
     if params.method not in METHODS:
         raise InvalidArgument(f"unknown merge method {params.method!r}; use one of {', '.join(METHODS)}", field="method")
+    if params.variant not in VARIANTS:
+        raise InvalidArgument(f"unknown merge variant {params.variant!r}; use peft or selma", field="variant")
     if params.sign_election not in SIGN_ELECTIONS:
         raise InvalidArgument(f"unknown sign election {params.sign_election!r}; use total or frequency", field="sign_election")
     ids = [a.id for a in adapters]
@@ -168,21 +180,24 @@ def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density
         output_rank=output_rank,
         fuse=params.fuse,
         seed=int(params.seed) if uses_seed else 0,
+        variant="" if params.method == "mean_delta" else params.variant,  # mean_delta is one merge in both
     )
 
 
 # --- entry-wise operators on deltas ------------------------------------------------------------
 
 
-def keep_count(numel: int, density: float) -> int:
-    """Entries kept at ``density``: ceil(density·n), at least 1."""
+def keep_count(numel: int, density: float, variant: str = "peft") -> int:
+    """Entries kept at ``density``: ⌊density·n⌋ as PEFT (all at density ≥ 1), or ⌈density·n⌉ and at least 1 (selma)."""
+    if variant == "peft":
+        return numel if density >= 1 else int(density * numel)
     return max(1, min(numel, math.ceil(density * numel - 1e-9)))
 
 
-def magnitude_trim(t: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_trim(t: torch.Tensor, density: float, variant: str = "peft") -> torch.Tensor:
     """Zero all but the ``keep_count`` largest-magnitude entries."""
     flat = t.flatten()
-    k = keep_count(flat.numel(), density)
+    k = keep_count(flat.numel(), density, variant)
     if k >= flat.numel():
         return t.clone()
     idx = torch.topk(flat.abs(), k, sorted=False).indices
@@ -203,10 +218,15 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, seed: int) ->
     return torch.rand(tuple(shape), generator=gen) < density
 
 
-def elect_and_mean(trimmed: Sequence[torch.Tensor], weights: Sequence[float], sign_election: str) -> torch.Tensor:
-    """TIES: sign election on vᵢ = wᵢ·τ̃ᵢ, then Σ_agree vᵢ / Σ_agree wᵢ · Σ wᵢ."""
+def elect_and_mean(trimmed: Sequence[torch.Tensor], weights: Sequence[float], sign_election: str, variant: str = "peft") -> torch.Tensor:
+    """TIES sign election and disjoint mean, in the given variant (see the module docstring)."""
     w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *([1] * trimmed[0].dim()))
-    v = torch.stack(list(trimmed)) * w
+    stacked = torch.stack(list(trimmed))
+    v = stacked * w
+    if variant == "peft":
+        votes = stacked.sign().sum(0) if sign_election == "frequency" else stacked.sum(0)
+        agree = stacked.sign() == torch.where(votes >= 0, 1.0, -1.0)
+        return (v * agree).sum(0) / agree.sum(0).clamp(min=1)
     total = v.sum(0)
     if sign_election == "frequency":
         elected = torch.sign(torch.sign(v).sum(0))
@@ -227,21 +247,22 @@ def combine(
     density: float = 1.0,
     sign_election: str = "total",
     masks: Sequence[torch.Tensor] | None = None,
+    variant: str = "peft",
 ) -> torch.Tensor:
     """Combine full deltas of one module entry-wise (``masks``: DARE keep-masks, one per expert)."""
     if method == "mean_delta":
         return sum(w * d for w, d in zip(weights, deltas, strict=True))
     if method == "magnitude_prune":
-        return sum(w * magnitude_trim(d, density) for w, d in zip(weights, deltas, strict=True))
+        return sum(w * magnitude_trim(d, density, variant) for w, d in zip(weights, deltas, strict=True))
     if method in ("dare_linear", "dare_ties"):
         if masks is None:
             raise ValueError("DARE needs masks")
         dropped = [d * m / density for d, m in zip(deltas, masks, strict=True)]
         if method == "dare_linear":
             return sum(w * d for w, d in zip(weights, dropped, strict=True))
-        return elect_and_mean(dropped, weights, sign_election)
+        return elect_and_mean(dropped, weights, sign_election, variant)
     if method == "ties":
-        return elect_and_mean([magnitude_trim(d, density) for d in deltas], weights, sign_election)
+        return elect_and_mean([magnitude_trim(d, density, variant) for d in deltas], weights, sign_election, variant)
     raise InvalidArgument(f"unknown merge method {method!r}", field="method")
 
 
@@ -351,7 +372,8 @@ def merge(
                 masks = None
                 if rm.method.startswith("dare"):
                     masks = [dare_mask(shape, rm.density, derived_seed(rm.seed, name, a.id)) for a in adapters]
-                delta = combine(deltas, ws, rm.method, density=rm.density, sign_election=rm.sign_election, masks=masks)
+                delta = combine(deltas, ws, rm.method, density=rm.density, sign_election=rm.sign_election, masks=masks,
+                                variant=rm.variant)
                 if rm.fuse:
                     result.deltas[name] = delta  # type: ignore[index]
                 else:
@@ -407,4 +429,5 @@ def params_from_dict(d: dict[str, Any]) -> MergeParams:
         output_rank=int(d.get("output_rank", 0) or 0),
         fuse=bool(d.get("fuse", False)),
         seed=seed,
+        variant=_enum(d.get("variant"), "MERGE_VARIANT_", "peft"),
     )

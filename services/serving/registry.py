@@ -83,7 +83,7 @@ def load_adapter(store: ArtifactStore, manifest: Manifest) -> Adapter:
     if info.get("fused"):
         raise FailedPrecondition(f"merged model {manifest.id} is stored as fused weights only; it has no adapter to export")
     data = store.read_bytes(manifest, DIFFUSERS_FILE)
-    modules = parse_state_dict(read_safetensors(data, what=f"merged model {manifest.id}"), alpha=None, what=f"merged model {manifest.id}")
+    modules = parse_state_dict(read_safetensors(data, what=f"merged model {manifest.id}"), what=f"merged model {manifest.id}")
     return Adapter(id=manifest.id, base_model=BaseModelId.from_dict(info.get("base_model")), modules=modules, manifest=manifest, info=info)
 
 

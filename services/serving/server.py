@@ -15,6 +15,7 @@ from selma.artifacts import ArtifactKind, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.jobs import JobRecord
 from selma.logs import configure_logging
+from selma.lora_format import trained_alpha
 from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.v1 import common_pb2, serving_service_pb2 as pb, serving_service_pb2_grpc as pb_grpc
 
@@ -207,7 +208,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             skill=m.labels.get("selma.dev/skill", str(info.get("skill", "") or "")),
             base_model=_model_ref(BaseModelId.from_dict(info.get("base_model"))),
             rank=int(info.get("rank", 0) or 0),
-            alpha=float(info.get("alpha", 0) or 0),
+            alpha=trained_alpha(info),
             target_modules=[str(t) for t in info.get("target_modules", []) or []],
             steps=int(info.get("steps", 0) or 0),
             final_loss=float(info.get("final_loss", 0) or 0),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
+from selma.lora_format import expert_scale_fields, fold_scale
 
 DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -45,11 +46,11 @@ def make_expert(
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
             elif "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft_sd = get_peft_model_state_dict(unet)
+    # the scale is folded into the up matrices, as the trainer publishes it (selma.lora_format)
+    peft_sd = {k: (fold_scale(v, alpha, rank) if ".lora_B." in k else v) for k, v in get_peft_model_state_dict(unet).items()}
     info = {
         "base_model": {"source": str(base_model), "revision": "", "variant": ""},
-        "rank": rank,
-        "alpha": alpha,
+        **expert_scale_fields(rank, alpha),
         "target_modules": list(target_modules),
         "steps": 0,
         "skill": skill,

@@ -45,7 +45,7 @@ from selma_training import metrics
 from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
 from selma_training.data import load_dataset
 from selma_training.kube import KubernetesLauncher, validate_placement
-from selma_training.launchers import ContextMonitor, LaunchRequest, Launcher, LiveLaunches, LocalLauncher, Outcome
+from selma_training.launchers import RELAUNCH_CAUSE, ContextMonitor, LaunchRequest, Launcher, LiveLaunches, LocalLauncher, Outcome
 from selma_training.progress import read_progress
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
@@ -120,6 +120,7 @@ class _JobMonitor(ContextMonitor):
             details["kubernetes.node"] = doc["node"]
         if attempt is not None:
             details["attempt"] = str(attempt)
+            self.ctx.launched(attempt, cause=details.get(RELAUNCH_CAUSE, ""))
         known = set(self.core.manager.get(self.ctx.job_id).warnings)
         for w in doc.get("warnings", []):
             if w not in known:

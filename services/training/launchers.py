@@ -74,6 +74,9 @@ class Outcome:
     retryable: bool = True
 
 
+RELAUNCH_CAUSE = "relaunch.cause"  # launcher detail: why the worker of this launch was started again
+
+
 class Monitor(ABC):
     """The service side of a launch: progress, details and the cancel/stop signals."""
 
@@ -222,17 +225,18 @@ class LocalLauncher(Launcher):
                 return Outcome(st, f"{st} while waiting for a slot")
         try:
             retries = int(req.placement.get("max_retries", self.settings.training_backoff_limit))
-            attempt = 0
+            attempt, cause = 0, ""
             while True:
                 attempt += 1
-                outcome = self._run_once(req, monitor, attempt, poll)
+                outcome = self._run_once(req, monitor, attempt, poll, cause)
                 if outcome.state != "failed" or not outcome.retryable or attempt > retries:
                     return outcome
                 log.warning("trainer for %s failed (%s); restarting from its last checkpoint (retry %d of %d)", req.job_id, outcome.message, attempt, retries)
+                cause = outcome.message
         finally:
             self._slots.release()
 
-    def _run_once(self, req: LaunchRequest, monitor: Monitor, attempt: int, poll: float) -> Outcome:
+    def _run_once(self, req: LaunchRequest, monitor: Monitor, attempt: int, poll: float, cause: str = "") -> Outcome:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{req.job_id}.log"
         with log_path.open("ab") as log_file:
@@ -243,6 +247,8 @@ class LocalLauncher(Launcher):
         with self._lock:
             self._procs[req.job_id] = proc
         details = {"local.pid": str(proc.pid), "local.log": str(log_path), "local.attempt": str(attempt)}
+        if cause:
+            details[RELAUNCH_CAUSE] = cause[:300]
         log.info("started trainer for %s: pid %d, log %s", req.job_id, proc.pid, log_path)
         try:
             while True:

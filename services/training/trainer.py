@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from selma.artifacts import ArtifactKind, ArtifactStore
 from selma.errors import FailedPrecondition, InvalidArgument, SelmaError
+from selma.lora_format import expert_scale_fields, fold_scale
 from selma.pipelines import ModelSpec, load_pipeline, resolve_device
 from selma.storage import open_storage
 
@@ -374,17 +375,15 @@ def train(
 def lora_state_dicts(unet: Any, rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(diffusers-format, kohya-format) state dicts of the UNet's adapter.
 
-    Both formats are read back with scale 1 (diffusers assumes alpha = rank; the kohya
-    converter writes alpha = rank), so a scale alpha/rank != 1 is folded into the up (B)
-    matrices: B·A·alpha/r is exactly what the trained adapter adds to each weight.
+    Both carry the scale (:mod:`selma.lora_format`): alpha/rank is folded into the up (B)
+    matrices, so B·A is exactly what the trained adapter adds to each weight and both files are
+    exact at scale 1 (diffusers assumes alpha = rank; the kohya converter writes alpha = rank).
     """
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    scale = alpha / rank
     peft_sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    if scale != 1.0:
-        peft_sd = {k: (v * scale if ".lora_B." in k else v) for k, v in peft_sd.items()}
+    peft_sd = {k: (fold_scale(v, alpha, rank) if ".lora_B." in k else v) for k, v in peft_sd.items()}
     diffusers_sd = convert_state_dict_to_diffusers(peft_sd)
     # kohya keys are derived from "unet."-prefixed names; without the prefix no lora_unet_ key appears
     kohya_sd = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
@@ -399,8 +398,7 @@ def _publish_expert(store: ArtifactStore, pipe: Any, unet: Any, job: TrainingJob
     diffusers_sd, kohya_sd = lora_state_dicts(unet, cfg.rank, cfg.alpha)
     expert = {
         "base_model": {"source": cfg.base_model.source, "revision": cfg.base_model.revision, "variant": cfg.base_model.variant},
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
+        **expert_scale_fields(cfg.rank, cfg.alpha),
         "target_modules": list(cfg.target_modules),
         "steps": cfg.max_steps,
         "skill": job.skill,

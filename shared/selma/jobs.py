@@ -107,6 +107,8 @@ class JobRecord(BaseModel):
     error: JobErrorInfo | None = None
     details: dict[str, str] = Field(default_factory=dict)
     attempt: int = 1
+    # The worker launch of the current job attempt as its launcher counts them (1 = first); 0 = none yet.
+    launch: int = 0
     warnings: list[str] = Field(default_factory=list)
     stats: dict[str, Any] = Field(default_factory=dict)
     run: str = ""
@@ -220,6 +222,25 @@ class JobContext:
                 rec.stats.update(stats)
             if details:
                 rec.details.update(details)
+
+        self._manager._update(self.job_id, apply)
+
+    def launched(self, n: int, cause: str = "") -> None:
+        """The launcher is on launch ``n`` (1-based) of this job attempt's worker.
+
+        Every launch after the first is a new execution, so it counts in ``attempt`` (once, however
+        often it is reported) and leaves a warning that says why.
+        """
+
+        def apply(rec: JobRecord) -> None:
+            if n <= rec.launch:
+                return
+            if rec.launch:
+                rec.attempt += n - rec.launch
+                warning = f"worker relaunched (attempt {rec.attempt})" + (f": {cause}" if cause else "")
+                rec.warnings.append(warning)
+                log.warning("%s: %s", self.job_id, warning)
+            rec.launch = n
 
         self._manager._update(self.job_id, apply)
 
@@ -337,6 +358,7 @@ class JobManager:
                     )
                 if existing.phase in (JobPhase.FAILED, JobPhase.CANCELLED):
                     existing.attempt += 1
+                    existing.launch = 0
                     existing.phase = JobPhase.PENDING
                     existing.error = None
                     existing.finished_at = None

@@ -161,3 +161,6 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(service,
     job = watch_until(stub, job_id, lambda j: j.status.phase in TERMINAL)
     assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
     assert job.status.details["local.attempt"] == "2" and job.stats.resumed_from_step >= 2 and job.stats.step == 30
+    # the relaunch is a new execution: JobStatus.attempt counts it, and a warning says why
+    assert job.status.attempt == 2, job.status
+    assert [w for w in job.status.warnings if w.startswith("worker relaunched (attempt 2): trainer exited with -9")], job.status.warnings

@@ -153,6 +153,27 @@ def test_restarting_failed_job_resumes_from_stored_stats(storage):
     assert mgr.get(rec.job_id).stats["resumed_at"] == 2
 
 
+def test_worker_relaunches_count_as_attempts_once_each_and_a_job_restart_starts_counting_again(storage):
+    # by the record's attempt when the job function starts: a launcher re-reports the launch it is on at every poll
+    reports = {1: [(1, ""), (1, ""), (2, "exit -9"), (2, ""), (3, "exit -9 again")], 4: [(1, ""), (2, "oom")]}
+
+    def launching(ctx: JobContext) -> JobResult:
+        for n, cause in reports[ctx.attempt]:
+            ctx.launched(n, cause)
+        raise InvalidArgument("the worker failed")
+
+    mgr = JobManager(storage, "x", launching)
+    rec, _ = mgr.start("k", {})
+    assert _wait(mgr, rec.job_id) == JobPhase.FAILED
+    first = mgr.get(rec.job_id)
+    assert first.attempt == 3
+    assert first.warnings == ["worker relaunched (attempt 2): exit -9", "worker relaunched (attempt 3): exit -9 again"]
+    mgr.start("k", {})  # the restarted job's first launch is attempt 4, its relaunch 5
+    assert _wait(mgr, rec.job_id) == JobPhase.FAILED
+    assert mgr.get(rec.job_id).attempt == 5 and mgr.get(rec.job_id).warnings[-1] == "worker relaunched (attempt 5): oom"
+    assert api.job_status(mgr.get(rec.job_id)).attempt == 5
+
+
 def test_new_manager_resumes_unfinished_jobs_after_shutdown(storage):
     started = threading.Event()
 

@@ -93,9 +93,9 @@ def test_mean_delta_is_exact_concatenated_lora_of_summed_deltas():
 
 @pytest.mark.parametrize("method", ["magnitude_prune", "ties", "dare_linear", "dare_ties"])
 @pytest.mark.parametrize("sign", ["total", "frequency"])
-def test_methods_act_on_full_deltas_like_numpy(method, sign):
+def test_selma_variant_methods_act_on_full_deltas_like_numpy(method, sign):
     weights = (0.5, 0.3, 0.9)
-    rm = resolve(params(method, weights, density=0.4, sign_election=sign, fuse=True, seed=7), EXPERTS)
+    rm = resolve(params(method, weights, density=0.4, sign_election=sign, fuse=True, seed=7, variant="selma"), EXPERTS)
     result = merge(EXPERTS, rm)
     for name in MODULES:
         deltas = [np_delta(a.modules[name]) for a in EXPERTS]
@@ -113,9 +113,51 @@ def test_methods_act_on_full_deltas_like_numpy(method, sign):
         assert rel(result.deltas[name], expected) < 1e-5, (method, name)
 
 
-def test_ties_at_full_density_with_agreeing_signs_is_mean_delta():
+def test_selma_ties_at_full_density_with_agreeing_signs_is_mean_delta():
     d = [torch.rand(4, 4) + 0.1 for _ in range(3)]
-    assert torch.allclose(combine(d, [0.2, 0.3, 0.5], "ties", density=1.0), combine(d, [0.2, 0.3, 0.5], "mean_delta"), atol=1e-6)
+    ties = combine(d, [0.2, 0.3, 0.5], "ties", density=1.0, variant="selma")
+    assert torch.allclose(ties, combine(d, [0.2, 0.3, 0.5], "mean_delta"), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["magnitude_prune", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.4, 0.05, 1.0])
+def test_peft_variant_equals_peft_merge_utils_on_the_same_full_deltas(method, sign, density):
+    """The default variant is PEFT's merge_utils, entry for entry; DARE's random masks are fixed to ours."""
+    from unittest import mock
+
+    from peft.utils import merge_utils
+
+    weights = (0.5, 0.3, 0.9)
+    rm = resolve(params(method, weights, density=density, sign_election=sign, fuse=True, seed=7), EXPERTS)
+    assert rm.variant == "peft"
+    result = merge(EXPERTS, rm)
+    for name in MODULES:
+        deltas = [a.modules[name].delta() for a in EXPERTS]
+        w = torch.tensor(weights)
+        if method == "magnitude_prune":
+            expected = merge_utils.magnitude_prune(deltas, w, density)
+        elif method == "ties":
+            expected = merge_utils.ties(deltas, w, density, majority_sign_method=sign)
+        else:
+            masks = iter([dare_mask(d.shape, density, derived_seed(7, name, a.id)).float() for d, a in zip(deltas, EXPERTS)])
+            with mock.patch.object(merge_utils.torch, "bernoulli", side_effect=lambda _p: next(masks)):
+                if method == "dare_linear":
+                    expected = merge_utils.dare_linear(deltas, w, density)
+                else:
+                    expected = merge_utils.dare_ties(deltas, w, density, majority_sign_method=sign)
+        assert torch.allclose(result.deltas[name], expected, rtol=1e-5, atol=1e-6), (method, name)
+
+
+def test_the_two_ties_variants_differ_where_peft_and_selma_differ():
+    """PEFT keeps ⌊d·n⌋ entries and divides by the agreeing count; selma keeps ⌈d·n⌉ and divides by the agreeing weight."""
+    from selma_serving.merge import keep_count
+
+    assert (keep_count(7, 0.5, "peft"), keep_count(7, 0.5, "selma")) == (3, 4)
+    assert (keep_count(7, 0.1, "peft"), keep_count(7, 0.1, "selma")) == (0, 1)
+    d = [torch.full((2, 2), 1.0), torch.full((2, 2), 3.0)]
+    assert torch.allclose(combine(d, [0.5, 0.5], "ties", density=1.0), torch.full((2, 2), 1.0))  # (0.5 + 1.5) / 2 agree
+    assert torch.allclose(combine(d, [0.5, 0.5], "ties", density=1.0, variant="selma"), torch.full((2, 2), 2.0))
 
 
 def test_dare_masks_are_seeded_and_keep_about_density():
@@ -209,6 +251,8 @@ def test_params_from_proto_json():
         }
     )
     assert p.method == "dare_ties" and p.sign_election == "frequency" and p.seed == 42 and p.experts[0].mid == 0.0
+    assert p.variant == "peft"
+    assert params_from_dict({"experts": [{"expert_id": "e"}], "variant": "MERGE_VARIANT_SELMA"}).variant == "selma"
     assert params_from_dict({"experts": [{"expert_id": "e"}]}).method == "mean_delta"
     with pytest.raises(InvalidArgument, match="expert_id is empty"):
         params_from_dict({"experts": [{"weight": 1.0}]})
@@ -216,7 +260,7 @@ def test_params_from_proto_json():
 
 def test_adapter_files_round_trip_at_scale_one():
     a = EXPERTS[0]  # alpha 6, rank 3: the file folds alpha/r into B
-    back = parse_state_dict(read_safetensors(adapter_file(a, "diffusers"), what="x"), alpha=None, what="x")
+    back = parse_state_dict(read_safetensors(adapter_file(a, "diffusers"), what="x"), what="x")
     for name, m in a.modules.items():
         assert rel(back[name].delta(), np_delta(m)) < 1e-6
 
@@ -234,7 +278,7 @@ def test_adapter_files_round_trip_at_scale_one():
 )
 def test_bad_adapter_files_are_refused(sd, text):
     with pytest.raises(InvalidArgument, match=text):
-        parse_state_dict(sd, alpha=None, what="expert x")
+        parse_state_dict(sd, what="expert x")
     with pytest.raises(InvalidArgument, match="not a readable safetensors"):
         read_safetensors(b"\x80\x04pickle", what="expert x")
 
@@ -298,3 +342,11 @@ def test_admission_refuses_when_the_queue_is_full_and_honours_cancel_and_deadlin
             with adm.slot(deadline=0.0):
                 pass
     assert adm.running == 0 and adm.waiting == 0
+
+
+def test_stored_merges_from_before_variants_read_back_as_the_selma_variant():
+    from selma_serving.core import spec_json_from_dict
+
+    assert spec_json_from_dict({"experts": [], "method": "ties"})["variant"] == "MERGE_VARIANT_SELMA"
+    assert spec_json_from_dict({"experts": [], "method": "ties", "variant": "peft"})["variant"] == "MERGE_VARIANT_PEFT"
+    assert "variant" not in spec_json_from_dict({"experts": [], "method": "mean_delta"})
