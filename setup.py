@@ -43,16 +43,19 @@ def generate_stubs() -> None:
 
 
 def packages() -> tuple[list[str], dict[str, str]]:
+    """The library (shared/selma), every service (services/<name>/selma_<name>) and testbed (testbeds/<name>/selma_<name>).
+
+    The folder is the import name, so the tree shows the import graph.
+    """
     pkgs = ["selma"] + [f"selma.{p}" for p in find_packages(str(OUT_ROOT / "selma"))]
     if "selma.v1" not in pkgs:
         pkgs.append("selma.v1")  # generated during build_py; declared up front so wheels include it
     package_dir = {"selma": "shared/selma"}
-    services = ROOT / "services"
-    for svc in sorted(p for p in services.glob("*") if (p / "__init__.py").exists()):
-        name = f"selma_{svc.name}"
-        package_dir[name] = f"services/{svc.name}"
-        pkgs.append(name)
-        pkgs += [f"{name}.{p}" for p in find_packages(str(svc))]
+    for pkg in sorted([*ROOT.glob("services/*/selma_*"), *ROOT.glob("testbeds/*/selma_*")]):
+        if (pkg / "__init__.py").exists():
+            package_dir[pkg.name] = str(pkg.relative_to(ROOT))
+            pkgs.append(pkg.name)
+            pkgs += [f"{pkg.name}.{p}" for p in find_packages(str(pkg))]
     return pkgs, package_dir
 
 

@@ -29,8 +29,8 @@ from selma.artifacts import ArtifactStore
 from selma.models.tiny import build_tiny
 from selma.storage import open_storage
 from selma.v1 import common_pb2
-from selma.v1 import training_service_pb2 as pb
-from selma.v1 import training_service_pb2_grpc as pb_grpc
+from selma.v1 import evaluation_service_pb2 as pb
+from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
 from selma_evaluation.dsg import load_dsg1k, score_dsg
 from selma_evaluation.runner import item_seed
 from selma_evaluation.vqa import VqaQuery, build_vqa, is_yes
@@ -61,8 +61,8 @@ def main() -> int:
         serving.set_ready(True)
         store = ArtifactStore(open_storage(serving.core.settings))
         experts = [make_expert(store, str(tiny.sd), seed=s, rank=4, skill=f"s{s}", run="bench") for s in (1, 2)]
-        settings = TrainingSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", training_poll_seconds=0.2,
-                                    training_progress_interval_seconds=1, eval_serving_endpoint=serving.address, log_level="WARNING")
+        settings = TrainingSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", batch_poll_seconds=0.2,
+                                    batch_progress_interval_seconds=1, eval_serving_endpoint=serving.address, log_level="WARNING")
         training = build_training(settings)
         items = load_dsg1k(["countbench"], args.prompts)
         mix = {"experts": [{"expert_id": e.id, "weight": 0.5} for e in experts]}

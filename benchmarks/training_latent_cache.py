@@ -26,11 +26,11 @@ def _run(args: tuple[str, str, str, str, bool, int, int, int]) -> dict:
     torch.set_num_threads(1)
     from selma.storage import open_storage
     from selma_training.config import TrainingJob, from_proto_dict
-    from selma_training.progress import read_progress
+    from selma.batch.progress import read_progress
     from selma_training.settings import TrainingSettings
     from selma_training.trainer import train
 
-    settings = TrainingSettings(data_dir=Path(root) / "data", storage_uri=storage_uri, device="cpu", training_progress_interval_seconds=1e9)
+    settings = TrainingSettings(data_dir=Path(root) / "data", storage_uri=storage_uri, device="cpu", batch_progress_interval_seconds=1e9)
     cfg, _ = from_proto_dict({"base_model": {"source": model}, "max_steps": steps, "checkpoint_every": 10 * steps,
                               "batch_size": batch, "resolution": resolution, "use_latent_cache": cached})
     jid = uuid.uuid4().hex[:12]

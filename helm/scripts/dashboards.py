@@ -273,16 +273,16 @@ PIPELINE = Dashboard(
                 Panel(
                     "Trainers launched and finished (1h)",
                     (
-                        Q(f"sum by (launcher) (increase(selma_training_launches_total{{{NS}}}[1h]))", "launched ({{launcher}})"),
-                        Q(f"sum by (launcher) (increase(selma_training_adoptions_total{{{NS}}}[1h]))", "adopted ({{launcher}})"),
-                        Q(f"sum by (outcome) (increase(selma_training_outcomes_total{{{NS}}}[1h]))", "{{outcome}}"),
+                        Q(f"sum by (task, launcher) (increase(selma_batch_launches_total{{{NS}}}[1h]))", "launched ({{task}}, {{launcher}})"),
+                        Q(f"sum by (task, launcher) (increase(selma_batch_adoptions_total{{{NS}}}[1h]))", "adopted ({{task}}, {{launcher}})"),
+                        Q(f"sum by (task, outcome) (increase(selma_batch_outcomes_total{{{NS}}}[1h]))", "{{task}} {{outcome}}"),
                     ),
                     width=8,
                 ),
                 Panel(
                     "Kubernetes API errors and checkpoint fallbacks",
                     (
-                        Q(f"sum by (verb, code) (increase(selma_training_kubernetes_api_errors_total{{{NS}}}[{RI}]))", "{{verb}} {{code}}"),
+                        Q(f"sum by (verb, code) (increase(selma_batch_kubernetes_api_errors_total{{{NS}}}[{RI}]))", "{{verb}} {{code}}"),
                         Q(f"sum(increase(selma_training_checkpoint_fallbacks_total{{{NS}}}[{RI}]))", "checkpoint fallbacks"),
                     ),
                     width=8,

@@ -1,4 +1,4 @@
-"""The Python client SDK for the four selma services (what the CLI itself uses).
+"""The Python client SDK for the selma services (what the CLI itself uses).
 
 ```python
 from selma.client import SelmaClient
@@ -10,7 +10,8 @@ with SelmaClient.from_endpoints(Endpoints.load()) as c:
 Every long-running job kind has the same five calls through :class:`JobClient`
 (``start``/``get``/``watch``/``cancel``/``list``).  Endpoints come from an endpoints file that
 ``selma up`` writes, from ``SELMA_ENDPOINTS`` (``prompts=host:port,render=…``), or are given
-directly.
+directly.  The EvaluationService is hosted by the training process unless an ``evaluation``
+endpoint says otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import grpc
 from selma.errors import InvalidArgument
 from selma.v1 import (
     common_pb2,
+    evaluation_service_pb2,
+    evaluation_service_pb2_grpc,
     prompt_service_pb2,
     prompt_service_pb2_grpc,
     render_service_pb2,
@@ -38,25 +41,39 @@ from selma.v1 import (
 )
 
 MiB = 1024 * 1024
+# The service processes (what `selma up` starts, one Deployment each in the chart) ...
 SERVICES = ("prompts", "render", "training", "serving")
+# ... and the gRPC services they serve: evaluation is hosted by the training process by default.
+API_SERVICES = (*SERVICES, "evaluation")
+HOSTED_BY = {"evaluation": "training"}
 SERVICE_NAMES = {
     "prompts": "selma.v1.PromptService",
     "render": "selma.v1.RenderService",
     "training": "selma.v1.TrainingService",
     "serving": "selma.v1.ServingService",
+    "evaluation": "selma.v1.EvaluationService",
 }
 DEFAULT_ENDPOINTS_FILE = Path(".selma") / "endpoints.json"
 
 
 @dataclass
 class Endpoints:
-    """gRPC addresses (``host:port``) of the four services, plus their metrics URLs when known."""
+    """gRPC addresses (``host:port``) of the services, plus their metrics URLs when known.
+
+    ``evaluation`` is empty when the training process hosts the EvaluationService (the default):
+    :meth:`address` then answers with training's address.
+    """
 
     prompts: str = ""
     render: str = ""
     training: str = ""
     serving: str = ""
     metrics: dict[str, str] | None = None
+    evaluation: str = ""
+
+    def address(self, service: str) -> str:
+        """Where ``service`` (one of API_SERVICES) answers; "" if unknown."""
+        return getattr(self, service) or getattr(self, HOSTED_BY.get(service, service))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -74,8 +91,8 @@ class Endpoints:
             values: dict[str, str] = {}
             for part in spec.split(","):
                 name, _, addr = part.partition("=")
-                if name.strip() not in SERVICES or not addr.strip():
-                    raise InvalidArgument(f"SELMA_ENDPOINTS entry {part!r} is not <service>=<host:port> with service in {SERVICES}", field="SELMA_ENDPOINTS")
+                if name.strip() not in API_SERVICES or not addr.strip():
+                    raise InvalidArgument(f"SELMA_ENDPOINTS entry {part!r} is not <service>=<host:port> with service in {API_SERVICES}", field="SELMA_ENDPOINTS")
                 values[name.strip()] = addr.strip()
             return cls(**values)
         path = Path(path) if path else DEFAULT_ENDPOINTS_FILE
@@ -86,7 +103,7 @@ class Endpoints:
                 f"no endpoints file at {path}: start the local stack with `selma up`, or pass --endpoints / set SELMA_ENDPOINTS",
                 field="endpoints",
             ) from None
-        return cls(**{k: v for k, v in data.items() if k in {"prompts", "render", "training", "serving", "metrics"}})
+        return cls(**{k: v for k, v in data.items() if k in {*API_SERVICES, "metrics"}})
 
 
 # Per job kind: the stub's method names and request classes.  The five calls are uniform.
@@ -106,7 +123,7 @@ JOB_KINDS = {
     "render": _JobKind("render", "StartDatasetRender", "GetDatasetRender", "WatchDatasetRender", "CancelDatasetRender", "ListDatasetRenders", render_service_pb2),
     "training": _JobKind("training", "StartExpertTraining", "GetExpertTraining", "WatchExpertTraining", "CancelExpertTraining", "ListExpertTrainings", training_service_pb2),
     "merge": _JobKind("serving", "StartMerge", "GetMerge", "WatchMerge", "CancelMerge", "ListMerges", serving_service_pb2),
-    "evaluation": _JobKind("training", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation", "ListEvaluations", training_service_pb2),
+    "evaluation": _JobKind("evaluation", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation", "ListEvaluations", evaluation_service_pb2),
 }
 
 
@@ -151,24 +168,27 @@ class JobClient:
 
 
 class SelmaClient:
-    """Channels and stubs for the four services; use as a context manager."""
+    """Channels and stubs for the services; use as a context manager."""
 
     def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channels: dict[str, grpc.Channel] = {}
-        for name in SERVICES:
-            addr = getattr(endpoints, name)
-            if addr:
-                self._channels[name] = grpc.insecure_channel(addr, options=options)
+        self._channels: dict[str, grpc.Channel] = {}  # by address: a process hosting two services has one channel
         stubs = {
             "prompts": prompt_service_pb2_grpc.PromptServiceStub,
             "render": render_service_pb2_grpc.RenderServiceStub,
             "training": training_service_pb2_grpc.TrainingServiceStub,
             "serving": serving_service_pb2_grpc.ServingServiceStub,
+            "evaluation": evaluation_service_pb2_grpc.EvaluationServiceStub,
         }
-        self._stubs = {name: stubs[name](ch) for name, ch in self._channels.items()}
+        self._stubs: dict[str, Any] = {}
+        for name in API_SERVICES:
+            addr = endpoints.address(name)
+            if addr:
+                if addr not in self._channels:
+                    self._channels[addr] = grpc.insecure_channel(addr, options=options)
+                self._stubs[name] = stubs[name](self._channels[addr])
 
     @classmethod
     def from_endpoints(cls, endpoints: Endpoints | None = None, **kwargs: Any) -> SelmaClient:
@@ -200,7 +220,7 @@ class SelmaClient:
         from selma.server import wait_for_serving
 
         for name in services:
-            wait_for_serving(getattr(self.endpoints, name), SERVICE_NAMES[name], timeout=timeout)
+            wait_for_serving(self.endpoints.address(name), SERVICE_NAMES[name], timeout=timeout)
 
     # -- serving -------------------------------------------------------------------------------
 

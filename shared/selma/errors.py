@@ -106,3 +106,10 @@ def require(condition: bool, message: str, *, field: str | None = None) -> None:
     """Raise InvalidArgument(message) unless condition holds; for request validation."""
     if not condition:
         raise InvalidArgument(message, field=field)
+
+
+def error_for_code(code: str, message: str, *, default: type[SelmaError] = Aborted) -> SelmaError:
+    """The domain error of a stored code (e.g. a worker's recorded failure); ``default`` for codes that are no client error."""
+    classes = {c.code.value: c for c in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+                                           Unavailable, PermissionDenied, DeadlineExceeded, Aborted)}
+    return classes.get(code, default)(message)

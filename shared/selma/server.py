@@ -274,6 +274,44 @@ def serve(
     server.wait()
 
 
+@dataclass
+class Hosted:
+    """One service as a process hosts it: its registration, what to do once the ports are open
+    (recover jobs, load models) and on the way out.  A process may host several (``selma serve``)."""
+
+    registration: ServiceRegistration
+    on_start: Callable[[], Any] = lambda: None
+    on_stop: Callable[[], Any] = lambda: None
+    core: Any = None
+
+    def start_server(self, settings: SelmaSettings, *, name: str) -> SelmaServer:
+        """This service alone on a started, ready server (tests, benchmarks); ``server.core`` is its core."""
+        server = start_hosted(settings, [self], name=name)
+        server.core = self.core  # type: ignore[attr-defined]
+        return server
+
+
+def start_hosted(settings: SelmaSettings, hosted: Sequence[Hosted], *, name: str) -> SelmaServer:
+    """The hosted services on one started, ready server, not blocking (tests, benchmarks).
+
+    The caller stops the server and then each ``hosted[i].on_stop()``.
+    """
+    server = SelmaServer(settings, [h.registration for h in hosted], name=name).start()
+    for h in hosted:
+        h.on_start()
+    server.set_ready(True)
+    return server
+
+
+def serve_hosted(settings: SelmaSettings, hosted: Sequence[Hosted], *, name: str) -> None:
+    """Run the hosted services in one server until SIGTERM (see :func:`serve`), then stop each."""
+    try:
+        serve(settings, [h.registration for h in hosted], name=name, on_start=lambda _server: [h.on_start() for h in hosted])
+    finally:
+        for h in reversed(hosted):
+            h.on_stop()
+
+
 def wait_for_serving(address: str, service: str = "", timeout: float = 30.0) -> None:
     """Block until ``address`` answers SERVING for ``service`` on the health service (client helper)."""
     deadline = time.monotonic() + timeout

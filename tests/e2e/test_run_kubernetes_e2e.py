@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from selma.client import SelmaClient
-from selma.local_stack import LocalStack
+from selma.app.local_stack import LocalStack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from fake_kube_api import FakeKubeApi, complete  # noqa: E402
@@ -112,11 +112,11 @@ def test_run_with_s3_storage_and_kubernetes_launcher(s3_server, llm, tmp_path):
             "SELMA_S3_SECRET_KEY": "testing",
             "SELMA_S3_SECURE": "false",
             "SELMA_S3_REGION": "us-east-1",
-            "SELMA_TRAINING_KUBECONFIG": str(kubeconfig),
-            "SELMA_TRAINING_NAMESPACE": NS,
-            "SELMA_TRAINING_STORAGE_SECRET": "selma-s3",
-            "SELMA_TRAINING_STORAGE_SECRET_ACCESS_KEY_KEY": "access-key",
-            "SELMA_TRAINING_STORAGE_SECRET_SECRET_KEY_KEY": "secret-key",
+            "SELMA_BATCH_KUBECONFIG": str(kubeconfig),
+            "SELMA_BATCH_NAMESPACE": NS,
+            "SELMA_BATCH_STORAGE_SECRET": "selma-s3",
+            "SELMA_BATCH_STORAGE_SECRET_ACCESS_KEY_KEY": "access-key",
+            "SELMA_BATCH_STORAGE_SECRET_SECRET_KEY_KEY": "secret-key",
         }
         stack = LocalStack(tmp_path / "stack", storage_uri="s3://selma-e2e/root", launcher="kubernetes", extra_env=extra)
         try:

@@ -350,8 +350,8 @@ def test_training_rbac_is_namespaced_and_least_privilege() -> None:
         else:
             assert spec["serviceAccountName"] != "selma-training" and spec["automountServiceAccountToken"] is False, name
     config = by_kind(docs, "ConfigMap")["selma-training"]["data"]
-    assert config["SELMA_TRAINING_NAMESPACE"] == NAMESPACE, "trainer Jobs must go to the namespace the Role covers"
-    assert config["SELMA_TRAINING_SERVICE_ACCOUNT"] == "selma-trainer"
+    assert config["SELMA_BATCH_NAMESPACE"] == NAMESPACE, "trainer Jobs must go to the namespace the Role covers"
+    assert config["SELMA_BATCH_SERVICE_ACCOUNT"] == "selma-trainer"
     trainer_sa = by_kind(docs, "ServiceAccount")["selma-trainer"]
     assert trainer_sa["automountServiceAccountToken"] is False
 
@@ -434,11 +434,11 @@ def test_gpus_are_requested_where_expected() -> None:
 
     cpu = rendered("cpu-minimal")
     assert "nvidia.com/gpu" not in cpu
-    assert by_kind(objects(cpu), "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_LAUNCHER"] == "local"
+    assert by_kind(objects(cpu), "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_LAUNCHER"] == "local"
 
 
 def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
-    from selma.serve_cli import SERVICES
+    from selma.app.serve_cli import SERVICES
 
     docs = scenario_objects("default")
     deployments = by_kind(docs, "Deployment")
@@ -573,7 +573,7 @@ def _trainer_job(scenario: str, gpus: int = 1) -> tuple[dict[str, Any], list[dic
 
 def _job_from(docs: list[dict[str, Any]], gpus: int = 1) -> dict[str, Any]:
     """The Job the training service would create with the settings of these rendered ConfigMaps."""
-    from selma_training.kube import build_job
+    from selma.batch.kube import build_job
     from selma_training.settings import TrainingSettings
 
     config_maps = by_kind(docs, "ConfigMap")
@@ -583,7 +583,7 @@ def _job_from(docs: list[dict[str, Any]], gpus: int = 1) -> dict[str, Any]:
 
 
 def _launch_request(gpus: int = 1) -> Any:
-    from selma_training.launchers import LaunchRequest
+    from selma.batch.launchers import LaunchRequest
 
     return LaunchRequest(
         job_id="j0123456789",
@@ -613,7 +613,7 @@ def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     assert refs["SELMA_S3_ACCESS_KEY"] == {"name": "selma-storage", "key": "access-key"}
     assert {v["name"]: v for v in spec["volumes"]}["model-cache"]["persistentVolumeClaim"]["claimName"] == "selma-model-cache"
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
-    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_INSTANCE"] == "selma"
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_INSTANCE"] == "selma"
     assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == pod_labels["app.kubernetes.io/instance"] == "selma"
     # Hardened like the chart's own pods: the same user, group and seccomp profile.
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -639,14 +639,14 @@ def test_podmonitor_scrapes_exactly_the_trainer_pods_on_the_port_the_job_builder
     """The PodMonitor selects this release's trainer pods only (not the services, MinIO, hooks or
     another release's trainers), by the port name and number the real Job builder gives them, and
     the NetworkPolicy lets the monitoring namespace reach exactly that port."""
-    from selma_training.kube import METRICS_PORT_NAME
+    from selma.batch.kube import METRICS_PORT_NAME
 
     if port == 9400:
         job, docs = _trainer_job("monitoring")
     else:  # a non-default ports.metrics reaches the trainer Job through the chart's settings
         docs = objects(render((CHART / "ci" / "monitoring-values.yaml",), values={"ports": {"metrics": port}}))
         job = _job_from(docs)
-    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_METRICS_PORT"] == str(port)
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_METRICS_PORT"] == str(port)
     (pm,) = by_kind(docs, "PodMonitor").values()
     assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["metadata"]["name"] == "selma-trainer"
     assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -689,7 +689,7 @@ def test_model_cache_is_a_pvc_mounted_where_settings_point() -> None:
     pvc = by_kind(docs, "PersistentVolumeClaim")["selma-model-cache"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert by_kind(docs, "ConfigMap")["selma-config"]["data"]["SELMA_MODEL_CACHE_DIR"] == "/models"
-    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_TRAINING_MODEL_CACHE_PVC"] == "selma-model-cache"
+    assert by_kind(docs, "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_MODEL_CACHE_PVC"] == "selma-model-cache"
     for name in ("selma-render", "selma-serving"):
         mounts = {m["mountPath"]: m["name"] for m in _containers(docs)[name]["volumeMounts"]}
         assert mounts["/models"] == "model-cache" and mounts["/dev/shm"] == "dshm"
@@ -772,7 +772,7 @@ def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
 
 
 def test_example_skillset_is_valid_for_the_cluster() -> None:
-    from selma.skillset import load_skillset
+    from selma.app.skillset import load_skillset
 
     path = MANIFESTS / "examples" / "skillset.yaml"
     load_skillset(path)  # raises with the field and line on any error

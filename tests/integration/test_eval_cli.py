@@ -19,11 +19,11 @@ from google.protobuf import json_format
 
 from selma.api import dict_to_message, message_to_dict
 from selma.artifacts import ArtifactKind, new_artifact_id
-from selma.cli import main
+from selma.app.cli import main
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as spb
 from selma.v1 import serving_service_pb2_grpc as spb_grpc
-from selma.v1 import training_service_pb2 as pb
+from selma.v1 import evaluation_service_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -239,7 +239,7 @@ def test_bad_flags_exit_2_with_a_message_and_no_traceback(capsys, tmp_path, flag
 
 
 def test_flags_build_a_spec_that_parses_strictly():
-    from selma.cli import build_parser
+    from selma.app.cli import build_parser
     from selma_evaluation.commands import spec_from_args
 
     args = build_parser().parse_args([
@@ -307,7 +307,7 @@ def test_example_specs_parse_and_validate(name):
     from selma_evaluation.runner import search_grid
     from selma_evaluation.settings import EvaluationSettings
     from selma_evaluation.vqa import resolve_backend
-    from selma_training.kube import validate_placement
+    from selma.batch.kube import validate_placement
 
     raw = yaml.safe_load((EXAMPLES / name).read_text())
     msg = dict_to_message(raw, pb.EvaluationSpec)

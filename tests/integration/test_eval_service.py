@@ -15,7 +15,7 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as spb
-from selma.v1 import training_service_pb2 as pb
+from selma.v1 import evaluation_service_pb2 as pb
 from selma_evaluation.runner import item_seed
 
 pytestmark = pytest.mark.slow
@@ -194,6 +194,9 @@ def test_search_refuses_validation_prompts_that_are_test_prompts_and_oversized_g
     spec.prompt_set.id = "prompt-set-doesnotexist"
     with pytest.raises(grpc.RpcError) as e:
         start(stub, "bad/missing", spec)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:  # an unknown job id is NOT_FOUND
+        stub.GetEvaluation(pb.GetEvaluationRequest(job_id="evaluation-0123456789abcdef"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -72,8 +72,8 @@ def trained(tiny_models, tmp_path_factory):
     """Four experts trained through the service, one per (rank, alpha) pair, and their in-memory replays."""
     root = tmp_path_factory.mktemp("lora-scale")
     settings = TrainingSettings(data_dir=root / "data", storage_uri=(root / "storage").as_uri(), device="cpu",
-                                training_default_model=str(tiny_models.sd), training_progress_interval_seconds=0,
-                                training_poll_seconds=0.2, training_max_local_jobs=2, training_max_jobs=4, log_level="WARNING")
+                                training_default_model=str(tiny_models.sd), batch_progress_interval_seconds=0,
+                                batch_poll_seconds=0.2, batch_max_local_jobs=2, training_max_jobs=4, log_level="WARNING")
     store = ArtifactStore(open_storage(settings))
     dataset = publish_shapes_dataset(store, 6)
     server = build_server(settings)

@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from selma.cli import main as selma_main
+from selma.app.cli import main as selma_main
 from selma.server import wait_for_serving
 from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.fake_llm import FakeLlmServer

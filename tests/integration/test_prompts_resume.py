@@ -65,7 +65,7 @@ def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name
         "SELMA_PROMPTS_RETRY_BACKOFF_SECONDS": "0.01",
     }
     log = (tmp_path / f"{name}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "selma.cli", "serve", "prompts"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "selma.app.cli", "serve", "prompts"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     processes.append(proc)
     try:
         wait_for_serving(f"127.0.0.1:{port}", SERVICE_NAME, timeout=60)

@@ -18,8 +18,8 @@ from rich.console import Console
 from selma.artifacts import ArtifactStore
 from selma.client import SelmaClient
 from selma.config import SelmaSettings
-from selma.local_stack import LocalStack
-from selma.runner import Reporter
+from selma.app.local_stack import LocalStack
+from selma.app.runner import Reporter
 from selma.storage import open_storage
 from selma_shapesworld.loop import TableConfig, run_table, service_model_source, stack_env
 

@@ -12,7 +12,7 @@ from selma.errors import PermissionDenied, Unavailable
 from selma.jobs import JobPhase
 from selma.storage import open_storage
 from selma_training.core import TrainingCore
-from selma_training.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
+from selma.batch.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
 from selma_training.samples import publish_shapes_dataset
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import load_job_document, run_job
@@ -31,8 +31,8 @@ def fake():
 @pytest.fixture
 def settings(tmp_path, tiny_models):
     return TrainingSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), device="cpu",
-                            training_default_model=str(tiny_models.sd), training_launcher="kubernetes", training_namespace=NS,
-                            training_watch_timeout_seconds=1, training_progress_interval_seconds=0, log_level="WARNING")
+                            training_default_model=str(tiny_models.sd), batch_launcher="kubernetes", batch_namespace=NS,
+                            batch_watch_timeout_seconds=1, batch_progress_interval_seconds=0, log_level="WARNING")
 
 
 def api_client(url: str) -> client.ApiClient:
@@ -95,7 +95,7 @@ def test_idempotent_create_then_watch_to_completion(make_core, fake, settings, d
     fake.set_job_status(NS, job["metadata"]["name"], {"active": 1, "ready": 1})
     wait_details(core, rec.job_id, "kubernetes.state")
     # the pod: the real trainer, from the document URI the Job carries
-    pod_settings = settings.model_copy(update={"training_pod_name": job["metadata"]["name"] + "-x7k2p", "training_node_name": "gpu-node-1"})
+    pod_settings = settings.model_copy(update={"batch_pod_name": job["metadata"]["name"] + "-x7k2p", "batch_node_name": "gpu-node-1"})
     run_job(load_job_document(job["metadata"]["annotations"][ANN_CONFIG], pod_settings), pod_settings)
     fake.set_job_status(NS, job["metadata"]["name"], complete(True))
     done = wait_phase(core, rec.job_id, {JobPhase.SUCCEEDED, JobPhase.FAILED})
@@ -165,7 +165,7 @@ def test_unreachable_api_is_unavailable_and_forbidden_is_permission_denied(make_
 
 
 def test_an_expired_watch_resource_version_is_recovered(make_core, fake, dataset, caplog):
-    caplog.set_level("INFO", logger="selma_training.kube")
+    caplog.set_level("INFO", logger="selma.batch.kube")
     fake.expire_watches = 2  # the API server compacted history: "410 Gone" twice
     core = make_core()
     rec = core.start("run-1/train/spatial", spec(dataset.id))[0]

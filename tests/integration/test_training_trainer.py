@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def env(tmp_path, tiny_models):
     settings = TrainingSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(),
-                                training_progress_interval_seconds=0, device="cpu")
+                                batch_progress_interval_seconds=0, device="cpu")
     store = ArtifactStore(open_storage(settings))
     dataset = publish_shapes_dataset(store, 8)
     return settings, store, dataset, tiny_models

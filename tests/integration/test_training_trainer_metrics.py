@@ -56,8 +56,8 @@ def restore_process_state():
 def test_selma_train_serves_trainer_metrics_with_the_skill_label(tmp_path, tiny_models, monkeypatch, restore_process_state):
     port = free_port()
     env = {"SELMA_DATA_DIR": str(tmp_path / "data"), "SELMA_STORAGE_URI": (tmp_path / "storage").as_uri(), "SELMA_DEVICE": "cpu",
-           "SELMA_TRAINING_PROGRESS_INTERVAL_SECONDS": "0", "SELMA_HOST": "127.0.0.1", "SELMA_METRICS_PORT": str(port),
-           "SELMA_TRAINING_PARENT_PID": "0"}
+           "SELMA_BATCH_PROGRESS_INTERVAL_SECONDS": "0", "SELMA_HOST": "127.0.0.1", "SELMA_METRICS_PORT": str(port),
+           "SELMA_BATCH_PARENT_PID": "0"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     settings = TrainingSettings()
@@ -112,7 +112,7 @@ def test_a_taken_metrics_port_does_not_stop_training(tmp_path, monkeypatch, rest
         monkeypatch.setenv("SELMA_HOST", "127.0.0.1")
         monkeypatch.setenv("SELMA_METRICS_PORT", str(taken.getsockname()[1]))
         monkeypatch.setenv("SELMA_DATA_DIR", str(tmp_path))
-        monkeypatch.setenv("SELMA_TRAINING_PARENT_PID", "0")
+        monkeypatch.setenv("SELMA_BATCH_PARENT_PID", "0")
         ran = []
         monkeypatch.setattr(trainer, "load_job_document", lambda ref, settings: "job")
         monkeypatch.setattr(trainer, "run_job", lambda job, settings, should_stop: ran.append(job))

@@ -29,12 +29,14 @@ SERVICES = {
     "selma.v1.RenderService": "render_service",
     "selma.v1.TrainingService": "training_service",
     "selma.v1.ServingService": "serving_service",
+    "selma.v1.EvaluationService": "evaluation_service",
 }
 # Every kind of long-running work, by the noun its five RPCs share (StartX, GetX, WatchX, CancelX, ListXs).
 LONG_RUNNING = {
     "selma.v1.PromptService": {"PromptGeneration"},
     "selma.v1.RenderService": {"DatasetRender"},
-    "selma.v1.TrainingService": {"ExpertTraining", "Evaluation"},
+    "selma.v1.TrainingService": {"ExpertTraining"},
+    "selma.v1.EvaluationService": {"Evaluation"},
     "selma.v1.ServingService": {"Merge"},
 }
 PROTO_FILES = ["common", *SERVICES.values()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selma.cli import main
+from selma.app.cli import main
 from selma_evaluation import dsg
 
 

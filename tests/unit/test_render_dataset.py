@@ -289,7 +289,7 @@ def test_any_dataset_image_can_be_re_rendered_exactly(core, settings, tiny_model
 
     for key, value in {"SELMA_DATA_DIR": str(settings.data_dir), "SELMA_STORAGE_URI": settings.storage_uri}.items():
         monkeypatch.setenv(key, value)
-    from selma.cli import main
+    from selma.app.cli import main
 
     assert main(["render", "reproduce", rec.output.id, "images/000000-1.png"]) == 0
     assert "identical" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from selma.api import dict_to_message, message_to_dict
 from selma.errors import InvalidArgument
-from selma.v1 import training_service_pb2
+from selma.v1 import evaluation_service_pb2
 from selma_evaluation.dsg import score_dsg
 from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.vqa import VqaQuery, build_vqa, is_yes, parse_backend, resolve_backend
@@ -257,7 +257,7 @@ def test_vqa_backend_spec_resolves_and_round_trips_through_the_proto(tmp_path):
     assert parse_backend({"shapesworld_judge": {}}, settings).kind == "shapesworld_judge"
     resolved = resolve_backend({"shapesworld_judge": {}}, settings)
     assert resolved == {"shapesworld_judge": {}}
-    msg = dict_to_message(resolved, training_service_pb2.VqaBackend)
+    msg = dict_to_message(resolved, evaluation_service_pb2.VqaBackend)
     assert msg.WhichOneof("backend") == "shapesworld_judge"
     assert message_to_dict(msg) == resolved
     with pytest.raises(InvalidArgument) as e:

@@ -102,7 +102,7 @@ def test_tokenizer_covers_the_grammar_with_one_token_per_word():
 
 
 def test_pretrain_command_runs_end_to_end_and_is_deterministic(tmp_path: Path):
-    from selma.cli import main
+    from selma.app.cli import main
 
     for name in ("a", "b"):
         assert main(["shapesworld", "pretrain", "--out", str(tmp_path / name), "--seed", "7", *TOY_CLI]) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selma.skillset import SkillSetError, load_skillset, merge_job_spec, parse_skillset
+from selma.app.skillset import SkillSetError, load_skillset, merge_job_spec, parse_skillset
 from selma.v1 import common_pb2, training_service_pb2
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.models import llm, tiny
-from selma.models.cli import register
+from selma.app.models_cli import register
 from selma.models.tokenizer import train_clip_tokenizer, train_lm_tokenizer
 
 # diffusers' Euler scheduler trips a numpy 2 deprecation on every call; not ours to fix.
@@ -289,7 +289,7 @@ def _run_cli(argv: list[str]) -> int:
 
 
 def test_importing_selma_models_and_its_cli_does_not_import_torch() -> None:
-    code = "import sys, selma.models, selma.models.cli; sys.exit('torch' in sys.modules)"
+    code = "import sys, selma.models, selma.app.models_cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

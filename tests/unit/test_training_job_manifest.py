@@ -6,17 +6,17 @@ import kubernetes_validate
 import pytest
 
 from selma.errors import InvalidArgument
-from selma_training.kube import METRICS_PORT_NAME, build_job, job_name, job_state, validate_placement
-from selma_training.launchers import LaunchRequest
+from selma.batch.kube import METRICS_PORT_NAME, build_job, job_name, job_state, validate_placement
+from selma.batch.launchers import LaunchRequest
 from selma_training.settings import TrainingSettings
 
 K8S_VERSION = "1.33.0"
 
 
 def settings(**kw) -> TrainingSettings:
-    base = dict(storage_uri="s3://selma/root", s3_endpoint="http://minio.selma:9000", training_namespace="selma",
-                training_image="registry.example/selma:1.0", training_service_account="selma-trainer",
-                training_storage_secret="selma-s3", training_model_cache_pvc="selma-models")
+    base = dict(storage_uri="s3://selma/root", s3_endpoint="http://minio.selma:9000", batch_namespace="selma",
+                batch_image="registry.example/selma:1.0", batch_service_account="selma-trainer",
+                batch_storage_secret="selma-s3", batch_model_cache_pvc="selma-models")
     base.update(kw)
     return TrainingSettings(**base)
 
@@ -98,7 +98,7 @@ def test_gpu_job_manifest_with_scheduling_constraints_is_schema_valid():
 
 
 def test_kueue_job_manifest_carries_the_queue_label_and_is_schema_valid():
-    job = build_job(request(gpus=1, queue_name="gpu-queue"), settings(training_model_cache_pvc="", training_storage_secret=""))
+    job = build_job(request(gpus=1, queue_name="gpu-queue"), settings(batch_model_cache_pvc="", batch_storage_secret=""))
     strict_validate(job)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert "emptyDir" in {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["model-cache"]
@@ -151,14 +151,14 @@ def test_skill_with_underscore_keeps_its_label_and_gets_a_dns_safe_job_name():
 VARIANTS = {
     "cpu": ({}, {}),
     "gpu": ({"gpus": 2, "runtime_class_name": "nvidia"}, {}),
-    "kueue": ({"gpus": 1, "queue_name": "gpu-queue"}, {"training_model_cache_pvc": "", "training_storage_secret": ""}),
+    "kueue": ({"gpus": 1, "queue_name": "gpu-queue"}, {"batch_model_cache_pvc": "", "batch_storage_secret": ""}),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_trainer_pods_are_hardened_like_the_chart_services(variant):
     placement, overrides = VARIANTS[variant]
-    job = build_job(request(**placement), settings(training_instance="selma-prod", **overrides))
+    job = build_job(request(**placement), settings(batch_instance="selma-prod", **overrides))
     strict_validate(job)
     pod = job["spec"]["template"]["spec"]
     psc = pod["securityContext"]
@@ -186,7 +186,7 @@ def test_trainer_pods_are_hardened_like_the_chart_services(variant):
 
 
 def test_metrics_port_is_a_setting():
-    job = build_job(request(), settings(training_metrics_port=9500))
+    job = build_job(request(), settings(batch_metrics_port=9500))
     strict_validate(job)
     (c,) = job["spec"]["template"]["spec"]["containers"]
     assert c["ports"] == [{"name": METRICS_PORT_NAME, "containerPort": 9500, "protocol": "TCP"}]
@@ -195,7 +195,7 @@ def test_metrics_port_is_a_setting():
 
 def test_local_trainers_bind_no_metrics_port():
     """The service's SELMA_METRICS_PORT is inherited by local trainers; it is reset so they serve no /metrics."""
-    from selma_training.launchers import LocalLauncher
+    from selma.batch.launchers import LocalLauncher
 
     env = LocalLauncher(settings(), env={"SELMA_METRICS_PORT": "9400", "SELMA_HOST": "0.0.0.0"}).child_env()
     assert env["SELMA_METRICS_PORT"] == "0", "0 = no trainer /metrics server"
@@ -208,7 +208,7 @@ def test_instance_label_comes_from_settings_only():
     job = build_job(req, settings())
     assert "app.kubernetes.io/instance" not in job["metadata"]["labels"], "no instance setting, no instance label"
     assert job["metadata"]["labels"]["team"] == "vision"
-    job = build_job(req, settings(training_instance="selma"))
+    job = build_job(req, settings(batch_instance="selma"))
     assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "selma"
 
 
@@ -216,15 +216,20 @@ def test_instance_setting_must_be_a_label_value():
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        settings(training_instance="not a label!")
+        settings(batch_instance="not a label!")
     with pytest.raises(ValidationError):
-        settings(training_instance="x" * 64)
+        settings(batch_instance="x" * 64)
 
 
 def test_an_evaluation_job_runs_the_eval_worker_with_its_own_name_label_and_settings():
-    settings = TrainingSettings(eval_serving_endpoint="selma-serving:50051", eval_vqa_model="org/vqa", storage_uri="s3://b/p")
+    from selma_evaluation.settings import EvaluationSettings
+
+    # the launcher is shared with training (its settings); the evaluation service hands its own with the request
+    settings = TrainingSettings(storage_uri="s3://b/p")
+    eval_settings = EvaluationSettings(eval_serving_endpoint="selma-serving:50051", eval_vqa_model="org/vqa", storage_uri="s3://b/p")
     req = LaunchRequest(job_id="evaluation-0123456789abcdef", idempotency_key="run-1/eval", run="run-1", skill="evaluation",
-                        config_uri="s3://b/p/evaluation/evaluation-0123456789abcdef/job.json", expert_id="eval_report-x", task="eval")
+                        config_uri="s3://b/p/evaluation/evaluation-0123456789abcdef/job.json", expert_id="eval_report-x", task="eval",
+                        service_settings=eval_settings)
     job = build_job(req, settings)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["selma", "eval", "execute", "--config", req.config_uri]

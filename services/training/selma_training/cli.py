@@ -36,19 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
-    """Local trainers: get SIGTERM when the service dies (Linux), so no orphan keeps training."""
-    import ctypes
-    import os
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the service died before we armed it
-        stop.set()
-
-
 def _train(args: argparse.Namespace) -> int:
     from selma.logs import configure_logging
     from selma_training.settings import TrainingSettings
@@ -78,10 +65,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, settings: TrainingSettings, stop: threading.Event) -> int:
+    from selma.batch.worker import exit_with_parent
     from selma_training.trainer import TrainingInterrupted, load_job_document, run_job, standalone_job
 
-    if settings.training_parent_pid:
-        _exit_with_parent(settings.training_parent_pid, stop)
+    if settings.batch_parent_pid:
+        exit_with_parent(settings.batch_parent_pid, stop)
     if args.dataset:
         job = standalone_job(args.config, args.dataset, args.run, args.skill, settings)
     else:

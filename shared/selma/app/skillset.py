@@ -35,7 +35,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from selma.errors import InvalidArgument
-from selma.v1 import common_pb2, prompt_service_pb2, render_service_pb2, serving_service_pb2, training_service_pb2
+from selma.v1 import common_pb2, evaluation_service_pb2, prompt_service_pb2, render_service_pb2, serving_service_pb2, training_service_pb2
 
 API_VERSION = "selma.dev/v1alpha1"
 KIND = "SkillSet"
@@ -77,7 +77,7 @@ class SkillSet:
     merge_output_rank: int
     merge_fuse: bool
     model_name: str
-    evaluation: training_service_pb2.EvaluationSpec | None = None
+    evaluation: evaluation_service_pb2.EvaluationSpec | None = None
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -185,7 +185,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
 
     evaluation = None
     if spec.get("evaluation") is not None:
-        evaluation = _proto(spec["evaluation"], training_service_pb2.EvaluationSpec, ("spec", "evaluation"), lines)
+        evaluation = _proto(spec["evaluation"], evaluation_service_pb2.EvaluationSpec, ("spec", "evaluation"), lines)
 
     return SkillSet(
         name=name,

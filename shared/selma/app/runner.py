@@ -35,8 +35,8 @@ from rich.tree import Tree
 from selma.api import message_to_dict
 from selma.client import Endpoints, SelmaClient
 from selma.errors import Aborted, FailedPrecondition, InvalidArgument, SelmaError
-from selma.skillset import SkillSet, load_skillset, merge_job_spec
-from selma.v1 import common_pb2, render_service_pb2, training_service_pb2
+from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
+from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -329,16 +329,16 @@ class RunDriver:
         if ss.evaluation is not None:
             job = self.drive("evaluation", None, evaluation_spec(ss))
             result["eval_report"] = job.status.output.id
-            result["scores"] = {f"{s.target_label}/{training_service_pb2.EvaluationMetric.Name(s.metric).removeprefix('EVALUATION_METRIC_').lower()}": round(s.score_percent, 2)
+            result["scores"] = {f"{s.target_label}/{evaluation_service_pb2.EvaluationMetric.Name(s.metric).removeprefix('EVALUATION_METRIC_').lower()}": round(s.score_percent, 2)
                                 for s in job.stats.scores if not s.category and not s.skill}
         self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now(),
                        **{k: result[k] for k in ("eval_report", "scores") if k in result})
         return result
 
 
-def evaluation_spec(ss: SkillSet) -> training_service_pb2.EvaluationSpec:
+def evaluation_spec(ss: SkillSet) -> evaluation_service_pb2.EvaluationSpec:
     """The SkillSet's evaluation section for this run: base vs the merged model unless it names targets."""
-    spec = training_service_pb2.EvaluationSpec()
+    spec = evaluation_service_pb2.EvaluationSpec()
     spec.CopyFrom(ss.evaluation)
     spec.run = ss.name
     if not spec.targets:

@@ -44,7 +44,7 @@ from selma_training import data as data_mod
 from selma_training import metrics as trainer_metrics
 from selma_training.checkpoint import CheckpointStore, TrainState
 from selma_training.config import TrainingJob
-from selma_training.progress import ProgressWriter
+from selma.batch.progress import ProgressWriter
 from selma_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,9 @@ def train(
     cfg = job.config
     storage = open_storage(settings)
     store = ArtifactStore(storage)
-    progress = ProgressWriter(storage, job.progress_key, settings.training_progress_interval_seconds)
+    progress = ProgressWriter(storage, job.progress_key, settings.batch_progress_interval_seconds)
     progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id,
-                    pod=settings.training_pod_name, node=settings.training_node_name, force=True)
+                    pod=settings.batch_pod_name, node=settings.batch_node_name, force=True)
     # this process's /metrics (served by `selma train` when a metrics port is set): the skill is
     # the only label; the pod comes from the scrape
     m_step = trainer_metrics.TRAINER_STEP.labels(job.skill)
@@ -451,7 +451,7 @@ def _record_failure(job: TrainingJob, settings: TrainingSettings, code: str, rea
     """Put the failure into the progress object, so the service can say why (not just 'exit 1')."""
     try:
         storage = open_storage(settings)
-        from selma_training.progress import read_progress
+        from selma.batch.progress import read_progress
 
         doc = read_progress(storage, job.progress_key) or {}
         writer = ProgressWriter(storage, job.progress_key, 0)

@@ -1,4 +1,4 @@
-"""Settings of evaluation jobs and workers (``SELMA_EVAL_*``); the training service inherits them.
+"""Settings of evaluation jobs and workers (``SELMA_EVAL_*``, on top of the batch platform's ``SELMA_BATCH_*``).
 
 Credentials of OpenAI-compatible endpoints (the vision VQA backend) never travel in requests:
 a spec names one with a ``SecretRef`` (``name``, ``key``), resolved exactly as the prompt
@@ -17,16 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import ClassVar
+
 from pydantic import Field, SecretStr
 
-from selma.config import SelmaSettings, resolve_secret
+from selma.batch.settings import BatchSettings
+from selma.config import resolve_secret
 
 SECRET_ENV_PREFIX = "SELMA_EVAL_SECRET_"
 
 
-class EvaluationSettings(SelmaSettings):
-    """The shared settings plus VQA, scoring and rendering options of evaluations."""
+class EvaluationSettings(BatchSettings):
+    """The batch platform's settings plus VQA, scoring and rendering options of evaluations."""
 
+    WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("eval_",)
+
+    eval_max_jobs: int = Field(64, ge=1, description="Evaluation jobs the service follows at once (their workers run as batch jobs).")
     eval_vqa_model: str = Field(
         "Salesforce/blip-vqa-base",
         description="Default VQA model (transformers id or path) for evaluations whose spec names no VQA backend.",

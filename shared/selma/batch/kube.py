@@ -17,7 +17,7 @@
   model-cache volume), seccomp RuntimeDefault, no privilege escalation, all capabilities
   dropped, no service links and no API token (trainers never call the Kubernetes API).
   Trainers expose Prometheus metrics (``selma_trainer_*{skill}``) on a container port named
-  ``metrics`` (:data:`METRICS_PORT_NAME`, ``training_metrics_port``, bound on 0.0.0.0), which the
+  ``metrics`` (:data:`METRICS_PORT_NAME`, ``batch_metrics_port``, bound on 0.0.0.0), which the
   chart's PodMonitor scrapes; the service's ``selma_training_*{skill}`` gauges carry the same
   progress from the progress object.
 * :class:`KubernetesLauncher` creates it idempotently (409 → adopt the existing Job if it
@@ -38,8 +38,8 @@ from typing import Any
 
 from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
 
-from selma_training.launchers import EXIT_BAD_INPUT, LaunchRequest, Launcher, Monitor, Outcome
-from selma_training.settings import TrainingSettings
+from selma.batch.launchers import EXIT_BAD_INPUT, LaunchRequest, Launcher, Monitor, Outcome
+from selma.batch.settings import BatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _tolerations(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def job_labels(req: LaunchRequest, settings: TrainingSettings | None = None) -> dict[str, str]:
+def job_labels(req: LaunchRequest, settings: BatchSettings | None = None) -> dict[str, str]:
     """Labels of the Job (its pods get the same minus the Kueue queue); ours override the request's."""
     labels = {k: v for k, v in req.labels.items() if _LABEL_KEY.match(k) and _LABEL_VALUE.match(v) and len(v) <= 63}
     labels.update({
@@ -166,15 +166,15 @@ def job_labels(req: LaunchRequest, settings: TrainingSettings | None = None) -> 
     # The instance is the service's (the Helm release, whose NetworkPolicy selects its trainer pods
     # by it); a request's labels must not claim some release's identity.
     labels.pop(INSTANCE_LABEL, None)
-    if settings is not None and settings.training_instance:
-        labels[INSTANCE_LABEL] = settings.training_instance
+    if settings is not None and settings.batch_instance:
+        labels[INSTANCE_LABEL] = settings.batch_instance
     queue = req.placement.get("queue_name", "")
     if queue:
         labels[KUEUE_LABEL] = queue
     return labels
 
 
-def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
+def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest that runs ``selma train --config <uri>`` (pure: no API calls)."""
     p = req.placement
     name = job_name(req.run, req.skill, req.job_id, req.task)
@@ -183,8 +183,8 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
     res = p.get("resources") or {}
     gpus = int(p.get("gpus", 0))  # proto: 0 = CPU only
     gpu_name = p.get("gpu_resource_name") or "nvidia.com/gpu"
-    requests = {"cpu": res.get("cpu_request") or settings.training_cpu_request, "memory": res.get("memory_request") or settings.training_memory_request}
-    limits: dict[str, str] = {"memory": res.get("memory_limit") or settings.training_memory_limit}
+    requests = {"cpu": res.get("cpu_request") or settings.batch_cpu_request, "memory": res.get("memory_request") or settings.batch_memory_request}
+    limits: dict[str, str] = {"memory": res.get("memory_limit") or settings.batch_memory_limit}
     if res.get("cpu_limit"):
         limits["cpu"] = res["cpu_limit"]
     if gpus:
@@ -197,49 +197,44 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         {"name": "SELMA_LOG_FORMAT", "value": "json"},
         {"name": "SELMA_LOG_LEVEL", "value": settings.log_level},
         {"name": "SELMA_DEVICE", "value": "cuda" if gpus else "cpu"},
-        {"name": "SELMA_TRAINING_PROGRESS_INTERVAL_SECONDS", "value": str(settings.training_progress_interval_seconds)},
+        {"name": "SELMA_BATCH_PROGRESS_INTERVAL_SECONDS", "value": str(settings.batch_progress_interval_seconds)},
         # the trainer's /metrics server (selma_trainer_*): reachable by the pod IP, scraped by the PodMonitor
         {"name": "SELMA_HOST", "value": "0.0.0.0"},
-        {"name": "SELMA_METRICS_PORT", "value": str(settings.training_metrics_port)},
-        {"name": "SELMA_TRAINING_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "SELMA_TRAINING_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "SELMA_METRICS_PORT", "value": str(settings.batch_metrics_port)},
+        {"name": "SELMA_BATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "SELMA_BATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
         # The root filesystem is read-only: libraries that cache under $HOME or XDG dirs
         # (torch inductor/triton, matplotlib, fontconfig) write to the /tmp emptyDir instead.
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
     ]
-    if req.task == "eval":
-        # evaluation workers read the service's eval_* settings (VQA defaults, serving endpoint);
-        # secret ones are not copied into the Job: they stay in the service's Secret
-        for k in type(settings).model_fields:
-            v = getattr(settings, k)
-            if k.startswith("eval_") and not hasattr(v, "get_secret_value"):
-                text = json.dumps(v) if isinstance(v, (list, dict)) else (str(v).lower() if isinstance(v, bool) else str(v))
-                env.append({"name": f"SELMA_{k.upper()}", "value": text})
+    # the launching service's own settings (eval_*: VQA defaults, serving endpoint); secret ones are not
+    # copied into the Job: they stay in the service's Secret
+    env += [{"name": k, "value": v} for k, v in (req.service_settings or settings).worker_env(secrets=False).items()]
     if settings.s3_endpoint:
         env.append({"name": "SELMA_S3_ENDPOINT", "value": settings.s3_endpoint})
         env.append({"name": "SELMA_S3_SECURE", "value": str(settings.s3_secure).lower()})
     if settings.s3_region:
         env.append({"name": "SELMA_S3_REGION", "value": settings.s3_region})
-    if settings.training_storage_secret:
-        for var, key in (("SELMA_S3_ACCESS_KEY", settings.training_storage_secret_access_key_key),
-                         ("SELMA_S3_SECRET_KEY", settings.training_storage_secret_secret_key_key)):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": settings.training_storage_secret, "key": key}}})
-    shm = res.get("shm_size") or settings.training_shm_size
+    if settings.batch_storage_secret:
+        for var, key in (("SELMA_S3_ACCESS_KEY", settings.batch_storage_secret_access_key_key),
+                         ("SELMA_S3_SECRET_KEY", settings.batch_storage_secret_secret_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": settings.batch_storage_secret, "key": key}}})
+    shm = res.get("shm_size") or settings.batch_shm_size
     volumes: list[dict[str, Any]] = [
-        {"name": "model-cache", **({"persistentVolumeClaim": {"claimName": settings.training_model_cache_pvc}}
-                                   if settings.training_model_cache_pvc else {"emptyDir": {}})},
+        {"name": "model-cache", **({"persistentVolumeClaim": {"claimName": settings.batch_model_cache_pvc}}
+                                   if settings.batch_model_cache_pvc else {"emptyDir": {}})},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "data", "emptyDir": {}},
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": settings.training_image,
-        "imagePullPolicy": settings.training_image_pull_policy,
+        "image": settings.batch_image,
+        "imagePullPolicy": settings.batch_image_pull_policy,
         "command": ["selma", *req.args],
-        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.training_metrics_port, "protocol": "TCP"}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.batch_metrics_port, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": [
@@ -275,8 +270,8 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         # the trainer checkpoints on SIGTERM; give it time to finish a step and upload
         "terminationGracePeriodSeconds": 120,
     }
-    if settings.training_service_account:
-        pod_spec["serviceAccountName"] = settings.training_service_account
+    if settings.batch_service_account:
+        pod_spec["serviceAccountName"] = settings.batch_service_account
     if p.get("node_selector"):
         pod_spec["nodeSelector"] = dict(p["node_selector"])
     if p.get("tolerations"):
@@ -287,17 +282,17 @@ def build_job(req: LaunchRequest, settings: TrainingSettings) -> dict[str, Any]:
         pod_spec["priorityClassName"] = p["priority_class_name"]
     if p.get("runtime_class_name"):
         pod_spec["runtimeClassName"] = p["runtime_class_name"]
-    deadline = _duration_seconds(p.get("active_deadline")) or settings.training_active_deadline_seconds
-    retries = int(p["max_retries"]) if p.get("max_retries") is not None else settings.training_backoff_limit
+    deadline = _duration_seconds(p.get("active_deadline")) or settings.batch_active_deadline_seconds
+    retries = int(p["max_retries"]) if p.get("max_retries") is not None else settings.batch_backoff_limit
     pod_labels = {k: v for k, v in labels.items() if k != KUEUE_LABEL}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": settings.training_namespace, "labels": labels, "annotations": annotations},
+        "metadata": {"name": name, "namespace": settings.batch_namespace, "labels": labels, "annotations": annotations},
         "spec": {
             "backoffLimit": retries,
             "activeDeadlineSeconds": deadline,
-            "ttlSecondsAfterFinished": settings.training_ttl_seconds_after_finished,
+            "ttlSecondsAfterFinished": settings.batch_ttl_seconds_after_finished,
             "podFailurePolicy": {
                 "rules": [
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -333,13 +328,13 @@ def job_state(job: dict[str, Any]) -> tuple[str, str, str]:
 
 
 class KubernetesLauncher(Launcher):
-    """Training Jobs in ``training_namespace``; see the module docstring."""
+    """Training Jobs in ``batch_namespace``; see the module docstring."""
 
     name = "kubernetes"
 
-    def __init__(self, settings: TrainingSettings, *, api_client: Any = None) -> None:
+    def __init__(self, settings: BatchSettings, *, api_client: Any = None) -> None:
         self.settings = settings
-        self.namespace = settings.training_namespace
+        self.namespace = settings.batch_namespace
         self._api_client = api_client
         self._lock = threading.Lock()
 
@@ -352,16 +347,16 @@ class KubernetesLauncher(Launcher):
 
                 cfg = client.Configuration()
                 try:
-                    if self.settings.training_kubeconfig:
-                        config.load_kube_config(config_file=self.settings.training_kubeconfig, context=self.settings.training_kube_context or None, client_configuration=cfg)
+                    if self.settings.batch_kubeconfig:
+                        config.load_kube_config(config_file=self.settings.batch_kubeconfig, context=self.settings.batch_kube_context or None, client_configuration=cfg)
                     else:
                         try:
                             config.load_incluster_config(client_configuration=cfg)
                         except config.ConfigException:
-                            config.load_kube_config(context=self.settings.training_kube_context or None, client_configuration=cfg)
+                            config.load_kube_config(context=self.settings.batch_kube_context or None, client_configuration=cfg)
                 except (config.ConfigException, OSError, TypeError) as e:
-                    raise Unavailable(f"no Kubernetes configuration: {e}; run in a pod with a service account, or set SELMA_TRAINING_KUBECONFIG") from None
-                cfg.retries = self.settings.training_api_retries
+                    raise Unavailable(f"no Kubernetes configuration: {e}; run in a pod with a service account, or set SELMA_BATCH_KUBECONFIG") from None
+                cfg.retries = self.settings.batch_api_retries
                 self._api_client = client.ApiClient(cfg)
             return self._api_client
 
@@ -375,7 +370,7 @@ class KubernetesLauncher(Launcher):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        from selma_training import metrics
+        from selma.batch import metrics
 
         try:
             return fn(*args, **kwargs)
@@ -390,7 +385,7 @@ class KubernetesLauncher(Launcher):
     def _map(self, e: Any, what: str) -> SelmaError:
         msg = _status_message(e)
         if e.status in (401, 403):
-            sa = self.settings.training_service_account or "the service's"
+            sa = self.settings.batch_service_account or "the service's"
             return PermissionDenied(
                 f"Kubernetes refused to {what} batch/v1 jobs in namespace {self.namespace!r} ({msg}); grant the selma-training "
                 f"ServiceAccount a Role with get, list, watch, create and delete on jobs.batch there (the Helm chart's rbac.create), "
@@ -440,9 +435,9 @@ class KubernetesLauncher(Launcher):
         name = body["metadata"]["name"]
         try:
             resp = self._call("create", self._batch().create_namespaced_job, self.namespace, body, _preload_content=False)
-            from selma_training import metrics
+            from selma.batch import metrics
 
-            metrics.LAUNCHES.labels("kubernetes").inc()
+            metrics.LAUNCHES.labels(req.task, "kubernetes").inc()
             return json.loads(resp.data), True
         except AlreadyExists:
             existing = self._read(name)
@@ -451,9 +446,9 @@ class KubernetesLauncher(Launcher):
             owner = ((existing.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB_ID)
             if owner != req.job_id:
                 raise AlreadyExists(f"a Job named {name} exists in {self.namespace} but belongs to {owner or 'someone else'}; delete it or use another run/skill") from None
-            from selma_training import metrics
+            from selma.batch import metrics
 
-            metrics.ADOPTIONS.labels("kubernetes").inc()
+            metrics.ADOPTIONS.labels(req.task, "kubernetes").inc()
             log.info("adopted existing Job %s/%s for %s", self.namespace, name, req.job_id)
             return existing, False
 
@@ -480,8 +475,8 @@ class KubernetesLauncher(Launcher):
             gone = False
             try:
                 stream = w.stream(self._batch().list_namespaced_job, self.namespace, label_selector=f"{LABEL_JOB_ID}={req.job_id}",
-                                  resource_version=rv, timeout_seconds=self.settings.training_watch_timeout_seconds,
-                                  _request_timeout=self.settings.training_watch_timeout_seconds + 30)
+                                  resource_version=rv, timeout_seconds=self.settings.batch_watch_timeout_seconds,
+                                  _request_timeout=self.settings.batch_watch_timeout_seconds + 30)
                 for event in self._guard(stream):
                     obj = event.get("raw_object") or {}
                     if event.get("type") == "ERROR":

@@ -65,7 +65,9 @@ def _defaults() -> dict:
     # The dataclass defaults without importing torch (keeps `selma --help` fast).
     import ast
 
-    src = (Path(__file__).parent / "pretrain.py").read_text()
+    from importlib import resources
+
+    src = (resources.files("selma_shapesworld") / "pretrain.py").read_text()
     tree = ast.parse(src)
     out = {}
     for node in ast.walk(tree):

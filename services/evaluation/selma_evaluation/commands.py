@@ -287,7 +287,7 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _client(args: argparse.Namespace) -> Any:
     from selma.client import SelmaClient
-    from selma.runner import _endpoints
+    from selma.app.runner import _endpoints
 
     return SelmaClient(_endpoints(args), timeout=60.0)
 
@@ -295,7 +295,7 @@ def _client(args: argparse.Namespace) -> Any:
 def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:
     import grpc
 
-    from selma.runner import RunFailed
+    from selma.app.runner import RunFailed
 
     try:
         return fn(*a, **kw)
@@ -307,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from selma.api import message_to_dict
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     spec = spec_from_args(args)
     try:
@@ -333,7 +333,7 @@ def _follow(stub: Any, job_id: str) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     last = None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
@@ -366,7 +366,7 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
         if job.stats.trials:
             sys.stdout.write("\nmerge search (validation prompts):\n" + search_table(job) + "\n")
     if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
-        from selma.runner import RunFailed
+        from selma.app.runner import RunFailed
 
         raise RunFailed(f"evaluation {job.status.job_id} ended {common_pb2.JobPhase.Name(job.status.phase)}: {job.status.message}")
     # with --json everything below is in the JSON already: keep stdout parseable
@@ -381,7 +381,7 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
 
 def score_table(job: Any) -> str:
     """Plain-text table of a job's scores: one row per slice, one column per target and metric."""
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     rows = list(job.stats.scores)
     if not rows:
@@ -424,7 +424,7 @@ def search_table(job: Any, limit: int = 10) -> str:
 def _status(args: argparse.Namespace) -> int:
     from selma.api import message_to_dict
     from selma.v1 import common_pb2
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     with _client(args) as client:
         job = _rpc(client.stub("training").GetEvaluation, pb.GetEvaluationRequest(job_id=args.job_id), timeout=60).job
@@ -440,7 +440,7 @@ def _status(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from selma.api import message_to_dict
     from selma.v1 import common_pb2
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     jobs = []
     with _client(args) as client:
@@ -463,7 +463,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     from selma.v1 import common_pb2
-    from selma.v1 import training_service_pb2 as pb
+    from selma.v1 import evaluation_service_pb2 as pb
 
     with _client(args) as client:
         job = _rpc(client.stub("training").CancelEvaluation, pb.CancelEvaluationRequest(job_id=args.job_id, reason=args.reason), timeout=60).job
@@ -513,18 +513,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace) -> int:
+    from selma.batch.worker import exit_with_parent
     from selma.logs import configure_logging
-    from selma_training.cli import _exit_with_parent
-    from selma_training.settings import TrainingSettings
 
     from selma_evaluation.runner import EvaluationInterrupted, load_job_document, run_job_document
+    from selma_evaluation.settings import EvaluationSettings
 
-    settings = TrainingSettings()
+    settings = EvaluationSettings()
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())  # finish the current batch, keep the work, exit 143
-    if settings.training_parent_pid:
-        _exit_with_parent(settings.training_parent_pid, stop)
+    if settings.batch_parent_pid:
+        exit_with_parent(settings.batch_parent_pid, stop)
     doc = load_job_document(args.config, settings)
     try:
         manifest = run_job_document(doc, settings, should_stop=stop.is_set)

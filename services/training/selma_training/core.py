@@ -36,6 +36,7 @@ from selma.errors import (
     PermissionDenied,
     ResourceExhausted,
     SelmaError,
+    error_for_code,
     Unavailable,
 )
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
@@ -44,9 +45,9 @@ from selma.storage import Storage, open_storage
 from selma_training import metrics
 from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
 from selma_training.data import load_dataset
-from selma_training.kube import KubernetesLauncher, validate_placement
-from selma_training.launchers import RELAUNCH_CAUSE, ContextMonitor, LaunchRequest, Launcher, LiveLaunches, LocalLauncher, Outcome
-from selma_training.progress import read_progress
+from selma.batch.kube import KubernetesLauncher, validate_placement
+from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, LaunchRequest, Launcher, LiveLaunches, Outcome, default_launchers
+from selma.batch.progress import read_progress
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
 
@@ -57,14 +58,6 @@ KIND = "expert_training"
 # from them DNS-safely with a hash (kube.job_name), so underscores are fine here.
 _NAME = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$")
 _LAUNCHER_ENUM = {"LAUNCHER_KIND_LOCAL": "local", "LAUNCHER_KIND_KUBERNETES": "kubernetes"}
-_ERRORS: dict[str, type[SelmaError]] = {
-    c.value: cls for c, cls in (
-        (ErrorCode.INVALID_ARGUMENT, InvalidArgument), (ErrorCode.NOT_FOUND, NotFound), (ErrorCode.ALREADY_EXISTS, AlreadyExists),
-        (ErrorCode.FAILED_PRECONDITION, FailedPrecondition), (ErrorCode.RESOURCE_EXHAUSTED, ResourceExhausted),
-        (ErrorCode.UNAVAILABLE, Unavailable), (ErrorCode.PERMISSION_DENIED, PermissionDenied),
-        (ErrorCode.DEADLINE_EXCEEDED, DeadlineExceeded), (ErrorCode.ABORTED, Aborted),
-    )
-}
 
 
 class Prepared:
@@ -149,7 +142,7 @@ class TrainingCore:
         self.settings = settings
         self.storage = storage or open_storage(settings)
         self.store = ArtifactStore(self.storage)
-        self.launchers: dict[str, Launcher] = launchers or {"local": LocalLauncher(settings), "kubernetes": KubernetesLauncher(settings)}
+        self.launchers: dict[str, Launcher] = launchers or default_launchers(settings)
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
         self._live = LiveLaunches()
 
@@ -175,7 +168,7 @@ class TrainingCore:
             raise FailedPrecondition(f"dataset {dataset_id} has sha256 {dataset.digest}, not the {want} the request pins; it changed or the reference is stale",
                                      field="spec.dataset.sha256")
         placement = dict(spec.get("placement") or {})
-        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
+        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
         validate_placement(placement)  # the proto's ranges hold for every launcher
         self.launchers[launcher].validate(placement)
         job_id = job_id_for(KIND, idempotency_key)
@@ -254,7 +247,7 @@ class TrainingCore:
     def recover(self) -> list[str]:
         """Re-queue unfinished jobs; with Kubernetes as default, adopt our Jobs the records do not know."""
         requeued = self.manager.recover()
-        if self.settings.training_launcher == "kubernetes":
+        if self.settings.batch_launcher == "kubernetes":
             try:
                 found = self.launchers["kubernetes"].discover()
             except SelmaError as e:
@@ -290,11 +283,12 @@ class TrainingCore:
         rec = self.manager.get(ctx.job_id)
         job = self.job_document(rec)
         placement = dict(job.spec.get("placement") or {})
-        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
+        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
         launcher = self.launchers[name]
         config_uri = self.store.get(job.config_artifact_id).file_uri(JOB_FILE)
         req = LaunchRequest(job_id=job.job_id, idempotency_key=job.idempotency_key, run=job.run, skill=job.skill,
-                            config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels)
+                            config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels,
+                            service_settings=self.settings)
         config_ref = {"id": job.config_artifact_id, "kind": "ARTIFACT_KIND_TRAINING_CONFIG", "uri": self.store.get(job.config_artifact_id).uri}
         ctx.update(
             stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,
@@ -303,11 +297,8 @@ class TrainingCore:
         )
         if self.store.exists(job.expert_id):  # finished before a restart: nothing to launch
             return self._succeeded(ctx, job, Outcome("succeeded", "already trained"))
-        if name == "local":
-            metrics.LAUNCHES.labels("local").inc()
         monitor = _JobMonitor(self, ctx, job)
         outcome = self._live.run(launcher, req, monitor)
-        metrics.OUTCOMES.labels(name, outcome.state).inc()
         if outcome.state == "succeeded":
             return self._succeeded(ctx, job, outcome)
         if outcome.state == "cancelled":
@@ -317,8 +308,7 @@ class TrainingCore:
         doc = read_progress(self.storage, job.progress_key) or {}
         err = doc.get("error") or {}
         if err:
-            cls = _ERRORS.get(err.get("code", ""), Aborted)
-            raise cls(f"{err.get('message', '')} ({outcome.message})")
+            raise error_for_code(err.get("code", ""), f"{err.get('message', '')} ({outcome.message})")
         ctx.update(details={"failure.reason": outcome.reason})
         raise Aborted(f"{outcome.message}; re-start the job with the same key to resume from its last checkpoint")
 

@@ -19,9 +19,9 @@ from rich.console import Console
 
 from selma.client import SERVICE_NAMES, SERVICES, SelmaClient
 from selma.errors import InvalidArgument
-from selma.local_stack import LocalStack
-from selma.runner import Reporter, RunDriver, RunLock, RunState
-from selma.skillset import load_skillset
+from selma.app.local_stack import LocalStack
+from selma.app.runner import Reporter, RunDriver, RunLock, RunState
+from selma.app.skillset import load_skillset
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -373,7 +373,7 @@ class EvaluationRunner:
 
     def __init__(self, doc: EvaluationJobDoc, settings: EvaluationSettings, *, storage: Storage | None = None,
                  renderer: ServingRenderer | None = None, should_stop: Callable[[], bool] = lambda: False) -> None:
-        from selma_training.progress import ProgressWriter
+        from selma.batch.progress import ProgressWriter
 
         self.doc = doc
         self.spec = doc.spec
@@ -382,7 +382,7 @@ class EvaluationRunner:
         self.store = ArtifactStore(self.storage)
         self.renderer = renderer or ServingRenderer(doc.serving_endpoint)
         self.should_stop = should_stop
-        self.progress = ProgressWriter(self.storage, doc.progress_key, interval=getattr(settings, "training_progress_interval_seconds", 2.0))
+        self.progress = ProgressWriter(self.storage, doc.progress_key, interval=settings.batch_progress_interval_seconds)
         self.ipp = int(self.spec.get("images_per_prompt") or 1)
         self.base_seed = int(self.spec.get("base_seed", 0))
         self.diffusion = dict(self.spec.get("diffusion") or {})

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
     "prompts": {"SELMA_PROMPTS_DEFAULT_BACKEND": "embedded"},
     "render": {"SELMA_RENDER_DEFAULT_MODEL": "tiny://sd"},
-    "training": {"SELMA_TRAINING_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
+    "training": {"SELMA_BATCH_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
     "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},
 }
 
@@ -96,7 +96,7 @@ class LocalStack:
         # The caller's own SELMA_* settings (S3 endpoint, credentials, a model of their choice) win over the defaults.
         env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
         if name == "training":
-            env["SELMA_TRAINING_LAUNCHER"] = self.launcher
+            env["SELMA_BATCH_LAUNCHER"] = self.launcher
         env.update(self.extra_env)
         return env
 
@@ -119,7 +119,7 @@ class LocalStack:
         log_path = self.data_dir / "logs" / f"{name}.log"
         out = log_path.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "selma.cli", "serve", name],
+            [sys.executable, "-m", "selma.app.cli", "serve", name],
             env=self.env_for(name, grpc_port, metrics_port),
             stdout=out,
             stderr=subprocess.STDOUT,

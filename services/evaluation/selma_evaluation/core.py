@@ -19,11 +19,12 @@ from typing import Any
 
 from selma.api import output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
-from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError
+from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError, error_for_code
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
-from selma.storage import Storage
-from selma_training.launchers import RELAUNCH_CAUSE, ContextMonitor, LiveLaunches
+from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
+from selma.storage import Storage, open_storage
 
+from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.runner import (
     METRIC_NAMES,
     EvaluationJobDoc,
@@ -94,14 +95,15 @@ def check_model_reference(source: str, settings: Any, *, field: str) -> None:
 
 
 class EvaluationCore:
-    """Start, get, watch, cancel and list evaluation jobs, launched through the training launchers."""
+    """Start, get, watch, cancel and list evaluation jobs, launched as batch workers (selma.batch)."""
 
-    def __init__(self, settings: Any, storage: Storage, launchers: dict[str, Any]) -> None:
+    def __init__(self, settings: EvaluationSettings, storage: Storage | None = None, launchers: dict[str, Launcher] | None = None) -> None:
         self.settings = settings
-        self.storage = storage
-        self.store = ArtifactStore(storage)
-        self.launchers = launchers
-        self.manager = JobManager(storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
+        self.storage = storage or open_storage(settings)
+        self.store = ArtifactStore(self.storage)
+        # hosted beside training (the default), both share one set of launchers and so one local worker pool
+        self.launchers = launchers or default_launchers(settings)
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs)
         self._live = LiveLaunches()
 
     # -- validation
@@ -189,8 +191,8 @@ class EvaluationCore:
 
         vqa = resolve_vqa(dict(spec.get("vqa") or {}), self.settings)
         placement = dict(spec.get("placement") or {})
-        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
-        from selma_training.kube import validate_placement
+        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
+        from selma.batch.kube import validate_placement
 
         validate_placement(placement)
         self.launchers[launcher].validate(placement)
@@ -279,18 +281,19 @@ class EvaluationCore:
     # -- the job function
 
     def _run(self, ctx: JobContext) -> JobResult:
-        from selma_training.launchers import LaunchRequest
-        from selma_training.progress import read_progress
+        from selma.batch.launchers import LaunchRequest
+        from selma.batch.progress import read_progress
 
         key = self._doc_key(ctx.job_id)
         doc = EvaluationJobDoc.model_validate_json(self.storage.get_bytes(key))
         placement = dict(doc.spec.get("placement") or {})
-        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.training_launcher)
+        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
         launcher = self.launchers[name]
         ctx.update(stats={"launcher": "LAUNCHER_KIND_" + name.upper()}, details={"launcher": name, "config.uri": self.storage.uri_for(key)})
         if not self.store.exists(doc.report_id):
             req = LaunchRequest(job_id=doc.job_id, idempotency_key=doc.idempotency_key, run=doc.run or "eval", skill="evaluation",
-                                config_uri=self.storage.uri_for(key), expert_id=doc.report_id, placement=placement, labels=doc.labels, task="eval")
+                                config_uri=self.storage.uri_for(key), expert_id=doc.report_id, placement=placement, labels=doc.labels, task="eval",
+                                service_settings=self.settings)
             monitor = _EvalMonitor(self, ctx, doc, name)
             outcome = self._live.run(launcher, req, monitor)
             if outcome.state == "cancelled":
@@ -301,9 +304,7 @@ class EvaluationCore:
                 progress = read_progress(self.storage, doc.progress_key) or {}
                 err = progress.get("error") or {}
                 if err:
-                    from selma_training.core import _ERRORS
-
-                    raise _ERRORS.get(err.get("code", ""), Aborted)(err.get("message", outcome.message))
+                    raise error_for_code(err.get("code", ""), err.get("message", outcome.message))
                 raise Aborted(f"{outcome.message}; re-start the evaluation with the same key to resume its stored work")
         try:
             manifest = self.store.get(doc.report_id)
@@ -340,7 +341,7 @@ class _EvalMonitor(ContextMonitor):
         self.core, self.ctx, self.doc, self.launcher = core, ctx, doc, launcher
 
     def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
-        from selma_training.progress import read_progress
+        from selma.batch.progress import read_progress
 
         doc = read_progress(self.core.storage, self.doc.progress_key) or {}
         stats = stats_from_progress(doc, self.launcher)

@@ -32,7 +32,7 @@ from typing import Any
 
 from selma.errors import InvalidArgument
 
-from selma_training.settings import TrainingSettings
+from selma.batch.settings import BatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class LaunchRequest:
     # What the worker does: "train" runs ``selma train --config URI``; "eval" runs
     # ``selma eval execute --config URI`` (evaluations are batch work launched the same way).
     task: str = "train"
+    # The launching service's settings: its own (WORKER_SETTING_PREFIXES) settings travel to the worker.
+    # None = the launcher's; set when several services share one launcher (training and evaluation).
+    service_settings: BatchSettings | None = None
 
     @property
     def args(self) -> list[str]:
@@ -116,10 +119,14 @@ class LiveLaunches:
 
     def run(self, launcher: Launcher, req: LaunchRequest, monitor: Monitor) -> Outcome:
         """``launcher.run(req, monitor)``, registered for :meth:`cancel` while it runs."""
+        from selma.batch import metrics
+
         with self._lock:
             self._live[req.job_id] = (launcher, req)
         try:
-            return launcher.run(req, monitor)
+            outcome = launcher.run(req, monitor)
+            metrics.OUTCOMES.labels(req.task, launcher.name, outcome.state).inc()
+            return outcome
         finally:
             with self._lock:
                 self._live.pop(req.job_id, None)
@@ -160,13 +167,13 @@ class Launcher(ABC):
 
 
 class LocalLauncher(Launcher):
-    """Trainer subprocesses on this machine, at most ``training_max_local_jobs`` at once."""
+    """Trainer subprocesses on this machine, at most ``batch_max_local_jobs`` at once."""
 
     name = "local"
 
-    def __init__(self, settings: TrainingSettings, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: BatchSettings, *, env: dict[str, str] | None = None) -> None:
         self.settings = settings
-        self._slots = threading.BoundedSemaphore(settings.training_max_local_jobs)
+        self._slots = threading.BoundedSemaphore(settings.batch_max_local_jobs)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._env = env
@@ -177,8 +184,8 @@ class LocalLauncher(Launcher):
         if retries is not None and not 0 <= int(retries) <= 20:
             raise InvalidArgument(f"max_retries must be in 0..20; got {retries}", field="spec.placement.max_retries")
 
-    def child_env(self) -> dict[str, str]:
-        """The trainer's environment: ours, plus the settings it must share with the service."""
+    def child_env(self, req: LaunchRequest | None = None) -> dict[str, str]:
+        """The worker's environment: ours, plus the settings it must share with the service that launched it."""
         env = dict(self._env if self._env is not None else os.environ)
         s = self.settings
         values: dict[str, Any] = {
@@ -197,34 +204,31 @@ class LocalLauncher(Launcher):
             "device": s.device,
             "precision": s.precision,
             "log_level": s.log_level,
-            "training_progress_interval_seconds": s.training_progress_interval_seconds,
+            "batch_progress_interval_seconds": s.batch_progress_interval_seconds,
             # no /metrics server in local trainers: the service's port (inherited through the
             # environment) would clash, and the service already exports selma_training_* gauges
             "metrics_port": 0,
             # the trainer arms PR_SET_PDEATHSIG itself (no preexec_fn: unsafe in a threaded server)
-            "training_parent_pid": os.getpid(),
+            "batch_parent_pid": os.getpid(),
         }
-        # evaluation workers run through this launcher too: they need the service's eval_* settings
-        for k in type(s).model_fields:
-            if k.startswith("eval_"):
-                v = getattr(s, k)
-                values[k] = v.get_secret_value() if hasattr(v, "get_secret_value") else (json.dumps(v) if isinstance(v, (list, dict)) else v)
         for k, v in values.items():
             env[f"SELMA_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
+        service = (req.service_settings if req is not None else None) or s
+        env.update(service.worker_env(secrets=True))  # local workers share the service's environment anyway
         return env
 
     def command(self, req: LaunchRequest) -> list[str]:
-        python = self.settings.training_python or sys.executable
-        return [python, "-m", "selma.cli", *req.args]
+        python = self.settings.batch_python or sys.executable
+        return [python, "-m", "selma.app.cli", *req.args]
 
     def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
-        poll = self.settings.training_poll_seconds
+        poll = self.settings.batch_poll_seconds
         while not self._slots.acquire(timeout=poll):
             monitor.poll({"local.queue": "waiting for a local training slot"}, message="waiting for a local training slot")
             if (st := monitor.state()) is not None:
                 return Outcome(st, f"{st} while waiting for a slot")
         try:
-            retries = int(req.placement.get("max_retries", self.settings.training_backoff_limit))
+            retries = int(req.placement.get("max_retries", self.settings.batch_backoff_limit))
             attempt, cause = 0, ""
             while True:
                 attempt += 1
@@ -239,9 +243,12 @@ class LocalLauncher(Launcher):
     def _run_once(self, req: LaunchRequest, monitor: Monitor, attempt: int, poll: float, cause: str = "") -> Outcome:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{req.job_id}.log"
+        from selma.batch import metrics
+
         with log_path.open("ab") as log_file:
+            metrics.LAUNCHES.labels(req.task, self.name).inc()
             proc = subprocess.Popen(
-                self.command(req), stdout=log_file, stderr=subprocess.STDOUT, env=self.child_env(),
+                self.command(req), stdout=log_file, stderr=subprocess.STDOUT, env=self.child_env(req),
                 start_new_session=True,
             )
         with self._lock:
@@ -313,4 +320,11 @@ def _tail(path: Path, limit: int = 600) -> str:
     return (errs[-1] if errs else (text[-1] if text else ""))[-limit:]
 
 
-LauncherFactory = Callable[[TrainingSettings], Launcher]
+LauncherFactory = Callable[[BatchSettings], Launcher]
+
+
+def default_launchers(settings: BatchSettings) -> dict[str, Launcher]:
+    """One launcher of each kind over ``settings`` (a service's own, or shared by services hosted together)."""
+    from selma.batch.kube import KubernetesLauncher
+
+    return {"local": LocalLauncher(settings), "kubernetes": KubernetesLauncher(settings)}

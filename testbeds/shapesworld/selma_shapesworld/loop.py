@@ -14,7 +14,7 @@ Library functions (no gRPC; they read and publish artifacts in the artifact stor
   "one LoRA on all skills' data" baseline.
 
 The driver (:class:`TableRunner`, ``selma shapesworld table``) runs, per seed, through gRPC
-(:class:`selma.runner.RunDriver`, so every job has a deterministic idempotency key and a re-run
+(:class:`selma.app.runner.RunDriver`, so every job has a deterministic idempotency key and a re-run
 attaches to finished work): the SkillSet run (prompts with the grammar backend → images
 rendered by the base model itself → one LoRA expert per skill → merge), the gated datasets →
 gated experts → gated merge, the mixed LoRA, and one evaluation of every configuration on the
@@ -38,6 +38,7 @@ import shlex
 import statistics
 import sys
 import time
+from importlib import resources
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SKILLSET = Path(__file__).resolve().parents[2] / "examples" / "shapesworld" / "skillset.yaml"
+DEFAULT_SKILLSET = Path(str(resources.files("selma_shapesworld") / "data" / "skillset.yaml"))  # package data
 README_START = "<!-- shapesworld-table:start -->"
 README_END = "<!-- shapesworld-table:end -->"
 MIXED_SKILL = "mixed"
@@ -273,7 +274,7 @@ def _read_template(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise InvalidArgument(f"SkillSet template {path} does not exist; pass --skillset (examples/shapesworld/skillset.yaml in the repository)",
+        raise InvalidArgument(f"SkillSet template {path} does not exist; pass --skillset (the default is selma_shapesworld/data/skillset.yaml)",
                               field="skillset") from None
     except yaml.YAMLError as e:
         raise InvalidArgument(f"SkillSet template {path} is not valid YAML: {e}", field="skillset") from None
@@ -290,7 +291,7 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
     """
     import yaml
 
-    from selma.skillset import parse_skillset
+    from selma.app.skillset import parse_skillset
 
     raw = _read_template(cfg.skillset)
     spec = raw["spec"]
@@ -374,8 +375,8 @@ class TableRunner:
 
     def run_seed(self, seed: int) -> SeedResult:
         """Run (or attach to) every job of one seed and return its scores."""
-        from selma.runner import RunDriver, RunLock, RunState
-        from selma.v1 import common_pb2, serving_service_pb2, training_service_pb2
+        from selma.app.runner import RunDriver, RunLock, RunState
+        from selma.v1 import common_pb2, evaluation_service_pb2, serving_service_pb2, training_service_pb2
 
         ss = configured_skillset(self.cfg, seed)
         run = ss.name
@@ -423,9 +424,9 @@ class TableRunner:
                                                                                  register=True, load=True, replace=True))
             mixed_expert = train(MIXED_SKILL, MIXED_SKILL, mixed.id)
 
-            ev = training_service_pb2.EvaluationSpec(run=run, benchmark=training_service_pb2.EVALUATION_BENCHMARK_PROMPT_SET,
+            ev = evaluation_service_pb2.EvaluationSpec(run=run, benchmark=evaluation_service_pb2.EVALUATION_BENCHMARK_PROMPT_SET,
                                                      diffusion=ss.render.diffusion, images_per_prompt=1, base_seed=seed,
-                                                     metrics=[training_service_pb2.EVALUATION_METRIC_DSG], placement=ss.placement)
+                                                     metrics=[evaluation_service_pb2.EVALUATION_METRIC_DSG], placement=ss.placement)
             ev.vqa.shapesworld_judge.SetInParent()
             ev.labels["title"] = f"ShapesWorld table, seed {seed}"
             for s in ss.skills:
@@ -448,7 +449,7 @@ class TableRunner:
             job = driver.drive("evaluation", f"eval-{ev_digest}", ev)
             scores: dict[str, dict[str, float]] = {}
             for row in job.stats.scores:
-                if row.metric == training_service_pb2.EVALUATION_METRIC_DSG and not row.category:
+                if row.metric == evaluation_service_pb2.EVALUATION_METRIC_DSG and not row.category:
                     scores.setdefault(row.target_label, {})[row.skill] = row.score_percent
             if not gated_model:
                 # No image passed the gate: there is no gated expert, so that configuration is the base model
@@ -640,7 +641,7 @@ def register_loop(actions: argparse._SubParsersAction) -> None:
                            description="Per seed: SkillSet run (grammar prompts, images from the base model, one expert per skill, merge), "
                            "judge-gated experts and merge, one LoRA on mixed data, then one evaluation of all on held-out prompts with "
                            "the judge. Starts the services (selma up) unless --endpoints is given. Re-running attaches to finished jobs.")
-    p.add_argument("--skillset", type=Path, default=DEFAULT_SKILLSET, help="SkillSet template (default examples/shapesworld/skillset.yaml)")
+    p.add_argument("--skillset", type=Path, default=DEFAULT_SKILLSET, help="SkillSet template (default: the one shipped in selma_shapesworld/data/skillset.yaml)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--prompts-per-skill", type=int, default=0, help="training prompts per skill (default: the SkillSet's counts)")
     p.add_argument("--steps", type=int, default=0, help="LoRA training steps (default: the SkillSet's maxSteps)")
@@ -732,8 +733,8 @@ def _table(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from selma.client import Endpoints, SelmaClient
-    from selma.local_stack import LocalStack
-    from selma.runner import Reporter
+    from selma.app.local_stack import LocalStack
+    from selma.app.runner import Reporter
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())

@@ -1,0 +1,76 @@
+"""Settings of the batch platform (``SELMA_BATCH_*``): where and how workers run, for every service that launches them.
+
+A service that runs work as batch workers (training: ``selma train``; evaluation: ``selma eval
+execute``) extends :class:`BatchSettings` and names, in ``WORKER_SETTING_PREFIXES``, the prefixes of
+its own settings that its workers must see; the launchers hand those (never secrets) to every
+worker they start, locally or as a Kubernetes Job.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from selma.config import SelmaSettings
+
+
+class BatchSettings(SelmaSettings):
+    """The shared settings plus launcher, Kubernetes Job and worker options."""
+
+    # The service's own setting prefixes its workers inherit (e.g. ("eval_",)); batch_* always travel.
+    WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ()
+
+    batch_launcher: Literal["local", "kubernetes"] = Field("local", description="Default launcher: local subprocess or Kubernetes Job.")
+    batch_max_local_jobs: int = Field(1, ge=1, description="Local worker subprocesses running at once; others wait PENDING.")
+    batch_progress_interval_seconds: float = Field(2.0, ge=0, description="Workers: least time between progress writes.")
+    batch_poll_seconds: float = Field(2.0, gt=0, description="Local launcher: how often a running worker's progress is read.")
+    batch_python: str = Field("", description="Python interpreter for local workers; empty = the service's own.")
+    # --- Kubernetes
+    batch_namespace: str = Field("default", description="Namespace the worker Jobs are created in.")
+    batch_kubeconfig: str = Field("", description="kubeconfig path; empty = in-cluster config, then ~/.kube/config.")
+    batch_kube_context: str = Field("", description="kubeconfig context; empty = current.")
+    batch_image: str = Field("ghcr.io/selma/selma:latest", description="Worker container image.")
+    batch_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
+    batch_service_account: str = Field("", description="ServiceAccount of worker pods; empty = namespace default.")
+    batch_instance: str = Field("", max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+                                description="app.kubernetes.io/instance label of worker Jobs and pods (the Helm release name); empty = no label.")
+    batch_storage_secret: str = Field("", description="Secret holding the S3 credentials for worker pods; empty = none (file storage / IRSA).")
+    batch_storage_secret_access_key_key: str = Field("access-key", description="Key of the access key in that Secret.")
+    batch_storage_secret_secret_key_key: str = Field("secret-key", description="Key of the secret key in that Secret.")
+    batch_model_cache_pvc: str = Field("", description="PVC mounted at /models as the Hugging Face cache; empty = emptyDir.")
+    batch_backoff_limit: int = Field(3, ge=0, le=20, description="Pod retries for genuine failures (pre-emption does not count).")
+    batch_active_deadline_seconds: int = Field(2 * 24 * 3600, ge=60, description="Wall-clock limit per Job.")
+    batch_ttl_seconds_after_finished: int = Field(7 * 24 * 3600, ge=0, description="Finished Jobs are garbage-collected after this.")
+    batch_cpu_request: str = Field("2", description="Default CPU request of a worker pod.")
+    batch_memory_request: str = Field("8Gi", description="Default memory request of a worker pod.")
+    batch_memory_limit: str = Field("32Gi", description="Default memory limit of a worker pod.")
+    batch_shm_size: str = Field("8Gi", description="Default size of the memory-backed /dev/shm.")
+    batch_metrics_port: int = Field(9400, ge=1, le=65535, description="Prometheus /metrics port of worker pods (container port `metrics`; the PodMonitor scrapes it).")
+    batch_watch_timeout_seconds: int = Field(30, ge=1, description="Server-side timeout of one Job watch; progress is re-read at least this often.")
+    batch_api_retries: int = Field(3, ge=0, le=10, description="Retries of a Kubernetes API call on connection errors.")
+    # --- facts about the worker's own pod (downward API), shown in job details
+    batch_pod_name: str = Field("", description="Set in worker pods from metadata.name.")
+    batch_node_name: str = Field("", description="Set in worker pods from spec.nodeName.")
+    batch_parent_pid: int = Field(0, ge=0, description="Set by the local launcher: the worker stops (checkpointing) when this process dies.")
+
+    def worker_env(self, *, secrets: bool) -> dict[str, str]:
+        """``SELMA_*`` variables of the service's own settings its workers inherit (WORKER_SETTING_PREFIXES).
+
+        ``secrets``: also secret values (local workers, which share the service's environment anyway);
+        a Kubernetes Job never carries them: its pods read them from the service's Secret.
+        """
+        import json
+
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            if not self.WORKER_SETTING_PREFIXES or not name.startswith(self.WORKER_SETTING_PREFIXES):
+                continue
+            value = getattr(self, name)
+            if hasattr(value, "get_secret_value"):
+                if not secrets:
+                    continue
+                value = value.get_secret_value()
+            text = json.dumps(value, default=str) if isinstance(value, list | dict) else (str(value).lower() if isinstance(value, bool) else str(value))
+            out[f"SELMA_{name.upper()}"] = text
+        return out
