@@ -1,5 +1,5 @@
 """Benchmark: prompts per second from the embedded LLM (SmolLM2-135M-Instruct), one request at a time
-(as SELMA's script calls its LLM) vs batched rounds (prompts_local_batch_size).
+(as SELMA's script calls its LLM) vs batched rounds (llm_local_batch_size).
 
     .venv/bin/python benchmarks/prompts_llm_throughput.py [--count 16] [--batch-sizes 1 4 8] [--max-tokens 160]
 
@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from selma_prompts.generator import PromptGenerator  # noqa: E402
-from selma_prompts.llm import ModelRegistry  # noqa: E402
+from selma.llm.local import ModelRegistry  # noqa: E402
 from selma_prompts.settings import PromptSettings  # noqa: E402
 from selma_prompts.skills import SkillLibrary  # noqa: E402
 from selma_prompts.spec import resolve_spec  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{'batch':>5} {'prompts':>7} {'requests':>8} {'time (s)':>9} {'prompts/s':>9} {'tokens/s':>9} {'accepted %':>10}")
     first = None
     for bs in args.batch_sizes:
-        settings = base.model_copy(update={"prompts_local_batch_size": bs})
+        settings = base.model_copy(update={"llm_local_batch_size": bs})
         backend = _backend(registry, settings, spec)
         t0 = time.perf_counter()
         state = PromptGenerator(spec, backend).run()
@@ -69,11 +69,11 @@ def main() -> None:
 
 
 def _backend(registry: ModelRegistry, settings: PromptSettings, spec):  # noqa: ANN001, ANN202
-    from selma_prompts.llm import LocalLmBackend
+    from selma.llm.local import LocalLmBackend
 
     lm = registry.causal_lm(spec.backend)
     return LocalLmBackend(spec.backend.kind, spec.backend.model_name, lm, spec.backend.sampling,
-                          use_chat_template=None, batch_size=settings.prompts_local_batch_size)
+                          use_chat_template=None, batch_size=settings.llm_local_batch_size)
 
 
 if __name__ == "__main__":

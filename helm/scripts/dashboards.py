@@ -65,7 +65,8 @@ def _quantiles(metric: str, by: str, selector: str, qs: tuple[float, ...] = (0.5
 OVERVIEW = Dashboard(
     uid="selma-overview",
     title="selma / services and jobs",
-    description="Health, RPC traffic, errors and latency of the four selma services, and their long-running jobs by state.",
+    description="Health, RPC traffic, errors and latency of the selma services (prompts, render, training, serving; the EvaluationService "
+    "in the training Deployment, or its own with evaluation.separate), and their long-running jobs by state.",
     rows=(
         Row(
             "Services",
@@ -278,6 +279,8 @@ PIPELINE = Dashboard(
                         Q(f"sum by (task, outcome) (increase(selma_batch_outcomes_total{{{NS}}}[1h]))", "{{task}} {{outcome}}"),
                     ),
                     width=8,
+                    description="task=train: trainers of the TrainingService; task=eval: evaluation workers of the EvaluationService "
+                    "(in the training Deployment, or its own with evaluation.separate).",
                 ),
                 Panel(
                     "Kubernetes API errors and checkpoint fallbacks",

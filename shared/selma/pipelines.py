@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selma import plugins
 from selma.config import SelmaSettings
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -119,35 +120,11 @@ def tiny_model_path(source: str, settings: SelmaSettings) -> Path:
     return getattr(models, name)
 
 
-SHAPESWORLD_SCHEME = "shapesworld://"
-SHAPESWORLD_MODELS = ("base",)
-
-
-def shapesworld_model_path(source: str) -> Path:
-    """``shapesworld://base``: the ShapesWorld base pipeline published inside ``selma_shapesworld``.
-
-    Its weights ship as package data (``selma_shapesworld/weights/base``); ``selma shapesworld
-    pretrain`` reproduces them.
-    """
-    import importlib.util
-
-    name = source[len(SHAPESWORLD_SCHEME) :]
-    if name not in SHAPESWORLD_MODELS:
-        raise InvalidArgument(f"unknown ShapesWorld model {name!r}; use shapesworld://base", field="model.source")
-    spec = importlib.util.find_spec("selma_shapesworld")
-    if spec is None or not spec.submodule_search_locations:
-        raise NotFound("shapesworld:// models need the selma_shapesworld package, which is not installed", field="model.source")
-    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / name
-    if not (path / "model_index.json").is_file():
-        raise NotFound(f"the ShapesWorld {name} weights are missing from {path}; run `selma shapesworld pretrain --out {path}`", field="model.source")
-    return path
-
-
 def materialize(source: str, settings: SelmaSettings) -> str:
     """A reference from_pretrained can take: local dirs as-is, storage prefixes mirrored into the cache.
 
-    ``tiny://sd`` and friends resolve to the offline tiny models (see :func:`tiny_model_path`),
-    ``shapesworld://base`` to the packaged ShapesWorld base model (:func:`shapesworld_model_path`).
+    ``tiny://sd`` and friends resolve to the offline tiny models (see :func:`tiny_model_path`), and a
+    scheme a plugin registered (:mod:`selma.plugins`, e.g. ``shapesworld://base``) to its directory.
 
     ``s3://bucket/prefix`` and ``file:///dir`` are copied once into
     ``<model_cache_dir>/mirror/<sha>/`` (published by an atomic rename, so a crashed copy is
@@ -155,8 +132,9 @@ def materialize(source: str, settings: SelmaSettings) -> str:
     """
     if source.startswith(TINY_SCHEME):
         return str(tiny_model_path(source, settings))
-    if source.startswith(SHAPESWORLD_SCHEME):
-        return str(shapesworld_model_path(source))
+    resolver = plugins.registry().model_scheme(source)
+    if resolver is not None:
+        return str(resolver(source))
     if source.startswith(("s3://", "file://")):
         from selma.storage import open_storage
 

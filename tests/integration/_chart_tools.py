@@ -24,12 +24,15 @@ MANIFESTS = ROOT / "manifests"
 SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 RELEASE = "selma"
 NAMESPACE = "selma"
+# The four service Deployments of a default install; the training one also hosts the
+# EvaluationService, which evaluation.separate=true moves into a fifth Deployment, "evaluation".
 COMPONENTS = ("prompts", "render", "training", "serving")
 GRPC_SERVICES = {
     "prompts": "selma.v1.PromptService",
     "render": "selma.v1.RenderService",
     "training": "selma.v1.TrainingService",
     "serving": "selma.v1.ServingService",
+    "evaluation": "selma.v1.EvaluationService",
 }
 KUBERNETES_VERSION = "1.33.0"
 

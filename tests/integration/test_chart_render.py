@@ -183,7 +183,7 @@ BAD_VALUES = {
     "misspelled key": ({"render": {"replicas": 2}}, "replicas"),
     "plain S3 secret key": ({"storage": {"credentials": {"secretKey": "hunter2"}}}, "secretKey"),
     "credential as a setting": ({"config": {"extra": {"SELMA_S3_SECRET_KEY": "hunter2"}}}, "SELMA_S3_SECRET_KEY"),
-    "API key as a service setting": ({"prompts": {"settings": {"SELMA_PROMPTS_OPENAI_API_KEY": "sk-1"}}}, "SELMA_PROMPTS_OPENAI_API_KEY"),
+    "API key as a service setting": ({"prompts": {"settings": {"SELMA_LLM_OPENAI_API_KEY": "sk-1"}}}, "SELMA_LLM_OPENAI_API_KEY"),
     "non-SELMA setting": ({"render": {"settings": {"PATH": "/bin"}}}, "'PATH' does not match"),
     "unknown log level": ({"config": {"logLevel": "VERBOSE"}}, "/config/logLevel"),
     "storage not on S3": ({"storage": {"uri": "http://bucket"}}, "/storage/uri"),
@@ -515,7 +515,7 @@ def test_minio_or_external_s3() -> None:
     (job,) = by_kind(external, "Job").values()
     assert {"name": "SELMA_BUCKETS", "value": "selma-prod,selma-prod-eval"} in job["spec"]["template"]["spec"]["containers"][0]["env"]
     env = {e["name"]: e for e in _containers(external)["selma-prompts"]["env"]}
-    assert env["SELMA_PROMPTS_OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "selma-llm", "key": "api-key"}
+    assert env["SELMA_LLM_OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "selma-llm", "key": "api-key"}
     assert env["SELMA_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "selma-s3", "key": "AWS_SECRET_ACCESS_KEY"}
 
 
@@ -784,4 +784,4 @@ def test_example_skillset_is_valid_for_the_cluster() -> None:
     assert {"name": f"secret-{secret}", "secret": {"secretName": secret}} in deployment["volumes"]
     mounts = {m["mountPath"]: m for m in deployment["containers"][0]["volumeMounts"]}
     assert mounts[f"/var/run/secrets/selma/{secret}"]["readOnly"] is True
-    assert by_kind(scenario_objects("external-s3"), "ConfigMap")["selma-prompts"]["data"]["SELMA_PROMPTS_SECRETS_DIR"] == "/var/run/secrets/selma"
+    assert by_kind(scenario_objects("external-s3"), "ConfigMap")["selma-prompts"]["data"]["SELMA_LLM_SECRETS_DIR"] == "/var/run/secrets/selma"

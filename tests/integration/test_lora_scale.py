@@ -28,7 +28,8 @@ from selma.v1 import training_service_pb2 as pb
 from selma.v1 import training_service_pb2_grpc as pb_grpc
 from selma_serving.core import ServingCore
 from selma.pipelines import make_scheduler
-from selma_serving.engine import GenerationRequest, image_seed
+from selma.seeds import SeedPolicy, derive_seed
+from selma_serving.engine import GenerationRequest
 from selma_serving.lora import DIFFUSERS_FILE, KOHYA_FILE, load_expert
 from selma_serving.merge import ExpertWeight, MergeParams
 from selma_serving.settings import ServingSettings
@@ -192,7 +193,7 @@ def test_generate_with_one_expert_equals_diffusers_with_its_exported_file(traine
     pipe = fresh_pipe(trained.sd)
     pipe.scheduler = make_scheduler(pipe, "ddim")
     pipe.load_lora_weights(str(path), adapter_name="e")
-    seed = image_seed(11, "derived", 0, 0, 1)
+    seed = derive_seed(SeedPolicy.DERIVED, 11, 0, 0, 1)
     assert served.seed == seed
     image = pipe(prompt="a red circle", num_inference_steps=4, guidance_scale=5.0, width=64, height=64,
                  generator=torch.Generator().manual_seed(seed)).images[0]

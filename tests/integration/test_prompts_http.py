@@ -18,7 +18,8 @@ from selma.errors import InvalidArgument, PermissionDenied
 from selma.storage import open_storage
 from selma_prompts.fake_llm import FakeLlmServer, openai_answer, synthetic_list
 from selma_prompts.job import PROMPTS_FILE, PromptJobRunner
-from selma_prompts.llm import LlmUnavailable, ModelRegistry
+from selma.llm.backend import LlmUnavailable
+from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary
 
@@ -31,11 +32,11 @@ def settings(tmp_path: Path, llm: FakeLlmServer) -> PromptSettings:
     return PromptSettings(
         data_dir=tmp_path / "data",
         storage_uri=(tmp_path / "storage").as_uri(),
-        prompts_retry_backoff_seconds=0.001,
-        prompts_retry_max_backoff_seconds=0.01,
+        llm_retry_backoff_seconds=0.001,
+        llm_retry_max_backoff_seconds=0.01,
         prompts_checkpoint_seconds=0,
-        prompts_api_keys={"llm": API_KEY},
-        prompts_allowed_base_urls=[llm.base_url],
+        llm_api_keys={"llm": API_KEY},
+        llm_allowed_base_urls=[llm.base_url],
     )
 
 
@@ -197,10 +198,10 @@ def test_requests_run_concurrently_up_to_the_limit(llm, settings):
 
 def test_configured_key_is_never_sent_to_an_endpoint_the_caller_picks(llm, settings):
     from selma.errors import PermissionDenied
-    from selma_prompts.spec import resolve_backend
+    from selma.llm.specs import resolve_backend
 
     other = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": {"name": "llm"}}}
-    with pytest.raises(PermissionDenied, match="SELMA_PROMPTS_ALLOWED_BASE_URLS"):
+    with pytest.raises(PermissionDenied, match="SELMA_LLM_ALLOWED_BASE_URLS"):
         resolve_backend(other, settings)
     keyless = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
     assert resolve_backend(keyless, settings).base_url == "http://127.0.0.1:9/v1"

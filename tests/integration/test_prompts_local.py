@@ -12,18 +12,18 @@ from selma.app.cli import main as selma_main
 from selma.server import wait_for_serving
 from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.fake_llm import FakeLlmServer
-from selma_prompts.llm import ModelRegistry
+from selma.llm.local import ModelRegistry
 from selma_prompts.server import SERVICE_NAME, build_server
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import BUILTIN_SKILLS
-from selma_prompts.spec import resolve_backend
+from selma.llm.specs import resolve_backend
 from selma_prompts.templates import build_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_local_backend_renders_chat_template_prefilled_and_fits_a_short_context(tiny_models, tmp_path):
-    settings = PromptSettings(data_dir=tmp_path, prompts_local_batch_size=3)
+    settings = PromptSettings(data_dir=tmp_path, llm_local_batch_size=3)
     spec = resolve_backend({"local_causal_lm": {"model": {"source": str(tiny_models.lm)}, "sampling": {"max_tokens": 24}}}, settings)
     backend = ModelRegistry(settings).backend(spec)
     skill = BUILTIN_SKILLS["paragraph"]
@@ -41,7 +41,7 @@ def test_local_backend_renders_chat_template_prefilled_and_fits_a_short_context(
 
 
 def test_preview_on_the_tiny_lm_over_grpc(tiny_models, tmp_path):
-    settings = PromptSettings(data_dir=tmp_path / "d", storage_uri=(tmp_path / "s").as_uri(), prompts_default_backend="tiny_test")
+    settings = PromptSettings(data_dir=tmp_path / "d", storage_uri=(tmp_path / "s").as_uri(), llm_default_backend="tiny_test")
     server = build_server(settings).start()
     server.set_ready(True)
     try:

@@ -21,7 +21,7 @@ from selma.storage import open_storage
 from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.fake_llm import FakeLlmServer
 from selma_prompts.job import PROMPTS_FILE, PromptJobRunner
-from selma_prompts.llm import ModelRegistry
+from selma.llm.local import ModelRegistry
 from selma_prompts.server import SERVICE_NAME
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary
@@ -57,12 +57,12 @@ def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name
         "SELMA_METRICS_PORT": "0",
         "SELMA_DATA_DIR": str(tmp_path / "data"),
         "SELMA_STORAGE_URI": (tmp_path / "storage").as_uri(),
-        "SELMA_PROMPTS_DEFAULT_BACKEND": "openai_compatible",
-        "SELMA_PROMPTS_OPENAI_BASE_URL": llm_url,
-        "SELMA_PROMPTS_OPENAI_MODEL": "fake-model",
-        "SELMA_PROMPTS_MAX_CONCURRENCY": "1",
+        "SELMA_LLM_DEFAULT_BACKEND": "openai_compatible",
+        "SELMA_LLM_OPENAI_BASE_URL": llm_url,
+        "SELMA_LLM_OPENAI_MODEL": "fake-model",
+        "SELMA_LLM_MAX_CONCURRENCY": "1",
         "SELMA_PROMPTS_CHECKPOINT_SECONDS": "0",
-        "SELMA_PROMPTS_RETRY_BACKOFF_SECONDS": "0.01",
+        "SELMA_LLM_RETRY_BACKOFF_SECONDS": "0.01",
     }
     log = (tmp_path / f"{name}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "selma.app.cli", "serve", "prompts"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -77,7 +77,7 @@ def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name
 
 def reference_records(tmp_path: Path) -> list[dict]:
     """The prompt set an uninterrupted job makes (the fake LLM answers as a function of the request)."""
-    settings = PromptSettings(data_dir=tmp_path / "ref", prompts_max_concurrency=1)
+    settings = PromptSettings(data_dir=tmp_path / "ref", llm_max_concurrency=1)
     runner = PromptJobRunner(settings, open_storage(settings), ModelRegistry(settings), SkillLibrary())
     with FakeLlmServer() as llm:
         spec = {**SPEC, "backend": {"openai_compatible": {"base_url": llm.base_url, "model": "fake-model"}}}

@@ -31,8 +31,8 @@ def test_embedded_llm_job_publishes_a_prompt_set_with_lineage(tmp_path, tmp_path
         data_dir=tmp_path / "data",
         storage_uri=(tmp_path / "storage").as_uri(),
         model_cache_dir=tmp_path_factory.mktemp("smollm2-cache"),
-        prompts_default_backend="embedded",
-        prompts_local_batch_size=2,
+        llm_default_backend="embedded",
+        llm_local_batch_size=2,
     )
     server = build_server(settings).start()
     server.core.preload()  # what main() does before SERVING

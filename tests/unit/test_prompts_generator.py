@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from selma_prompts.embedding import EmbeddingPool, load_embedding_model
+from selma.llm.embedding import EmbeddingPool, load_embedding_model
 from selma_prompts.generator import STOP_BUDGET, STOP_TARGET, GenerationState, PromptGenerator
-from selma_prompts.llm import LlmBackend, LlmResponse
+from selma.llm.backend import LlmBackend, LlmResponse
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary
 from selma_prompts.spec import resolve_spec
-from selma_prompts.templates import LlmRequest
+from selma.llm.backend import LlmRequest
 
 WORDS = "apple bicycle cactus drum eagle fork guitar hammer igloo jar kettle lemon magnet needle onion parrot quilt".split()
 
@@ -46,7 +46,7 @@ def varied(req: LlmRequest) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> PromptSettings:
-    return PromptSettings(data_dir=tmp_path, prompts_default_backend="tiny_test")
+    return PromptSettings(data_dir=tmp_path, llm_default_backend="tiny_test")
 
 
 def make_spec(settings, **fields):

@@ -17,7 +17,7 @@ OPENAI = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m
 
 @pytest.fixture
 def settings(tmp_path: Path) -> PromptSettings:
-    return PromptSettings(data_dir=tmp_path, prompts_max_count=1000, prompts_default_backend="tiny_test")
+    return PromptSettings(data_dir=tmp_path, prompts_max_count=1000, llm_default_backend="tiny_test")
 
 
 def spec(settings: PromptSettings, **fields):
@@ -122,12 +122,12 @@ def test_api_keys_resolve_from_settings_mounted_secrets_and_env(tmp_path, monkey
     (tmp_path / "secrets" / "vllm").mkdir(parents=True)
     (tmp_path / "secrets" / "vllm" / "api-key").write_text("from-file\n")
     (tmp_path / "secrets" / "vllm" / "other").write_text("other-file")
-    monkeypatch.setenv("SELMA_PROMPTS_SECRET_OLLAMA_KEY", "from-env")
+    monkeypatch.setenv("SELMA_LLM_SECRET_OLLAMA_KEY", "from-env")
     s = PromptSettings(
         data_dir=tmp_path,
-        prompts_openai_api_key="default-key",
-        prompts_api_keys={"openai": "from-settings"},
-        prompts_secrets_dir=tmp_path / "secrets",
+        llm_openai_api_key="default-key",
+        llm_api_keys={"openai": "from-settings"},
+        llm_secrets_dir=tmp_path / "secrets",
     )
     assert s.api_key().get_secret_value() == "default-key"
     assert s.api_key("openai").get_secret_value() == "from-settings"

@@ -10,12 +10,12 @@ import pytest
 from selma.artifacts import ArtifactStore
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.pipelines import ModelSpec
+from selma.seeds import SEED_MODULUS, SeedPolicy, derive_seed
 from selma.storage import open_storage
 from selma.v1 import common_pb2, render_service_pb2
 
 from selma_render.core import check_idempotency_key, check_model_reference
 from selma_render.dataset import Prompt, image_path, load_prompts, plan_items, resolve_prompt_set
-from selma_render.seeds import SEED_MODULUS, SeedPolicy, derive_seed
 from selma_render.settings import RenderSettings
 from selma_render.spec import (
     PromptSetRef,

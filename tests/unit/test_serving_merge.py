@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
-from selma_serving.engine import Admission, FusedCache, image_seed
+from selma.seeds import SeedPolicy, derive_seed
+from selma_serving.engine import SEED_POLICIES, Admission, FusedCache
 from selma_serving.lora import Adapter, BaseModelId, LoraModule, adapter_file, parse_state_dict, read_safetensors
 from selma_serving.merge import (
     ExpertWeight,
@@ -284,10 +285,12 @@ def test_bad_adapter_files_are_refused(sd, text):
 
 
 def test_seed_policies():
-    assert image_seed(5, "fixed", 3, 2, 4) == 5
-    assert image_seed(5, "sequential", 3, 2, 4) == 5 + 3 * 4 + 2
-    d = image_seed(5, "derived", 3, 2, 4)
-    assert d == image_seed(5, "derived", 3, 2, 4) != image_seed(5, "derived", 3, 1, 4) and 0 <= d < 2**63
+    # serving passes GenerationRequest.seed_policy (a short name) to the library's derive_seed
+    assert set(SEED_POLICIES) == {"derived", "sequential", "fixed"}
+    assert derive_seed("fixed", 5, 3, 2, 4) == 5
+    assert derive_seed("sequential", 5, 3, 2, 4) == 5 + 3 * 4 + 2
+    d = derive_seed("derived", 5, 3, 2, 4)
+    assert d == derive_seed(SeedPolicy.DERIVED, 5, 3, 2, 4) != derive_seed("derived", 5, 3, 1, 4) and 0 <= d < 2**63
 
 
 def test_fused_cache_is_lru_by_bytes_and_builds_once():

@@ -45,12 +45,56 @@ app.kubernetes.io/part-of: selma
 {{- end }}
 {{- end }}
 
-{{/* The four services: component name -> fully-qualified gRPC service (readiness probe target). */}}
+{{/*
+The service Deployments this release runs: component name -> fully-qualified gRPC service (its
+readiness probe target), enabled ones only. The EvaluationService is hosted by the training
+Deployment (`selma serve training`) unless evaluation.separate gives it its own (`selma serve evaluation`).
+*/}}
 {{- define "selma.services" -}}
+{{- if .Values.prompts.enabled }}
 prompts: selma.v1.PromptService
+{{- end }}
+{{- if .Values.render.enabled }}
 render: selma.v1.RenderService
+{{- end }}
+{{- if .Values.training.enabled }}
 training: selma.v1.TrainingService
+{{- end }}
+{{- if .Values.serving.enabled }}
 serving: selma.v1.ServingService
+{{- end }}
+{{- if .Values.evaluation.separate }}
+evaluation: selma.v1.EvaluationService
+{{- end }}
+{{- end }}
+
+{{/* Every gRPC service each Deployment answers for (its own first): component -> list. */}}
+{{- define "selma.servedServices" -}}
+{{- range $component, $grpcService := include "selma.services" . | fromYaml }}
+{{ $component }}: [{{ $grpcService }}{{ if and (eq $component "training") (not $.Values.evaluation.separate) }}, selma.v1.EvaluationService{{ end }}]
+{{- end }}
+{{- end }}
+
+{{/* The arguments of a service's container: `serve <component>`, and `--only` for a training
+service whose EvaluationService runs in its own Deployment. Pass (dict "root" $ "component" "training"). */}}
+{{- define "selma.serveArgs" -}}
+{{- $args := list "serve" .component }}
+{{- if and (eq .component "training") .root.Values.evaluation.separate }}
+{{- $args = append $args "--only" }}
+{{- end }}
+{{- toJson $args }}
+{{- end }}
+
+{{/* "true" when a component launches worker Jobs through the Kubernetes API (training, and a
+separate evaluation service): it runs under the launcher ServiceAccount bound to the Role in
+rbac.yaml. Pass (dict "root" $ "component" "training"). */}}
+{{- define "selma.launchesJobs" -}}
+{{- if and (has .component (list "training" "evaluation")) (eq .root.Values.training.jobs.launcher "kubernetes") }}true{{ end }}
+{{- end }}
+
+{{/* "true" when some Deployment of this release launches Kubernetes Jobs (the launcher account and Role are needed). */}}
+{{- define "selma.kubernetesLauncher" -}}
+{{- if and (or .Values.training.enabled .Values.evaluation.separate) (eq .Values.training.jobs.launcher "kubernetes") }}true{{ end }}
 {{- end }}
 
 {{- define "selma.image" -}}
@@ -66,7 +110,8 @@ serving: selma.v1.ServingService
 {{- printf "%s-%s" (include "selma.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* ServiceAccounts: the services (no API access), the training launcher (its Role), trainer Jobs (no API access). */}}
+{{/* ServiceAccounts: the services (no API access), the Job launcher (its Role: the training service and a
+separate evaluation service), trainer and evaluation worker Jobs (no API access). */}}
 {{- define "selma.serviceAccountName" -}}
 {{- include "selma.fullname" . }}
 {{- end }}
@@ -103,7 +148,7 @@ serving: selma.v1.ServingService
 {{- define "selma.validateValues" -}}
 {{- $errors := list }}
 {{- if and (not .Values.minio.enabled) (not .Values.storage.s3.endpoint) }}
-{{- $errors = append $errors "storage.s3.endpoint is required when minio.enabled is false (or set minio.enabled=true for an evaluation cluster)" }}
+{{- $errors = append $errors "storage.s3.endpoint is required when minio.enabled is false (or set minio.enabled=true for a trial cluster)" }}
 {{- end }}
 {{- if and (not .Values.minio.enabled) (not .Values.storage.credentials.existingSecret) }}
 {{- $errors = append $errors "storage.credentials.existingSecret is required for an external S3 endpoint: create a Secret with the keys and name it here (a generated Secret is only for the bundled MinIO)" }}

@@ -31,13 +31,13 @@ SELMA_MODEL_CACHE_DIR: {{ .Values.modelCache.mountPath | quote }}
 
 {{- define "selma.promptsSettings" -}}
 {{- if .Values.llm.secrets }}
-SELMA_PROMPTS_SECRETS_DIR: "/var/run/secrets/selma"
+SELMA_LLM_SECRETS_DIR: "/var/run/secrets/selma"
 {{- end }}
 {{- if .Values.llm.baseUrl }}
-SELMA_PROMPTS_DEFAULT_BACKEND: "openai_compatible"
-SELMA_PROMPTS_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
+SELMA_LLM_DEFAULT_BACKEND: "openai_compatible"
+SELMA_LLM_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
 {{- with .Values.llm.model }}
-SELMA_PROMPTS_OPENAI_MODEL: {{ . | quote }}
+SELMA_LLM_OPENAI_MODEL: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -46,9 +46,10 @@ SELMA_PROMPTS_OPENAI_MODEL: {{ . | quote }}
 SELMA_RENDER_DEFAULT_MODEL: {{ .Values.model.base | quote }}
 {{- end }}
 
-{{- define "selma.trainingSettings" -}}
+{{- /* The batch platform (selma.batch.settings.BatchSettings): how the training service and the
+evaluation service launch their workers (`selma train`, `selma eval execute`) from training.jobs. */}}
+{{- define "selma.batchSettings" -}}
 {{- $j := .Values.training.jobs }}
-SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
 SELMA_BATCH_LAUNCHER: {{ $j.launcher | quote }}
 SELMA_BATCH_NAMESPACE: {{ .Release.Namespace | quote }}
 SELMA_BATCH_IMAGE: {{ include "selma.image" . | quote }}
@@ -71,12 +72,31 @@ SELMA_BATCH_SHM_SIZE: {{ $j.shmSize | quote }}
 SELMA_BATCH_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
 SELMA_BATCH_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
 SELMA_BATCH_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
-{{- /* evaluations render through ServingService and answer with a VQA model in trainer-style Jobs */}}
+{{- end }}
+
+{{- /* The EvaluationService's own (selma_evaluation.settings.EvaluationSettings): evaluations render
+through ServingService and answer with a VQA model in worker Jobs (trainer-style, selma.dev/task=eval). */}}
+{{- define "selma.evalSettings" -}}
 {{- if .Values.serving.enabled }}
 SELMA_EVAL_SERVING_ENDPOINT: {{ printf "%s:%v" (include "selma.componentName" (dict "root" . "component" "serving")) .Values.ports.grpc | quote }}
 {{- end }}
 SELMA_EVAL_VQA_MODEL: {{ .Values.evaluation.vqaModel | quote }}
 SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}
+{{- end }}
+
+{{- /* `selma serve training`: the TrainingService, and the EvaluationService beside it unless evaluation.separate. */}}
+{{- define "selma.trainingSettings" -}}
+SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
+{{ include "selma.batchSettings" . }}
+{{- if not .Values.evaluation.separate }}
+{{ include "selma.evalSettings" . }}
+{{- end }}
+{{- end }}
+
+{{- /* `selma serve evaluation` (evaluation.separate): the same launcher settings as training, plus its own. */}}
+{{- define "selma.evaluationSettings" -}}
+{{ include "selma.batchSettings" . }}
+{{ include "selma.evalSettings" . }}
 {{- end }}
 
 {{- define "selma.servingSettings" -}}

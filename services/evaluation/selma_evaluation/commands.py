@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from selma import plugins
 from selma.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
                    help="LABEL (base model), LABEL=model:NAME (registered model) or LABEL=experts:ID[:W],ID[:W] (per-request mix); repeatable; default 'base'")
     r.add_argument("--method", choices=_METHODS, default="mean_delta", help="merge method of experts targets (default mean_delta)")
     r.add_argument("--metric", action="append", choices=("dsg", "tifa"), default=[], help="metric (repeatable; default dsg)")
-    r.add_argument("--vqa", default="", help="tiny[:SEED] | transformers:ID_OR_PATH | openai:MODEL@BASE_URL | shapesworld (default: the service's eval_vqa_model)")
+    r.add_argument("--vqa", default="", help="tiny[:SEED] | transformers:ID_OR_PATH | openai:MODEL@BASE_URL | a plugin's name, e.g. shapesworld (default: the service's eval_vqa_model)")
     r.add_argument("--vqa-batch-size", type=int, default=0, help="questions per VQA forward pass (transformers)")
     r.add_argument("--question-backend", default="", help="LLM for questions about prompt-set prompts: embedded | tiny | openai:MODEL@BASE_URL (default: the prompt service default)")
     r.add_argument("--images-per-prompt", type=int, default=0, help="images per prompt (default 1)")
@@ -177,8 +178,9 @@ def _backend(text: str, what: str) -> dict[str, Any]:
             return {"tiny_test": {"seed": int(rest)} if rest else {}}
         if kind == "transformers" and rest:
             return {"transformers": {"model": {"source": rest}}}
-        if kind == "shapesworld" and not rest:  # the ShapesWorld judge (selma_shapesworld.judge)
-            return {"shapesworld_judge": {}}
+        plugin = next((p for p in plugins.registry().vqa_backends.values() if p.cli_name and p.cli_name == kind), None)
+        if plugin is not None and not rest:  # a VQA backend a plugin added, by its short name
+            return {plugin.kind: {}}
     else:
         if kind == "embedded":
             return {"embedded": {}}

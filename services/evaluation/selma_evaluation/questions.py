@@ -58,8 +58,7 @@ from selma.errors import Cancelled, FailedPrecondition, InvalidArgument
 from selma_evaluation.types import EvalItem, Question
 
 if TYPE_CHECKING:
-    from selma_prompts.llm import LlmBackend
-    from selma_prompts.templates import LlmRequest
+    from selma.llm.backend import LlmBackend, LlmRequest
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +239,7 @@ def render_step(step: str, prompt: str, tuples: Sequence[SemanticTuple] = ()) ->
 
 def build_request(step: str, prompt: str, tuples: Sequence[SemanticTuple], *, index: int, seed: int) -> LlmRequest:
     """The LlmRequest of one step for one prompt (every backend rendering filled in)."""
-    from selma_prompts.templates import LlmRequest
+    from selma.llm.backend import LlmRequest
 
     body, header = render_step(step, prompt, tuples)
     expected = len(tuples) if tuples else 0
@@ -610,7 +609,7 @@ def generate_questions(
 ) -> list[EvalItem]:
     """Questions for ``prompts`` = ``[(item_id, prompt, category)]``: one item per prompt, in order.
 
-    ``backend`` is a prompt-service ``LlmBackend`` (see :func:`backend_from_spec`).  Each item
+    ``backend`` is an ``LlmBackend`` (:mod:`selma.llm`) (see :func:`backend_from_spec`).  Each item
     holds DSG yes/no questions and, with ``tifa``, TIFA multiple-choice questions (see the module
     docstring), with ``category`` as given.  Prompts without usable questions are retried
     ``retries`` times with other seeds; FailedPrecondition then names those still without.
@@ -666,14 +665,14 @@ def try_generate_questions(
     )
 
 
-def prompt_settings_from(settings: SelmaSettings) -> Any:
-    """PromptSettings with ``settings``' shared fields (storage, model cache, devices) and ``SELMA_PROMPTS_*`` from the environment."""
-    from selma_prompts.settings import PromptSettings
+def llm_settings_from(settings: SelmaSettings) -> Any:
+    """The LLM layer's settings: ``settings`` itself (EvaluationSettings are LlmSettings), else its shared fields plus ``SELMA_LLM_*``."""
+    from selma.llm.settings import LlmSettings
 
-    if isinstance(settings, PromptSettings):
+    if isinstance(settings, LlmSettings):
         return settings
     shared = {name: getattr(settings, name) for name in SelmaSettings.model_fields}
-    return PromptSettings(**shared)
+    return LlmSettings(**shared)
 
 
 def _with_question_defaults(d: Mapping[str, Any] | None, default_kind: str) -> dict[str, Any]:
@@ -698,23 +697,20 @@ def _with_question_defaults(d: Mapping[str, Any] | None, default_kind: str) -> d
 
 
 def backend_from_spec(llm_backend: Mapping[str, Any] | None, settings: SelmaSettings, *, registry: Any = None) -> LlmBackend:
-    """A ready prompt-service ``LlmBackend`` for a proto-JSON ``selma.v1.LlmBackend`` dict ({} = the prompt service's default).
+    """A ready ``LlmBackend`` (:mod:`selma.llm`) for a proto-JSON ``selma.v1.LlmBackend`` dict ({} = ``llm_default_backend``).
 
-    Validation, credentials and model loading are the prompt service's own (errors name
-    ``spec.question_backend...``).  ``settings`` may be EvaluationSettings/TrainingSettings: its
-    shared fields are reused and ``SELMA_PROMPTS_*`` come from the environment.  Unless the dict
+    Validation, credentials and model loading are the LLM layer's, as for the prompt service
+    (errors name ``spec.question_backend...``; defaults and keys from ``SELMA_LLM_*``).  Unless the dict
     sets them, sampling uses temperature QUESTION_TEMPERATURE and at most QUESTION_MAX_TOKENS
     tokens.  Pass a ``ModelRegistry`` to share loaded models between calls.  Close the backend
     when done.
     """
-    from selma_prompts.llm import ModelRegistry
-    from selma_prompts.spec import resolve_backend
+    from selma.llm.local import ModelRegistry
+    from selma.llm.specs import resolve_backend
 
-    prompt_settings = prompt_settings_from(settings)
-    spec = resolve_backend(
-        _with_question_defaults(llm_backend, prompt_settings.prompts_default_backend), prompt_settings, fld="spec.question_backend"
-    )
-    return (registry or ModelRegistry(prompt_settings)).backend(spec)
+    llm_settings = llm_settings_from(settings)
+    spec = resolve_backend(_with_question_defaults(llm_backend, llm_settings.llm_default_backend), llm_settings, fld="spec.question_backend")
+    return (registry or ModelRegistry(llm_settings)).backend(spec)
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from selma.errors import (
     SelmaError,
     Unavailable,
 )
+from selma.seeds import stable_hash64
 from selma.storage import Storage, open_storage
 
 from selma_evaluation.settings import EvaluationSettings
@@ -260,9 +261,11 @@ def items_from_json(raw: bytes) -> list[EvalItem]:
 
 
 def item_seed(base_seed: int, item_id: str) -> int:
-    """The first image's seed of an item: stable under subsetting and reordering of the benchmark."""
-    digest = hashlib.sha256(f"selma-eval-seed\0{base_seed}\0{item_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**62 - 1)
+    """The first image's seed of an item: stable under subsetting and reordering of the benchmark.
+
+    62 bits, so the SEQUENTIAL seeds ``seed + i`` of the item's images stay below 2**63.
+    """
+    return stable_hash64(f"selma-eval-seed\0{base_seed}\0{item_id}") & (2**62 - 1)
 
 
 class ServingRenderer:

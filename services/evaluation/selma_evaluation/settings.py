@@ -1,8 +1,8 @@
 """Settings of evaluation jobs and workers (``SELMA_EVAL_*``, on top of the batch platform's ``SELMA_BATCH_*``).
 
 Credentials of OpenAI-compatible endpoints (the vision VQA backend) never travel in requests:
-a spec names one with a ``SecretRef`` (``name``, ``key``), resolved exactly as the prompt
-service resolves its own (``selma_prompts.settings``), with ``eval_`` names:
+a spec names one with a ``SecretRef`` (``name``, ``key``), resolved exactly as the LLM layer
+resolves its own (``selma.llm.settings``), with ``eval_`` names:
 
 1. ``eval_api_keys`` (``SELMA_EVAL_API_KEYS='{"openai": "sk-…"}'``), by ``name`` or ``name/key``;
 2. a Kubernetes Secret mounted as files under ``eval_secrets_dir``: ``<dir>/<name>/<key>``
@@ -23,14 +23,15 @@ from pydantic import Field, SecretStr
 
 from selma.batch.settings import BatchSettings
 from selma.config import resolve_secret
+from selma.llm.settings import LlmSettings
 
 SECRET_ENV_PREFIX = "SELMA_EVAL_SECRET_"
 
 
-class EvaluationSettings(BatchSettings):
-    """The batch platform's settings plus VQA, scoring and rendering options of evaluations."""
+class EvaluationSettings(BatchSettings, LlmSettings):
+    """The batch platform's and the LLM layer's settings (question generation) plus VQA, scoring and rendering options."""
 
-    WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("eval_",)
+    WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("eval_", "llm_")
 
     eval_max_jobs: int = Field(64, ge=1, description="Evaluation jobs the service follows at once (their workers run as batch jobs).")
     eval_vqa_model: str = Field(

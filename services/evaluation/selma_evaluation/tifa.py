@@ -80,7 +80,7 @@ class ChoiceMapper:
             return self._model
 
     def _load(self) -> Any:
-        from selma_prompts.embedding import load_embedding_model
+        from selma.llm.embedding import load_embedding_model
 
         source = getattr(self._settings, "eval_embedding_model", "") if self._settings is not None else ""
         device = "cpu"

@@ -16,8 +16,7 @@ model from the proto-JSON form of ``selma.v1.VqaBackend``:
   with exponential backoff on transport errors, 429 and 5xx; the API key comes only from the
   settings (see :mod:`selma_evaluation.settings`) and is never logged.
 * ``tiny_test``: deterministic pseudo-answers from a hash of the seed, image and question.
-* ``shapesworld_judge``: the programmatic judge of ShapesWorld images
-  (:class:`selma_shapesworld.judge.ShapesWorldJudgeVqa`); answers the ShapesWorld question grammar only.
+* a kind a plugin added (:mod:`selma.plugins`; e.g. ShapesWorld's ``shapesworld_judge``).
 * none: ``transformers`` with ``eval_vqa_model``.
 
 Loaded transformers models live in a process-wide cache keyed by the resolved backend, so an
@@ -39,7 +38,6 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,17 +46,17 @@ import httpx
 from PIL import Image
 from pydantic import SecretStr
 
-import selma
+from selma import plugins
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 from selma_evaluation.settings import EvaluationSettings
-from selma_prompts.llm import response_excerpt, retry_after_seconds, RetryableError
-from selma_prompts.spec import check_known_fields, parse_base_url, parse_float, parse_int, parse_mapping, parse_str, parse_transport
+from selma.llm.openai_http import OpenAiHttp, parse_base_url, parse_transport
+from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
 
 log = logging.getLogger(__name__)
 
 FIELD = "spec.vqa"
-BACKEND_KINDS = ("transformers", "openai_compatible", "tiny_test", "shapesworld_judge")
+BUILTIN_KINDS = ("transformers", "openai_compatible", "tiny_test")
 _PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 # First words of English yes/no questions ("Is there…", "Does the cat…", "Are the…").
 _YES_NO_OPENERS = frozenset(
@@ -179,15 +177,19 @@ class TinyTestVqaSpec:
 
 
 @dataclass(frozen=True)
-class ShapesWorldJudgeVqaSpec:
-    """The ShapesWorld judge (no options)."""
+class PluginVqaSpec:
+    """A VQA backend a plugin added (:mod:`selma.plugins`); its options were checked by the plugin."""
 
+    kind: str
     batch_size: int = 64
 
-    kind = "shapesworld_judge"
+
+VqaSpec = TransformersVqaSpec | OpenAiVqaSpec | TinyTestVqaSpec | PluginVqaSpec
 
 
-VqaSpec = TransformersVqaSpec | OpenAiVqaSpec | TinyTestVqaSpec | ShapesWorldJudgeVqaSpec
+def backend_kinds() -> tuple[str, ...]:
+    """The built-in VQA backend kinds and those plugins added."""
+    return (*BUILTIN_KINDS, *sorted(plugins.registry().vqa_backends))
 
 
 def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSettings) -> VqaSpec:
@@ -197,7 +199,7 @@ def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetting
     PermissionDenied when a configured API key would go to an endpoint not configured for it.
     """
     d = parse_mapping(backend, FIELD)
-    check_known_fields(d, set(BACKEND_KINDS), FIELD)
+    check_known_fields(d, set(backend_kinds()), FIELD)
     if len(d) > 1:
         raise InvalidArgument(f"set exactly one VQA backend; got {sorted(d)}", field=FIELD)
     if not d:
@@ -209,9 +211,10 @@ def parse_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetting
         return _parse_transformers(body, fld, settings)
     if kind == "openai_compatible":
         return _parse_openai(body, fld, settings)
-    if kind == "shapesworld_judge":
-        check_known_fields(body, set(), fld)
-        return ShapesWorldJudgeVqaSpec(batch_size=settings.eval_vqa_batch_size)
+    plugin = plugins.registry().vqa_backends.get(kind)
+    if plugin is not None:
+        plugin.check(body, fld)
+        return PluginVqaSpec(kind=kind, batch_size=settings.eval_vqa_batch_size)
     check_known_fields(body, {"seed"}, fld)
     return TinyTestVqaSpec(seed=parse_int(body.get("seed"), f"{fld}.seed"), batch_size=settings.eval_vqa_batch_size)
 
@@ -229,8 +232,8 @@ def resolve_backend(backend: Mapping[str, Any] | None, settings: EvaluationSetti
         return {"transformers": {"model": model, **({"device": device} if device else {}), "batch_size": spec.batch_size}}
     if isinstance(spec, TinyTestVqaSpec):
         return {"tiny_test": {"seed": str(spec.seed)}}
-    if isinstance(spec, ShapesWorldJudgeVqaSpec):
-        return {"shapesworld_judge": {}}
+    if isinstance(spec, PluginVqaSpec):
+        return {spec.kind: {}}
     out: dict[str, Any] = {
         "base_url": spec.base_url,
         "model": spec.model,
@@ -340,10 +343,8 @@ def build_vqa(backend: Mapping[str, Any] | None, settings: EvaluationSettings) -
     spec = parse_backend(backend, settings)
     if isinstance(spec, TinyTestVqaSpec):
         return TinyTestVqa(seed=spec.seed, batch_size=spec.batch_size)
-    if isinstance(spec, ShapesWorldJudgeVqaSpec):
-        from selma_shapesworld.judge import ShapesWorldJudgeVqa  # numpy/scipy only; imported when asked for
-
-        return ShapesWorldJudgeVqa(batch_size=spec.batch_size)
+    if isinstance(spec, PluginVqaSpec):
+        return plugins.registry().vqa_backends[spec.kind].build(spec.batch_size)
     if isinstance(spec, OpenAiVqaSpec):
         api_key = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{FIELD}.openai_compatible.api_key")
         return OpenAiVqa(spec, api_key, settings)
@@ -737,10 +738,8 @@ def image_data_url(image: Image.Image) -> str:
 class OpenAiVqa(VqaModel):
     """``POST {base_url}/chat/completions`` with the image as an ``image_url`` part; requests run concurrently.
 
-    Transport errors, timeouts, HTTP 429/5xx and unusable bodies are retried with exponential
-    backoff (honouring ``Retry-After``, capped) up to ``max_retries`` times, then Unavailable;
-    401/403 is PermissionDenied and other 4xx InvalidArgument at once.  The first failure stops
-    the requests not yet sent.
+    The HTTP side (concurrency, bounded retries with backoff, error mapping) is the LLM layer's one
+    OpenAI-compatible client, :class:`selma.llm.openai_http.OpenAiHttp`.
     """
 
     def __init__(
@@ -749,28 +748,18 @@ class OpenAiVqa(VqaModel):
         self.spec = spec
         self.name = f"openai:{spec.model}"
         self.batch_size = spec.max_concurrency
-        self._url = f"{spec.base_url}/chat/completions"
-        self._backoff = settings.eval_vqa_retry_backoff_seconds
-        self._max_backoff = settings.eval_vqa_retry_max_backoff_seconds
         self._extra = json.loads(spec.extra_body)
-        headers = {"User-Agent": f"selma-evaluation/{selma.__version__}", "Content-Type": "application/json"}
-        if api_key is not None and api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(spec.request_timeout, connect=min(10.0, spec.request_timeout)),
-            limits=httpx.Limits(max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency),
-            transport=transport,
-            follow_redirects=False,  # a redirect must not carry the Authorization header elsewhere
+        self._http = OpenAiHttp(
+            spec.base_url, spec.model, api_key, request_timeout=spec.request_timeout, max_concurrency=spec.max_concurrency,
+            max_retries=spec.max_retries, backoff=settings.eval_vqa_retry_backoff_seconds, max_backoff=settings.eval_vqa_retry_max_backoff_seconds,
+            endpoint="vision endpoint", request_noun="VQA request", field=f"{FIELD}.openai_compatible",
+            hint_4xx="check base_url (up to and including /v1), that the model accepts images, and extra_body",
+            resume_hint="Fix the endpoint and start the evaluation again with the same idempotency key to resume",
+            unavailable=Unavailable, user_agent="selma-evaluation", transport=transport,
         )
-        self._pool = ThreadPoolExecutor(max_workers=spec.max_concurrency, thread_name_prefix="vqa-http")
-        self._closed = threading.Event()
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()  # wakes requests sleeping in a backoff
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._client.close()
+        self._http.close()
 
     def body(self, query: VqaQuery) -> dict[str, Any]:
         """The JSON body for one query (public for tests; holds no credential)."""
@@ -795,76 +784,15 @@ class OpenAiVqa(VqaModel):
         return body
 
     def answer(self, queries: Sequence[VqaQuery]) -> list[str]:
-        if self._closed.is_set():
+        if self._http.closed:
             raise FailedPrecondition("this VQA model was closed; build a new one", field=FIELD)
-        abort = threading.Event()
-        futures = [self._pool.submit(self._call, i, q, abort) for i, q in enumerate(queries)]
-        answers: list[str] = []
-        first_error: BaseException | None = None
-        for f in futures:  # in submission order, whatever order the responses arrive in
-            try:
-                answers.append(f.result())
-            except BaseException as e:  # noqa: BLE001 - the first is re-raised below
-                abort.set()
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
-        return answers
+        return [answer for answer, _ in self._http.post_all("chat/completions", [(i, self.body(q)) for i, q in enumerate(queries)], _content)]
 
-    def _call(self, index: int, query: VqaQuery, abort: threading.Event) -> str:
-        if abort.is_set():
-            raise Unavailable("VQA request not sent: an earlier request of the batch failed")
-        body = self.body(query)
-        attempts = self.spec.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            try:
-                return self._parse(self._client.post(self._url, json=body))
-            except RetryableError as e:
-                last, retry_after = str(e), e.retry_after
-            except httpx.TimeoutException:
-                last, retry_after = f"timed out after {self.spec.request_timeout:g} s", None
-            except httpx.TransportError as e:
-                if self._closed.is_set():
-                    break
-                last, retry_after = f"cannot reach the endpoint ({type(e).__name__}: {e})", None
-            if attempt + 1 >= attempts or abort.is_set():
-                break
-            delay = min(self._max_backoff, self._backoff * 2**attempt)
-            if retry_after is not None:
-                delay = min(self._max_backoff, max(delay, retry_after))
-            log.warning("VQA request %d attempt %d/%d failed: %s; retrying in %.2f s", index, attempt + 1, attempts, last, delay)
-            if self._closed.wait(delay) or abort.is_set():
-                break
-        raise Unavailable(
-            f"the vision endpoint {self.spec.base_url} (model {self.spec.model!r}) failed VQA request {index} "
-            f"{attempts} time(s); last error: {last or 'closed'}. Fix the endpoint and start the evaluation again "
-            "with the same idempotency key to resume"
-        )
 
-    def _parse(self, resp: httpx.Response) -> str:
-        status = resp.status_code
-        if status == 429 or status >= 500:
-            raise RetryableError(f"http_{'429' if status == 429 else '5xx'}", f"HTTP {status}: {response_excerpt(resp)}", retry_after_seconds(resp))
-        if status in (401, 403):
-            raise PermissionDenied(
-                f"the vision endpoint {self.spec.base_url} refused the credential (HTTP {status}); check the api_key secret",
-                field=f"{FIELD}.openai_compatible.api_key",
-            )
-        if status >= 400:
-            raise InvalidArgument(
-                f"the vision endpoint rejected the request (HTTP {status} from {self._url}): {response_excerpt(resp)}; "
-                "check base_url (up to and including /v1), that the model accepts images, and extra_body",
-                field=f"{FIELD}.openai_compatible",
-            )
-        if status != 200:
-            raise RetryableError("invalid_response", f"unexpected HTTP {status}")
-        try:
-            content = resp.json()["choices"][0]["message"]["content"]
-            if isinstance(content, list):  # some servers answer with content parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if not isinstance(content, str):
-                raise TypeError("content is not a string")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise RetryableError("invalid_response", f"unusable response body ({type(e).__name__}): {response_excerpt(resp)}") from None
-        return content.strip()
+def _content(data: Any, _resp: httpx.Response) -> str:
+    content = data["choices"][0]["message"]["content"]
+    if isinstance(content, list):  # some servers answer with content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise TypeError("content is not a string")
+    return content.strip()

@@ -9,7 +9,7 @@ Without ``--key`` the loop runs in memory and writes JSONL records to ``--out`` 
 With ``--key`` it runs as a resumable job against the configured storage (``SELMA_STORAGE_URI``
 or ``--storage``): interrupt it and run the same command again to continue; the prompt set
 is published as a ``prompt_set`` artifact whose id is printed.  API keys come from the
-service settings (``SELMA_PROMPTS_OPENAI_API_KEY``, or ``--api-key-secret NAME``), never from
+service settings (``SELMA_LLM_OPENAI_API_KEY``, or ``--api-key-secret NAME``), never from
 the command line.
 """
 
@@ -155,10 +155,10 @@ def _generate(args: argparse.Namespace) -> int:
     from selma.jobs import job_id_for
     from selma.storage import open_storage
 
-    from selma_prompts.embedding import EmbeddingPool
+    from selma.llm.embedding import EmbeddingPool
     from selma_prompts.generator import PromptGenerator
     from selma_prompts.job import JOB_KIND, PROMPTS_FILE, PromptJobRunner
-    from selma_prompts.llm import ModelRegistry
+    from selma.llm.local import ModelRegistry
     from selma_prompts.skills import SkillLibrary
     from selma_prompts.spec import resolve_spec
 

@@ -36,13 +36,15 @@ from typing import Any
 
 from selma.errors import InvalidArgument, PermissionDenied
 
+from selma.llm import metrics as llm_metrics
 from selma_prompts import metrics
-from selma_prompts.embedding import EmbeddingPool
-from selma_prompts.llm import LlmBackend, LlmUnavailable, request_seed
+from selma.llm.embedding import EmbeddingPool
+from selma.llm.backend import LlmBackend, LlmUnavailable, request_seed
 from selma_prompts.parser import parse_numbered_list
 from selma_prompts.rouge import RougeLPool
 from selma_prompts.spec import GenerationSpec
-from selma_prompts.templates import LlmRequest, build_request
+from selma.llm.backend import LlmRequest
+from selma_prompts.templates import build_request
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +213,11 @@ class PromptGenerator:
                 st.llm_errors += 1
                 st.llm_retries += int(getattr(e, "retries", 0))
                 st.stop_reason = STOP_LLM_FAILED
-                metrics.LLM_REQUESTS.labels(self.backend.kind, "error").inc()
+                llm_metrics.LLM_REQUESTS.labels(self.backend.kind, "error").inc()
                 raise
             before_acc, before_rej = self.accepted, st.rejected
             for req, resp in zip(reqs, responses, strict=True):
-                metrics.LLM_REQUESTS.labels(self.backend.kind, "ok").inc()
+                llm_metrics.LLM_REQUESTS.labels(self.backend.kind, "ok").inc()
                 st.llm_requests += 1
                 st.llm_retries += resp.retries
                 st.prompt_tokens += resp.prompt_tokens

@@ -34,7 +34,7 @@ from selma.errors import AlreadyExists, Cancelled, ResourceExhausted, SelmaError
 from selma.jobs import Interrupted, JobContext, JobResult, spec_digest
 from selma.storage import Storage
 
-from selma_prompts.embedding import EmbeddingPool
+from selma.llm.embedding import EmbeddingPool
 from selma_prompts.generator import (
     STOP_BUDGET,
     STOP_CANCELLED,
@@ -43,7 +43,7 @@ from selma_prompts.generator import (
     PromptGenerator,
     RoundReport,
 )
-from selma_prompts.llm import ModelRegistry
+from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary, make_skill
 from selma_prompts.spec import GenerationSpec, resolve_spec

@@ -21,13 +21,14 @@ from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.storage import open_storage
 from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
 
-from selma_prompts.embedding import EmbeddingPool
+from selma.llm.embedding import EmbeddingPool
 from selma_prompts.generator import GenerationState, PromptGenerator
 from selma_prompts.job import JOB_KIND, PromptJobRunner, job_stats
-from selma_prompts.llm import ModelRegistry
+from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import Skill, SkillLibrary
-from selma_prompts.spec import resolve_backend, resolve_spec
+from selma.llm.specs import resolve_backend
+from selma_prompts.spec import resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,13 @@ class PromptCore:
 
     def preload(self) -> None:
         """Load the default backend if it is a local model, so the first job does not wait for it."""
-        if not self.settings.prompts_preload_default_backend or self.settings.prompts_default_backend == "openai_compatible":
+        if not self.settings.prompts_preload_default_backend or self.settings.llm_default_backend == "openai_compatible":
             return
         try:
             self.registry.causal_lm(resolve_backend({}, self.settings))
         except SelmaError as e:
             # The service stays useful for other backends; jobs on this one will fail with this message.
-            log.error("could not load the default backend %s: %s", self.settings.prompts_default_backend, e)
+            log.error("could not load the default backend %s: %s", self.settings.llm_default_backend, e)
 
 
 def build_core(settings: PromptSettings) -> PromptCore:

@@ -12,28 +12,13 @@ model writes item ``k+1`` onward.  The same content is rendered three ways:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from selma.llm.backend import LlmRequest
 from selma_prompts.skills import Skill
 
 SYSTEM_PROMPT = (
     "You write image descriptions used to train text-to-image models. Every description is concrete, "
     "visual and different from the others, and you answer with a numbered list only."
 )
-
-
-@dataclass(frozen=True)
-class LlmRequest:
-    """One LLM call of the loop: the rendered prompt plus what the parser needs to know."""
-
-    index: int  # 1-based request number within the job
-    seed: int  # per-request seed sent to backends that accept one
-    example_ids: tuple[str, ...]
-    completion_prompt: str
-    system: str
-    user: str
-    first_number: int  # number of the first item the LLM is to write
-    n_prompts: int
 
 
 def instruction(skill: Skill, examples: list[str], n_prompts: int) -> str:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from selma.errors import InvalidArgument
 from selma.pipelines import SCHEDULERS, ModelSpec
+from selma.seeds import SEED_MODULUS, SeedPolicy
 from selma.v1 import common_pb2, render_service_pb2
 
-from selma_render.seeds import SEED_MODULUS, SeedPolicy
 from selma_render.settings import RenderSettings
 
 DEFAULT_STEPS = 50

@@ -18,7 +18,6 @@ after every step).
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import io
 import itertools
@@ -37,6 +36,7 @@ import torch
 
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
 from selma.pipelines import ModelSpec, load_pipeline, make_scheduler
+from selma.seeds import SeedPolicy, derive_seed
 
 from selma_serving import metrics
 from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SEED_POLICIES = ("derived", "sequential", "fixed")
+SEED_POLICIES = tuple(p.value for p in SeedPolicy)  # GenerationRequest.seed_policy values
 
 
 def fused_copy(
@@ -224,16 +224,6 @@ class GeneratedImage:
     total: int
     seconds: float
     served: ServedInfo = field(repr=False)
-
-
-def image_seed(base: int, policy: str, prompt_index: int, image_index: int, images_per_prompt: int) -> int:
-    """Per-image seed: derived (stable 63-bit hash), sequential, or fixed."""
-    if policy == "fixed":
-        return base
-    if policy == "sequential":
-        return (base + prompt_index * images_per_prompt + image_index) % (2**63)
-    digest = hashlib.sha256(f"selma-seed\0{base}\0{prompt_index}\0{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 class Engine:
@@ -422,14 +412,15 @@ class Engine:
                 return kwargs
 
             index = 0
-            device = self._require_pipe().device
             for p_i, prompt in enumerate(req.prompts):
                 for i_i in range(req.images_per_prompt):
                     check()
-                    seed = image_seed(req.seed or 0, req.seed_policy, p_i, i_i, req.images_per_prompt)
+                    seed = derive_seed(req.seed_policy, req.seed or 0, p_i, i_i, req.images_per_prompt)  # the same seeds as render
                     t0 = time.perf_counter()
                     view = self.pipeline_view(unet, req.scheduler)
-                    gen = torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(seed)
+                    # a CPU generator, as render uses: the same seed gives the same noise on every device,
+                    # so a dataset image (rendered anywhere) is reproduced by Generate (diffusers moves it)
+                    gen = torch.Generator(device="cpu").manual_seed(seed)
                     out = view(
                         prompt=prompt,
                         negative_prompt=req.negative_prompt or None,

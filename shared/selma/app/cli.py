@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from selma import __version__
+from selma import __version__, plugins
 from selma.errors import SelmaError
 from selma.logs import configure_logging, quiet_third_party
 
@@ -22,11 +22,9 @@ _COMMAND_MODULES = (
     "selma.app.local_stack",
     "selma.app.runner",
 )
-# Per-service command modules (``services/<name>/cli.py``); absent ones are skipped.
-_SERVICE_COMMAND_MODULES = (
-    "selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli", "selma_evaluation.cli",
-    "selma_shapesworld.cli",
-)
+# Per-service command modules (``services/<name>/selma_<name>/cli.py``); absent ones are skipped.
+# Plugins (testbeds) add theirs through selma.plugins.
+_SERVICE_COMMAND_MODULES = ("selma_prompts.cli", "selma_render.cli", "selma_training.cli", "selma_serving.cli", "selma_evaluation.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for add in plugins.registry().commands:
+        add(sub)
     return parser
 
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Settings each service gets in the local stack (on top of the shared ones), as SELMA_* names.
 # They select the embedded defaults: tiny offline models, the bundled LLM, the local launcher.
 EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
-    "prompts": {"SELMA_PROMPTS_DEFAULT_BACKEND": "embedded"},
+    "prompts": {"SELMA_LLM_DEFAULT_BACKEND": "embedded"},
     "render": {"SELMA_RENDER_DEFAULT_MODEL": "tiny://sd"},
     "training": {"SELMA_BATCH_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
     "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},

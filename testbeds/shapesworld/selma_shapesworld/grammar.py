@@ -25,8 +25,8 @@ import numpy as np
 
 from selma.errors import InvalidArgument
 
-from selma_prompts.llm import LlmBackend, LlmResponse
-from selma_prompts.templates import LlmRequest
+from selma.llm.backend import LlmBackend, LlmResponse
+from selma.llm.backend import LlmRequest
 from selma_shapesworld.world import caption, parse_caption, sample_scene
 
 KIND = "shapesworld_grammar"

@@ -348,7 +348,7 @@ def service_model_source(source: str) -> str:
     absolute pipeline directory, so the loop hands them the path that scheme stands for.
     """
     if source.startswith("shapesworld://"):
-        from selma.pipelines import shapesworld_model_path
+        from selma_shapesworld.plugin import model_path as shapesworld_model_path
 
         return str(shapesworld_model_path(source))
     return source

@@ -13,9 +13,7 @@ pods expose no metrics: training alerts use the training service's selma_trainin
 {{- $labels := merge (dict) $r.additionalLabels }}
 {{- $services := list }}
 {{- range $component, $grpcService := include "selma.services" . | fromYaml }}
-{{- if (index $.Values $component).enabled }}
 {{- $services = append $services $component }}
-{{- end }}
 {{- end }}
 {{- $jobs := printf "%s-(%s)" $full (join "|" $services) }}
 - name: selma.services
@@ -144,7 +142,7 @@ pods expose no metrics: training alerts use the training service's selma_trainin
         severity: warning
         {{- with $labels }}{{ toYaml . | nindent 8 }}{{ end }}
       annotations:
-        summary: "the training service's Kubernetes {{`{{ $labels.verb }}`}} calls fail ({{`{{ $labels.code }}`}})"
+        summary: "the {{ if .Values.evaluation.separate }}training or evaluation{{ else }}training{{ end }} service's Kubernetes {{`{{ $labels.verb }}`}} calls fail ({{`{{ $labels.code }}`}})"
         description: "403 means the Role in the chart (training.rbac.create) is missing or edited; 'unreachable' means the API server cannot be reached (NetworkPolicy egress to 443/6443)."
 {{- end }}
 {{- if .Values.render.enabled }}
