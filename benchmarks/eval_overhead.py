@@ -1,6 +1,6 @@
 """Wall time of an evaluation job vs. the same work done directly in one process.
 
-Service side: a real TrainingService and ServingService on 127.0.0.1; StartEvaluation, then Watch
+Service side: a real EvaluationService and ServingService on 127.0.0.1; StartEvaluation, then Watch
 until SUCCEEDED.  That includes the worker subprocess (Python start-up, job document, progress),
 one Generate RPC per prompt and target, PNG storage, VQA batches, scoring, the report (tables,
 charts, HTML, image copies) and publishing.  Baseline: the serving Engine called in-process for the
@@ -39,8 +39,8 @@ from selma_serving.merge import params_from_dict
 from selma_serving.server import build_server as build_serving
 from selma_serving.settings import ServingSettings
 from selma_serving.testing import make_expert
-from selma_training.server import build_server as build_training
-from selma_training.settings import TrainingSettings
+from selma_evaluation.server import build_server as build_evaluation
+from selma_evaluation.settings import EvaluationSettings
 
 
 def main() -> int:
@@ -61,9 +61,9 @@ def main() -> int:
         serving.set_ready(True)
         store = ArtifactStore(open_storage(serving.core.settings))
         experts = [make_expert(store, str(tiny.sd), seed=s, rank=4, skill=f"s{s}", run="bench") for s in (1, 2)]
-        settings = TrainingSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", batch_poll_seconds=0.2,
-                                    batch_progress_interval_seconds=1, eval_serving_endpoint=serving.address, log_level="WARNING")
-        training = build_training(settings)
+        settings = EvaluationSettings(data_dir=root / "training", storage_uri=storage_uri, device="cpu", batch_poll_seconds=0.2,
+                                      batch_progress_interval_seconds=1, eval_serving_endpoint=serving.address, log_level="WARNING")
+        evaluation = build_evaluation(settings)
         items = load_dsg1k(["countbench"], args.prompts)
         mix = {"experts": [{"expert_id": e.id, "weight": 0.5} for e in experts]}
         diffusion = common_pb2.DiffusionSettings(steps=args.steps, width=64, height=64)
@@ -74,7 +74,7 @@ def main() -> int:
             list(engine.generate(GenerationRequest(prompts=["warm up"], steps=2, width=64, height=64, merge=merge)))
 
         vqa = build_vqa({"tiny_test": {}}, settings)
-        stub = pb_grpc.TrainingServiceStub(grpc.insecure_channel(training.address))
+        stub = pb_grpc.EvaluationServiceStub(grpc.insecure_channel(evaluation.address))
         spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, categories=["countbench"], max_prompts=args.prompts,
                                  diffusion=diffusion, vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()),
                                  targets=[pb.EvaluationTarget(label="base"),
@@ -113,9 +113,8 @@ def main() -> int:
         print(f"direct (engine + VQA + scoring in one process): {direct:7.2f} s  {images / direct:6.2f} images/s")
         print(f"evaluation job (worker, RPCs, storage, report):  {service:7.2f} s  {images / service:6.2f} images/s")
         print(f"ratio service/direct: {service / direct:.2f}  (medians of {args.rounds} alternating rounds)")
-        training.stop(0)
-        training.evaluation.shutdown()
-        training.core.shutdown()
+        evaluation.stop(0)
+        evaluation.core.shutdown()
         serving.stop(0)
         serving.core.shutdown()
     return 0

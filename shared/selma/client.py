@@ -75,6 +75,15 @@ class Endpoints:
         """Where ``service`` (one of API_SERVICES) answers; "" if unknown."""
         return getattr(self, service) or getattr(self, HOSTED_BY.get(service, service))
 
+    @classmethod
+    def for_cli(cls, endpoints_file: str = "", directory: str | Path = ".selma") -> Endpoints:
+        """What a CLI command uses: ``--endpoints FILE``, else ``SELMA_ENDPOINTS``, else ``<--dir>/endpoints.json``."""
+        if endpoints_file:
+            return cls.load(endpoints_file)
+        if os.environ.get("SELMA_ENDPOINTS"):
+            return cls.load()
+        return cls.load(Path(directory) / "endpoints.json")
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ class SelmaError(Exception):
         self.field = field
 
     def __str__(self) -> str:
-        if self.field and not self.message.startswith(self.field):
+        if self.field and self.field not in self.message:  # name the field once
             return f"{self.field}: {self.message}"
         return self.message
 
@@ -100,6 +100,10 @@ class Aborted(SelmaError):
     """A concurrency conflict (e.g. an idempotency key reused with different parameters)."""
 
     code = ErrorCode.ABORTED
+
+
+class RunFailed(FailedPrecondition):
+    """A remote job or pipeline stage failed; the message says which and why (the CLI prints it, exit 2)."""
 
 
 def require(condition: bool, message: str, *, field: str | None = None) -> None:

@@ -120,6 +120,39 @@ def tiny_model_path(source: str, settings: SelmaSettings) -> Path:
     return getattr(models, name)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def mirror_model(source: str, settings: SelmaSettings, *, marker: str, kind: str, field: str) -> Path:
+    """A model stored under an ``s3://`` / ``file://`` prefix, copied once into ``<model_cache_dir>/mirror/<sha>/``.
+
+    The copy is published by an atomic rename, so a crashed copy is never used; pickled weight
+    files are never fetched, let alone loaded.  ``marker`` is the file that makes the directory a
+    model of ``kind`` (``model_index.json`` for a diffusers pipeline, ``config.json`` for a
+    transformers model): NotFound when the prefix is empty, FailedPrecondition when it has no marker.
+    """
+    from selma.storage import open_storage
+
+    cache = settings.resolved_model_cache_dir / "mirror" / hashlib.sha256(source.encode()).hexdigest()[:24]
+    if (cache / marker).is_file():
+        return cache
+    storage = open_storage(settings, source)
+    objects = [o for o in storage.list("") if not o.key.endswith(PICKLE_SUFFIXES)]
+    if not objects:
+        raise NotFound(f"no model files under {source}", field=field)
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    for obj in objects:
+        storage.download_file(obj.key, tmp / obj.key)
+    if not (tmp / marker).is_file():
+        raise FailedPrecondition(f"{source} is not a {kind} (no {marker})", field=field)
+    try:
+        tmp.rename(cache)
+    except OSError:
+        if not (cache / marker).is_file():
+            raise
+    return cache
+
+
 def materialize(source: str, settings: SelmaSettings) -> str:
     """A reference from_pretrained can take: local dirs as-is, storage prefixes mirrored into the cache.
 
@@ -136,28 +169,7 @@ def materialize(source: str, settings: SelmaSettings) -> str:
     if resolver is not None:
         return str(resolver(source))
     if source.startswith(("s3://", "file://")):
-        from selma.storage import open_storage
-
-        cache = settings.resolved_model_cache_dir / "mirror" / hashlib.sha256(source.encode()).hexdigest()[:24]
-        if (cache / "model_index.json").is_file():
-            return str(cache)
-        storage = open_storage(settings, source)
-        objects = storage.list("")
-        if not objects:
-            raise NotFound(f"no model files under {source}", field="model.source")
-        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
-        for obj in objects:
-            if obj.key.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
-                continue  # pickled weights are never fetched, let alone loaded
-            storage.download_file(obj.key, tmp / obj.key)
-        if not (tmp / "model_index.json").is_file():
-            raise FailedPrecondition(f"{source} is not a diffusers pipeline (no model_index.json)", field="model.source")
-        try:
-            tmp.rename(cache)
-        except OSError:
-            if not (cache / "model_index.json").is_file():
-                raise
-        return str(cache)
+        return str(mirror_model(source, settings, marker="model_index.json", kind="diffusers pipeline", field="model.source"))
     path = Path(source).expanduser()
     if path.is_absolute() or source.startswith("."):
         if not path.exists():

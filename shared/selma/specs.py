@@ -35,8 +35,8 @@ def parse_float(value: Any, fld: str, default: float | None = None) -> float | N
         out = float(value)
     except (TypeError, ValueError):
         raise InvalidArgument(f"must be a number; got {value!r}", field=fld) from None
-    if not math.isfinite(out):
-        raise InvalidArgument(f"must be a finite number; got {value!r}", field=fld)
+    if not math.isfinite(out):  # the parsed value: proto-JSON spells NaN "NaN", YAML .nan, Python nan
+        raise InvalidArgument(f"must be a finite number; got {out}", field=fld)
     return out
 
 
@@ -71,3 +71,35 @@ def check_known_fields(d: Mapping[str, Any], allowed: set[str], fld: str) -> Non
     unknown = set(d) - allowed
     if unknown:
         raise InvalidArgument(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}", field=fld)
+
+
+# --- field rules shared by the services, the SkillSet loader and the CLI ---------------------------------
+
+DEFAULT_ROUGE_L_THRESHOLD = 0.8  # SELMA's diversity filter: a candidate this close (ROUGE-L F) to an accepted prompt is dropped
+
+
+def unit_interval(value: Any, fld: str, *, default: float) -> float:
+    """A fraction in (0, 1]; unset or 0 means ``default`` (a proto3 double has no 'unset' but 0)."""
+    x = parse_float(value, fld, 0.0)
+    assert x is not None
+    if x == 0:
+        return default
+    if not 0 < x <= 1:
+        raise InvalidArgument(f"must be in (0, 1] (0 = default {default:g}); got {x:g}", field=fld)
+    return x
+
+
+def rouge_l_threshold(value: Any, fld: str = "spec.rouge_l_threshold") -> float:
+    """``PromptGenerationSpec.rouge_l_threshold`` / SkillSet ``prompts.rougeLThreshold`` / ``--threshold``."""
+    return unit_interval(value, fld, default=DEFAULT_ROUGE_L_THRESHOLD)
+
+
+def expert_weights(weights: list[Any], fld: str = "experts.weight") -> list[float]:
+    """Merge weights, one per expert (None = not set): every expert sets a finite weight or none does (then each gets 1/N)."""
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        raise InvalidArgument("either every expert sets a weight or none does (then each gets 1/N)", field=fld)
+    if not all(given):
+        return [1.0 / len(weights)] * len(weights) if weights else []
+    out = [parse_float(w, fld) for w in weights]
+    return [float(w) for w in out if w is not None]

@@ -53,7 +53,7 @@ def scenario_objects(scenario: str) -> list[dict[str, Any]]:
 
 
 def test_ci_scenarios_cover_the_issue() -> None:
-    assert {"default", "cpu-minimal", "gpu", "external-s3", "monitoring"} <= set(SCENARIO_IDS)
+    assert {"default", "cpu-minimal", "gpu", "external-s3", "monitoring", "evaluation-separate"} <= set(SCENARIO_IDS)
 
 
 # --- helm lint and the Kubernetes schema ---------------------------------------------------------
@@ -196,6 +196,9 @@ BAD_VALUES = {
     "bad storage alert duration": ({"monitoring": {"prometheusRule": {"storageErrorsFor": "ten minutes"}}}, "/monitoring/prometheusRule/storageErrorsFor"),
     "PodMonitor switch not a boolean": ({"monitoring": {"podMonitor": {"enabled": "yes"}}}, "/monitoring/podMonitor/enabled"),
     "unknown PodMonitor field": ({"monitoring": {"podMonitor": {"port": 9400}}}, "port"),
+    "evaluation switch not a boolean": ({"evaluation": {"separate": "yes"}}, "/evaluation/separate"),
+    "API key as an evaluation setting": ({"evaluation": {"settings": {"SELMA_EVAL_OPENAI_API_KEY": "sk-1"}}}, "SELMA_EVAL_OPENAI_API_KEY"),
+    "negative evaluation replicas": ({"evaluation": {"replicaCount": -1}}, "/evaluation/replicaCount"),
 }
 
 
@@ -356,11 +359,14 @@ def test_training_rbac_is_namespaced_and_least_privilege() -> None:
     assert trainer_sa["automountServiceAccountToken"] is False
 
 
+# Where the Job launchers of the training and evaluation services live (selma.batch) and the services themselves.
+LAUNCHER_SOURCES = (ROOT / "shared" / "selma" / "batch", ROOT / "services" / "training", ROOT / "services" / "evaluation")
+
+
 def test_rbac_grants_exactly_the_calls_the_training_service_makes() -> None:
-    sources = "\n".join(p.read_text() for p in (ROOT / "services" / "training").glob("*.py"))
+    sources = "\n".join(p.read_text() for d in LAUNCHER_SOURCES for p in sorted(d.rglob("*.py")))
     used = {rule for call, rule in _CLIENT_CALLS.items() if re.search(rf"\b{call}\b", sources)}
-    if not used:
-        pytest.skip("the training service's Kubernetes launcher is not in this tree yet")
+    assert used, f"no Kubernetes launcher calls found under {[str(d.relative_to(ROOT)) for d in LAUNCHER_SOURCES]}"
     if re.search(r"\bwatch\.Watch\b|\bWatch\(\)", sources):
         used |= {("batch", "jobs", "watch")} if "list_namespaced_job" in sources else set()
         used |= {("", "pods", "watch")} if "list_namespaced_pod" in sources else set()
@@ -455,27 +461,40 @@ def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
         svc = services[f"selma-{component}"]
         assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "metrics": 9400}
         assert svc["spec"]["selector"] == deployments[f"selma-{component}"]["spec"]["selector"]["matchLabels"]
-    # The helm test pod checks every service's health by its gRPC name.
+    # The helm test pod checks every service's health by its gRPC name, the EvaluationService that
+    # the training Deployment hosts included.
     (test_pod,) = by_kind(docs, "Pod").values()
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in COMPONENTS)
+    expected = [f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in COMPONENTS] + ["selma-training:50051=selma.v1.EvaluationService"]
+    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(expected)
 
 
-def _settings_fields(component: str) -> set[str] | None:
+def _settings_fields(*components: str) -> set[str] | None:
+    """SELMA_* names the settings classes of these services read (one process may host several)."""
     from selma.config import SelmaSettings
 
     fields = {f"SELMA_{name.upper()}" for name in SelmaSettings.model_fields}
-    try:
-        module = importlib.import_module(f"selma_{component}.settings")
-    except ModuleNotFoundError:
-        return None
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if issubclass(cls, SelmaSettings) and cls is not SelmaSettings:
-            fields |= {f"SELMA_{name.upper()}" for name in cls.model_fields}
+    for component in components:
+        try:
+            module = importlib.import_module(f"selma_{component}.settings")
+        except ModuleNotFoundError:
+            return None
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, SelmaSettings) and cls is not SelmaSettings:
+                fields |= {f"SELMA_{name.upper()}" for name in cls.model_fields}
     return fields
 
 
-@pytest.mark.parametrize("scenario", ["default", "external-s3", "cpu-minimal"])
+def _hosted_by(args: list[str]) -> tuple[str, ...]:
+    """The services a container's `selma serve ...` args run (shared/selma/app/serve_cli.py)."""
+    assert args[0] == "serve", args
+    component = args[1]
+    if component == "training" and "--only" not in args:
+        return ("training", "evaluation")  # the EvaluationService beside it, in one process
+    return (component,)
+
+
+@pytest.mark.parametrize("scenario", ["default", "external-s3", "cpu-minimal", "evaluation-separate"])
 def test_configmap_settings_are_fields_the_services_read(scenario: str) -> None:
     from selma.config import SelmaSettings
 
@@ -485,13 +504,187 @@ def test_configmap_settings_are_fields_the_services_read(scenario: str) -> None:
     assert set(common) <= shared, f"unknown shared settings: {sorted(set(common) - shared)}"
     assert common["SELMA_HOST"] == "0.0.0.0" and common["SELMA_LOG_FORMAT"] == "json"
     SelmaSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in common.items()})
-    for component in COMPONENTS:
+    containers = _containers(docs)
+    assert set(containers) == {f"selma-{c}" for c in _deployed(docs)}
+    for component in _deployed(docs):
         own = by_kind(docs, "ConfigMap")[f"selma-{component}"].get("data") or {}
-        fields = _settings_fields(component)
+        fields = _settings_fields(*_hosted_by(containers[f"selma-{component}"]["args"]))
         if fields is None:
             assert not own, f"{component} has no settings module yet, but the chart sets {sorted(own)}"
             continue
         assert set(own) <= fields, f"{component}: settings the service does not read: {sorted(set(own) - fields)}"
+
+
+def _deployed(docs: list[dict[str, Any]]) -> list[str]:
+    """Components of the service Deployments rendered."""
+    return sorted(d["metadata"]["labels"]["app.kubernetes.io/component"] for d in docs if d["kind"] == "Deployment")
+
+
+# --- evaluation: hosted by the training Deployment, or its own (evaluation.separate) -------------
+
+
+def test_evaluation_is_hosted_by_the_training_deployment_by_default() -> None:
+    docs = scenario_objects("default")
+    assert "selma-evaluation" not in {o["metadata"]["name"] for o in docs}, "no evaluation objects unless evaluation.separate"
+    assert "evaluation" not in _deployed(docs)
+    training = _containers(docs)["selma-training"]
+    assert training["args"] == ["serve", "training"] and "--only" not in training["args"]
+    data = by_kind(docs, "ConfigMap")["selma-training"]["data"]
+    assert data["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051"
+    assert data["SELMA_EVAL_VQA_MODEL"] == "Salesforce/blip-vqa-base" and data["SELMA_EVAL_VQA_BATCH_SIZE"] == "16"
+    svc = by_kind(docs, "Service")["selma-training"]
+    assert svc["metadata"]["annotations"]["selma.dev/grpc-service"] == "selma.v1.TrainingService,selma.v1.EvaluationService"
+    (sm,) = by_kind(scenario_objects("monitoring"), "ServiceMonitor").values()
+    assert sm["spec"]["selector"]["matchExpressions"][0]["values"] == ["prompts", "render", "training", "serving"]
+
+
+def test_evaluation_separate_runs_its_own_deployment_and_service() -> None:
+    from selma.app.serve_cli import SERVICES
+
+    docs = scenario_objects("evaluation-separate")
+    deployments = by_kind(docs, "Deployment")
+    services = by_kind(docs, "Service")
+    assert _deployed(docs) == sorted((*COMPONENTS, "evaluation"))
+    containers = _containers(docs)
+    assert containers["selma-training"]["args"] == ["serve", "training", "--only"]
+    ev, tr = containers["selma-evaluation"], containers["selma-training"]
+    assert ev["args"] == ["serve", "evaluation"] and "evaluation" in SERVICES
+    assert ev["image"] == tr["image"] and ev["name"] == "evaluation"
+    assert {p["name"]: p["containerPort"] for p in ev["ports"]} == {"grpc": 50051, "metrics": 9400}
+    assert ev["readinessProbe"]["grpc"] == {"port": 50051, "service": GRPC_SERVICES["evaluation"]} == {"port": 50051, "service": "selma.v1.EvaluationService"}
+    assert ev["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert ev["startupProbe"]["grpc"]["port"] == 50051 and ev["startupProbe"]["failureThreshold"] == 30
+    assert tr["readinessProbe"]["grpc"] == {"port": 50051, "service": "selma.v1.TrainingService"}
+    assert ev["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+    # Hardened exactly as the training Deployment, under the same launcher account (it creates Jobs).
+    pod = deployments["selma-evaluation"]["spec"]["template"]
+    training_pod = deployments["selma-training"]["spec"]["template"]
+    for key in ("securityContext", "enableServiceLinks", "terminationGracePeriodSeconds", "serviceAccountName", "automountServiceAccountToken", "volumes"):
+        assert pod["spec"][key] == training_pod["spec"][key], key
+    assert pod["spec"]["serviceAccountName"] == "selma-training" and pod["spec"]["automountServiceAccountToken"] is True
+    for key in ("securityContext", "volumeMounts"):
+        assert ev[key] == tr[key], key
+    assert [e["name"] for e in ev["env"]] == [e["name"] for e in tr["env"]]
+    assert [r["configMapRef"]["name"] for r in ev["envFrom"]] == ["selma-config", "selma-evaluation"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation" and pod["metadata"]["labels"]["team"] == "evaluation"
+    assert deployments["selma-evaluation"]["spec"]["replicas"] == 1
+    # Its Service, on the same ports, selecting exactly its pods; its PodDisruptionBudget.
+    svc = services["selma-evaluation"]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {"grpc": (50051, "grpc"), "metrics": (9400, "metrics")}
+    assert svc["spec"]["selector"] == deployments["selma-evaluation"]["spec"]["selector"]["matchLabels"]
+    assert svc["metadata"]["annotations"]["selma.dev/grpc-service"] == "selma.v1.EvaluationService"
+    assert services["selma-training"]["metadata"]["annotations"]["selma.dev/grpc-service"] == "selma.v1.TrainingService"
+    assert _matches({"matchLabels": svc["spec"]["selector"]}, pod["metadata"]["labels"])
+    assert not _matches({"matchLabels": svc["spec"]["selector"]}, training_pod["metadata"]["labels"])
+    pdb = by_kind(docs, "PodDisruptionBudget")["selma-evaluation"]
+    assert pdb["spec"]["selector"] == deployments["selma-evaluation"]["spec"]["selector"]
+    # `helm test` checks each Deployment for the services it hosts.
+    (test_pod,) = by_kind(docs, "Pod").values()
+    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in (*COMPONENTS, "evaluation"))
+
+
+def test_evaluation_separate_settings_split_between_the_two_deployments() -> None:
+    from selma_evaluation.settings import EvaluationSettings
+    from selma_training.settings import TrainingSettings
+
+    docs = scenario_objects("evaluation-separate")
+    config_maps = by_kind(docs, "ConfigMap")
+    common = config_maps["selma-config"]["data"]
+    training, evaluation = config_maps["selma-training"]["data"], config_maps["selma-evaluation"]["data"]
+    assert not [k for k in training if k.startswith("SELMA_EVAL_")], "`serve training --only` reads no SELMA_EVAL_*"
+    assert evaluation["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051"
+    assert evaluation["SELMA_EVAL_VQA_MODEL"] == "Salesforce/blip-vqa-base" and evaluation["SELMA_EVAL_VQA_BATCH_SIZE"] == "32"
+    assert evaluation["SELMA_EVAL_MAX_JOBS"] == "16", "evaluation.settings reach the evaluation service"
+    # The same batch launcher settings as training (it launches Jobs the same way), but for its own override.
+    batch = {k: v for k, v in training.items() if k.startswith("SELMA_BATCH_")}
+    assert batch["SELMA_BATCH_LAUNCHER"] == "kubernetes" and batch["SELMA_BATCH_SERVICE_ACCOUNT"] == "selma-trainer"
+    assert {k: v for k, v in evaluation.items() if k.startswith("SELMA_BATCH_")} == {**batch, "SELMA_BATCH_MEMORY_REQUEST": "12Gi"}
+    assert not [k for k in evaluation if k.startswith("SELMA_TRAINING_")]
+
+    def settings(cls: type, data: dict[str, str]) -> Any:
+        return cls.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in {**common, **data}.items()})
+
+    ev = settings(EvaluationSettings, evaluation)
+    assert ev.batch_launcher == "kubernetes" and ev.batch_namespace == NAMESPACE and ev.eval_max_jobs == 16 and ev.eval_vqa_batch_size == 32
+    assert settings(TrainingSettings, training).batch_memory_request == "24Gi"
+
+
+def _eval_job_from(docs: list[dict[str, Any]], gpus: int = 1) -> dict[str, Any]:
+    """The worker Job the separate evaluation service would create with the settings of these ConfigMaps."""
+    from selma.batch.kube import build_job
+    from selma.batch.launchers import LaunchRequest
+    from selma_evaluation.settings import EvaluationSettings
+
+    config_maps = by_kind(docs, "ConfigMap")
+    env = {**config_maps["selma-config"]["data"], **(config_maps["selma-evaluation"].get("data") or {})}
+    settings = EvaluationSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in env.items()})
+    req = LaunchRequest(job_id="e0123456789", idempotency_key="k", run="quickstart", skill="evaluation",
+                        config_uri="s3://selma/jobs/evaluation/e0123456789/config.json", expert_id="r1", placement={"gpus": gpus},
+                        task="eval", service_settings=settings)
+    return build_job(req, settings)
+
+
+def test_evaluation_separate_rbac_network_and_workers(tmp_path: Path) -> None:
+    """Both launching Deployments (and only they) carry the launcher token; one Role serves both;
+    the NetworkPolicy covers the evaluation pod like the other services (gRPC from clients, metrics
+    from monitoring), and its worker Jobs are valid, run as trainers do, and may reach serving."""
+    docs = scenario_objects("evaluation-separate")
+    (role,) = by_kind(docs, "Role").values()
+    assert _rules(role) == EXPECTED_TRAINING_RULES
+    (binding,) = by_kind(docs, "RoleBinding").values()
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "selma-training", "namespace": NAMESPACE}]
+    for name, spec in pod_specs(docs):
+        launches = name in ("Deployment/selma-training", "Deployment/selma-evaluation")
+        assert (spec["serviceAccountName"] == "selma-training") is launches and spec["automountServiceAccountToken"] is launches, name
+    policies = by_kind(docs, "NetworkPolicy")
+    labels = by_kind(docs, "Deployment")["selma-evaluation"]["spec"]["template"]["metadata"]["labels"]
+    assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], labels)] == ["selma"]
+    assert policies["selma"] == by_kind(scenario_objects("default"), "NetworkPolicy")["selma"], "the same admission as in a default install"
+    ingress_ports = sorted(p["port"] for rule in policies["selma"]["spec"]["ingress"] for p in rule["ports"])
+    assert ingress_ports == [9400, 50051]
+    # the worker Job it launches
+    job = _eval_job_from(docs)
+    _validate_strict(tmp_path, [job], "eval-job")
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["command"][:3] == ["selma", "eval", "execute"]
+    assert spec["serviceAccountName"] == "selma-trainer" and spec["automountServiceAccountToken"] is False
+    assert container["image"] == _containers(docs)["selma-evaluation"]["image"]
+    assert container["resources"]["requests"]["memory"] == "12Gi", "evaluation.settings override the workers' SELMA_BATCH_*"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051" and env["SELMA_EVAL_VQA_BATCH_SIZE"] == "32"
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["selma.dev/task"] == "eval" and pod_labels["app.kubernetes.io/instance"] == "selma"
+    assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], pod_labels)] == ["selma-trainer"]
+    grpc_peers = next(r for r in policies["selma"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051)["from"]
+    assert any(_matches(peer["podSelector"], pod_labels) for peer in grpc_peers if "podSelector" in peer), "evaluation workers must reach serving"
+
+
+def test_evaluation_separate_without_training_keeps_the_launcher_account() -> None:
+    docs = objects(render(values={"training": {"enabled": False}, "evaluation": {"separate": True}}))
+    assert _deployed(docs) == ["evaluation", "prompts", "render", "serving"]
+    assert "selma-training" in by_kind(docs, "ServiceAccount") and "selma-training" in by_kind(docs, "Role")
+    pod = by_kind(docs, "Deployment")["selma-evaluation"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "selma-training" and pod["automountServiceAccountToken"] is True
+    local = objects(render(values={"training": {"jobs": {"launcher": "local"}}, "evaluation": {"separate": True}}))
+    assert not by_kind(local, "Role") and all(spec["automountServiceAccountToken"] is False for _, spec in pod_specs(local))
+
+
+def test_evaluation_separate_is_monitored_and_listed() -> None:
+    docs = objects(render((CHART / "ci" / "monitoring-values.yaml", CHART / "ci" / "evaluation-separate-values.yaml")))
+    services = by_kind(docs, "Service")
+    (sm,) = by_kind(docs, "ServiceMonitor").values()
+    selected = sorted(n for n, s in services.items() if _matches(sm["spec"]["selector"], s["metadata"]["labels"]))
+    assert selected == sorted(f"selma-{c}" for c in (*COMPONENTS, "evaluation"))
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    absent = [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "SelmaServiceAbsent"]
+    assert "selma-evaluation" in {r["labels"]["job"] for r in absent}
+    proc = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--set", "evaluation.separate=true")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "selma-evaluation.selma.svc:50051  (selma.v1.EvaluationService)" in notes
+    assert "svc/selma-evaluation 50055:50051" in notes and ",evaluation=localhost:50055" in notes
+    default_notes = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client").stdout.split("NOTES:", 1)[1]
+    assert "(selma.v1.TrainingService, selma.v1.EvaluationService)" in default_notes and "selma-evaluation" not in default_notes
 
 
 # --- storage, networking, scaling -----------------------------------------------------------------
@@ -744,7 +937,7 @@ def _not_in_image(directory: str, names: list[str]) -> set[str]:
 
 
 def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
-    """The files the Dockerfile copies build the package (stubs generated) with all four services."""
+    """The files the Dockerfile copies build the package (stubs generated) with every service."""
     import shutil
     import zipfile
 
@@ -767,8 +960,11 @@ def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("selma/v1/render_service_pb2_grpc.py", "selma/serve_cli.py", *(f"selma_{c}/__init__.py" for c in COMPONENTS)):
-        assert package in names, package
+    # `selma serve <component>` (selma.app), the Job launchers (selma.batch) and every service's package
+    wanted = ("selma/v1/render_service_pb2_grpc.py", "selma/app/cli.py", "selma/app/serve_cli.py", "selma/batch/kube.py", "selma/llm/settings.py",
+              *(f"selma_{c}/__init__.py" for c in (*COMPONENTS, "evaluation")))
+    missing = [package for package in wanted if package not in names]
+    assert not missing, f"the image would lack {missing} (a package folder without __init__.py is skipped by find_packages)"
 
 
 def test_example_skillset_is_valid_for_the_cluster() -> None:

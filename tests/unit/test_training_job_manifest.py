@@ -241,3 +241,19 @@ def test_an_evaluation_job_runs_the_eval_worker_with_its_own_name_label_and_sett
     assert train["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["selma", "train"]
     assert not any(e["name"].startswith("SELMA_EVAL_") for e in train["spec"]["template"]["spec"]["containers"][0]["env"])
     assert train["metadata"]["labels"]["selma.dev/task"] == "train"
+
+
+def test_worker_settings_skip_unset_values_and_keep_every_secret_out_of_jobs():
+    from pydantic import SecretStr
+
+    from selma_evaluation.settings import EvaluationSettings
+
+    s = EvaluationSettings(eval_api_keys={"openai": SecretStr("sk-live")}, llm_openai_api_key=SecretStr("sk-llm"), eval_vqa_model="org/vqa")
+    assert s.eval_secrets_dir is None
+    job_env = s.worker_env(secrets=False)
+    assert job_env["SELMA_EVAL_VQA_MODEL"] == "org/vqa"
+    assert "SELMA_EVAL_SECRETS_DIR" not in job_env  # unset stays unset, not the text "None"
+    assert "SELMA_EVAL_API_KEYS" not in job_env and "SELMA_LLM_OPENAI_API_KEY" not in job_env
+    assert "sk-" not in repr(job_env) and "*" not in repr(job_env)
+    local_env = s.worker_env(secrets=True)  # a local worker shares the service's environment anyway
+    assert local_env["SELMA_EVAL_API_KEYS"] == '{"openai": "sk-live"}' and local_env["SELMA_LLM_OPENAI_API_KEY"] == "sk-llm"

@@ -29,10 +29,8 @@ SELMA_MODEL_CACHE_DIR: {{ .Values.modelCache.mountPath | quote }}
 {{- end }}
 {{- end }}
 
-{{- define "selma.promptsSettings" -}}
-{{- if .Values.llm.secrets }}
-SELMA_LLM_SECRETS_DIR: "/var/run/secrets/selma"
-{{- end }}
+{{- /* The LLM layer (selma.llm.settings.LlmSettings): the prompt service, and evaluation for its questions. */}}
+{{- define "selma.llmSettings" -}}
 {{- if .Values.llm.baseUrl }}
 SELMA_LLM_DEFAULT_BACKEND: "openai_compatible"
 SELMA_LLM_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
@@ -40,6 +38,13 @@ SELMA_LLM_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
 SELMA_LLM_OPENAI_MODEL: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{- define "selma.promptsSettings" -}}
+{{- if .Values.llm.secrets }}
+SELMA_LLM_SECRETS_DIR: "/var/run/secrets/selma"
+{{- end }}
+{{ include "selma.llmSettings" . }}
 {{- end }}
 
 {{- define "selma.renderSettings" -}}
@@ -82,6 +87,8 @@ SELMA_EVAL_SERVING_ENDPOINT: {{ printf "%s:%v" (include "selma.componentName" (d
 {{- end }}
 SELMA_EVAL_VQA_MODEL: {{ .Values.evaluation.vqaModel | quote }}
 SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}
+{{- /* questions for new prompts are written by the same LLM the prompt service uses (llm.*) */}}
+{{ include "selma.llmSettings" . }}
 {{- end }}
 
 {{- /* `selma serve training`: the TrainingService, and the EvaluationService beside it unless evaluation.separate. */}}

@@ -28,6 +28,7 @@ from typing import Any
 
 from selma import plugins
 from selma.errors import InvalidArgument
+from selma.specs import expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,12 @@ def parse_target(text: str, method: str = "mean_delta") -> dict[str, Any]:
             eid, colon, w = part.rpartition(":") if ":" in part else (part, "", "")
             if colon and (not eid or not _is_number(w)):
                 raise InvalidArgument(f"--target {text!r}: {part!r} is not ID or ID:WEIGHT (a number)", field="target")
-            experts.append({"expert_id": eid, "weight": float(w) if colon else 1.0 / len(ids)})
+            experts.append({"expert_id": eid, "weight": float(w) if colon else None})
         if not experts:
             raise InvalidArgument(f"--target {text!r} names no expert", field="target")
+        # the service's rule (selma.specs.expert_weights): every expert has a weight or none has; unset = 1/N there
+        expert_weights([e["weight"] for e in experts], fld="target")
+        experts = [{k: v for k, v in e.items() if v is not None} for e in experts]
         return {"label": label, "experts": {"method": _method(method), "experts": experts}}
     raise InvalidArgument(f"--target {text!r} must be LABEL, LABEL=model:NAME or LABEL=experts:ID[:W],...", field="target")
 
@@ -288,16 +292,15 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from selma.client import SelmaClient
-    from selma.app.runner import _endpoints
+    from selma.client import Endpoints, SelmaClient
 
-    return SelmaClient(_endpoints(args), timeout=60.0)
+    return SelmaClient(Endpoints.for_cli(args.endpoints, args.dir), timeout=60.0)
 
 
 def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:
     import grpc
 
-    from selma.app.runner import RunFailed
+    from selma.errors import RunFailed
 
     try:
         return fn(*a, **kw)
@@ -368,7 +371,7 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
         if job.stats.trials:
             sys.stdout.write("\nmerge search (validation prompts):\n" + search_table(job) + "\n")
     if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
-        from selma.app.runner import RunFailed
+        from selma.errors import RunFailed
 
         raise RunFailed(f"evaluation {job.status.job_id} ended {common_pb2.JobPhase.Name(job.status.phase)}: {job.status.message}")
     # with --json everything below is in the JSON already: keep stdout parseable

@@ -4,8 +4,8 @@ Evaluations are batch work like expert training, so they run the same way: the s
 validates everything it can before anything is created (benchmark, categories, prompt sets,
 targets, VQA model reference, merge-search grid, validation/test overlap, placement), stores
 an :class:`~selma_evaluation.runner.EvaluationJobDoc` and starts a :class:`selma.jobs.JobManager`
-job whose function hands ``selma eval execute --config URI`` to the training service's
-launcher — a local subprocess, or a Kubernetes Job on a cluster — and follows the worker's
+job whose function hands ``selma eval execute --config URI`` to a batch launcher
+(:mod:`selma.batch`) — a local subprocess, or a Kubernetes Job on a cluster — and follows the worker's
 progress document until it exits.  A re-start with the same key resumes the worker's stored
 work (images, answers, trials).
 """

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -51,6 +50,7 @@ from selma.errors import FailedPrecondition, InvalidArgument, NotFound, Permissi
 
 from selma_evaluation.settings import EvaluationSettings
 from selma.llm.openai_http import OpenAiHttp, parse_base_url, parse_transport
+from selma.pipelines import mirror_model
 from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,6 @@ SUPPORTED_ARCHITECTURES = (
     "InstructBlipForConditionalGeneration (InstructBLIP), and image-text-to-text chat models that "
     "AutoModelForImageTextToText loads (PaliGemma, LLaVA, Qwen2-VL, Idefics, …)"
 )
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -613,33 +612,10 @@ def materialize_model(source: str, settings: EvaluationSettings) -> str:
     """A reference ``from_pretrained`` takes: a hub id or local directory as-is, storage prefixes mirrored.
 
     ``s3://…`` / ``file://…`` prefixes holding a transformers ``save_pretrained`` layout
-    (``config.json``) are copied once into ``<model_cache_dir>/mirror/<sha>/`` and published by
-    an atomic rename; pickled weight files are never fetched.  (``selma.pipelines.materialize``
-    only accepts diffusers pipelines, which have ``model_index.json``.)
+    (``config.json``) are mirrored by :func:`selma.pipelines.mirror_model`, as diffusers pipelines are.
     """
     if source.startswith(("s3://", "file://")):
-        from selma.storage import open_storage
-
-        cache = settings.resolved_model_cache_dir / "mirror" / hashlib.sha256(source.encode()).hexdigest()[:24]
-        if (cache / "config.json").is_file():
-            return str(cache)
-        storage = open_storage(settings, source)
-        objects = [o for o in storage.list("") if not o.key.endswith(_PICKLE_SUFFIXES)]
-        if not objects:
-            raise NotFound(f"VQA model {source!r} not found: no files under it", field=f"{FIELD}.transformers.model.source")
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        for obj in objects:
-            storage.download_file(obj.key, tmp / obj.key)
-        if not (tmp / "config.json").is_file():
-            raise FailedPrecondition(
-                f"{source} is not a transformers model (no config.json)", field=f"{FIELD}.transformers.model.source"
-            )
-        try:
-            tmp.rename(cache)
-        except OSError:
-            if not (cache / "config.json").is_file():
-                raise
-        return str(cache)
+        return str(mirror_model(source, settings, marker="config.json", kind="transformers model", field=f"{FIELD}.transformers.model.source"))
     path = Path(source).expanduser()
     if path.is_absolute() or source.startswith("."):
         if not path.is_dir():

@@ -29,8 +29,9 @@ from rapidfuzz.distance import LCSseq
 from rouge_score import tokenize as _rouge_tokenize
 
 from selma.errors import ResourceExhausted
+from selma.specs import DEFAULT_ROUGE_L_THRESHOLD
 
-DEFAULT_THRESHOLD = 0.8
+DEFAULT_THRESHOLD = DEFAULT_ROUGE_L_THRESHOLD  # one default for the service, the SkillSet and the CLI (selma.specs)
 _SURROGATES = range(0xD800, 0xE000)
 _MAX_CODE = 0x10FFFF
 

@@ -18,7 +18,7 @@ from typing import Any
 from selma.errors import InvalidArgument
 from selma.llm.backend import BackendSpec
 from selma.llm.specs import parse_device, resolve_backend
-from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
+from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str, rouge_l_threshold
 
 from selma_prompts.rouge import DEFAULT_THRESHOLD
 from selma_prompts.settings import PromptSettings
@@ -128,11 +128,7 @@ def resolve_spec(
         count = min(count, max_count)
     elif count > settings.prompts_max_count:
         raise InvalidArgument(f"count must be at most {settings.prompts_max_count} (the service maximum); got {count}", field="spec.count")
-    threshold = parse_float(d.get("rouge_l_threshold"), "spec.rouge_l_threshold", 0.0)
-    if threshold == 0:
-        threshold = DEFAULT_THRESHOLD
-    elif not 0 < threshold <= 1:
-        raise InvalidArgument(f"rouge_l_threshold must be in (0, 1] (0 = default {DEFAULT_THRESHOLD}); got {threshold}", field="spec.rouge_l_threshold")
+    threshold = rouge_l_threshold(d.get("rouge_l_threshold"))
     embedding = None
     if "embedding_filter" in d:
         ef = parse_mapping(d["embedding_filter"], "spec.embedding_filter")

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from selma.errors import FailedPrecondition, InvalidArgument
+from selma.specs import expert_weights
 
 from selma_serving.lora import Adapter, LoraModule, block_of, validate_compatible
 
@@ -142,11 +143,7 @@ def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density
     if dupes:
         raise InvalidArgument(f"expert {dupes[0]} is listed twice; give each expert once with its weight", field="experts")
     validate_compatible(list(adapters))
-    given = [e.weight is not None for e in params.experts]
-    if any(given) and not all(given):
-        raise InvalidArgument("either every expert sets a weight or none does (then each gets 1/N)", field="experts.weight")
-    n = len(params.experts)
-    weights = tuple(_finite(e.weight, "experts.weight") if e.weight is not None else 1.0 / n for e in params.experts)
+    weights = tuple(expert_weights([e.weight for e in params.experts]))
     blocks = tuple(
         (_finite(e.down, "experts.block_weights.down"), _finite(e.mid, "experts.block_weights.mid"), _finite(e.up, "experts.block_weights.up"))
         for e in params.experts

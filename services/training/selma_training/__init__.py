@@ -7,10 +7,7 @@ Modules, in the order data flows:
 * ``data``        the image_dataset, PIL/numpy transforms, the latent/text-embedding cache.
 * ``trainer``     ``train(job, settings)``: LoRA training, checkpoints, expert export.
 * ``checkpoint``  safetensors + JSON checkpoints with corrupt-checkpoint fallback.
-* ``progress``    the progress object the trainer writes and the service reads.
 * ``cli``         ``selma train --config URI``: the entrypoint of Jobs and local subprocesses.
-* ``launchers``   the launcher interface and the local-subprocess launcher.
-* ``kube``        the pure Job builder and the Kubernetes launcher.
-* ``core``        validate → store the job document → launch → follow (no gRPC).
+* ``core``        validate → store the job document → launch through :mod:`selma.batch` → follow (no gRPC).
 * ``server``      gRPC glue; ``metrics`` and ``settings`` beside it.
 """

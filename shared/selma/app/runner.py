@@ -34,7 +34,7 @@ from rich.tree import Tree
 
 from selma.api import message_to_dict
 from selma.client import Endpoints, SelmaClient
-from selma.errors import Aborted, FailedPrecondition, InvalidArgument, SelmaError
+from selma.errors import Aborted, FailedPrecondition, InvalidArgument, RunFailed, SelmaError
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
@@ -44,12 +44,6 @@ SKILL_STAGES = ("prompts", "render", "training")
 TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED}
 PHASE_NAMES = {v.number: v.name.removeprefix("JOB_PHASE_").lower() for v in common_pb2.JobPhase.DESCRIPTOR.values}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-class RunFailed(SelmaError):
-    """A stage of the run failed; the message says which and why."""
-
-    code = FailedPrecondition.code
 
 
 def stage_key(run: str, skill: str | None, stage: str) -> str:
@@ -387,11 +381,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
-    if args.endpoints:
-        return Endpoints.load(args.endpoints)
-    if os.environ.get("SELMA_ENDPOINTS"):
-        return Endpoints.load()
-    return Endpoints.load(Path(args.dir) / "endpoints.json")
+    return Endpoints.for_cli(args.endpoints, args.dir)
 
 
 def _run(args: argparse.Namespace) -> int:

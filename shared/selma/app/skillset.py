@@ -35,6 +35,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from selma.errors import InvalidArgument
+from selma.specs import expert_weights, rouge_l_threshold
 from selma.v1 import common_pb2, evaluation_service_pb2, prompt_service_pb2, render_service_pb2, serving_service_pb2, training_service_pb2
 
 API_VERSION = "selma.dev/v1alpha1"
@@ -140,9 +141,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     prompts = _mapping(spec.get("prompts", {}), ("spec", "prompts"), lines)
     _only(prompts, {"backend", "rougeLThreshold", "seed", "examplesPerRequest", "promptsPerRequest", "maxLlmRequests"}, ("spec", "prompts"), lines)
     if "rougeLThreshold" in prompts:
-        t = prompts["rougeLThreshold"]
-        if not isinstance(t, int | float) or not 0 < float(t) <= 1:
-            raise lines.error(("spec", "prompts", "rougeLThreshold"), f"must be in (0, 1]; got {t!r}")
+        _rule(lines, ("spec", "prompts", "rougeLThreshold"), rouge_l_threshold, prompts["rougeLThreshold"])
     for key in ("seed", "examplesPerRequest", "promptsPerRequest", "maxLlmRequests"):
         if key in prompts and (not isinstance(prompts[key], int) or prompts[key] < 0):
             raise lines.error(("spec", "prompts", key), f"must be a non-negative integer; got {prompts[key]!r}")
@@ -169,10 +168,9 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     for skill, w in weights.items():
         if skill not in names:
             raise lines.error(("spec", "merge", "weights", skill), f"no skill {skill!r} in spec.skills ({', '.join(sorted(names))})")
-        if not isinstance(w, int | float) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
-            raise lines.error(("spec", "merge", "weights", skill), f"weight must be a finite number; got {w!r}")
-    if weights and len(weights) != len(skills):
-        raise lines.error(("spec", "merge", "weights"), "give a weight for every skill or for none (none = 1/N each)")
+        _rule(lines, ("spec", "merge", "weights", skill), lambda v, fld: expert_weights([v], fld), w)
+    if weights:  # the service's rule: every expert has a weight or none has
+        _rule(lines, ("spec", "merge", "weights"), expert_weights, [weights.get(s.name) for s in skills])
     model_name = merge.get("modelName", name)
     if not isinstance(model_name, str) or not _NAME_RE.match(model_name):
         raise lines.error(("spec", "merge", "modelName"), "must be a DNS label")
@@ -205,6 +203,14 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         source=source,
         raw=data,
     )
+
+
+def _rule(lines: _LineIndex, path: tuple, rule: Any, value: Any) -> Any:
+    """Apply one of the API's field rules (:mod:`selma.specs`), reporting a refusal at ``path`` with the rule's own message."""
+    try:
+        return rule(value, "")
+    except InvalidArgument as e:
+        raise lines.error(path, e.message) from None
 
 
 def _skills(value: Any, lines: _LineIndex) -> list[SkillEntry]:

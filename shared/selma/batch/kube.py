@@ -38,6 +38,7 @@ from typing import Any
 
 from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
 
+from selma.batch import metrics
 from selma.batch.launchers import EXIT_BAD_INPUT, LaunchRequest, Launcher, Monitor, Outcome
 from selma.batch.settings import BatchSettings
 
@@ -370,8 +371,6 @@ class KubernetesLauncher(Launcher):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        from selma.batch import metrics
-
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
@@ -435,8 +434,6 @@ class KubernetesLauncher(Launcher):
         name = body["metadata"]["name"]
         try:
             resp = self._call("create", self._batch().create_namespaced_job, self.namespace, body, _preload_content=False)
-            from selma.batch import metrics
-
             metrics.LAUNCHES.labels(req.task, "kubernetes").inc()
             return json.loads(resp.data), True
         except AlreadyExists:
@@ -446,8 +443,6 @@ class KubernetesLauncher(Launcher):
             owner = ((existing.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB_ID)
             if owner != req.job_id:
                 raise AlreadyExists(f"a Job named {name} exists in {self.namespace} but belongs to {owner or 'someone else'}; delete it or use another run/skill") from None
-            from selma.batch import metrics
-
             metrics.ADOPTIONS.labels(req.task, "kubernetes").inc()
             log.info("adopted existing Job %s/%s for %s", self.namespace, name, req.job_id)
             return existing, False

@@ -17,7 +17,6 @@ placement's ``max_retries``, mirroring a Job's ``backoffLimit``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selma.batch import metrics
 from selma.errors import InvalidArgument
 
 from selma.batch.settings import BatchSettings
@@ -119,8 +119,6 @@ class LiveLaunches:
 
     def run(self, launcher: Launcher, req: LaunchRequest, monitor: Monitor) -> Outcome:
         """``launcher.run(req, monitor)``, registered for :meth:`cancel` while it runs."""
-        from selma.batch import metrics
-
         with self._lock:
             self._live[req.job_id] = (launcher, req)
         try:
@@ -243,8 +241,6 @@ class LocalLauncher(Launcher):
     def _run_once(self, req: LaunchRequest, monitor: Monitor, attempt: int, poll: float, cause: str = "") -> Outcome:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{req.job_id}.log"
-        from selma.batch import metrics
-
         with log_path.open("ab") as log_file:
             metrics.LAUNCHES.labels(req.task, self.name).inc()
             proc = subprocess.Popen(

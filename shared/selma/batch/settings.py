@@ -67,10 +67,33 @@ class BatchSettings(SelmaSettings):
             if not self.WORKER_SETTING_PREFIXES or not name.startswith(self.WORKER_SETTING_PREFIXES):
                 continue
             value = getattr(self, name)
-            if hasattr(value, "get_secret_value"):
+            if value is None:  # unset (e.g. no secrets dir): the worker's default is the same None
+                continue
+            if _is_secret(value):
                 if not secrets:
                     continue
-                value = value.get_secret_value()
+                value = _reveal(value)
             text = json.dumps(value, default=str) if isinstance(value, list | dict) else (str(value).lower() if isinstance(value, bool) else str(value))
             out[f"SELMA_{name.upper()}"] = text
         return out
+
+
+def _is_secret(value: object) -> bool:
+    """A SecretStr, or a collection holding one (e.g. ``eval_api_keys``)."""
+    if hasattr(value, "get_secret_value"):
+        return True
+    if isinstance(value, dict):
+        return any(_is_secret(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_is_secret(v) for v in value)
+    return False
+
+
+def _reveal(value: object) -> object:
+    if hasattr(value, "get_secret_value"):
+        return value.get_secret_value()  # type: ignore[union-attr]
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reveal(v) for v in value]
+    return value
