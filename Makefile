@@ -1,5 +1,5 @@
 # selma: every target does its own set-up on a fresh machine (idempotent, stamp-file based).
-#   make test   - install everything, then run the whole test suite (what CI runs)
+#   make test   - install everything, lint (buf, ruff), then run the whole test suite (what CI runs)
 #   make demo   - install everything, then run the end-to-end job on embedded defaults
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -42,8 +42,9 @@ proto: $(STAMP)
 
 lint: setup
 	cd protos && ../$(BUF) lint
+	$(VENV)/bin/ruff check .
 
-test: setup tools
+test: setup tools lint
 	$(PY) -m pytest -q
 
 test-fast: setup tools

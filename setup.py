@@ -19,9 +19,9 @@ OUT_ROOT = ROOT / "shared"
 
 def generate_stubs() -> None:
     """Run grpc_tools.protoc over protos/selma/v1/*.proto into shared/selma/v1/."""
-    from grpc_tools import protoc  # build requirement, pinned in pyproject.toml
-
     import importlib.resources
+
+    from grpc_tools import protoc  # build requirement, pinned in pyproject.toml
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "selma" / "v1").glob("*.proto"))
     if not protos:

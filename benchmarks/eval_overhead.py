@@ -33,14 +33,14 @@ from selma.v1 import evaluation_service_pb2 as pb
 from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
 from selma_evaluation.dsg import load_dsg1k, score_dsg
 from selma_evaluation.runner import item_seed
+from selma_evaluation.server import build_server as build_evaluation
+from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.vqa import VqaQuery, build_vqa, is_yes
 from selma_serving.engine import GenerationRequest
 from selma_serving.merge import params_from_dict
 from selma_serving.server import build_server as build_serving
 from selma_serving.settings import ServingSettings
 from selma_serving.testing import make_expert
-from selma_evaluation.server import build_server as build_evaluation
-from selma_evaluation.settings import EvaluationSettings
 
 
 def main() -> int:
@@ -90,7 +90,7 @@ def main() -> int:
                                                                  seed=item_seed(0, it.id), seed_policy="sequential")))
                     image = Image.open(io.BytesIO(img.png)).convert("RGB")
                     answers = vqa.answer([VqaQuery(image=image, question=q.text) for q in it.questions])
-                    samples.append((it, 0, {q.id: is_yes(a) for q, a in zip(it.questions, answers)}))
+                    samples.append((it, 0, {q.id: is_yes(a) for q, a in zip(it.questions, answers, strict=False)}))
                 score_dsg(samples)
             return time.perf_counter() - t0
 

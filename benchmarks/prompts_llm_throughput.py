@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from selma_prompts.generator import PromptGenerator  # noqa: E402
 from selma.llm.local import ModelRegistry  # noqa: E402
+from selma_prompts.generator import PromptGenerator  # noqa: E402
 from selma_prompts.settings import PromptSettings  # noqa: E402
 from selma_prompts.skills import SkillLibrary  # noqa: E402
 from selma_prompts.spec import resolve_spec  # noqa: E402

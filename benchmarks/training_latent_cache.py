@@ -24,9 +24,9 @@ def _run(args: tuple[str, str, str, str, bool, int, int, int]) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from selma.batch.progress import read_progress
     from selma.storage import open_storage
     from selma_training.config import TrainingJob, from_proto_dict
-    from selma.batch.progress import read_progress
     from selma_training.settings import TrainingSettings
     from selma_training.trainer import train
 

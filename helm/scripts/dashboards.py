@@ -52,7 +52,7 @@ class Dashboard:
 
 def _quantiles(metric: str, by: str, selector: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> tuple[Q, ...]:
     """p50/p95/p99 of a histogram, one series per ``by`` label set."""
-    legend_by = " ".join("{{%s}}" % b.strip() for b in by.split(",") if b.strip())
+    legend_by = " ".join("{{" + b.strip() + "}}" for b in by.split(",") if b.strip())
     return tuple(
         Q(
             f"histogram_quantile({q}, sum by (le{', ' + by if by else ''}) (rate({metric}_bucket{{{selector}}}[{RI}])))",

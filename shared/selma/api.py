@@ -1,8 +1,9 @@
 """Conversions between the shared ``selma.v1`` protobuf messages and the core's domain types.
 
 Servicers are glue: they call these to turn requests into plain Python (specs as dicts,
-filters as keyword arguments) and job records/manifests back into protobuf.  Keeping the
-conversions in one place means the five job RPCs look the same in every service.
+filters as keyword arguments, enums as short names: :func:`enum_name`) and job
+records/manifests back into protobuf.  The five job RPCs themselves are written once, in
+:mod:`selma.job_rpcs`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,84 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from selma.artifacts import ArtifactKind, Manifest
+from selma.errors import InvalidArgument
 from selma.jobs import JobPhase, JobRecord, OutputRef
 from selma.v1 import common_pb2
 
 M = TypeVar("M", bound=Message)
 
-_KIND_TO_PROTO = {k: getattr(common_pb2, f"ARTIFACT_KIND_{k.name}") for k in ArtifactKind}
+
+# -- enums ------------------------------------------------------------------------------------
+#
+# Every selma.v1 enum spells its values <PREFIX>_<NAME> with <PREFIX>_UNSPECIFIED = 0
+# (tests/unit/test_api.py holds the API to that); the domain side uses the short lower-case
+# <name> ("ddim", "ties", "fp16") and "" for UNSPECIFIED.
+
+
+def _enum_descriptor(enum_type: Any) -> EnumDescriptor:
+    return enum_type if isinstance(enum_type, EnumDescriptor) else enum_type.DESCRIPTOR
+
+
+def enum_prefix(enum_type: Any) -> str:
+    """The prefix of an enum's value names, e.g. ``"SCHEDULER_"`` for ``selma.v1.Scheduler``."""
+    return _enum_descriptor(enum_type).values_by_number[0].name.removesuffix("UNSPECIFIED")
+
+
+def enum_value(enum_type: Any, value: int | str | None, *, field: str = "") -> int:
+    """A proto enum value, given any of its spellings, as its number.
+
+    ``enum_type`` is the generated enum (``common_pb2.Scheduler``) or its descriptor.  ``value``
+    may be the number, the proto name (``"SCHEDULER_DDIM"``, what proto JSON writes) or the
+    short name (``"ddim"``, any case, ``-`` for ``_``); None, ``""``, 0 and UNSPECIFIED in any
+    spelling are 0.  Anything else (an unknown number or name) is INVALID_ARGUMENT naming
+    ``field`` (default: the enum's prefix in lower case, e.g. ``scheduler``) and the choices.
+    """
+    desc = _enum_descriptor(enum_type)
+    prefix = enum_prefix(desc)
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in desc.values_by_number:
+            return value
+    elif isinstance(value, str):
+        name = value.strip().upper().replace("-", "_")
+        v = desc.values_by_name.get(name if name.startswith(prefix) else prefix + name)
+        if v is not None:
+            return v.number
+    field = field or prefix.lower().rstrip("_")
+    choices = ", ".join(v.name.removeprefix(prefix).lower() for v in desc.values if v.number)
+    raise InvalidArgument(f"unknown {field} {value!r}; use one of: {choices}", field=field)
+
+
+def enum_name(enum_type: Any, value: int | str | None, *, field: str = "") -> str:
+    """A proto enum value, given any of its spellings, as its short lower-case name: ``"ddim"``.
+
+    UNSPECIFIED is ``""``; what :func:`enum_value` accepts and refuses, this does too.
+    """
+    number = enum_value(enum_type, value, field=field)
+    if not number:
+        return ""
+    desc = _enum_descriptor(enum_type)
+    return desc.values_by_number[number].name.removeprefix(enum_prefix(desc)).lower()
+
+
+def enum_proto_name(enum_type: Any, value: int | str | None, *, field: str = "") -> str:
+    """A proto enum value, given any of its spellings, as proto JSON writes it: ``"SCHEDULER_DDIM"``.
+
+    UNSPECIFIED is ``"SCHEDULER_UNSPECIFIED"``; what :func:`enum_value` accepts and refuses, this does too.
+    """
+    return _enum_descriptor(enum_type).values_by_number[enum_value(enum_type, value, field=field)].name
+
+
+_KIND_TO_PROTO = {k: enum_value(common_pb2.ArtifactKind, k.name) for k in ArtifactKind}
 _PROTO_TO_KIND = {v: k for k, v in _KIND_TO_PROTO.items()}
-_PHASE_TO_PROTO = {p: getattr(common_pb2, f"JOB_PHASE_{p.name}") for p in JobPhase}
+_PHASE_TO_PROTO = {p: enum_value(common_pb2.JobPhase, p.name) for p in JobPhase}
 _PROTO_TO_PHASE = {v: k for k, v in _PHASE_TO_PROTO.items()}
 
 

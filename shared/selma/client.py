@@ -26,17 +26,14 @@ from typing import Any
 import grpc
 
 from selma.errors import InvalidArgument
+from selma.job_kinds import JOB_KINDS, JobKind
 from selma.v1 import (
     common_pb2,
-    evaluation_service_pb2,
     evaluation_service_pb2_grpc,
-    prompt_service_pb2,
     prompt_service_pb2_grpc,
-    render_service_pb2,
     render_service_pb2_grpc,
     serving_service_pb2,
     serving_service_pb2_grpc,
-    training_service_pb2,
     training_service_pb2_grpc,
 )
 
@@ -115,31 +112,10 @@ class Endpoints:
         return cls(**{k: v for k, v in data.items() if k in {*API_SERVICES, "metrics"}})
 
 
-# Per job kind: the stub's method names and request classes.  The five calls are uniform.
-@dataclass(frozen=True)
-class _JobKind:
-    service: str
-    start: str
-    get: str
-    watch: str
-    cancel: str
-    list: str
-    module: Any
-
-
-JOB_KINDS = {
-    "prompts": _JobKind("prompts", "StartPromptGeneration", "GetPromptGeneration", "WatchPromptGeneration", "CancelPromptGeneration", "ListPromptGenerations", prompt_service_pb2),
-    "render": _JobKind("render", "StartDatasetRender", "GetDatasetRender", "WatchDatasetRender", "CancelDatasetRender", "ListDatasetRenders", render_service_pb2),
-    "training": _JobKind("training", "StartExpertTraining", "GetExpertTraining", "WatchExpertTraining", "CancelExpertTraining", "ListExpertTrainings", training_service_pb2),
-    "merge": _JobKind("serving", "StartMerge", "GetMerge", "WatchMerge", "CancelMerge", "ListMerges", serving_service_pb2),
-    "evaluation": _JobKind("evaluation", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation", "ListEvaluations", evaluation_service_pb2),
-}
-
-
 class JobClient:
-    """Start/Get/Watch/Cancel/List for one job kind."""
+    """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`)."""
 
-    def __init__(self, stub: Any, kind: _JobKind, timeout: float) -> None:
+    def __init__(self, stub: Any, kind: JobKind, timeout: float) -> None:
         self._stub = stub
         self._k = kind
         self._timeout = timeout

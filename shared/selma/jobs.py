@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from selma.errors import AlreadyExists, Cancelled, ErrorCode, InvalidArgument, NotFound, SelmaError
 from selma.metrics import JOB_DURATION, JOBS_ACTIVE, JOBS_FINISHED
+from selma.paging import next_page_token, page_window
 from selma.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -462,17 +463,11 @@ class JobManager:
         phases: set[JobPhase] | None = None,
         labels: Mapping[str, str] | None = None,
         idempotency_key: str = "",
-        page_size: int = 100,
+        page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[JobRecord], str]:
-        """Jobs matching every given filter, newest first, paginated by an opaque token."""
-        if page_size < 0:
-            raise InvalidArgument("page_size must be >= 0", field="page_size")
-        page_size = min(page_size or 100, 1000)
-        try:
-            offset = int(page_token or 0)
-        except ValueError:
-            raise InvalidArgument(f"page_token {page_token!r} is not one this server issued", field="page_token") from None
+        """Jobs matching every given filter, newest first, paginated by the List rule of :mod:`selma.paging`."""
+        offset, page_size = page_window(page_size, page_token)
         with self._cond:
             recs = [
                 r
@@ -485,8 +480,7 @@ class JobManager:
             ]
             recs.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
             page = [r.model_copy(deep=True) for r in recs[offset : offset + page_size]]
-        nxt = str(offset + page_size) if offset + page_size < len(recs) else ""
-        return page, nxt
+        return page, next_page_token(offset, page_size, len(recs))
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ servers in one process (tests, ``selma up``) share them without double registrat
 from __future__ import annotations
 
 import logging
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)

@@ -205,7 +205,7 @@ def load_pipeline(spec: ModelSpec, settings: SelmaSettings, *, device: str = "",
             kwargs["vae"] = AutoencoderKL.from_pretrained(materialize(spec.vae_source, settings), **{k: v for k, v in kwargs.items() if k != "variant"})
         with no_progress_bars():
             pipe = AutoPipelineForText2Image.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise FailedPrecondition(f"cannot load model {spec.source!r}: {e}", field="model.source") from e
     if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # research setting; callers filter outputs if they need to

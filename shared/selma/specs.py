@@ -103,3 +103,12 @@ def expert_weights(weights: list[Any], fld: str = "experts.weight") -> list[floa
         return [1.0 / len(weights)] * len(weights) if weights else []
     out = [parse_float(w, fld) for w in weights]
     return [float(w) for w in out if w is not None]
+
+
+def density(value: Any, fld: str = "density") -> float:
+    """A merge density (``MergeSpec.density``, merge-search candidates, SkillSet ``merge.density``): in (0, 1]; 0 = the service default."""
+    x = parse_float(value, fld, 0.0)
+    assert x is not None
+    if x != 0 and not 0 < x <= 1:
+        raise InvalidArgument(f"must be in (0, 1] (0 = the service default); got {x:g}", field=fld)
+    return x

@@ -55,7 +55,6 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
-from selma.metrics import STORAGE_ERRORS
 from selma.errors import (
     Aborted,
     FailedPrecondition,
@@ -66,6 +65,7 @@ from selma.errors import (
     SelmaError,
     Unavailable,
 )
+from selma.metrics import STORAGE_ERRORS
 
 if TYPE_CHECKING:
     from selma.config import SelmaSettings

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from selma.client import Endpoints, SelmaClient
 from selma.app.local_stack import LocalStack
 from selma.app.runner import Reporter, RunDriver, RunState
 from selma.app.skillset import parse_skillset
+from selma.client import Endpoints, SelmaClient
 from selma.v1 import common_pb2, serving_service_pb2
 
 pytestmark = pytest.mark.slow
@@ -148,8 +148,8 @@ def test_killed_run_resumes_without_duplicate_work(stack, llm, tmp_path):
 
 
 def test_second_concurrent_run_of_the_same_name_is_refused(tmp_path):
-    from selma.errors import Aborted
     from selma.app.runner import RunLock
+    from selma.errors import Aborted
 
     with RunLock(tmp_path / "runs" / "x.lock"):
         with pytest.raises(Aborted, match="already being driven"):

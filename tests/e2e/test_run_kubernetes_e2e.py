@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from selma.client import SelmaClient
 from selma.app.local_stack import LocalStack
+from selma.client import SelmaClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from fake_kube_api import FakeKubeApi, complete  # noqa: E402
-
 from test_run_e2e import _drive, skillset_text  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -22,10 +22,10 @@ def eval_stack(tiny_models, tmp_path_factory):
 
     from selma.artifacts import ArtifactStore
     from selma.client import Endpoints
-    from selma.storage import open_storage
-    from selma.v1 import serving_service_pb2_grpc as spb_grpc
     from selma.server import start_hosted
+    from selma.storage import open_storage
     from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
+    from selma.v1 import serving_service_pb2_grpc as spb_grpc
     from selma_evaluation import server as evaluation
     from selma_evaluation.settings import EvaluationSettings
     from selma_serving.server import build_server as build_serving

@@ -23,9 +23,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from _chart_tools import CHART, COMPONENTS, GRPC_SERVICES, MANIFESTS, NAMESPACE, prometheus, promtool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from _chart_tools import (
     CHART,
     COMPONENTS,
@@ -43,7 +42,7 @@ SCENARIO_IDS = [p.name.removesuffix("-values.yaml") for p in SCENARIOS]
 CRD_GROUP = "monitoring.coreos.com/"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rendered(scenario: str) -> str:
     return render((CHART / "ci" / f"{scenario}-values.yaml",))
 

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from minio import Minio
-
 from _chart_tools import CHART
+from minio import Minio
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ import yaml
 from google.protobuf import json_format
 
 from selma.api import dict_to_message, message_to_dict
-from selma.artifacts import ArtifactKind, new_artifact_id
 from selma.app.cli import main
+from selma.artifacts import ArtifactKind, new_artifact_id
 from selma.v1 import common_pb2
+from selma.v1 import evaluation_service_pb2 as pb
 from selma.v1 import serving_service_pb2 as spb
 from selma.v1 import serving_service_pb2_grpc as spb_grpc
-from selma.v1 import evaluation_service_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -303,11 +303,11 @@ def test_eval_help_lists_every_subcommand(capsys):
 
 @pytest.mark.parametrize("name", EXAMPLE_FILES)
 def test_example_specs_parse_and_validate(name):
+    from selma.batch.kube import validate_placement
     from selma_evaluation.dsg import load_dsg1k
     from selma_evaluation.runner import search_grid
     from selma_evaluation.settings import EvaluationSettings
     from selma_evaluation.vqa import resolve_backend
-    from selma.batch.kube import validate_placement
 
     raw = yaml.safe_load((EXAMPLES / name).read_text())
     msg = dict_to_message(raw, pb.EvaluationSpec)

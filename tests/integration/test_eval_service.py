@@ -14,8 +14,8 @@ from PIL import Image
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.storage import open_storage
 from selma.v1 import common_pb2
-from selma.v1 import serving_service_pb2 as spb
 from selma.v1 import evaluation_service_pb2 as pb
+from selma.v1 import serving_service_pb2 as spb
 from selma_evaluation.runner import item_seed
 
 pytestmark = pytest.mark.slow

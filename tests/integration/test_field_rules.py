@@ -15,7 +15,7 @@ import pytest
 from selma.app.cli import main as selma_main
 from selma.app.skillset import SkillSetError, parse_skillset
 from selma.errors import InvalidArgument
-from selma.specs import expert_weights, rouge_l_threshold
+from selma.specs import density, expert_weights, rouge_l_threshold
 from selma.v1 import common_pb2
 from selma.v1 import prompt_service_pb2 as ppb
 from selma.v1 import prompt_service_pb2_grpc as ppb_grpc
@@ -142,3 +142,27 @@ def test_partial_expert_weights_are_refused_alike_through_grpc_skillset_and_cli(
     code = selma_main(["eval", "run", "--target", f"mix=experts:{a.id}:0.7,{b.id}", "--endpoints", "/nonexistent/endpoints.json"])
     assert code == 2
     assert_refused_once(cli_error(capsys), message, "target")
+
+
+# --- merge density: (0, 1], 0 = the service default ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", [1.5, -0.5])
+def test_a_bad_merge_density_is_refused_alike_through_grpc_skillset_and_cli(value, serving, capsys):
+    message = rule_message(density, value)
+    stub, (a, b) = serving
+    mix = common_pb2.MergeSpec(method=common_pb2.MERGE_METHOD_TIES, density=value,
+                               experts=[common_pb2.ExpertWeight(expert_id=a.id), common_pb2.ExpertWeight(expert_id=b.id)])
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(spb.GenerateRequest(prompts=["a cat"], experts=mix), timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_refused_once(e.value.details(), message, "density")
+    with pytest.raises(SkillSetError) as s:
+        parse_skillset(skillset(merge=f", density: {value}"))
+    assert_refused_once(str(s.value), message, "spec.merge.density")
+    capsys.readouterr()
+    code = selma_main(["eval", "run", "--target", "base", "--search-experts", f"{a.id},{b.id}", "--search-methods", "ties",
+                       "--search-densities", str(value), "--endpoints", "/nonexistent/endpoints.json"])
+    assert code == 2
+    assert_refused_once(cli_error(capsys), message, "--search-densities")

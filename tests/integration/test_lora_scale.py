@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors.torch import load as load_st
 
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
+from selma.pipelines import make_scheduler
+from selma.seeds import SeedPolicy, derive_seed
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma.v1 import training_service_pb2 as pb
 from selma.v1 import training_service_pb2_grpc as pb_grpc
 from selma_serving.core import ServingCore
-from selma.pipelines import make_scheduler
-from selma.seeds import SeedPolicy, derive_seed
 from selma_serving.engine import GenerationRequest
 from selma_serving.lora import DIFFUSERS_FILE, KOHYA_FILE, load_expert
 from selma_serving.merge import ExpertWeight, MergeParams
@@ -169,12 +169,12 @@ def test_mean_delta_merge_equals_the_weighted_sum_of_the_trainers_deltas(trained
     skills = list(PAIRS)
     weights = [0.5, 0.3, 0.9, 0.4]
     serving = trained.serving
-    params = MergeParams(experts=tuple(ExpertWeight(trained.experts[s].id, w) for s, w in zip(skills, weights)))
+    params = MergeParams(experts=tuple(ExpertWeight(trained.experts[s].id, w) for s, w in zip(skills, weights, strict=False)))
     adapters, rm = serving.prepare_merge(params, for_serving=False)
     result = serving.run_merge(adapters, rm)
     for module, (A, B) in result.lora.items():
         expected = 0
-        for s, w in zip(skills, weights):
+        for s, w in zip(skills, weights, strict=False):
             peft, scaling = trained.replays[s].peft, trained.replays[s].scaling[module]
             down, up = peft[f"{module}.lora_A.weight"].double(), peft[f"{module}.lora_B.weight"].double()
             expected = expected + w * scaling * (up.flatten(1) @ down.flatten(1))

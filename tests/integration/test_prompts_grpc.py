@@ -14,7 +14,9 @@ from google.protobuf import json_format
 from selma.artifacts import ArtifactStore
 from selma.server import wait_for_serving
 from selma.storage import open_storage
-from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
+from selma.v1 import common_pb2
+from selma.v1 import prompt_service_pb2 as pb
+from selma.v1 import prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.fake_llm import FakeLlmServer
 from selma_prompts.server import SERVICE_NAME, build_server
 from selma_prompts.settings import PromptSettings

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from selma.errors import InvalidArgument, PermissionDenied
+from selma.llm.backend import LlmUnavailable
+from selma.llm.local import ModelRegistry
 from selma.storage import open_storage
 from selma_prompts.fake_llm import FakeLlmServer, openai_answer, synthetic_list
 from selma_prompts.job import PROMPTS_FILE, PromptJobRunner
-from selma.llm.backend import LlmUnavailable
-from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary
 

@@ -9,14 +9,16 @@ import grpc
 import pytest
 
 from selma.app.cli import main as selma_main
-from selma.server import wait_for_serving
-from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
-from selma_prompts.fake_llm import FakeLlmServer
 from selma.llm.local import ModelRegistry
+from selma.llm.specs import resolve_backend
+from selma.server import wait_for_serving
+from selma.v1 import common_pb2
+from selma.v1 import prompt_service_pb2 as pb
+from selma.v1 import prompt_service_pb2_grpc as pb_grpc
+from selma_prompts.fake_llm import FakeLlmServer
 from selma_prompts.server import SERVICE_NAME, build_server
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import BUILTIN_SKILLS
-from selma.llm.specs import resolve_backend
 from selma_prompts.templates import build_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -16,12 +16,14 @@ import grpc
 import pytest
 
 from selma.artifacts import ArtifactStore
+from selma.llm.local import ModelRegistry
 from selma.server import wait_for_serving
 from selma.storage import open_storage
-from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
+from selma.v1 import common_pb2
+from selma.v1 import prompt_service_pb2 as pb
+from selma.v1 import prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.fake_llm import FakeLlmServer
 from selma_prompts.job import PROMPTS_FILE, PromptJobRunner
-from selma.llm.local import ModelRegistry
 from selma_prompts.server import SERVICE_NAME
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary

@@ -23,7 +23,6 @@ from selma.artifacts import ArtifactStore
 from selma.server import wait_for_serving
 from selma.storage import open_storage
 from selma.v1 import common_pb2, render_service_pb2, render_service_pb2_grpc
-
 from selma_render.renderer import Renderer
 from selma_render.server import SERVICE_NAME, build_server
 from selma_render.settings import RenderSettings

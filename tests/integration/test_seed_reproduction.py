@@ -19,7 +19,6 @@ from selma.seeds import SeedPolicy, derive_seed
 from selma.v1 import common_pb2, render_service_pb2
 from selma.v1 import serving_service_pb2 as spb
 from selma.v1 import serving_service_pb2_grpc as spb_grpc
-
 from selma_render.core import RenderCore
 from selma_render.settings import RenderSettings
 from selma_serving.server import build_server
@@ -75,8 +74,7 @@ def render_dataset(s: SimpleNamespace, policy: int) -> tuple[list[dict], dict[st
         ),
     )
     rec, _, _ = s.render.start(f"seeds-{policy}", spec)
-    for rec in s.render.jobs.watch(rec.job_id):
-        pass
+    *_, rec = s.render.jobs.watch(rec.job_id)  # the last update is terminal
     assert rec.output is not None, rec.message
     manifest = s.render.store.get(rec.output.id)
     rows = [json.loads(line) for line in s.render.store.read_bytes(manifest, "metadata.jsonl").decode().splitlines()]

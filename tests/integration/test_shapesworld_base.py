@@ -12,8 +12,8 @@ pytest.importorskip("selma_shapesworld.world")
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from selma.pipelines import ModelSpec, load_pipeline, make_scheduler  # noqa: E402
-from selma_shapesworld.plugin import model_path as shapesworld_model_path  # noqa: E402
 from selma_shapesworld import judge, world  # noqa: E402
+from selma_shapesworld.plugin import model_path as shapesworld_model_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

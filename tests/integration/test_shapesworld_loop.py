@@ -15,11 +15,11 @@ import re
 import pytest
 from rich.console import Console
 
+from selma.app.local_stack import LocalStack
+from selma.app.runner import Reporter
 from selma.artifacts import ArtifactStore
 from selma.client import SelmaClient
 from selma.config import SelmaSettings
-from selma.app.local_stack import LocalStack
-from selma.app.runner import Reporter
 from selma.storage import open_storage
 from selma_shapesworld.loop import TableConfig, run_table, service_model_source, stack_env
 

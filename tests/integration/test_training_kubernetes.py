@@ -5,19 +5,18 @@ from __future__ import annotations
 import socket
 
 import pytest
+from fake_kube_api import FakeKubeApi, complete
 from kubernetes import client
 
 from selma.artifacts import ArtifactStore
+from selma.batch.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
 from selma.errors import PermissionDenied, Unavailable
 from selma.jobs import JobPhase
 from selma.storage import open_storage
 from selma_training.core import TrainingCore
-from selma.batch.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
 from selma_training.samples import publish_shapes_dataset
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import load_job_document, run_job
-
-from fake_kube_api import FakeKubeApi, complete
 
 NS = "selma"
 

@@ -175,7 +175,7 @@ def test_pure_reads_are_marked_no_side_effects(files):
 
 def test_every_enum_zero_value_ends_in_unspecified(files):
     seen = 0
-    for stem, file in files.items():
+    for file in files.values():
         for enum in _all_enums(file):
             zero = enum.values_by_number[0]
             assert zero.index == 0 and zero.name.endswith("_UNSPECIFIED"), f"{enum.full_name}: {zero.name}"
@@ -296,7 +296,7 @@ def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> descriptor_
 def test_generated_stubs_are_current_with_the_protos(files, tmp_path):
     compiled = _compile(tmp_path / "plain.binpb", source_info=False).file
     fresh = {f.name: _without_json_names(f) for f in compiled}
-    for stem, file in files.items():
+    for file in files.values():
         generated = _without_json_names(descriptor_pb2.FileDescriptorProto.FromString(file.serialized_pb))
         assert generated == fresh[file.name], f"{file.name}: stubs are stale; run `python setup.py gen`"
 

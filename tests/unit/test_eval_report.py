@@ -55,7 +55,7 @@ def _table(answers: dict[str, list[str]]) -> ScoreTable:
     """Score by the DSG rule (a question whose parent is not 'yes' scores 0); one image per item."""
     per_question, per_item, by_cat, by_qcat = {}, {}, {}, {}
     for item in ITEMS:
-        raw = dict(zip((q.id for q in item.questions), answers[item.id]))
+        raw = dict(zip((q.id for q in item.questions), answers[item.id], strict=False))
         scores = {q.id: float(raw[q.id] == "yes" and all(raw[p] == "yes" for p in q.parents)) for q in item.questions}
         per_question.update({(item.id, 0, qid): s for qid, s in scores.items()})
         per_item[item.id] = _mean(list(scores.values()))
@@ -84,7 +84,7 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 
 def _target(label: str, description: str, colour: tuple[int, int, int]) -> TargetResult:
-    answers = {(item.id, 0, q.id): a for item in ITEMS for q, a in zip(item.questions, ANSWERS[label][item.id])}
+    answers = {(item.id, 0, q.id): a for item in ITEMS for q, a in zip(item.questions, ANSWERS[label][item.id], strict=False)}
     return TargetResult(label=label, description=description, scores={"dsg": _table(ANSWERS[label])},
                         images={(item.id, 0): _png(colour) for item in ITEMS}, answers={"dsg": answers})
 

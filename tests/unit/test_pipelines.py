@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
-from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, load_pipeline, make_scheduler, resolve_device, resolve_dtype
+from selma.pipelines import (
+    SCHEDULERS,
+    ModelSpec,
+    PipelineCache,
+    load_pipeline,
+    make_scheduler,
+    resolve_device,
+    resolve_dtype,
+)
 from selma.storage import open_storage
 
 pytestmark = pytest.mark.slow

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from selma.llm.backend import LlmBackend, LlmRequest, LlmResponse
 from selma.llm.embedding import EmbeddingPool, load_embedding_model
 from selma_prompts.generator import STOP_BUDGET, STOP_TARGET, GenerationState, PromptGenerator
-from selma.llm.backend import LlmBackend, LlmResponse
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary
 from selma_prompts.spec import resolve_spec
-from selma.llm.backend import LlmRequest
 
 WORDS = "apple bicycle cactus drum eagle fork guitar hammer igloo jar kettle lemon magnet needle onion parrot quilt".split()
 

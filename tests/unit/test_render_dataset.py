@@ -15,7 +15,6 @@ from selma.artifacts import ArtifactStore
 from selma.errors import NotFound
 from selma.jobs import JobPhase, JobRecord
 from selma.v1 import common_pb2, render_service_pb2
-
 from selma_render.core import RenderCore
 from selma_render.dataset import reproduce_image
 from selma_render.renderer import Renderer
@@ -56,8 +55,7 @@ def spec(model: Path, prompt_set: str, **settings) -> render_service_pb2.Dataset
 
 def run_to_end(core: RenderCore, key: str, s: render_service_pb2.DatasetRenderSpec) -> JobRecord:
     rec, _, _ = core.start(key, s)
-    for rec in core.jobs.watch(rec.job_id):
-        pass
+    *_, rec = core.jobs.watch(rec.job_id)  # the last update is terminal
     return rec
 
 

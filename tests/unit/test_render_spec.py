@@ -7,13 +7,13 @@ import json
 
 import pytest
 
+from selma.api import enum_name
 from selma.artifacts import ArtifactStore
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.pipelines import ModelSpec
 from selma.seeds import SEED_MODULUS, SeedPolicy, derive_seed
 from selma.storage import open_storage
 from selma.v1 import common_pb2, render_service_pb2
-
 from selma_render.core import check_idempotency_key, check_model_reference
 from selma_render.dataset import Prompt, image_path, load_prompts, plan_items, resolve_prompt_set
 from selma_render.settings import RenderSettings
@@ -23,7 +23,6 @@ from selma_render.spec import (
     parse_dataset_spec,
     parse_render_settings,
     scheduler_enum,
-    scheduler_name,
 )
 
 
@@ -109,9 +108,21 @@ def test_missing_model_without_default_is_invalid_but_default_fills_in(settings)
     assert parse_render_settings(render_service_pb2.RenderSettings(), with_default).model.source == "stabilityai/stable-diffusion-2-base"
 
 
+def test_unknown_enum_values_name_their_field(settings):
+    cases = {
+        "settings.diffusion.scheduler": _settings_msg(scheduler=99),
+        "settings.seed_policy": render_service_pb2.RenderSettings(model=common_pb2.ModelRef(source="org/model"), seed_policy=42),
+        "settings.device.precision": render_service_pb2.RenderSettings(model=common_pb2.ModelRef(source="org/model"), device=common_pb2.DeviceOptions(precision=9)),
+    }
+    for field, msg in cases.items():
+        with pytest.raises(InvalidArgument) as e:
+            parse_render_settings(msg, settings)
+        assert e.value.field == field
+
+
 def test_scheduler_names_round_trip():
     for value in common_pb2.Scheduler.values():
-        assert scheduler_enum(scheduler_name(value)) == value
+        assert scheduler_enum(enum_name(common_pb2.Scheduler, value)) == value
     assert scheduler_enum("FlowMatchEulerDiscreteScheduler") == common_pb2.SCHEDULER_UNSPECIFIED
 
 

@@ -194,7 +194,7 @@ def test_svd_truncation_reports_error_and_full_rank_is_exact(env):
     _, rm = core.prepare_merge(mix((ex["a"], None), (ex["b"], None), output_rank=2), for_serving=True)
     res = core.run_merge(adapters, rm)
     assert 0 < res.svd_error_mean <= res.svd_error_max < 1
-    errs = dict(zip(sorted(full), res.svd_errors))
+    errs = dict(zip(sorted(full), res.svd_errors, strict=False))
     for name, d in res.effective_deltas().items():
         assert float((d - full[name]).norm() / full[name].norm()) == pytest.approx(errs[name], rel=1e-3)
 

@@ -53,7 +53,7 @@ def np_trim(t: np.ndarray, density: float) -> np.ndarray:
 
 
 def np_ties(trimmed: list[np.ndarray], w: list[float], sign: str) -> np.ndarray:
-    v = np.stack([wi * t for wi, t in zip(w, trimmed)])
+    v = np.stack([wi * t for wi, t in zip(w, trimmed, strict=False)])
     total = v.sum(0)
     if sign == "frequency":
         elected = np.sign(np.sign(v).sum(0))
@@ -78,7 +78,7 @@ EXPERTS = [adapter("expert-a", 1, 3, alpha=6), adapter("expert-b", 2, 3, alpha=1
 
 
 def params(method: str, weights=(None, None, None), **kw) -> MergeParams:
-    return MergeParams(experts=tuple(ExpertWeight(a.id, w) for a, w in zip(EXPERTS, weights)), method=method, **kw)
+    return MergeParams(experts=tuple(ExpertWeight(a.id, w) for a, w in zip(EXPERTS, weights, strict=False)), method=method, **kw)
 
 
 def test_mean_delta_is_exact_concatenated_lora_of_summed_deltas():
@@ -101,14 +101,14 @@ def test_selma_variant_methods_act_on_full_deltas_like_numpy(method, sign):
     for name in MODULES:
         deltas = [np_delta(a.modules[name]) for a in EXPERTS]
         if method.startswith("dare"):
-            masks = [dare_mask(d.shape, 0.4, derived_seed(7, name, a.id)).numpy() for d, a in zip(deltas, EXPERTS)]
-            dropped = [d * m / 0.4 for d, m in zip(deltas, masks)]
+            masks = [dare_mask(d.shape, 0.4, derived_seed(7, name, a.id)).numpy() for d, a in zip(deltas, EXPERTS, strict=False)]
+            dropped = [d * m / 0.4 for d, m in zip(deltas, masks, strict=False)]
         if method == "magnitude_prune":
-            expected = sum(w * np_trim(d, 0.4) for w, d in zip(weights, deltas))
+            expected = sum(w * np_trim(d, 0.4) for w, d in zip(weights, deltas, strict=False))
         elif method == "ties":
             expected = np_ties([np_trim(d, 0.4) for d in deltas], list(weights), sign)
         elif method == "dare_linear":
-            expected = sum(w * d for w, d in zip(weights, dropped))
+            expected = sum(w * d for w, d in zip(weights, dropped, strict=False))
         else:
             expected = np_ties(dropped, list(weights), sign)
         assert rel(result.deltas[name], expected) < 1e-5, (method, name)
@@ -141,8 +141,8 @@ def test_peft_variant_equals_peft_merge_utils_on_the_same_full_deltas(method, si
         elif method == "ties":
             expected = merge_utils.ties(deltas, w, density, majority_sign_method=sign)
         else:
-            masks = iter([dare_mask(d.shape, density, derived_seed(7, name, a.id)).float() for d, a in zip(deltas, EXPERTS)])
-            with mock.patch.object(merge_utils.torch, "bernoulli", side_effect=lambda _p: next(masks)):
+            masks = iter([dare_mask(d.shape, density, derived_seed(7, name, a.id)).float() for d, a in zip(deltas, EXPERTS, strict=False)])
+            with mock.patch.object(merge_utils.torch, "bernoulli", side_effect=lambda _p, _masks=masks: next(_masks)):
                 if method == "dare_linear":
                     expected = merge_utils.dare_linear(deltas, w, density)
                 else:
@@ -194,7 +194,7 @@ def test_mean_delta_truncated_rank_reports_error():
     assert result.rank == 2 and len(result.svd_errors) == len(MODULES) and result.svd_error_max > 0
     for name, (A, B) in result.lora.items():
         expected = sum(np_delta(a.modules[name]) / 3 for a in EXPERTS)
-        assert rel(B @ A, expected) == pytest.approx(dict(zip(sorted(MODULES), result.svd_errors))[name], rel=1e-3)
+        assert rel(B @ A, expected) == pytest.approx(dict(zip(sorted(MODULES), result.svd_errors, strict=False))[name], rel=1e-3)
 
 
 def test_block_weights_override_the_expert_weight_per_block():
@@ -230,7 +230,7 @@ def test_single_expert_at_weight_one_merges_to_itself():
 )
 def test_invalid_merges_are_refused_with_a_clear_reason(experts, kw, error, text):
     weights = kw.pop("weights", (None,) * len(experts))
-    p = MergeParams(experts=tuple(ExpertWeight(a.id, w) for a, w in zip(experts, weights)), **kw)
+    p = MergeParams(experts=tuple(ExpertWeight(a.id, w) for a, w in zip(experts, weights, strict=False)), **kw)
     with pytest.raises(error, match=text):
         resolve(p, experts)
 
@@ -257,6 +257,10 @@ def test_params_from_proto_json():
     assert params_from_dict({"experts": [{"expert_id": "e"}]}).method == "mean_delta"
     with pytest.raises(InvalidArgument, match="expert_id is empty"):
         params_from_dict({"experts": [{"weight": 1.0}]})
+    for bad in ({"method": "MERGE_METHOD_BOGUS"}, {"method": 99}, {"sign_election": "majority"}, {"variant": 7}):
+        with pytest.raises(InvalidArgument) as e:
+            params_from_dict({"experts": [{"expert_id": "e"}], **bad})
+        assert e.value.field == next(iter(bad))
 
 
 def test_adapter_files_round_trip_at_scale_one():

@@ -9,8 +9,8 @@ import pytest
 
 from selma.artifacts import ArtifactKind, ArtifactStore
 from selma.errors import InvalidArgument
-from selma_prompts.generator import PromptGenerator
 from selma.llm.local import ModelRegistry
+from selma_prompts.generator import PromptGenerator
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary, make_skill
 from selma_prompts.spec import resolve_spec

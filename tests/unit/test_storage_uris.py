@@ -8,7 +8,16 @@ import pytest
 
 from selma.config import SelmaSettings
 from selma.errors import InvalidArgument
-from selma.storage import FileStorage, S3Storage, check_key, check_prefix, open_storage, parse_endpoint, parse_uri, resolve_uri
+from selma.storage import (
+    FileStorage,
+    S3Storage,
+    check_key,
+    check_prefix,
+    open_storage,
+    parse_endpoint,
+    parse_uri,
+    resolve_uri,
+)
 
 
 @pytest.mark.parametrize("key", ["a", "a/b/c.png", "experts/run-1/skill_2/adapter.safetensors", "a..b", ".hidden", "ünï/cöde"])

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from selma.app.models_cli import register
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.models import llm, tiny
-from selma.app.models_cli import register
 from selma.models.tokenizer import train_clip_tokenizer, train_lm_tokenizer
 
 # diffusers' Euler scheduler trips a numpy 2 deprecation on every call; not ours to fix.

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from selma.errors import InvalidArgument
-from selma_training.config import PRESETS_NAMES, from_proto_dict, load_config_file, parse_config, preset_config, to_proto_dict
+from selma_training.config import (
+    PRESETS_NAMES,
+    from_proto_dict,
+    load_config_file,
+    parse_config,
+    preset_config,
+    to_proto_dict,
+)
 
 
 def test_presets_match_the_paper():

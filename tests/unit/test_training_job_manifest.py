@@ -5,9 +5,9 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from selma.errors import InvalidArgument
 from selma.batch.kube import METRICS_PORT_NAME, build_job, job_name, job_state, validate_placement
 from selma.batch.launchers import LaunchRequest
+from selma.errors import InvalidArgument
 from selma_training.settings import TrainingSettings
 
 K8S_VERSION = "1.33.0"

@@ -50,7 +50,6 @@ def _add_dsg_score(actions: argparse._SubParsersAction) -> None:
 
 def _dsg_score(args: argparse.Namespace) -> int:
     from selma.errors import InvalidArgument
-
     from selma_evaluation import dsg
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from selma import plugins
+from selma.api import enum_name
 from selma.errors import InvalidArgument
-from selma.specs import expert_weights
+from selma.specs import density, expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,8 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "objective": "EVALUATION_METRIC_" + args.objective.upper(),
         }
         if args.search_densities:
-            search["densities"] = _floats(args.search_densities, "--search-densities")
+            # refused here by the service's own rule (selma.specs.density), before anything is sent
+            search["densities"] = [density(d, "--search-densities") for d in _floats(args.search_densities, "--search-densities")]
         if args.search_weights:
             search["weight_values"] = _floats(args.search_weights, "--search-weights")
         if args.max_trials:
@@ -323,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"the spec is not a valid EvaluationSpec: {e}", field="spec") from None
     key = args.key or "eval/" + hashlib.sha256(json.dumps(message_to_dict(msg), sort_keys=True).encode()).hexdigest()[:16]
     with _client(args) as client:
-        stub = client.stub("training")
+        stub = client.stub("evaluation")
         resp = _rpc(stub.StartEvaluation, pb.StartEvaluationRequest(idempotency_key=key, spec=msg), timeout=120)
         job = resp.job
         sys.stderr.write(f"evaluation {job.status.job_id} ({'started' if resp.created else 'attached'}, key {key})\n")
@@ -403,10 +405,10 @@ def score_table(job: Any) -> str:
             slices.append(name)
         cell[(name, r.target_label, r.metric)] = r.score_percent
     slices = sorted(s for s in slices if s != "overall") + ["overall"]
-    heads = ["slice"] + [f"{t} {pb.EvaluationMetric.Name(m).removeprefix('EVALUATION_METRIC_')}" for t, m in cols]
+    heads = ["slice"] + [f"{t} {enum_name(pb.EvaluationMetric, m).upper()}" for t, m in cols]
     body = [[s] + [f"{cell[(s, t, m)]:.1f}" if (s, t, m) in cell else "-" for t, m in cols] for s in slices]
     widths = [max(len(r[i]) for r in [heads, *body]) for i in range(len(heads))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))  # noqa: E731
     return "\n".join([fmt(heads), fmt(["-" * w for w in widths]), *[fmt(r) for r in body]])
 
 
@@ -417,7 +419,7 @@ def search_table(job: Any, limit: int = 10) -> str:
     trials = sorted(job.stats.trials, key=lambda t: (-t.validation_score_percent, t.index))
     lines = []
     for rank, t in enumerate(trials[:limit]):
-        method = common_pb2.MergeMethod.Name(t.merge.method).removeprefix("MERGE_METHOD_").lower()
+        method = enum_name(common_pb2.MergeMethod, t.merge.method)
         density = f" density {t.merge.density:g}" if t.merge.density else ""
         weights = ", ".join(f"{e.expert_id}×{e.weight:g}" for e in t.merge.experts)
         lines.append(f"{'*' if rank == 0 else ' '} trial {t.index:3d}  {t.validation_score_percent:5.1f}  {method}{density}  {weights}")
@@ -432,12 +434,12 @@ def _status(args: argparse.Namespace) -> int:
     from selma.v1 import evaluation_service_pb2 as pb
 
     with _client(args) as client:
-        job = _rpc(client.stub("training").GetEvaluation, pb.GetEvaluationRequest(job_id=args.job_id), timeout=60).job
+        job = _rpc(client.stub("evaluation").GetEvaluation, pb.GetEvaluationRequest(job_id=args.job_id), timeout=60).job
     if args.json:
         sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
         return 0
     st = job.status
-    sys.stdout.write(f"{st.job_id}  {common_pb2.JobPhase.Name(st.phase).removeprefix('JOB_PHASE_')}  {st.progress.done}/{st.progress.total}  {st.message}\n")
+    sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper()}  {st.progress.done}/{st.progress.total}  {st.message}\n")
     sys.stdout.write(score_table(job) + "\n")
     return 0
 
@@ -451,7 +453,7 @@ def _list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         token = ""
         while True:
-            resp = _rpc(client.stub("training").ListEvaluations,
+            resp = _rpc(client.stub("evaluation").ListEvaluations,
                         pb.ListEvaluationsRequest(filter=common_pb2.JobFilter(run=args.run), page_token=token), timeout=60)
             jobs += list(resp.jobs)
             token = resp.next_page_token
@@ -462,7 +464,7 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     for j in jobs:
         st = j.status
-        sys.stdout.write(f"{st.job_id}  {common_pb2.JobPhase.Name(st.phase).removeprefix('JOB_PHASE_'):10s}  {st.idempotency_key}  {st.output.id}\n")
+        sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper():10s}  {st.idempotency_key}  {st.output.id}\n")
     return 0
 
 
@@ -471,8 +473,8 @@ def _cancel(args: argparse.Namespace) -> int:
     from selma.v1 import evaluation_service_pb2 as pb
 
     with _client(args) as client:
-        job = _rpc(client.stub("training").CancelEvaluation, pb.CancelEvaluationRequest(job_id=args.job_id, reason=args.reason), timeout=60).job
-    sys.stdout.write(f"{job.status.job_id}  {common_pb2.JobPhase.Name(job.status.phase).removeprefix('JOB_PHASE_')}\n")
+        job = _rpc(client.stub("evaluation").CancelEvaluation, pb.CancelEvaluationRequest(job_id=args.job_id, reason=args.reason), timeout=60).job
+    sys.stdout.write(f"{job.status.job_id}  {enum_name(common_pb2.JobPhase, job.status.phase).upper()}\n")
     return 0
 
 
@@ -520,7 +522,6 @@ def _report(args: argparse.Namespace) -> int:
 def _execute(args: argparse.Namespace) -> int:
     from selma.batch.worker import exit_with_parent
     from selma.logs import configure_logging
-
     from selma_evaluation.runner import EvaluationInterrupted, load_job_document, run_job_document
     from selma_evaluation.settings import EvaluationSettings
 

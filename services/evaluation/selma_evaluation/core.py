@@ -19,12 +19,11 @@ from typing import Any
 
 from selma.api import output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
+from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError, error_for_code
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
-from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
+from selma.specs import density
 from selma.storage import Storage, open_storage
-
-from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.runner import (
     METRIC_NAMES,
     EvaluationJobDoc,
@@ -34,6 +33,7 @@ from selma_evaluation.runner import (
     search_grid,
     validation_set_refs,
 )
+from selma_evaluation.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,7 @@ class EvaluationCore:
         for i, v in enumerate(search.get("weight_values") or []):
             _finite(v, f"{f}.weight_values[{i}]")
         for i, d in enumerate(search.get("densities") or []):
-            if not 0 < _finite(d, f"{f}.densities[{i}]") <= 1:
-                raise InvalidArgument(f"densities must be in (0, 1]; got {d}", field=f"{f}.densities[{i}]")
+            density(d, f"{f}.densities[{i}]")  # the merge's own rule (selma.specs)
         max_trials = int(search.get("max_trials") or 0)
         if max_trials < 0 or max_trials > 10_000:
             raise InvalidArgument(f"max_trials must be in 0..10000; got {max_trials}", field=f"{f}.max_trials")

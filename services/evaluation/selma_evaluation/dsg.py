@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from selma.errors import InvalidArgument, NotFound
-
 from selma_evaluation.types import EvalItem, Question, ScoreTable, SliceScore
 
 log = logging.getLogger(__name__)
@@ -464,7 +463,7 @@ def format_table(table: ScoreTable) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:
-        return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+        return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=False)])
 
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]]
     return "\n".join(lines) + "\n"

@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any
 
 from selma.config import SelmaSettings
 from selma.errors import Cancelled, FailedPrecondition, InvalidArgument
-
 from selma_evaluation.types import EvalItem, Question
 
 if TYPE_CHECKING:

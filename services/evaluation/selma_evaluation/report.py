@@ -37,8 +37,9 @@ import json
 import math
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from selma.errors import InvalidArgument
 from selma_evaluation.types import EvalItem, Question, ScoreTable, SliceScore
@@ -143,7 +144,7 @@ def format_table(tables: dict[str, ScoreTable], metric: str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for n, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=False)]
         lines.append("  ".join(cells).rstrip())
         if n == 0 or n == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
@@ -701,7 +702,7 @@ def _chart_search(m: _Model) -> bytes:
         running.append(top)
     if xs:
         ax.step(xs, running, where="post", color=_PALETTE[7], linewidth=1, label="best so far", zorder=1)
-    for x, y, tr in zip(xs, ys, trials):
+    for x, y, tr in zip(xs, ys, trials, strict=False):
         if best is not None and tr.get("index") == best:
             ax.scatter([x], [y], marker="*", s=220, color=_PALETTE[1], edgecolor="black", zorder=3, label="best")
             ax.annotate(f"best: {_pct(y)}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
@@ -756,7 +757,7 @@ def _html_table(header: list[str], rows: list[list[str]], align: str = "") -> st
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f'<td class="num">{c}</td>' if a == "r" else f"<td>{c}</td>"
-                         for a, c in zip(align, r)) + "</tr>"
+                         for a, c in zip(align, r, strict=False)) + "</tr>"
         for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
 
@@ -785,7 +786,7 @@ def _html_page(m: _Model, max_items: int, charts: list[str]) -> str:
         rows = [[_e(r[0]), *r[1:]] for r in _slice_rows(m, metric, "per_category", "score_percent")]
         if m.others:
             header += [f"Δ {t.label} (pp)" for t in m.others]
-            for row, key in zip(rows, [*m.categories(metric), None]):
+            for row, key in zip(rows, [*m.categories(metric), None], strict=False):
                 row += [_pp_html((m.delta(t, metric, "per_category", key) or (None,))[0]) for t in m.others]
         parts.append(f"<h3>{_e(name)} by category (%)</h3>\n")
         parts.append(_html_table(header, rows))

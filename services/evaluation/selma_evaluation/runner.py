@@ -50,7 +50,6 @@ from selma.errors import (
 )
 from selma.seeds import stable_hash64
 from selma.storage import Storage, open_storage
-
 from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.types import EvalItem, Question, ScoreTable
 
@@ -105,7 +104,10 @@ class Target:
         if self.model_name:
             return f"registered model {self.model_name}"
         if self.merge:
-            method = str(self.merge.get("method", "MERGE_METHOD_MEAN_DELTA")).removeprefix("MERGE_METHOD_").lower()
+            from selma.api import enum_name
+            from selma.v1 import common_pb2
+
+            method = enum_name(common_pb2.MergeMethod, self.merge.get("method")) or "mean_delta"
             experts = self.merge.get("experts", [])
             weights = ", ".join(f"{e.get('expert_id')}×{float(e.get('weight', 0.0)):.3g}" for e in experts)
             return f"base + {method} of {len(experts)} experts ({weights})"
@@ -154,7 +156,7 @@ def search_grid(search: dict[str, Any], max_trials_default: int) -> list[dict[st
         uses_density = m in ("MERGE_METHOD_TIES", "MERGE_METHOD_DARE_LINEAR", "MERGE_METHOD_DARE_TIES", "MERGE_METHOD_MAGNITUDE_PRUNE")
         for density in densities if uses_density else [0.0]:
             for w in weight_vectors:
-                spec: dict[str, Any] = {"method": m, "experts": [{"expert_id": e, "weight": x} for e, x in zip(experts, w)]}
+                spec: dict[str, Any] = {"method": m, "experts": [{"expert_id": e, "weight": x} for e, x in zip(experts, w, strict=False)]}
                 if uses_density:
                     spec["density"] = density
                 if m.startswith("MERGE_METHOD_DARE"):
@@ -513,7 +515,7 @@ class EvaluationRunner:
                 out = self.renderer.render(target, item.prompt, seed, self.ipp, self.diffusion, self.should_stop)
                 if len(out) != self.ipp:
                     raise FailedPrecondition(f"ServingService returned {len(out)} images for {item.id!r}, expected {self.ipp}")
-                for name, (png, _seed) in zip(names, out):
+                for name, (png, _seed) in zip(names, out, strict=False):
                     self.storage.put_bytes(name, png, content_type="image/png")
             for i, name in enumerate(names):
                 keys[(item.id, i)] = name
@@ -561,10 +563,10 @@ class EvaluationRunner:
             got = self.vqa.answer(queries)
             if len(got) != len(queries):
                 raise FailedPrecondition(f"the VQA backend returned {len(got)} answers for {len(queries)} questions")
-            for ((k3, _q), a) in zip(chunk, got):
+            for ((k3, _q), a) in zip(chunk, got, strict=False):
                 answers[k3] = a
             self.stats["questions_answered"] += len(chunk)
-            self._write_json(f"{part_prefix}part-{next_part:06d}.json", [[k3[0], k3[1], k3[2], a] for ((k3, _q), a) in zip(chunk, got)])
+            self._write_json(f"{part_prefix}part-{next_part:06d}.json", [[k3[0], k3[1], k3[2], a] for ((k3, _q), a) in zip(chunk, got, strict=False)])
             next_part += 1
             self._report_progress(f"answering {target.label}")
         return answers
@@ -748,7 +750,7 @@ def score_rows(label: str, tables: dict[str, ScoreTable], items: Sequence[EvalIt
     by_skill = any(it.skill for it in items)
     rows = []
     for metric, table in tables.items():
-        def row(s: Any, category: str = "", skill: str = "") -> dict[str, Any]:
+        def row(s: Any, category: str = "", skill: str = "", metric: str = metric) -> dict[str, Any]:
             return {"target_label": label, "metric": METRIC_ENUMS[metric], "category": category, "skill": skill,
                     "score_percent": s.score_percent, "question_micro_average_percent": s.micro_percent,
                     "prompt_count": s.prompt_count, "question_count": s.question_count}

@@ -7,15 +7,14 @@ training``), sharing its batch launchers; ``selma serve evaluation`` runs it alo
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from selma.api import dict_to_message, filter_kwargs, job_status, message_to_dict
+from selma.api import dict_to_message, job_status, message_to_dict
 from selma.batch.launchers import Launcher
+from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.server import Hosted, SelmaServer, ServiceRegistration
 from selma.v1 import evaluation_service_pb2 as pb
 from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
-
 from selma_evaluation.core import EvaluationCore
 from selma_evaluation.settings import EvaluationSettings
 
@@ -33,32 +32,17 @@ def to_job(rec: JobRecord) -> pb.EvaluationJob:
 
 
 class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
-    """The evaluation RPCs over an :class:`EvaluationCore`."""
+    """The evaluation RPCs over an :class:`EvaluationCore` (the five job RPCs: :class:`selma.job_rpcs.JobRpcs`)."""
 
     def __init__(self, core: EvaluationCore) -> None:
         self.core = core
+        JobRpcs(JOB_KINDS["evaluation"], to_job, core, start=self._start).bind(self)
 
-    def StartEvaluation(self, request: pb.StartEvaluationRequest, context: Any) -> pb.StartEvaluationResponse:
-        spec = message_to_dict(request.spec)
-        rec, created, _doc = self.core.start(request.idempotency_key, spec, validate_only=request.validate_only)
+    def _start(self, request: pb.StartEvaluationRequest) -> tuple[JobRecord | pb.EvaluationJob, bool]:
+        rec, created, _doc = self.core.start(request.idempotency_key, message_to_dict(request.spec), validate_only=request.validate_only)
         if rec is None:
-            return pb.StartEvaluationResponse(job=pb.EvaluationJob(spec=request.spec), created=False)
-        return pb.StartEvaluationResponse(job=to_job(rec), created=created)
-
-    def GetEvaluation(self, request: pb.GetEvaluationRequest, context: Any) -> pb.GetEvaluationResponse:
-        return pb.GetEvaluationResponse(job=to_job(self.core.get(request.job_id)))
-
-    def WatchEvaluation(self, request: pb.WatchEvaluationRequest, context: Any) -> Any:
-        interval = request.min_interval.ToTimedelta().total_seconds() if request.HasField("min_interval") else 1.0
-        for rec in self.core.watch(request.job_id, min_interval=interval, is_active=context.is_active):
-            yield pb.WatchEvaluationResponse(job=to_job(rec))
-
-    def CancelEvaluation(self, request: pb.CancelEvaluationRequest, context: Any) -> pb.CancelEvaluationResponse:
-        return pb.CancelEvaluationResponse(job=to_job(self.core.cancel(request.job_id, request.reason)))
-
-    def ListEvaluations(self, request: pb.ListEvaluationsRequest, context: Any) -> pb.ListEvaluationsResponse:
-        recs, token = self.core.list(**filter_kwargs(request.filter), page_size=request.page_size or 50, page_token=request.page_token)
-        return pb.ListEvaluationsResponse(jobs=[to_job(r) for r in recs], next_page_token=token)
+            return pb.EvaluationJob(spec=request.spec), False
+        return rec, created
 
 
 def registration(core: EvaluationCore) -> ServiceRegistration:

@@ -16,7 +16,6 @@ configured key is only ever sent to ``eval_vqa_openai_base_url`` or ``eval_allow
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import ClassVar
 
 from pydantic import Field, SecretStr

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from selma.errors import InvalidArgument
-
 from selma_evaluation.types import EvalItem, Question, ScoreTable, SliceScore
 
 log = logging.getLogger(__name__)

@@ -46,12 +46,18 @@ from PIL import Image
 from pydantic import SecretStr
 
 from selma import plugins
-from selma.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
-
-from selma_evaluation.settings import EvaluationSettings
+from selma.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from selma.llm.openai_http import OpenAiHttp, parse_base_url, parse_transport
 from selma.pipelines import mirror_model
 from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
+from selma_evaluation.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 

@@ -153,12 +153,11 @@ def _write(records: list[dict[str, Any]], out: str) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from selma.artifacts import ArtifactStore
     from selma.jobs import job_id_for
-    from selma.storage import open_storage
-
     from selma.llm.embedding import EmbeddingPool
+    from selma.llm.local import ModelRegistry
+    from selma.storage import open_storage
     from selma_prompts.generator import PromptGenerator
     from selma_prompts.job import JOB_KIND, PROMPTS_FILE, PromptJobRunner
-    from selma.llm.local import ModelRegistry
     from selma_prompts.skills import SkillLibrary
     from selma_prompts.spec import resolve_spec
 

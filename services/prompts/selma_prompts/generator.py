@@ -35,15 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selma.errors import InvalidArgument, PermissionDenied
-
 from selma.llm import metrics as llm_metrics
-from selma_prompts import metrics
+from selma.llm.backend import LlmBackend, LlmRequest, LlmUnavailable, request_seed
 from selma.llm.embedding import EmbeddingPool
-from selma.llm.backend import LlmBackend, LlmUnavailable, request_seed
+from selma_prompts import metrics
 from selma_prompts.parser import parse_numbered_list
 from selma_prompts.rouge import RougeLPool
 from selma_prompts.spec import GenerationSpec
-from selma.llm.backend import LlmRequest
 from selma_prompts.templates import build_request
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from selma.api import output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import AlreadyExists, Cancelled, ResourceExhausted, SelmaError
 from selma.jobs import Interrupted, JobContext, JobResult, spec_digest
-from selma.storage import Storage
-
 from selma.llm.embedding import EmbeddingPool
+from selma.llm.local import ModelRegistry
+from selma.storage import Storage
 from selma_prompts.generator import (
     STOP_BUDGET,
     STOP_CANCELLED,
@@ -43,7 +43,6 @@ from selma_prompts.generator import (
     PromptGenerator,
     RoundReport,
 )
-from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import SkillLibrary, make_skill
 from selma_prompts.spec import GenerationSpec, resolve_spec

@@ -13,41 +13,27 @@ from typing import Any
 
 import grpc
 
-from selma.api import dict_to_message, filter_kwargs, job_status, message_to_dict
+from selma.api import dict_to_message, enum_value, job_status, message_to_dict
 from selma.errors import Cancelled, InvalidArgument, SelmaError
+from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobManager, JobRecord
+from selma.llm.embedding import EmbeddingPool
+from selma.llm.local import ModelRegistry
+from selma.llm.specs import resolve_backend
 from selma.logs import configure_logging
 from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.storage import open_storage
-from selma.v1 import common_pb2, prompt_service_pb2 as pb, prompt_service_pb2_grpc as pb_grpc
-
-from selma.llm.embedding import EmbeddingPool
+from selma.v1 import prompt_service_pb2 as pb
+from selma.v1 import prompt_service_pb2_grpc as pb_grpc
 from selma_prompts.generator import GenerationState, PromptGenerator
 from selma_prompts.job import JOB_KIND, PromptJobRunner, job_stats
-from selma.llm.local import ModelRegistry
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import Skill, SkillLibrary
-from selma.llm.specs import resolve_backend
 from selma_prompts.spec import resolve_spec
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "selma.v1.PromptService"
-DEFAULT_WATCH_INTERVAL = 1.0
-
-_REASONS = {
-    "rouge_l": pb.PROMPT_REJECTION_REASON_ROUGE_L,
-    "embedding": pb.PROMPT_REJECTION_REASON_EMBEDDING,
-    "empty": pb.PROMPT_REJECTION_REASON_EMPTY,
-    "too_long": pb.PROMPT_REJECTION_REASON_TOO_LONG,
-}
-_STOPS = {
-    "": pb.PROMPT_GENERATION_STOP_REASON_UNSPECIFIED,
-    "target_reached": pb.PROMPT_GENERATION_STOP_REASON_TARGET_REACHED,
-    "request_budget_exhausted": pb.PROMPT_GENERATION_STOP_REASON_REQUEST_BUDGET_EXHAUSTED,
-    "llm_failed": pb.PROMPT_GENERATION_STOP_REASON_LLM_FAILED,
-    "cancelled": pb.PROMPT_GENERATION_STOP_REASON_CANCELLED,
-}
 
 
 def skill_to_proto(skill: Skill | dict[str, Any]) -> pb.Skill:
@@ -68,11 +54,11 @@ def stats_to_proto(stats: dict[str, Any]) -> pb.PromptGenerationStats:
         prompt_tokens=int(stats.get("prompt_tokens", 0)),
         completion_tokens=int(stats.get("completion_tokens", 0)),
         backend_model=str(stats.get("backend_model", "")),
-        stop_reason=_STOPS.get(stats.get("stop_reason", ""), pb.PROMPT_GENERATION_STOP_REASON_UNSPECIFIED),
+        stop_reason=enum_value(pb.PromptGenerationStopReason, stats.get("stop_reason", "")),
     )
     for reason, count in sorted((stats.get("rejections") or {}).items()):
-        if reason in _REASONS and count:
-            out.rejections.add(reason=_REASONS[reason], count=int(count))
+        if count:
+            out.rejections.add(reason=enum_value(pb.PromptRejectionReason, reason), count=int(count))
     out.filter_time.FromNanoseconds(int(float(stats.get("filter_seconds", 0.0)) * 1e9))
     if stats.get("skill"):
         out.skill.CopyFrom(skill_to_proto(stats["skill"]))
@@ -93,51 +79,27 @@ def _check_key(key: str) -> None:
 
 
 class PromptServicer(pb_grpc.PromptServiceServicer):
-    """Converts requests to core calls; holds no logic of its own."""
+    """Converts requests to core calls; holds no logic of its own (the five job RPCs: :class:`selma.job_rpcs.JobRpcs`)."""
 
     def __init__(self, settings: PromptSettings, jobs: JobManager, library: SkillLibrary, registry: ModelRegistry) -> None:
         self.settings = settings
         self.jobs = jobs
         self.library = library
         self.registry = registry
+        JobRpcs(JOB_KINDS["prompts"], job_to_proto, jobs, start=self._start).bind(self)
 
-    def StartPromptGeneration(self, request: pb.StartPromptGenerationRequest, context: grpc.ServicerContext) -> pb.StartPromptGenerationResponse:
+    def _start(self, request: pb.StartPromptGenerationRequest) -> tuple[JobRecord | pb.PromptGenerationJob, bool]:
         _check_key(request.idempotency_key)
         spec_dict = message_to_dict(request.spec)
         spec = resolve_spec(spec_dict, self.settings, self.library)
         if request.validate_only:
             stats = job_stats(spec, GenerationState(), spec.backend.backend_model)
-            job = pb.PromptGenerationJob(
-                status=common_pb2.JobStatus(idempotency_key=request.idempotency_key, message="valid; nothing started"),
-                spec=request.spec,
-                stats=stats_to_proto(stats),
-            )
-            return pb.StartPromptGenerationResponse(job=job, created=False)
+            return pb.PromptGenerationJob(spec=request.spec, stats=stats_to_proto(stats)), False
         rec, created = self.jobs.start(request.idempotency_key, spec_dict, run=spec.run, skill=spec.skill.name, labels=dict(spec.labels))
         if created and not rec.stats:
             # Visible at once in Get/List, before the job function runs.
             rec.stats = job_stats(spec, GenerationState(), spec.backend.backend_model)
-        return pb.StartPromptGenerationResponse(job=job_to_proto(rec), created=created)
-
-    def GetPromptGeneration(self, request: pb.GetPromptGenerationRequest, context: grpc.ServicerContext) -> pb.GetPromptGenerationResponse:
-        return pb.GetPromptGenerationResponse(job=job_to_proto(self.jobs.get(request.job_id)))
-
-    def WatchPromptGeneration(self, request: pb.WatchPromptGenerationRequest, context: grpc.ServicerContext):
-        interval = request.min_interval.ToTimedelta().total_seconds() if request.HasField("min_interval") else DEFAULT_WATCH_INTERVAL
-        if interval < 0:
-            raise InvalidArgument("min_interval must not be negative", field="min_interval")
-        for rec in self.jobs.watch(request.job_id, min_interval=interval, is_active=context.is_active):
-            yield pb.WatchPromptGenerationResponse(job=job_to_proto(rec))
-
-    def CancelPromptGeneration(self, request: pb.CancelPromptGenerationRequest, context: grpc.ServicerContext) -> pb.CancelPromptGenerationResponse:
-        rec = self.jobs.cancel(request.job_id, request.reason or "cancelled by client")
-        return pb.CancelPromptGenerationResponse(job=job_to_proto(rec))
-
-    def ListPromptGenerations(self, request: pb.ListPromptGenerationsRequest, context: grpc.ServicerContext) -> pb.ListPromptGenerationsResponse:
-        if not 0 <= request.page_size <= 1000:
-            raise InvalidArgument(f"page_size must be in 1..1000 (0 = 50); got {request.page_size}", field="page_size")
-        recs, token = self.jobs.list(**filter_kwargs(request.filter), page_size=request.page_size or 50, page_token=request.page_token)
-        return pb.ListPromptGenerationsResponse(jobs=[job_to_proto(r) for r in recs], next_page_token=token)
+        return rec, created
 
     def ListSkills(self, request: pb.ListSkillsRequest, context: grpc.ServicerContext) -> pb.ListSkillsResponse:
         return pb.ListSkillsResponse(skills=[skill_to_proto(s) for s in self.library.all()])
@@ -175,7 +137,7 @@ class PromptServicer(pb_grpc.PromptServiceServicer):
             rejected=[
                 pb.RejectedCandidate(
                     text=r["text"],
-                    reason=_REASONS[r["reason"]],
+                    reason=enum_value(pb.PromptRejectionReason, r["reason"]),
                     nearest_prompt_id=r["nearest_prompt_id"],
                     score=r["score"],
                     llm_request_index=r["llm_request_index"],

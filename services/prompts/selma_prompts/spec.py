@@ -19,7 +19,6 @@ from selma.errors import InvalidArgument
 from selma.llm.backend import BackendSpec
 from selma.llm.specs import parse_device, resolve_backend
 from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str, rouge_l_threshold
-
 from selma_prompts.rouge import DEFAULT_THRESHOLD
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import Skill, SkillLibrary, make_skill

@@ -21,7 +21,6 @@ from typing import Any
 
 from selma.errors import FailedPrecondition, NotFound
 from selma.storage import Storage
-
 from selma_prompts.generator import GenerationState
 
 log = logging.getLogger(__name__)

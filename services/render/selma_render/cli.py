@@ -25,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     from selma.artifacts import ArtifactStore
     from selma.storage import open_storage
-
     from selma_render.dataset import reproduce_image
     from selma_render.renderer import Renderer
     from selma_render.settings import RenderSettings

@@ -19,18 +19,25 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from selma.artifacts import ArtifactStore
 from selma import plugins
+from selma.artifacts import ArtifactStore
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobManager, JobPhase, JobRecord
 from selma.pipelines import TINY_SCHEME, ModelSpec
 from selma.seeds import derive_seed
 from selma.storage import open_storage
 from selma.v1 import common_pb2, render_service_pb2
-
 from selma_render.dataset import JOB_KIND, DatasetRenderJob, resolve_prompt_set
 from selma_render.metrics import IMAGE_SECONDS, IMAGES_RENDERED, QUEUE_LENGTH
-from selma_render.renderer import LoadedModel, OutOfMemory, Renderer, ResolvedRender, encode_png, free_device_memory, is_out_of_memory
+from selma_render.renderer import (
+    LoadedModel,
+    OutOfMemory,
+    Renderer,
+    ResolvedRender,
+    encode_png,
+    free_device_memory,
+    is_out_of_memory,
+)
 from selma_render.settings import RenderSettings
 from selma_render.spec import MAX_PROMPT_CHARS, normalized_settings, parse_dataset_spec, parse_render_settings
 

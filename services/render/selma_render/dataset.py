@@ -38,13 +38,20 @@ from google.protobuf import json_format
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest, new_artifact_id
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
-from selma.pipelines import ModelSpec
 from selma.jobs import JobContext, JobResult, OutputRef
+from selma.pipelines import ModelSpec
 from selma.seeds import SeedPolicy, derive_seed
 from selma.v1 import common_pb2, render_service_pb2
-
 from selma_render.metrics import IMAGE_SECONDS, IMAGES_RENDERED, OOM_RETRIES
-from selma_render.renderer import LoadedModel, OutOfMemory, Renderer, ResolvedRender, encode_png, free_device_memory, is_out_of_memory
+from selma_render.renderer import (
+    LoadedModel,
+    OutOfMemory,
+    Renderer,
+    ResolvedRender,
+    encode_png,
+    free_device_memory,
+    is_out_of_memory,
+)
 from selma_render.settings import RenderSettings
 from selma_render.spec import PromptSetRef, RenderConfig, parse_dataset_spec, scheduler_enum
 

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from selma.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SelmaError
 from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, make_scheduler
-
 from selma_render.metrics import MODEL_LOAD_SECONDS
 from selma_render.settings import RenderSettings
 from selma_render.spec import RenderConfig

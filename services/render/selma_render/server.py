@@ -11,13 +11,12 @@ from typing import Any
 
 import grpc
 
-from selma.api import dict_to_message, filter_kwargs, generated_image, job_status
-from selma.errors import InvalidArgument
+from selma.api import dict_to_message, generated_image, job_status
+from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.logs import configure_logging
 from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.v1 import common_pb2, render_service_pb2, render_service_pb2_grpc
-
 from selma_render.core import RenderCore
 from selma_render.settings import RenderSettings
 from selma_render.spec import scheduler_enum
@@ -25,8 +24,6 @@ from selma_render.spec import scheduler_enum
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "selma.v1.RenderService"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 def stats_to_proto(stats: dict[str, Any]) -> render_service_pb2.DatasetRenderStats:
@@ -58,42 +55,17 @@ def job_to_proto(rec: JobRecord) -> render_service_pb2.DatasetRenderJob:
 
 
 class RenderServicer(render_service_pb2_grpc.RenderServiceServicer):
-    """Converts between protobuf and the core; no logic of its own."""
+    """Converts between protobuf and the core; no logic of its own (the five job RPCs: :class:`selma.job_rpcs.JobRpcs`)."""
 
     def __init__(self, core: RenderCore) -> None:
         self.core = core
+        JobRpcs(JOB_KINDS["render"], job_to_proto, core.jobs, start=self._start, watch_interval=core.settings.render_watch_interval_seconds).bind(self)
 
-    def StartDatasetRender(self, request: render_service_pb2.StartDatasetRenderRequest, context: grpc.ServicerContext) -> render_service_pb2.StartDatasetRenderResponse:  # noqa: N802
+    def _start(self, request: render_service_pb2.StartDatasetRenderRequest) -> tuple[JobRecord | render_service_pb2.DatasetRenderJob, bool]:
         rec, spec, created = self.core.start(request.idempotency_key, request.spec, validate_only=request.validate_only)
         if rec is None:
-            job = render_service_pb2.DatasetRenderJob(
-                status=common_pb2.JobStatus(idempotency_key=request.idempotency_key, message="valid; nothing started (validate_only)"),
-                spec=spec,
-            )
-            return render_service_pb2.StartDatasetRenderResponse(job=job, created=False)
-        return render_service_pb2.StartDatasetRenderResponse(job=job_to_proto(rec), created=created)
-
-    def GetDatasetRender(self, request: render_service_pb2.GetDatasetRenderRequest, context: grpc.ServicerContext) -> render_service_pb2.GetDatasetRenderResponse:  # noqa: N802
-        return render_service_pb2.GetDatasetRenderResponse(job=job_to_proto(self.core.jobs.get(request.job_id)))
-
-    def WatchDatasetRender(self, request: render_service_pb2.WatchDatasetRenderRequest, context: grpc.ServicerContext):  # noqa: N802, ANN201
-        interval = request.min_interval.ToNanoseconds() / 1e9 if request.HasField("min_interval") else self.core.settings.render_watch_interval_seconds
-        if interval < 0:
-            raise InvalidArgument("min_interval must not be negative", field="min_interval")
-        for rec in self.core.jobs.watch(request.job_id, min_interval=interval, is_active=context.is_active):
-            yield render_service_pb2.WatchDatasetRenderResponse(job=job_to_proto(rec))
-
-    def CancelDatasetRender(self, request: render_service_pb2.CancelDatasetRenderRequest, context: grpc.ServicerContext) -> render_service_pb2.CancelDatasetRenderResponse:  # noqa: N802
-        rec = self.core.jobs.cancel(request.job_id, request.reason or "cancelled by client")
-        return render_service_pb2.CancelDatasetRenderResponse(job=job_to_proto(rec))
-
-    def ListDatasetRenders(self, request: render_service_pb2.ListDatasetRendersRequest, context: grpc.ServicerContext) -> render_service_pb2.ListDatasetRendersResponse:  # noqa: N802
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be 1..{MAX_PAGE_SIZE} (0 = {DEFAULT_PAGE_SIZE}); got {request.page_size}", field="page_size")
-        recs, token = self.core.jobs.list(
-            **filter_kwargs(request.filter), page_size=request.page_size or DEFAULT_PAGE_SIZE, page_token=request.page_token
-        )
-        return render_service_pb2.ListDatasetRendersResponse(jobs=[job_to_proto(r) for r in recs], next_page_token=token)
+            return render_service_pb2.DatasetRenderJob(spec=spec), False
+        return rec, created
 
     def Preview(self, request: render_service_pb2.PreviewRequest, context: grpc.ServicerContext) -> render_service_pb2.PreviewResponse:  # noqa: N802
         result = self.core.preview(list(request.prompts), request.settings)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from selma.api import enum_name, enum_value
 from selma.errors import InvalidArgument
 from selma.pipelines import SCHEDULERS, ModelSpec
 from selma.seeds import SEED_MODULUS, SeedPolicy
 from selma.v1 import common_pb2, render_service_pb2
-
 from selma_render.settings import RenderSettings
 
 DEFAULT_STEPS = 50
@@ -26,32 +26,9 @@ MAX_BATCH_SIZE = 256
 MAX_IMAGES_PER_PROMPT = 16
 MAX_PROMPT_CHARS = 10_000
 
-_PRECISIONS = {
-    common_pb2.PRECISION_UNSPECIFIED: "",
-    common_pb2.PRECISION_FP32: "fp32",
-    common_pb2.PRECISION_FP16: "fp16",
-    common_pb2.PRECISION_BF16: "bf16",
-}
-_SEED_POLICIES = {
-    common_pb2.SEED_POLICY_UNSPECIFIED: SeedPolicy.DERIVED,
-    common_pb2.SEED_POLICY_DERIVED: SeedPolicy.DERIVED,
-    common_pb2.SEED_POLICY_SEQUENTIAL: SeedPolicy.SEQUENTIAL,
-    common_pb2.SEED_POLICY_FIXED: SeedPolicy.FIXED,
-}
-
-
-def scheduler_name(value: int) -> str:
-    """``Scheduler`` enum value → the :data:`selma.pipelines.SCHEDULERS` key ("" = model default)."""
-    if value == common_pb2.SCHEDULER_UNSPECIFIED:
-        return ""
-    return common_pb2.Scheduler.Name(value).removeprefix("SCHEDULER_").lower()
-
-
 def scheduler_enum(name: str) -> int:
-    """The inverse of :func:`scheduler_name`; unknown names (a custom model scheduler) → UNSPECIFIED."""
-    if name in SCHEDULERS:
-        return common_pb2.Scheduler.Value("SCHEDULER_" + name.upper())
-    return common_pb2.SCHEDULER_UNSPECIFIED
+    """A :data:`selma.pipelines.SCHEDULERS` key as a ``Scheduler`` value; other names (a custom model scheduler) → UNSPECIFIED."""
+    return enum_value(common_pb2.Scheduler, name) if name in SCHEDULERS else common_pb2.SCHEDULER_UNSPECIFIED
 
 
 @dataclass(frozen=True)
@@ -120,9 +97,7 @@ def parse_render_settings(
         vae_source=msg.model.vae_source.strip(),
     )
 
-    if d.scheduler not in common_pb2.Scheduler.values():
-        raise InvalidArgument(f"unknown scheduler value {d.scheduler}", field=f("diffusion.scheduler"))
-    scheduler = scheduler_name(d.scheduler)
+    scheduler = enum_name(common_pb2.Scheduler, d.scheduler, field=f("diffusion.scheduler"))  # "" = the model's own
 
     steps = d.steps or DEFAULT_STEPS
     if not 1 <= steps <= settings.render_max_steps:
@@ -153,8 +128,7 @@ def parse_render_settings(
     base_seed = msg.base_seed if msg.HasField("base_seed") else 0
     if not 0 <= base_seed < SEED_MODULUS:
         raise InvalidArgument(f"base_seed must be in [0, 2^63); got {base_seed}", field=f("base_seed"))
-    if msg.seed_policy not in _SEED_POLICIES:
-        raise InvalidArgument(f"unknown seed_policy value {msg.seed_policy}", field=f("seed_policy"))
+    seed_policy = SeedPolicy(enum_name(common_pb2.SeedPolicy, msg.seed_policy, field=f("seed_policy")) or SeedPolicy.DERIVED)
 
     batch_size = settings.render_default_batch_size
     if batch_size_used and msg.HasField("batch_size"):
@@ -162,8 +136,7 @@ def parse_render_settings(
             raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (leave it unset for the service default {settings.render_default_batch_size}); got {msg.batch_size}", field=f("batch_size"))
         batch_size = msg.batch_size
 
-    if msg.device.precision not in _PRECISIONS:
-        raise InvalidArgument(f"unknown precision value {msg.device.precision}", field=f("device.precision"))
+    precision = enum_name(common_pb2.Precision, msg.device.precision, field=f("device.precision"))
     device = msg.device.device.strip().lower()
     if device and not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {msg.device.device!r}", field=f("device.device"))
@@ -178,10 +151,10 @@ def parse_render_settings(
         negative_prompt=d.negative_prompt,
         images_per_prompt=ipp,
         base_seed=base_seed,
-        seed_policy=_SEED_POLICIES[msg.seed_policy],
+        seed_policy=seed_policy,
         batch_size=batch_size,
         device=device,
-        precision=_PRECISIONS[msg.device.precision],
+        precision=precision,
     )
 
 
@@ -200,11 +173,11 @@ def normalized_settings(cfg: RenderConfig) -> render_service_pb2.RenderSettings:
         ),
         images_per_prompt=cfg.images_per_prompt,
         base_seed=cfg.base_seed,
-        seed_policy=common_pb2.SeedPolicy.Value("SEED_POLICY_" + cfg.seed_policy.name),
+        seed_policy=enum_value(common_pb2.SeedPolicy, cfg.seed_policy.value),
         batch_size=cfg.batch_size,
         device=common_pb2.DeviceOptions(
             device=cfg.device,
-            precision={v: k for k, v in _PRECISIONS.items()}[cfg.precision],
+            precision=enum_value(common_pb2.Precision, cfg.precision),
         ),
     )
     if cfg.guidance_scale is not None:

@@ -15,12 +15,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from selma.api import output_ref
+from selma.api import enum_proto_name, output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobContext, JobManager, JobResult
 from selma.storage import open_storage
-
+from selma.v1 import common_pb2
 from selma_serving import metrics
 from selma_serving.engine import Engine
 from selma_serving.lora import (
@@ -47,13 +47,10 @@ MERGE_JOB_KIND = "merge"
 def spec_json_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     """A merge in ``ResolvedMerge.to_dict`` form → ``selma.v1.MergeSpec`` JSON (enum names as the proto spells them)."""
     out = dict(d)
-    if out.get("method"):
-        out["method"] = "MERGE_METHOD_" + str(out["method"]).upper().removeprefix("MERGE_METHOD_")
-    if out.get("sign_election"):
-        out["sign_election"] = "SIGN_ELECTION_" + str(out["sign_election"]).upper().removeprefix("SIGN_ELECTION_")
-    if out.get("variant"):
-        out["variant"] = "MERGE_VARIANT_" + str(out["variant"]).upper().removeprefix("MERGE_VARIANT_")
-    elif "variant" not in out and out.get("method", "mean_delta") not in ("mean_delta", "MERGE_METHOD_MEAN_DELTA"):
+    for key, enum in (("method", common_pb2.MergeMethod), ("sign_election", common_pb2.SignElection), ("variant", common_pb2.MergeVariant)):
+        if out.get(key):
+            out[key] = enum_proto_name(enum, out[key], field=key)
+    if "variant" not in out and out.get("method", "MERGE_METHOD_MEAN_DELTA") != "MERGE_METHOD_MEAN_DELTA":
         out["variant"] = "MERGE_VARIANT_SELMA"  # merges stored before variants existed used selma's
     if "seed" in out:
         out["seed"] = str(out["seed"])
@@ -74,21 +71,6 @@ class ExportedFile:
     sha256: str
     fmt: str
     rank: int
-
-
-def page(items: list[Any], page_size: int, page_token: str, default: int = 100) -> tuple[list[Any], str]:
-    """Offset pagination with opaque-enough tokens (the offset as a string)."""
-    if page_size < 0 or page_size > 1000:
-        raise InvalidArgument(f"page_size must be 0..1000; got {page_size}", field="page_size")
-    size = page_size or default
-    try:
-        offset = int(page_token or 0)
-        if offset < 0:
-            raise ValueError
-    except ValueError:
-        raise InvalidArgument(f"page_token {page_token!r} is not one this server issued", field="page_token") from None
-    chunk = items[offset : offset + size]
-    return chunk, (str(offset + size) if offset + size < len(items) else "")
 
 
 class ServingCore:

@@ -37,7 +37,6 @@ import torch
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
 from selma.pipelines import ModelSpec, load_pipeline, make_scheduler
 from selma.seeds import SeedPolicy, derive_seed
-
 from selma_serving import metrics
 from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet
 from selma_serving.merge import MergeParams, ResolvedMerge, merge, resolve

@@ -37,9 +37,11 @@ from typing import Any
 
 import torch
 
+from selma import specs
+from selma.api import enum_name
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.specs import expert_weights
-
+from selma.v1 import common_pb2
 from selma_serving.lora import Adapter, LoraModule, block_of, validate_compatible
 
 METHODS = ("mean_delta", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -150,9 +152,7 @@ def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density
     )
     if params.method in _TIES_METHODS and any(w < 0 for w in weights + tuple(x for b in blocks for x in b if x is not None)):
         raise InvalidArgument(f"{params.method} elects signs and needs weights >= 0", field="experts.weight")
-    density = params.density or default_density
-    if not (0 < density <= 1) or not math.isfinite(density):
-        raise InvalidArgument(f"density must be in (0, 1]; got {params.density}", field="density")
+    density = specs.density(params.density) or default_density
     if params.method == "mean_delta":
         density = 0.0  # ignored: keep it out of the cache key
     if params.output_rank < 0:
@@ -388,16 +388,6 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
         return {n: m.delta() for n, m in adapter.modules.items()}
 
 
-def _enum(value: Any, prefix: str, default: str) -> str:
-    """A proto enum in JSON form ("MERGE_METHOD_TIES", an int, or "ties") → "ties"."""
-    if value in (None, "", 0):
-        return default
-    if isinstance(value, int):
-        raise InvalidArgument(f"unknown {prefix.lower().rstrip('_')} value {value}", field=prefix.lower().rstrip("_"))
-    name = str(value).upper().removeprefix(prefix).lower()
-    return default if name == "unspecified" else name
-
-
 def params_from_dict(d: dict[str, Any]) -> MergeParams:
     """A ``selma.v1.MergeSpec`` in JSON form (``selma.api.message_to_dict``) → MergeParams."""
     experts = []
@@ -420,11 +410,11 @@ def params_from_dict(d: dict[str, Any]) -> MergeParams:
         raise InvalidArgument(f"seed must be an integer; got {d.get('seed')!r}", field="seed") from None
     return MergeParams(
         experts=tuple(experts),
-        method=_enum(d.get("method"), "MERGE_METHOD_", "mean_delta"),
+        method=enum_name(common_pb2.MergeMethod, d.get("method"), field="method") or "mean_delta",
         density=float(d.get("density", 0.0) or 0.0),
-        sign_election=_enum(d.get("sign_election"), "SIGN_ELECTION_", "total"),
+        sign_election=enum_name(common_pb2.SignElection, d.get("sign_election"), field="sign_election") or "total",
         output_rank=int(d.get("output_rank", 0) or 0),
         fuse=bool(d.get("fuse", False)),
         seed=seed,
-        variant=_enum(d.get("variant"), "MERGE_VARIANT_", "peft"),
+        variant=enum_name(common_pb2.MergeVariant, d.get("variant"), field="variant") or "peft",
     )

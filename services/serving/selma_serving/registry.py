@@ -20,7 +20,6 @@ import torch
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SelmaError
-
 from selma_serving import metrics
 from selma_serving.engine import Engine, fused_copy
 from selma_serving.lora import (

@@ -10,16 +10,30 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from selma.api import artifact_kind_from_proto, artifact_ref, dict_to_message, filter_kwargs, generated_image, job_status, manifest_to_proto, message_to_dict, timestamp
+from selma.api import (
+    artifact_kind_from_proto,
+    artifact_ref,
+    dict_to_message,
+    enum_name,
+    enum_value,
+    generated_image,
+    job_status,
+    manifest_to_proto,
+    message_to_dict,
+    timestamp,
+)
 from selma.artifacts import ArtifactKind, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument
+from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.logs import configure_logging
 from selma.lora_format import trained_alpha
+from selma.paging import paginate
 from selma.server import SelmaServer, ServiceRegistration, serve
-from selma.v1 import common_pb2, serving_service_pb2 as pb, serving_service_pb2_grpc as pb_grpc
-
-from selma_serving.core import ServingCore, page, spec_json_from_dict
+from selma.v1 import common_pb2
+from selma.v1 import serving_service_pb2 as pb
+from selma.v1 import serving_service_pb2_grpc as pb_grpc
+from selma_serving.core import ServingCore, spec_json_from_dict
 from selma_serving.engine import GeneratedImage, GenerationRequest
 from selma_serving.lora import BaseModelId
 from selma_serving.merge import params_from_dict
@@ -44,23 +58,14 @@ def _merge_spec(d: dict[str, Any] | None) -> common_pb2.MergeSpec | None:
     return dict_to_message(spec_json_from_dict(d), common_pb2.MergeSpec) if d else None
 
 
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    """Proto enum value → lower-case name without prefix; "" for UNSPECIFIED."""
-    try:
-        name = enum.Name(value)
-    except ValueError:
-        raise InvalidArgument(f"unknown {prefix.lower().rstrip('_')} value {value}") from None
-    name = name.removeprefix(prefix).lower()
-    return "" if name == "unspecified" else name
-
-
 class ServingServicer(pb_grpc.ServingServiceServicer):
     """Converts requests for :class:`ServingCore` and its results back to protobuf."""
 
     def __init__(self, core: ServingCore) -> None:
         self.core = core
+        JobRpcs(JOB_KINDS["merge"], self._job, core.jobs, start=self._start_merge).bind(self)
 
-    # --- merge jobs
+    # --- merge jobs (the five job RPCs: :class:`selma.job_rpcs.JobRpcs`)
 
     def _job(self, rec: JobRecord) -> pb.MergeJob:
         return pb.MergeJob(
@@ -69,29 +74,13 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             stats=dict_to_message(rec.stats, pb.MergeStats),
         )
 
-    def StartMerge(self, request: pb.StartMergeRequest, context: grpc.ServicerContext) -> pb.StartMergeResponse:
+    def _start_merge(self, request: pb.StartMergeRequest) -> tuple[JobRecord | pb.MergeJob, bool]:
         spec = message_to_dict(request.spec)
         if request.validate_only:
             rm = self.core.validate_merge_spec(spec)
             stats = pb.MergeStats(expert_count=len(rm.expert_ids), resolved_merge=_merge_spec(rm.to_dict()))
-            return pb.StartMergeResponse(job=pb.MergeJob(spec=request.spec, stats=stats), created=False)
-        rec, created = self.core.start_merge(request.idempotency_key, spec)
-        return pb.StartMergeResponse(job=self._job(rec), created=created)
-
-    def GetMerge(self, request: pb.GetMergeRequest, context: grpc.ServicerContext) -> pb.GetMergeResponse:
-        return pb.GetMergeResponse(job=self._job(self.core.jobs.get(request.job_id)))
-
-    def WatchMerge(self, request: pb.WatchMergeRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchMergeResponse]:
-        interval = request.min_interval.ToNanoseconds() / 1e9 if request.HasField("min_interval") else 1.0
-        for rec in self.core.jobs.watch(request.job_id, min_interval=interval, is_active=context.is_active):
-            yield pb.WatchMergeResponse(job=self._job(rec))
-
-    def CancelMerge(self, request: pb.CancelMergeRequest, context: grpc.ServicerContext) -> pb.CancelMergeResponse:
-        return pb.CancelMergeResponse(job=self._job(self.core.jobs.cancel(request.job_id, request.reason or "cancelled by client")))
-
-    def ListMerges(self, request: pb.ListMergesRequest, context: grpc.ServicerContext) -> pb.ListMergesResponse:
-        recs, token = self.core.jobs.list(**filter_kwargs(request.filter), page_size=request.page_size or 50, page_token=request.page_token)
-        return pb.ListMergesResponse(jobs=[self._job(r) for r in recs], next_page_token=token)
+            return pb.MergeJob(spec=request.spec, stats=stats), False
+        return self.core.start_merge(request.idempotency_key, spec)
 
     # --- generation
 
@@ -105,10 +94,10 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             guidance_scale=d.guidance_scale if d.HasField("guidance_scale") else None,
             width=d.width,
             height=d.height,
-            scheduler=_enum_name(common_pb2.Scheduler, d.scheduler, "SCHEDULER_"),
+            scheduler=enum_name(common_pb2.Scheduler, d.scheduler, field="diffusion.scheduler"),
             images_per_prompt=request.images_per_prompt,
             seed=request.seed if request.HasField("seed") else None,
-            seed_policy=_enum_name(common_pb2.SeedPolicy, request.seed_policy, "SEED_POLICY_") or "derived",
+            seed_policy=enum_name(common_pb2.SeedPolicy, request.seed_policy, field="seed_policy") or "derived",
             model_name=request.model_name if which == "model_name" else "",
             merge=params_from_dict(message_to_dict(request.experts)) if which == "experts" else None,
         )
@@ -148,7 +137,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         info = pb.ModelInfo(
             model_name=e.name,
             kind=pb.MODEL_KIND_MERGED if e.kind == "merged" else pb.MODEL_KIND_EXPERT,
-            state=pb.ModelState.Value(f"MODEL_STATE_{e.state}"),
+            state=enum_value(pb.ModelState, e.state),
             artifact=artifact_ref(e.manifest),
             base_model=_model_ref(e.base_model),
             fused=True,
@@ -196,7 +185,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         models = [self._base_info()] + [self._model_info(e) for e in sorted(self.core.registry.list(), key=lambda e: e.name)]
         if request.states:
             models = [m for m in models if m.state in set(request.states)]
-        chunk, token = page(models, request.page_size, request.page_token)
+        chunk, token = paginate(models, request.page_size, request.page_token)
         return pb.ListModelsResponse(models=chunk, next_page_token=token)
 
     def _expert_info(self, m: Manifest) -> pb.ExpertInfo:
@@ -221,11 +210,11 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
 
     def ListExperts(self, request: pb.ListExpertsRequest, context: grpc.ServicerContext) -> pb.ListExpertsResponse:
         manifests = self.core.list_experts(run=request.run, skill=request.skill, base_model_source=request.base_model_source)
-        chunk, token = page(manifests, request.page_size, request.page_token)
+        chunk, token = paginate(manifests, request.page_size, request.page_token)
         return pb.ListExpertsResponse(experts=[self._expert_info(m) for m in chunk], next_page_token=token)
 
     def ExportAdapter(self, request: pb.ExportAdapterRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportAdapterResponse]:
-        fmt = _enum_name(pb.AdapterFormat, request.format, "ADAPTER_FORMAT_") or "diffusers"
+        fmt = enum_name(pb.AdapterFormat, request.format, field="format") or "diffusers"
         chunk = request.chunk_size_bytes or MiB
         if not KiB <= chunk <= 4 * MiB:
             raise InvalidArgument(f"chunk_size_bytes must be 1 KiB..4 MiB; got {request.chunk_size_bytes}", field="chunk_size_bytes")
@@ -235,7 +224,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             expert_id=request.expert_id if which == "expert_id" else "",
             fmt=fmt,
         )
-        info = pb.ExportedFileInfo(file_name=f.file_name, size_bytes=len(f.data), sha256=f.sha256, format=pb.AdapterFormat.Value(f"ADAPTER_FORMAT_{fmt.upper()}"), rank=f.rank)
+        info = pb.ExportedFileInfo(file_name=f.file_name, size_bytes=len(f.data), sha256=f.sha256, format=enum_value(pb.AdapterFormat, fmt), rank=f.rank)
         for offset in range(0, max(len(f.data), 1), chunk):
             msg = pb.ExportAdapterResponse(offset=offset, data=f.data[offset : offset + chunk])
             if offset == 0:

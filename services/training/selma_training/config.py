@@ -31,23 +31,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from selma.api import enum_name, enum_proto_name
 from selma.errors import InvalidArgument
+from selma.v1 import common_pb2
+from selma.v1 import training_service_pb2 as pb
 
 PRESETS_NAMES = ("sd1", "sd2", "sdxl", "tiny")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
-# proto enum names <-> config values
+# proto enum names <-> config values (the preset names are not the enum's)
 _PRESET_ENUM = {
     "TRAINING_PRESET_SELMA_SD1": "sd1",
     "TRAINING_PRESET_SELMA_SD2": "sd2",
     "TRAINING_PRESET_SELMA_SDXL": "sdxl",
     "TRAINING_PRESET_TINY": "tiny",
 }
-_INIT_ENUM = {"LORA_INIT_GAUSSIAN": "gaussian", "LORA_INIT_KAIMING_UNIFORM": "kaiming_uniform"}
-_OPT_ENUM = {"OPTIMIZER_ADAMW": "adamw", "OPTIMIZER_ADAMW_8BIT": "adamw_8bit"}
-_PRED_ENUM = {"PREDICTION_TYPE_EPSILON": "epsilon", "PREDICTION_TYPE_V_PREDICTION": "v_prediction"}
-_PREC_ENUM = {"PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 
 
 class BaseModelRef(BaseModel):
@@ -254,8 +253,6 @@ def from_proto_dict(d: dict[str, Any], *, default_model: str = "") -> tuple[Trai
         cfg["alpha"] = float(lora["alpha"])
     if lora.get("target_modules"):
         cfg["target_modules"] = list(lora["target_modules"])
-    if lora.get("init") in _INIT_ENUM:
-        cfg["lora_init"] = _INIT_ENUM[lora["init"]]
     if "dropout" in lora:
         cfg["lora_dropout"] = float(lora["dropout"])
     for name in ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "checkpoints_to_keep"):
@@ -263,25 +260,25 @@ def from_proto_dict(d: dict[str, Any], *, default_model: str = "") -> tuple[Trai
             cfg[name] = int(d[name])
     if d.get("learning_rate"):
         cfg["learning_rate"] = float(d["learning_rate"])
-    sched = d.get("lr_schedule")
-    if sched and sched != "LR_SCHEDULE_UNSPECIFIED":
-        cfg["lr_schedule"] = str(sched).removeprefix("LR_SCHEDULE_").lower()
     for name in ("lr_warmup_steps", "seed"):
         if name in d:
             cfg[name] = int(d[name])
-    prec = d.get("mixed_precision")
-    if prec in _PREC_ENUM:
-        cfg["mixed_precision"] = _PREC_ENUM[prec]
     for name in ("gradient_checkpointing", "random_flip", "center_crop", "use_latent_cache"):
         if name in d:
             cfg[name] = bool(d[name])
     for name in ("noise_offset", "snr_gamma", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm"):
         if name in d:
             cfg[name] = float(d[name])
-    if d.get("optimizer") in _OPT_ENUM:
-        cfg["optimizer"] = _OPT_ENUM[d["optimizer"]]
-    if d.get("prediction_type") in _PRED_ENUM:
-        cfg["prediction_type"] = _PRED_ENUM[d["prediction_type"]]
+    # enum fields: the config value is the enum value's short name; UNSPECIFIED keeps the preset's
+    for key, enum, value, path in (
+        ("lora_init", pb.LoraInit, lora.get("init"), "lora.init"),
+        ("lr_schedule", pb.LrSchedule, d.get("lr_schedule"), "lr_schedule"),
+        ("mixed_precision", common_pb2.Precision, d.get("mixed_precision"), "mixed_precision"),
+        ("optimizer", pb.Optimizer, d.get("optimizer"), "optimizer"),
+        ("prediction_type", pb.PredictionType, d.get("prediction_type"), "prediction_type"),
+    ):
+        if name := enum_name(enum, value, field=f"config.{path}"):
+            cfg[key] = name
     config = parse_config(cfg)
     validate_config(config, info)
     return config, info
@@ -297,33 +294,33 @@ def to_proto_dict(c: TrainingConfig) -> dict[str, Any]:
             "rank": c.rank,
             "alpha": c.alpha,
             "target_modules": list(c.target_modules),
-            "init": {v: k for k, v in _INIT_ENUM.items()}[c.lora_init],
+            "init": enum_proto_name(pb.LoraInit, c.lora_init),
             "dropout": c.lora_dropout,
         },
         "resolution": c.resolution,
         "batch_size": c.batch_size,
         "gradient_accumulation_steps": c.gradient_accumulation_steps,
         "learning_rate": c.learning_rate,
-        "lr_schedule": "LR_SCHEDULE_" + c.lr_schedule.upper(),
+        "lr_schedule": enum_proto_name(pb.LrSchedule, c.lr_schedule),
         "lr_warmup_steps": c.lr_warmup_steps,
         "max_steps": c.max_steps,
         "checkpoint_every": c.checkpoint_every,
         "checkpoints_to_keep": c.checkpoints_to_keep,
         "seed": str(c.seed),
-        "mixed_precision": {v: k for k, v in _PREC_ENUM.items()}[c.mixed_precision],
+        "mixed_precision": enum_proto_name(common_pb2.Precision, c.mixed_precision),
         "gradient_checkpointing": c.gradient_checkpointing,
         "noise_offset": c.noise_offset,
         "snr_gamma": c.snr_gamma,
         "random_flip": c.random_flip,
         "center_crop": c.center_crop,
-        "optimizer": {v: k for k, v in _OPT_ENUM.items()}[c.optimizer],
+        "optimizer": enum_proto_name(pb.Optimizer, c.optimizer),
         "adam_beta1": c.adam_beta1,
         "adam_beta2": c.adam_beta2,
         "adam_weight_decay": c.adam_weight_decay,
         "adam_epsilon": c.adam_epsilon,
         "max_grad_norm": c.max_grad_norm,
         "use_latent_cache": c.use_latent_cache,
-        "prediction_type": {v: k for k, v in _PRED_ENUM.items()}.get(c.prediction_type, "PREDICTION_TYPE_UNSPECIFIED"),
+        "prediction_type": enum_proto_name(pb.PredictionType, c.prediction_type),
     }
 
 

@@ -22,32 +22,42 @@ import re
 from datetime import datetime
 from typing import Any
 
-from selma.api import output_ref
+from selma.api import enum_name, output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
+from selma.batch.kube import KubernetesLauncher, validate_placement
+from selma.batch.launchers import (
+    RELAUNCH_CAUSE,
+    ContextMonitor,
+    Launcher,
+    LaunchRequest,
+    LiveLaunches,
+    Outcome,
+    default_launchers,
+)
+from selma.batch.progress import read_progress
 from selma.errors import (
     Aborted,
-    AlreadyExists,
     Cancelled,
-    DeadlineExceeded,
-    ErrorCode,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    ResourceExhausted,
     SelmaError,
     error_for_code,
-    Unavailable,
 )
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.storage import Storage, open_storage
-
+from selma.v1 import common_pb2
 from selma_training import metrics
-from selma_training.config import PRESET_DESCRIPTIONS, PRESETS_NAMES, TrainingJob, from_proto_dict, preset_config, to_proto_dict, parse_config
+from selma_training.config import (
+    PRESET_DESCRIPTIONS,
+    PRESETS_NAMES,
+    TrainingJob,
+    from_proto_dict,
+    parse_config,
+    preset_config,
+    to_proto_dict,
+)
 from selma_training.data import load_dataset
-from selma.batch.kube import KubernetesLauncher, validate_placement
-from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, LaunchRequest, Launcher, LiveLaunches, Outcome, default_launchers
-from selma.batch.progress import read_progress
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
 
@@ -57,7 +67,6 @@ KIND = "expert_training"
 # Run and skill names are label values (letters, digits, '-', '_'); the Job name is derived
 # from them DNS-safely with a hash (kube.job_name), so underscores are fine here.
 _NAME = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$")
-_LAUNCHER_ENUM = {"LAUNCHER_KIND_LOCAL": "local", "LAUNCHER_KIND_KUBERNETES": "kubernetes"}
 
 
 class Prepared:
@@ -168,7 +177,7 @@ class TrainingCore:
             raise FailedPrecondition(f"dataset {dataset_id} has sha256 {dataset.digest}, not the {want} the request pins; it changed or the reference is stale",
                                      field="spec.dataset.sha256")
         placement = dict(spec.get("placement") or {})
-        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
+        launcher = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         validate_placement(placement)  # the proto's ranges hold for every launcher
         self.launchers[launcher].validate(placement)
         job_id = job_id_for(KIND, idempotency_key)
@@ -283,7 +292,7 @@ class TrainingCore:
         rec = self.manager.get(ctx.job_id)
         job = self.job_document(rec)
         placement = dict(job.spec.get("placement") or {})
-        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
+        name = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         launcher = self.launchers[name]
         config_uri = self.store.get(job.config_artifact_id).file_uri(JOB_FILE)
         req = LaunchRequest(job_id=job.job_id, idempotency_key=job.idempotency_key, run=job.run, skill=job.skill,

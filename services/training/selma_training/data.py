@@ -36,7 +36,6 @@ from PIL import Image
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest, new_artifact_id
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
-
 from selma_training.config import TrainingConfig
 
 log = logging.getLogger(__name__)

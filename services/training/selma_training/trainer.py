@@ -35,16 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from selma.artifacts import ArtifactKind, ArtifactStore
+from selma.batch.progress import ProgressWriter
 from selma.errors import FailedPrecondition, InvalidArgument, SelmaError
 from selma.lora_format import expert_scale_fields, fold_scale
 from selma.pipelines import ModelSpec, load_pipeline, resolve_device
 from selma.storage import open_storage
-
 from selma_training import data as data_mod
 from selma_training import metrics as trainer_metrics
 from selma_training.checkpoint import CheckpointStore, TrainState
 from selma_training.config import TrainingJob
-from selma.batch.progress import ProgressWriter
 from selma_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)

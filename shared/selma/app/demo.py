@@ -17,11 +17,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from selma.client import SERVICE_NAMES, SERVICES, SelmaClient
-from selma.errors import InvalidArgument
 from selma.app.local_stack import LocalStack
 from selma.app.runner import Reporter, RunDriver, RunLock, RunState
 from selma.app.skillset import load_skillset
+from selma.client import SERVICE_NAMES, SERVICES, SelmaClient
+from selma.errors import InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,17 +31,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from selma.api import message_to_dict
-from selma.client import Endpoints, SelmaClient
-from selma.errors import Aborted, FailedPrecondition, InvalidArgument, RunFailed, SelmaError
+from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
+from selma.client import Endpoints, SelmaClient
+from selma.errors import Aborted, InvalidArgument, RunFailed
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
 log = logging.getLogger(__name__)
 
 SKILL_STAGES = ("prompts", "render", "training")
 TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED}
-PHASE_NAMES = {v.number: v.name.removeprefix("JOB_PHASE_").lower() for v in common_pb2.JobPhase.DESCRIPTOR.values}
+PHASE_NAMES = {v.number: enum_name(common_pb2.JobPhase, v.number) for v in common_pb2.JobPhase.DESCRIPTOR.values}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -323,7 +322,7 @@ class RunDriver:
         if ss.evaluation is not None:
             job = self.drive("evaluation", None, evaluation_spec(ss))
             result["eval_report"] = job.status.output.id
-            result["scores"] = {f"{s.target_label}/{evaluation_service_pb2.EvaluationMetric.Name(s.metric).removeprefix('EVALUATION_METRIC_').lower()}": round(s.score_percent, 2)
+            result["scores"] = {f"{s.target_label}/{enum_name(evaluation_service_pb2.EvaluationMetric, s.metric)}": round(s.score_percent, 2)
                                 for s in job.stats.scores if not s.category and not s.skill}
         self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now(),
                        **{k: result[k] for k in ("eval_report", "scores") if k in result})
@@ -434,7 +433,7 @@ def _lineage(args: argparse.Namespace) -> int:
     with SelmaClient(_endpoints(args)) as client:
         manifests = client.lineage(args.artifact)
     by_id = {m.id: m for m in manifests}
-    kinds = {v.number: v.name.removeprefix("ARTIFACT_KIND_").lower() for v in common_pb2.ArtifactKind.DESCRIPTOR.values}
+    kinds = {v.number: enum_name(common_pb2.ArtifactKind, v.number) for v in common_pb2.ArtifactKind.DESCRIPTOR.values}
 
     expanded: set[str] = set()
 

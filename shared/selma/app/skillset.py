@@ -34,9 +34,18 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from selma import specs
+from selma.api import enum_proto_name, enum_value
 from selma.errors import InvalidArgument
 from selma.specs import expert_weights, rouge_l_threshold
-from selma.v1 import common_pb2, evaluation_service_pb2, prompt_service_pb2, render_service_pb2, serving_service_pb2, training_service_pb2
+from selma.v1 import (
+    common_pb2,
+    evaluation_service_pb2,
+    prompt_service_pb2,
+    render_service_pb2,
+    serving_service_pb2,
+    training_service_pb2,
+)
 
 API_VERSION = "selma.dev/v1alpha1"
 KIND = "SkillSet"
@@ -174,9 +183,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     model_name = merge.get("modelName", name)
     if not isinstance(model_name, str) or not _NAME_RE.match(model_name):
         raise lines.error(("spec", "merge", "modelName"), "must be a DNS label")
-    density = merge.get("density", 0.0)
-    if not isinstance(density, int | float) or not 0 <= density <= 1:
-        raise lines.error(("spec", "merge", "density"), f"must be in [0, 1]; got {density!r}")
+    density = _rule(lines, ("spec", "merge", "density"), specs.density, merge.get("density", 0.0))
     rank = merge.get("outputRank", 0)
     if not isinstance(rank, int) or rank < 0:
         raise lines.error(("spec", "merge", "outputRank"), f"must be a non-negative integer; got {rank!r}")
@@ -291,26 +298,12 @@ def _normalize(value: dict, desc: Descriptor, path: tuple, lines: _LineIndex) ->
 
 
 def desc_enum_name(fd: FieldDescriptor, value: Any, path: tuple, lines: _LineIndex) -> str:
-    return common_enum_name(fd.enum_type, value, path, lines)
-
-
-def common_enum_name(enum_desc: Any, value: Any, path: tuple, lines: _LineIndex) -> str:
-    names = [v.name for v in enum_desc.values if not v.name.endswith("_UNSPECIFIED")]
-    prefix = _enum_prefix(enum_desc)
-    if isinstance(value, str):
-        full = value if value in names else prefix + value.upper().replace("-", "_")
-        if full in names:
-            return full
-    short = ", ".join(n.removeprefix(prefix).lower() for n in names)
-    raise lines.error(path, f"{value!r} is not a {enum_desc.name}; choose one of: {short}")
+    """An enum field's value as proto JSON spells it (the API's one enum rule, selma.api.enum_proto_name)."""
+    return _rule(lines, path, lambda v, fld: enum_proto_name(fd.enum_type, v, field=fld), value)
 
 
 def _enum_value(enum_desc: Any, value: Any, path: tuple, lines: _LineIndex) -> int:
-    return enum_desc.values_by_name[common_enum_name(enum_desc, value, path, lines)].number
-
-
-def _enum_prefix(enum_desc: Any) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_desc.name).upper() + "_"
+    return _rule(lines, path, lambda v, fld: enum_value(enum_desc, v, field=fld), value)
 
 
 def _mapping(value: Any, path: tuple, lines: _LineIndex, *, required: bool = False) -> dict:

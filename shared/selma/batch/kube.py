@@ -36,11 +36,10 @@ import re
 import threading
 from typing import Any
 
-from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
-
 from selma.batch import metrics
-from selma.batch.launchers import EXIT_BAD_INPUT, LaunchRequest, Launcher, Monitor, Outcome
+from selma.batch.launchers import EXIT_BAD_INPUT, Launcher, LaunchRequest, Monitor, Outcome
 from selma.batch.settings import BatchSettings
+from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
 
 log = logging.getLogger(__name__)
 

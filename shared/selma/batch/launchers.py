@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from selma.batch import metrics
-from selma.errors import InvalidArgument
-
 from selma.batch.settings import BatchSettings
+from selma.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +144,10 @@ class Launcher(ABC):
 
     name: str
 
-    def validate(self, placement: dict[str, Any]) -> None:
+    def validate(self, placement: dict[str, Any]) -> None:  # noqa: B027 - optional hook; the local launcher checks little
         """Reject a placement this launcher cannot honour (InvalidArgument naming the field)."""
 
-    def preflight(self) -> None:
+    def preflight(self) -> None:  # noqa: B027 - optional hook; only Kubernetes can be unreachable
         """Fail fast (UNAVAILABLE / PERMISSION_DENIED) when the launcher cannot work at all."""
 
     @abstractmethod
@@ -177,7 +176,7 @@ class LocalLauncher(Launcher):
         self._env = env
         self.log_dir = Path(settings.data_dir).resolve() / "training-logs"
 
-    def validate(self, placement: dict[str, Any]) -> None:
+    def validate(self, placement: dict[str, Any]) -> None:  # noqa: B027 - optional hook; the local launcher checks little
         retries = placement.get("max_retries")
         if retries is not None and not 0 <= int(retries) <= 20:
             raise InvalidArgument(f"max_retries must be in 0..20; got {retries}", field="spec.placement.max_retries")

@@ -23,7 +23,15 @@ from pydantic import SecretStr
 import selma
 from selma.errors import InvalidArgument, PermissionDenied, Unavailable
 from selma.llm import metrics
-from selma.llm.backend import BackendSpec, LlmBackend, LlmRequest, LlmResponse, LlmUnavailable, RetryableError, Sampling
+from selma.llm.backend import (
+    BackendSpec,
+    LlmBackend,
+    LlmRequest,
+    LlmResponse,
+    LlmUnavailable,
+    RetryableError,
+    Sampling,
+)
 from selma.specs import parse_duration, parse_int, parse_mapping, parse_str
 
 log = logging.getLogger(__name__)

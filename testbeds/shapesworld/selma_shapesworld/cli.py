@@ -64,7 +64,6 @@ def _add_pretrain(actions: argparse._SubParsersAction) -> None:
 def _defaults() -> dict:
     # The dataclass defaults without importing torch (keeps `selma --help` fast).
     import ast
-
     from importlib import resources
 
     src = (resources.files("selma_shapesworld") / "pretrain.py").read_text()
@@ -87,7 +86,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from selma.errors import InvalidArgument
-
     from selma_shapesworld.pretrain import PretrainConfig, pretrain
 
     if args.threads < 1:
@@ -135,7 +133,6 @@ def _eval_base(args: argparse.Namespace) -> int:
     from selma.config import SelmaSettings
     from selma.errors import InvalidArgument
     from selma.pipelines import ModelSpec, load_pipeline
-
     from selma_shapesworld.pretrain import evaluate
 
     if args.n < 1:

@@ -24,9 +24,7 @@ import threading
 import numpy as np
 
 from selma.errors import InvalidArgument
-
-from selma.llm.backend import LlmBackend, LlmResponse
-from selma.llm.backend import LlmRequest
+from selma.llm.backend import LlmBackend, LlmRequest, LlmResponse
 from selma_shapesworld.world import caption, parse_caption, sample_scene
 
 KIND = "shapesworld_grammar"

@@ -36,7 +36,6 @@ from scipy.spatial import ConvexHull, QhullError
 
 from selma.errors import InvalidArgument
 from selma_evaluation.vqa import VqaModel, VqaQuery
-
 from selma_shapesworld.world import (
     BACKGROUND,
     COLOURS,

@@ -38,10 +38,10 @@ import shlex
 import statistics
 import sys
 import time
-from importlib import resources
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,7 +167,6 @@ def gate_dataset(
     from PIL import Image
 
     from selma.artifacts import ArtifactKind, new_artifact_id
-
     from selma_shapesworld.judge import Judge
 
     key = key or f"{run}/{skill}/gate"
@@ -517,9 +516,10 @@ def datasets_images(store: ArtifactStore, dataset_id: str) -> int:
 
 def _diffusion_text(render: Any) -> str:
     d = render.diffusion
+    from selma.api import enum_name
     from selma.v1 import common_pb2
 
-    sched = common_pb2.Scheduler.Name(d.scheduler).removeprefix("SCHEDULER_").lower()
+    sched = enum_name(common_pb2.Scheduler, d.scheduler)
     g = f", guidance {d.guidance_scale:g}" if d.HasField("guidance_scale") else ""
     return f"{sched} {d.steps} steps{g}, {d.width}×{d.height}"
 
@@ -732,9 +732,9 @@ def _command_line() -> str:
 def _table(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selma.client import Endpoints, SelmaClient
     from selma.app.local_stack import LocalStack
     from selma.app.runner import Reporter
+    from selma.client import Endpoints, SelmaClient
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())

@@ -236,7 +236,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
 def build_tokenizer(cfg: PretrainConfig) -> Any:
     """The tokenizer, trained on captions of every kind, with and without size words."""
     texts: list[str] = []
-    for i, kind in enumerate(world.KINDS):
+    for kind in world.KINDS:
         pairs = world.dataset(_world_seed(cfg.seed, f"tokenizer:{kind}"), cfg.tokenizer_scenes_per_kind, mix={kind: 1.0}, size_words=0.5)
         texts += [c for _, c in pairs]
     return M.train_tokenizer(texts)
