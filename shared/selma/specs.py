@@ -7,6 +7,7 @@ value is refused with the same message whichever way it came in.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,14 @@ def parse_duration(value: Any, fld: str) -> float | None:
             raise InvalidArgument(f"must be a duration such as '30s'; got {value!r}", field=fld)
         value = value[:-1]
     return parse_float(value, fld)
+
+
+def parse_bool(value: Any, fld: str, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"must be true or false; got {value!r}", field=fld)
+    return value
 
 
 def parse_str(value: Any, fld: str) -> str:
@@ -112,3 +121,22 @@ def density(value: Any, fld: str = "density") -> float:
     if x != 0 and not 0 < x <= 1:
         raise InvalidArgument(f"must be in (0, 1] (0 = the service default); got {x:g}", field=fld)
     return x
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_options(value: Any, fld: str) -> tuple[str, str]:
+    """A ``selma.v1.DeviceOptions`` (proto-JSON): (device, precision short name); "" = the service's setting.
+
+    Devices are what :func:`selma.pipelines.resolve_device` loads on: auto, cpu, cuda, cuda:N.
+    """
+    from selma.api import enum_name
+    from selma.v1 import common_pb2
+
+    d = parse_mapping(value, fld)
+    check_known_fields(d, {"device", "precision"}, fld)
+    device = parse_str(d.get("device"), f"{fld}.device").lower()
+    if device and not _DEVICE.fullmatch(device):
+        raise InvalidArgument(f"must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device")
+    return device, enum_name(common_pb2.Precision, d.get("precision"), field=f"{fld}.precision")

@@ -13,17 +13,17 @@ work (images, answers, trials).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-from selma.api import output_ref
+from selma.api import enum_name, output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError, error_for_code
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
-from selma.specs import density
+from selma.specs import density, expert_weights, parse_float
 from selma.storage import Storage, open_storage
+from selma.v1 import common_pb2
 from selma_evaluation.runner import (
     METRIC_NAMES,
     EvaluationJobDoc,
@@ -39,18 +39,7 @@ log = logging.getLogger(__name__)
 
 KIND = "evaluation"
 MAX_IMAGES_PER_PROMPT = 16
-_LAUNCHER_ENUM = {"LAUNCHER_KIND_LOCAL": "local", "LAUNCHER_KIND_KUBERNETES": "kubernetes"}
 _BENCHMARKS = ("EVALUATION_BENCHMARK_DSG_1K", "EVALUATION_BENCHMARK_PROMPT_SET")
-
-
-def _finite(value: Any, field: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{value!r} is not a number", field=field) from None
-    if not math.isfinite(x):
-        raise InvalidArgument(f"{value!r} is not finite", field=field)
-    return x
 
 
 def resolve_vqa(vqa: dict[str, Any], settings: Any) -> dict[str, Any]:
@@ -185,13 +174,14 @@ class EvaluationCore:
                 for j, e in enumerate(merge["experts"]):
                     if not e.get("expert_id"):
                         raise InvalidArgument("expert_id is required", field=f"spec.targets[{i}].experts.experts[{j}].expert_id")
-                    _finite(e.get("weight", 0.0), f"spec.targets[{i}].experts.experts[{j}].weight")
+                # the merge's own rule (selma.specs): finite weights, every expert has one or none has
+                expert_weights([e.get("weight") for e in merge["experts"]], f"spec.targets[{i}].experts.experts.weight")
         if search:
             self._validate_search(search, test_texts)
 
         vqa = resolve_vqa(dict(spec.get("vqa") or {}), self.settings)
         placement = dict(spec.get("placement") or {})
-        launcher = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
+        launcher = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         from selma.batch.kube import validate_placement
 
         validate_placement(placement)
@@ -218,7 +208,7 @@ class EvaluationCore:
         if not vrefs:
             raise InvalidArgument("merge_search needs validation_prompt_set: held-out prompts, never the test prompts", field=f"{f}.validation_prompt_set")
         for i, v in enumerate(search.get("weight_values") or []):
-            _finite(v, f"{f}.weight_values[{i}]")
+            parse_float(v, f"{f}.weight_values[{i}]")
         for i, d in enumerate(search.get("densities") or []):
             density(d, f"{f}.densities[{i}]")  # the merge's own rule (selma.specs)
         max_trials = int(search.get("max_trials") or 0)
@@ -286,7 +276,7 @@ class EvaluationCore:
         key = self._doc_key(ctx.job_id)
         doc = EvaluationJobDoc.model_validate_json(self.storage.get_bytes(key))
         placement = dict(doc.spec.get("placement") or {})
-        name = _LAUNCHER_ENUM.get(placement.get("launcher", ""), self.settings.batch_launcher)
+        name = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         launcher = self.launchers[name]
         ctx.update(stats={"launcher": "LAUNCHER_KIND_" + name.upper()}, details={"launcher": name, "config.uri": self.storage.uri_for(key)})
         if not self.store.exists(doc.report_id):

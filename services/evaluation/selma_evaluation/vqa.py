@@ -56,14 +56,13 @@ from selma.errors import (
 )
 from selma.llm.openai_http import OpenAiHttp, parse_base_url, parse_transport
 from selma.pipelines import mirror_model
-from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
+from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 from selma_evaluation.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
 FIELD = "spec.vqa"
 BUILTIN_KINDS = ("transformers", "openai_compatible", "tiny_test")
-_PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 # First words of English yes/no questions ("Is there…", "Does the cat…", "Are the…").
 _YES_NO_OPENERS = frozenset(
     "is are am was were do does did can could will would should shall has have had may might must".split()
@@ -266,14 +265,7 @@ def _parse_transformers(body: Mapping[str, Any], fld: str, settings: EvaluationS
     source = parse_str(model.get("source"), f"{fld}.model.source") or settings.eval_vqa_model
     if source.startswith("tiny://"):
         raise InvalidArgument("there is no tiny transformers VQA model; use the tiny_test backend", field=f"{fld}.model.source")
-    device_opts = parse_mapping(body.get("device"), f"{fld}.device")
-    check_known_fields(device_opts, {"device", "precision"}, f"{fld}.device")
-    device = parse_str(device_opts.get("device"), f"{fld}.device.device").lower()
-    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device.device")
-    precision = device_opts.get("precision") or "PRECISION_UNSPECIFIED"
-    if precision not in _PRECISION:
-        raise InvalidArgument(f"unknown precision {precision!r}; use one of {sorted(_PRECISION)}", field=f"{fld}.device.precision")
+    device, precision = device_options(body.get("device"), f"{fld}.device")
     batch = parse_int(body.get("batch_size"), f"{fld}.batch_size")
     if not 0 <= batch <= 256:
         raise InvalidArgument(f"batch_size must be in 1..256 (0 = service default); got {batch}", field=f"{fld}.batch_size")
@@ -281,7 +273,7 @@ def _parse_transformers(body: Mapping[str, Any], fld: str, settings: EvaluationS
         source=source,
         revision=parse_str(model.get("revision"), f"{fld}.model.revision"),
         device=device,
-        precision=_PRECISION[precision],
+        precision=precision,
         batch_size=batch or settings.eval_vqa_batch_size,
     )
 

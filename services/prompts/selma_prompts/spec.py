@@ -17,8 +17,16 @@ from typing import Any
 
 from selma.errors import InvalidArgument
 from selma.llm.backend import BackendSpec
-from selma.llm.specs import parse_device, resolve_backend
-from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str, rouge_l_threshold
+from selma.llm.specs import resolve_backend
+from selma.specs import (
+    check_known_fields,
+    device_options,
+    parse_float,
+    parse_int,
+    parse_mapping,
+    parse_str,
+    rouge_l_threshold,
+)
 from selma_prompts.rouge import DEFAULT_THRESHOLD
 from selma_prompts.settings import PromptSettings
 from selma_prompts.skills import Skill, SkillLibrary, make_skill
@@ -138,7 +146,7 @@ def resolve_spec(
             max_cos = DEFAULT_MAX_COSINE
         elif not 0 < max_cos <= 1:
             raise InvalidArgument(f"max_cosine_similarity must be in (0, 1]; got {max_cos}", field="spec.embedding_filter.max_cosine_similarity")
-        device, _ = parse_device(ef.get("device"), "spec.embedding_filter.device")
+        device, _ = device_options(ef.get("device"), "spec.embedding_filter.device")
         embedding = EmbeddingSpec(
             model_source=parse_str(model_ref.get("source"), "spec.embedding_filter.model.source"),
             max_cosine_similarity=max_cos,

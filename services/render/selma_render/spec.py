@@ -1,7 +1,8 @@
 """Validated render requests: protobuf ``RenderSettings`` / ``DatasetRenderSpec`` → plain domain objects.
 
 The proto messages are the schema of what a client sends and of the job spec stored with each
-job; this module checks every field against the service limits (errors name the field by its
+job; as in every service, a message is read as proto JSON and every field goes through the API's
+parsers and rules (:mod:`selma.specs`).  This module checks every field against the service limits (errors name the field by its
 request path, e.g. ``spec.settings.diffusion.width``) and resolves the "0 = default" values, so
 the rest of the service works with explicit numbers.  :func:`normalized_settings` writes those
 defaults back into the message, so the stored job spec does not change meaning if the service
@@ -10,13 +11,13 @@ defaults change while a job waits or resumes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from selma.api import enum_name, enum_value
+from selma.api import enum_name, enum_value, message_to_dict
 from selma.errors import InvalidArgument
 from selma.pipelines import SCHEDULERS, ModelSpec
 from selma.seeds import SEED_MODULUS, SeedPolicy
+from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 from selma.v1 import common_pb2, render_service_pb2
 from selma_render.settings import RenderSettings
 
@@ -82,9 +83,13 @@ def parse_render_settings(
 ) -> RenderConfig:
     """Validate ``msg`` against the service limits; errors name ``<prefix>.<field>``."""
     f = lambda name: f"{prefix}.{name}"  # noqa: E731 - field paths for error messages
-    d = msg.diffusion
+    # the API's one idiom: the message as proto JSON, every field through selma.specs
+    body = message_to_dict(msg)
+    check_known_fields(body, {"model", "diffusion", "images_per_prompt", "base_seed", "seed_policy", "batch_size", "device"}, prefix)
+    ref = parse_mapping(body.get("model"), f("model"))
+    d = parse_mapping(body.get("diffusion"), f("diffusion"))
 
-    source = msg.model.source.strip() or settings.render_default_model.strip()
+    source = parse_str(ref.get("source"), f("model.source")) or settings.render_default_model.strip()
     if not source:
         raise InvalidArgument(
             "no model given and the service has no default model; set model.source to a hub id, a local path or an s3:// prefix",
@@ -92,25 +97,25 @@ def parse_render_settings(
         )
     model = ModelSpec(
         source=source,
-        revision=msg.model.revision.strip(),
-        variant=msg.model.variant.strip(),
-        vae_source=msg.model.vae_source.strip(),
+        revision=parse_str(ref.get("revision"), f("model.revision")),
+        variant=parse_str(ref.get("variant"), f("model.variant")),
+        vae_source=parse_str(ref.get("vae_source"), f("model.vae_source")),
     )
 
-    scheduler = enum_name(common_pb2.Scheduler, d.scheduler, field=f("diffusion.scheduler"))  # "" = the model's own
+    scheduler = enum_name(common_pb2.Scheduler, d.get("scheduler"), field=f("diffusion.scheduler"))  # "" = the model's own
 
-    steps = d.steps or DEFAULT_STEPS
+    requested_steps = parse_int(d.get("steps"), f("diffusion.steps"))
+    steps = requested_steps or DEFAULT_STEPS
     if not 1 <= steps <= settings.render_max_steps:
-        raise InvalidArgument(f"steps must be 1..{settings.render_max_steps} (0 = {DEFAULT_STEPS}); got {d.steps}", field=f("diffusion.steps"))
+        raise InvalidArgument(f"steps must be 1..{settings.render_max_steps} (0 = {DEFAULT_STEPS}); got {requested_steps}", field=f("diffusion.steps"))
 
-    guidance: float | None = None
-    if d.HasField("guidance_scale"):
-        guidance = d.guidance_scale
-        if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
-            raise InvalidArgument(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}]; got {guidance}", field=f("diffusion.guidance_scale"))
+    guidance = parse_float(d.get("guidance_scale"), f("diffusion.guidance_scale"))  # None = the model's own
+    if guidance is not None and not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidArgument(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}]; got {guidance}", field=f("diffusion.guidance_scale"))
 
+    size = {}
     for name in ("width", "height"):
-        value = getattr(d, name)
+        value = size[name] = parse_int(d.get(name), f(f"diffusion.{name}"))
         if value < 0 or value % 8:
             raise InvalidArgument(f"{name} must be a positive multiple of 8 (0 = the model's native size); got {value}", field=f(f"diffusion.{name}"))
         if value > settings.render_max_resolution:
@@ -118,37 +123,37 @@ def parse_render_settings(
                 f"{name} {value} is above this service's maximum of {settings.render_max_resolution} pixels",
                 field=f(f"diffusion.{name}"),
             )
-    if len(d.negative_prompt) > MAX_PROMPT_CHARS:
+    negative_prompt = d.get("negative_prompt") or ""
+    if len(negative_prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters", field=f("diffusion.negative_prompt"))
 
-    ipp = msg.images_per_prompt or 1
+    requested_ipp = parse_int(body.get("images_per_prompt"), f("images_per_prompt"))
+    ipp = requested_ipp or 1
     if not 1 <= ipp <= MAX_IMAGES_PER_PROMPT:
-        raise InvalidArgument(f"images_per_prompt must be 1..{MAX_IMAGES_PER_PROMPT} (0 = 1); got {msg.images_per_prompt}", field=f("images_per_prompt"))
+        raise InvalidArgument(f"images_per_prompt must be 1..{MAX_IMAGES_PER_PROMPT} (0 = 1); got {requested_ipp}", field=f("images_per_prompt"))
 
-    base_seed = msg.base_seed if msg.HasField("base_seed") else 0
+    base_seed = parse_int(body.get("base_seed"), f("base_seed"))
     if not 0 <= base_seed < SEED_MODULUS:
         raise InvalidArgument(f"base_seed must be in [0, 2^63); got {base_seed}", field=f("base_seed"))
-    seed_policy = SeedPolicy(enum_name(common_pb2.SeedPolicy, msg.seed_policy, field=f("seed_policy")) or SeedPolicy.DERIVED)
+    seed_policy = SeedPolicy(enum_name(common_pb2.SeedPolicy, body.get("seed_policy"), field=f("seed_policy")) or SeedPolicy.DERIVED)
 
     batch_size = settings.render_default_batch_size
-    if batch_size_used and msg.HasField("batch_size"):
-        if not 1 <= msg.batch_size <= MAX_BATCH_SIZE:
-            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (leave it unset for the service default {settings.render_default_batch_size}); got {msg.batch_size}", field=f("batch_size"))
-        batch_size = msg.batch_size
+    if batch_size_used and "batch_size" in body:
+        requested_batch = parse_int(body["batch_size"], f("batch_size"))
+        if not 1 <= requested_batch <= MAX_BATCH_SIZE:
+            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (leave it unset for the service default {settings.render_default_batch_size}); got {requested_batch}", field=f("batch_size"))
+        batch_size = requested_batch
 
-    precision = enum_name(common_pb2.Precision, msg.device.precision, field=f("device.precision"))
-    device = msg.device.device.strip().lower()
-    if device and not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {msg.device.device!r}", field=f("device.device"))
+    device, precision = device_options(body.get("device"), f("device"))
 
     return RenderConfig(
         model=model,
         scheduler=scheduler,
         steps=steps,
         guidance_scale=guidance,
-        width=d.width,
-        height=d.height,
-        negative_prompt=d.negative_prompt,
+        width=size["width"],
+        height=size["height"],
+        negative_prompt=negative_prompt,
         images_per_prompt=ipp,
         base_seed=base_seed,
         seed_policy=seed_policy,

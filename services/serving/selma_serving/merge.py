@@ -390,31 +390,29 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def params_from_dict(d: dict[str, Any]) -> MergeParams:
     """A ``selma.v1.MergeSpec`` in JSON form (``selma.api.message_to_dict``) → MergeParams."""
+    specs.check_known_fields(d, {"experts", "method", "density", "sign_election", "output_rank", "fuse", "seed", "variant"}, "merge")
     experts = []
-    for i, e in enumerate(d.get("experts", [])):
-        bw = e.get("block_weights") or {}
+    for i, e in enumerate(d.get("experts") or []):
+        e = specs.parse_mapping(e, f"experts[{i}]")
+        bw = specs.parse_mapping(e.get("block_weights"), f"experts[{i}].block_weights")
         experts.append(
             ExpertWeight(
-                ref=str(e.get("expert_id", "")).strip(),
-                weight=e.get("weight"),
-                down=bw.get("down"),
-                mid=bw.get("mid"),
-                up=bw.get("up"),
+                ref=specs.parse_str(e.get("expert_id"), f"experts[{i}].expert_id"),
+                weight=specs.parse_float(e.get("weight"), "experts.weight"),
+                down=specs.parse_float(bw.get("down"), "experts.block_weights.down"),
+                mid=specs.parse_float(bw.get("mid"), "experts.block_weights.mid"),
+                up=specs.parse_float(bw.get("up"), "experts.block_weights.up"),
             )
         )
         if not experts[-1].ref:
             raise InvalidArgument(f"experts[{i}].expert_id is empty; give an expert id or <run>/<skill>", field=f"experts[{i}].expert_id")
-    try:
-        seed = int(d.get("seed", 0) or 0)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"seed must be an integer; got {d.get('seed')!r}", field="seed") from None
     return MergeParams(
         experts=tuple(experts),
         method=enum_name(common_pb2.MergeMethod, d.get("method"), field="method") or "mean_delta",
-        density=float(d.get("density", 0.0) or 0.0),
+        density=specs.parse_float(d.get("density"), "density", 0.0) or 0.0,
         sign_election=enum_name(common_pb2.SignElection, d.get("sign_election"), field="sign_election") or "total",
-        output_rank=int(d.get("output_rank", 0) or 0),
-        fuse=bool(d.get("fuse", False)),
-        seed=seed,
+        output_rank=specs.parse_int(d.get("output_rank"), "output_rank"),
+        fuse=specs.parse_bool(d.get("fuse"), "fuse"),
+        seed=specs.parse_int(d.get("seed"), "seed"),
         variant=enum_name(common_pb2.MergeVariant, d.get("variant"), field="variant") or "peft",
     )

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selma.api import enum_name, enum_proto_name
 from selma.errors import InvalidArgument
+from selma.specs import parse_bool, parse_float, parse_int, parse_mapping, parse_str
 from selma.v1 import common_pb2
 from selma.v1 import training_service_pb2 as pb
 
@@ -245,30 +246,31 @@ def from_proto_dict(d: dict[str, Any], *, default_model: str = "") -> tuple[Trai
     else:
         raise InvalidArgument(f"unknown preset {preset_name!r}; use one of {', '.join(_PRESET_ENUM)}", field="config.preset")
     cfg = preset_config(preset, bm, info)
-    lora = d.get("lora") or {}
-    if lora.get("rank"):
-        cfg["rank"] = int(lora["rank"])
-        cfg["alpha"] = float(cfg["rank"])  # alpha follows rank unless set
+    # every field through the API's one set of parsers (selma.specs); 0/unset = the preset's value
+    lora = parse_mapping(d.get("lora"), "config.lora")
+    if rank := parse_int(lora.get("rank"), "config.lora.rank"):
+        cfg["rank"] = rank
+        cfg["alpha"] = float(rank)  # alpha follows rank unless set
     if "alpha" in lora:
-        cfg["alpha"] = float(lora["alpha"])
+        cfg["alpha"] = parse_float(lora["alpha"], "config.lora.alpha")
     if lora.get("target_modules"):
-        cfg["target_modules"] = list(lora["target_modules"])
+        cfg["target_modules"] = [parse_str(m, "config.lora.target_modules") for m in lora["target_modules"]]
     if "dropout" in lora:
-        cfg["lora_dropout"] = float(lora["dropout"])
+        cfg["lora_dropout"] = parse_float(lora["dropout"], "config.lora.dropout")
     for name in ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "checkpoints_to_keep"):
-        if d.get(name):
-            cfg[name] = int(d[name])
-    if d.get("learning_rate"):
-        cfg["learning_rate"] = float(d["learning_rate"])
+        if value := parse_int(d.get(name), f"config.{name}"):
+            cfg[name] = value
+    if value := parse_float(d.get("learning_rate"), "config.learning_rate"):
+        cfg["learning_rate"] = value
     for name in ("lr_warmup_steps", "seed"):
         if name in d:
-            cfg[name] = int(d[name])
+            cfg[name] = parse_int(d[name], f"config.{name}")
     for name in ("gradient_checkpointing", "random_flip", "center_crop", "use_latent_cache"):
         if name in d:
-            cfg[name] = bool(d[name])
+            cfg[name] = parse_bool(d[name], f"config.{name}")
     for name in ("noise_offset", "snr_gamma", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm"):
         if name in d:
-            cfg[name] = float(d[name])
+            cfg[name] = parse_float(d[name], f"config.{name}")
     # enum fields: the config value is the enum value's short name; UNSPECIFIED keeps the preset's
     for key, enum, value, path in (
         ("lora_init", pb.LoraInit, lora.get("init"), "lora.init"),

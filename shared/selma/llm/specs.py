@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from selma import plugins
@@ -10,10 +9,9 @@ from selma.errors import InvalidArgument, PermissionDenied
 from selma.llm.backend import BackendSpec, Sampling
 from selma.llm.openai_http import parse_base_url, parse_transport
 from selma.llm.settings import LlmSettings
-from selma.specs import check_known_fields, parse_float, parse_int, parse_mapping, parse_str
+from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 
 _OPENAI_API = {"OPEN_AI_API_UNSPECIFIED": "", "OPEN_AI_API_COMPLETIONS": "completions", "OPEN_AI_API_CHAT_COMPLETIONS": "chat"}
-_PRECISION = {"PRECISION_UNSPECIFIED": "", "PRECISION_FP32": "fp32", "PRECISION_FP16": "fp16", "PRECISION_BF16": "bf16"}
 BUILTIN_KINDS = ("openai_compatible", "local_causal_lm", "embedded", "tiny_test")
 
 
@@ -33,18 +31,6 @@ def _sampling(d: Any, fld: str, settings: LlmSettings) -> Sampling:
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
         raise InvalidArgument("stop must be a list of at most 8 non-empty strings", field=f"{fld}.stop")
     return Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens or settings.llm_max_tokens, stop=tuple(stop))
-
-
-def parse_device(d: Any, fld: str) -> tuple[str, str]:
-    d = parse_mapping(d, fld)
-    check_known_fields(d, {"device", "precision"}, fld)
-    device = parse_str(d.get("device"), f"{fld}.device").lower()
-    if device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise InvalidArgument(f"device must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device")
-    precision = d.get("precision") or "PRECISION_UNSPECIFIED"
-    if precision not in _PRECISION:
-        raise InvalidArgument(f"unknown precision {precision!r}", field=f"{fld}.precision")
-    return device, _PRECISION[precision]
 
 
 def _credential_endpoint_allowed(base_url: str, settings: LlmSettings) -> bool:
@@ -108,7 +94,7 @@ def resolve_backend(d: Any, settings: LlmSettings, fld: str = "spec.backend") ->
         source = parse_str(model_ref.get("source"), f"{fld}.model.source") or settings.llm_local_model
         if not source:
             raise InvalidArgument("model.source is required (a model directory or hub id): the service has no default", field=f"{fld}.model.source")
-        device, precision = parse_device(body.get("device"), f"{fld}.device")
+        device, precision = device_options(body.get("device"), f"{fld}.device")
         chat = body.get("use_chat_template")
         if chat is not None and not isinstance(chat, bool):
             raise InvalidArgument("use_chat_template must be a boolean", field=f"{fld}.use_chat_template")
@@ -122,7 +108,7 @@ def resolve_backend(d: Any, settings: LlmSettings, fld: str = "spec.backend") ->
         )
     if kind == "embedded":
         check_known_fields(body, {"device", "sampling"}, fld)
-        device, precision = parse_device(body.get("device"), f"{fld}.device")
+        device, precision = device_options(body.get("device"), f"{fld}.device")
         return BackendSpec(kind=kind, sampling=_sampling(body.get("sampling"), f"{fld}.sampling", settings), device=device, precision=precision)
     if kind == "tiny_test":
         check_known_fields(body, {"seed"}, fld)
