@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "protos"
@@ -42,12 +42,23 @@ def generate_stubs() -> None:
     init.write_text('"""Generated from protos/selma/v1 at build time. Do not edit; do not commit."""\n')
 
 
+# Not packages: byte-code caches (every other folder under a package is one, data folders included).
+_NOT_PACKAGES = ["__pycache__", "*.__pycache__"]
+
+
+def _subpackages(path: pathlib.Path) -> list[str]:
+    """Every folder under ``path`` as a (namespace) package: data folders without ``__init__.py``
+    (``selma_evaluation/data``, ``selma_shapesworld/weights/base/unet``, ...) are declared too, so
+    setuptools ships their files as package data instead of warning "Package would be ignored"."""
+    return find_namespace_packages(str(path), exclude=_NOT_PACKAGES)
+
+
 def packages() -> tuple[list[str], dict[str, str]]:
     """The library (shared/selma), every service (services/<name>/selma_<name>) and testbed (testbeds/<name>/selma_<name>).
 
     The folder is the import name, so the tree shows the import graph.
     """
-    pkgs = ["selma"] + [f"selma.{p}" for p in find_packages(str(OUT_ROOT / "selma"))]
+    pkgs = ["selma"] + [f"selma.{p}" for p in _subpackages(OUT_ROOT / "selma")]
     if "selma.v1" not in pkgs:
         pkgs.append("selma.v1")  # generated during build_py; declared up front so wheels include it
     package_dir = {"selma": "shared/selma"}
@@ -55,7 +66,7 @@ def packages() -> tuple[list[str], dict[str, str]]:
         if (pkg / "__init__.py").exists():
             package_dir[pkg.name] = str(pkg.relative_to(ROOT))
             pkgs.append(pkg.name)
-            pkgs += [f"{pkg.name}.{p}" for p in find_packages(str(pkg))]
+            pkgs += [f"{pkg.name}.{p}" for p in _subpackages(pkg)]
     return pkgs, package_dir
 
 

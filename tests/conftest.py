@@ -2,6 +2,10 @@
 
 ``moto_server`` runs as a subprocess for the whole session, is stopped by its PID at the end,
 and every test gets its own bucket, so no state leaks between tests.
+
+Every process a test or fixture starts goes through ``tests/_processes.py`` (``import _processes``):
+its own process group, stopped as a tree however the test ends; ``pytest_sessionfinish`` below
+fails the run if any of them is still alive at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import _processes
 import pytest
 
 from selma.config import SelmaSettings
@@ -53,7 +58,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
+        proc = _processes.popen(
             [_moto_server_binary(), "-H", "127.0.0.1", "-p", str(port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -72,12 +77,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _processes.stop_tree(proc, first=signal.SIGTERM, grace=5)
 
 
 def unique_bucket() -> str:
@@ -162,7 +162,7 @@ def stalled_writer() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     def start(settings: SelmaSettings, mode: str, target: str, ready_bytes: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, **settings_env(settings)}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (shared, env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen(
+        proc = _processes.popen(
             [sys.executable, str(script), mode, target, str(ready_bytes)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -179,9 +179,7 @@ def stalled_writer() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        _processes.stop_tree(proc, first=signal.SIGKILL, grace=10)
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
@@ -196,3 +194,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
 
     torch.set_num_threads(1)
     return build_tiny(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (the moto server's included)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process the suite started outlived it (it is killed, by PID, and listed)."""
+    lines = _processes.leak_report()
+    if lines:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = f"{len(lines)} process(es) started by the tests were still running at the end (now killed):"
+        if tr is not None:
+            tr.write_line(msg, red=True, bold=True)
+            for line in lines:
+                tr.write_line("  " + line, red=True)
+        else:
+            sys.stderr.write(msg + "\n" + "\n".join(lines) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from selma.errors import InvalidArgument
+from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.v1 import (
     common_pb2,
@@ -51,6 +52,14 @@ SERVICE_NAMES = {
     "evaluation": "selma.v1.EvaluationService",
 }
 DEFAULT_ENDPOINTS_FILE = Path(".selma") / "endpoints.json"
+
+# (service, address) of the stub a client handed out last: what a CLI names when a call fails.
+_last_target: tuple[str, str] = ("", "")
+
+
+def last_target() -> tuple[str, str]:
+    """The service and address of the most recent call through any :class:`SelmaClient` (("", "") if none)."""
+    return _last_target
 
 
 @dataclass
@@ -190,8 +199,10 @@ class SelmaClient:
             ch.close()
 
     def stub(self, service: str) -> Any:
+        global _last_target
         if service not in self._stubs:
             raise InvalidArgument(f"no endpoint configured for the {service} service", field="endpoints")
+        _last_target = (service, self.endpoints.address(service))
         return self._stubs[service]
 
     def jobs(self, kind: str) -> JobClient:
@@ -201,11 +212,36 @@ class SelmaClient:
 
     # -- health --------------------------------------------------------------------------------
 
-    def wait_ready(self, timeout: float = 60.0, services: tuple[str, ...] = SERVICES) -> None:
+    def wait_ready(
+        self, timeout: float = 60.0, services: tuple[str, ...] = SERVICES, *, on_wait: Callable[[str, str, float], None] | None = None
+    ) -> None:
+        """Block until every service answers SERVING, ``timeout`` seconds in all.
+
+        ``on_wait(service, address, seconds_left)`` is called once per service that is not ready at
+        the first look; past the deadline :class:`Unavailable` names the service and its address.
+        """
         from selma.server import wait_for_serving
 
+        deadline = time.monotonic() + timeout
         for name in services:
-            wait_for_serving(self.endpoints.address(name), SERVICE_NAMES[name], timeout=timeout)
+            address = self.endpoints.address(name)
+            if not address:
+                raise InvalidArgument(f"no endpoint configured for the {name} service", field="endpoints")
+            try:
+                wait_for_serving(address, SERVICE_NAMES[name], timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+                continue
+            except TimeoutError:
+                pass
+            if on_wait is not None:
+                on_wait(name, address, max(deadline - time.monotonic(), 0.0))
+            try:
+                wait_for_serving(address, SERVICE_NAMES[name], timeout=max(deadline - time.monotonic(), 0.1))
+            except TimeoutError as e:
+                raise Unavailable(
+                    f"the {name} service at {address} did not answer SERVING within {timeout:.0f} s ({e}); "
+                    "is `selma up` running? Check the endpoints (--endpoints, --dir or SELMA_ENDPOINTS)",
+                    field="endpoints",
+                ) from None
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -224,8 +260,15 @@ class SelmaClient:
         images_per_prompt: int = 1,
         negative_prompt: str = "",
         timeout: float | None = 600.0,
+        seed_policy: str | int | None = None,
     ) -> Iterator[serving_service_pb2.GenerateResponse]:
-        """Stream generated images: a registered model, the base with per-request expert weights, or the base."""
+        """Stream generated images: a registered model, the base with per-request expert weights, or the base.
+
+        ``seed`` is the base seed (unset: the service picks one at random) and ``seed_policy`` how each
+        image's seed derives from it (any spelling :func:`selma.seeds.seed_policy` takes; unset = derived).
+        """
+        from selma.seeds import seed_policy as _seed_policy
+
         if model_name and experts:
             raise InvalidArgument("give either a model name or expert weights, not both", field="model")
         diffusion = common_pb2.DiffusionSettings(steps=steps, width=width, height=height, negative_prompt=negative_prompt)
@@ -234,11 +277,38 @@ class SelmaClient:
         req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt)
         if seed is not None:
             req.seed = seed
+        if seed_policy is not None:
+            req.seed_policy = common_pb2.SeedPolicy.Value("SEED_POLICY_" + _seed_policy(seed_policy).name)
         if model_name:
             req.model_name = model_name
         elif experts:
             req.experts.CopyFrom(common_pb2.MergeSpec(method=method, experts=[common_pb2.ExpertWeight(expert_id=k, weight=v) for k, v in experts.items()]))
         yield from self.stub("serving").Generate(req, timeout=timeout)
+
+    def resolve_artifact(self, ref: str) -> str:
+        """The artifact id a user's name stands for: a registered model name (ListModels), a
+        ``<run>/<skill>`` expert reference (the newest, ListExperts), or else an artifact id as given."""
+        ref = ref.strip()
+        if not ref:
+            raise InvalidArgument("give a model name, a <run>/<skill> expert or an artifact id", field="artifact")
+        serving = self.stub("serving")
+        if "/" in ref:
+            run, _, skill = ref.partition("/")
+            experts = serving.ListExperts(serving_service_pb2.ListExpertsRequest(run=run, skill=skill, page_size=1000), timeout=self.timeout).experts
+            if not experts:
+                raise NotFound(f"no expert for run {run!r} and skill {skill!r}; `selma status {run}` shows the run's stages", field="artifact")
+            return experts[0].expert_id  # newest first
+        token = ""
+        while True:
+            resp = serving.ListModels(serving_service_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=self.timeout)
+            for m in resp.models:
+                if m.model_name == ref:
+                    if not m.artifact.id:
+                        raise InvalidArgument(f"model {ref!r} is the base model: it has no artifact and no lineage", field="artifact")
+                    return m.artifact.id
+            token = resp.next_page_token
+            if not token:
+                return ref
 
     def lineage(self, artifact_id: str) -> list[common_pb2.ArtifactManifest]:
         req = serving_service_pb2.GetLineageRequest(artifact=common_pb2.ArtifactRef(id=artifact_id))

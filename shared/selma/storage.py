@@ -712,6 +712,26 @@ def parse_endpoint(endpoint: str, secure_default: bool) -> tuple[str, bool]:
     return endpoint, secure
 
 
+AWS_S3_ENDPOINT = "s3.amazonaws.com"
+
+
+def require_s3_endpoint(endpoint: str, uri: str) -> str:
+    """The S3 endpoint for ``uri``; an ``s3://`` URI without one is refused at once.
+
+    The rule: nothing targets AWS implicitly.  A local ``selma up`` or a MinIO deployment names its
+    server (``SELMA_S3_ENDPOINT=host:port``); AWS is used only when asked for by name
+    (``SELMA_S3_ENDPOINT=s3.amazonaws.com`` or a regional AWS endpoint).
+    """
+    if endpoint.strip():
+        return endpoint
+    raise InvalidArgument(
+        f"{uri} is an s3:// storage URI but SELMA_S3_ENDPOINT is not set: set SELMA_S3_ENDPOINT=host:port "
+        f"(or http://host:port) for MinIO or another S3 server, or SELMA_S3_ENDPOINT={AWS_S3_ENDPOINT} to use AWS "
+        "(plus SELMA_S3_ACCESS_KEY / SELMA_S3_SECRET_KEY); AWS is never used implicitly",
+        field="s3_endpoint",
+    )
+
+
 class S3Storage(Storage):
     """A bucket (and optional key prefix) on S3 or MinIO, through the ``minio`` client."""
 
@@ -722,7 +742,7 @@ class S3Storage(Storage):
         self.bucket = parsed.container
         self.prefix = parsed.prefix
         self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self.endpoint, secure = parse_endpoint(settings.s3_endpoint or "s3.amazonaws.com", settings.s3_secure)
+        self.endpoint, secure = parse_endpoint(require_s3_endpoint(settings.s3_endpoint, self.uri), settings.s3_secure)
         self.region = settings.s3_region or None
         self._create_bucket = settings.s3_create_buckets
         self._part_size = settings.s3_part_size

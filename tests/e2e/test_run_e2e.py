@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import _processes
 import pytest
 from PIL import Image
 
@@ -65,6 +66,8 @@ def stack(tmp_path_factory):
     stack = LocalStack(root)
     try:
         endpoints = stack.start(timeout=300)
+        for sp in stack.processes.values():  # checked at the end of the run (LocalStack.stop stops them)
+            _processes.track(sp.proc.pid, f"local stack service {sp.name}")
         yield stack, endpoints
     finally:
         stack.stop()
@@ -99,7 +102,7 @@ def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm,
 
     out = tmp_path / "out.png"
     env = {**os.environ, "SELMA_ENDPOINTS": ",".join(f"{n}={getattr(endpoints, n)}" for n in ("prompts", "render", "training", "serving"))}
-    proc = subprocess.run([SELMA, "generate", "two red apples", "--model", "e2e-basic", "--steps", "2", "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc = _processes.run([SELMA, "generate", "two red apples", "--model", "e2e-basic", "--steps", "2", "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64)
 
@@ -108,13 +111,14 @@ def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm,
     assert again == result
 
 
+@pytest.mark.timeout(900)  # up to 300 s to the kill, then a rerun limited to 500 s
 def test_killed_run_resumes_without_duplicate_work(stack, llm, tmp_path):
     _, endpoints = stack
     skillset = tmp_path / "resume.yaml"
     skillset.write_text(skillset_text("e2e-resume", llm.base_url, steps=30))
     env = {**os.environ, "SELMA_ENDPOINTS": ",".join(f"{n}={getattr(endpoints, n)}" for n in ("prompts", "render", "training", "serving"))}
     cmd = [SELMA, "run", str(skillset), "--dir", str(tmp_path), "--plain"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = _processes.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     state_file = tmp_path / "runs" / "e2e-resume.json"
     deadline = time.monotonic() + 300
     try:
@@ -130,10 +134,9 @@ def test_killed_run_resumes_without_duplicate_work(stack, llm, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _processes.stop_tree(proc, first=signal.SIGKILL)
     # The lock of the killed run is stale (its pid is gone): the second run takes it over.
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    second = _processes.run(cmd, capture_output=True, text=True, env=env, timeout=500)
     assert second.returncode == 0, second.stdout + second.stderr
 
     with SelmaClient(endpoints) as client:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _processes
 import grpc
 import pytest
 import yaml
@@ -194,7 +196,7 @@ def prometheus_url(selma_stack: dict[str, Any], tmp_path_factory: pytest.TempPat
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
     log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
+    proc = _processes.popen(
         [
             binary,
             f"--config.file={tmp / 'prometheus.yml'}",
@@ -211,12 +213,7 @@ def prometheus_url(selma_stack: dict[str, Any], tmp_path_factory: pytest.TempPat
         assert proc.poll() is None, (tmp / "prometheus.log").read_text()
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _processes.stop_tree(proc, first=signal.SIGTERM)
         log.close()
 
 

@@ -951,12 +951,16 @@ def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
             else:
                 shutil.copy2(path, src / item)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        # not -q: setuptools' warnings are part of what is checked
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # data folders are declared packages: no "Package would be ignored" warning (hundreds of lines per install)
+    ignored = re.findall(r"'([\w.]+)' as an importable package", proc.stdout + proc.stderr)
+    assert "would be ignored" not in proc.stdout + proc.stderr, f"setuptools warns about undeclared data folders {ignored}"
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     # `selma serve <component>` (selma.app), the Job launchers (selma.batch) and every service's package
@@ -964,6 +968,16 @@ def test_image_sources_build_a_wheel_with_every_service(tmp_path: Path) -> None:
               *(f"selma_{c}/__init__.py" for c in (*COMPONENTS, "evaluation")))
     missing = [package for package in wanted if package not in names]
     assert not missing, f"the image would lack {missing} (a package folder without __init__.py is skipped by find_packages)"
+    # every data file ships: the library's, evaluation's DSG-1k annotations, the shapesworld testbed's skillset and base weights
+    data_dirs = {"selma": ["data"], "selma_evaluation": ["data"], "selma_shapesworld": ["data", "weights"]}
+    package_roots = {p.name: p for p in [src / "shared" / "selma", *src.glob("services/*/selma_*"), *src.glob("testbeds/*/selma_*")]}
+    data_files = sorted(
+        f"{name}/{f.relative_to(package_roots[name]).as_posix()}"
+        for name, dirs in data_dirs.items() for d in dirs for f in (package_roots[name] / d).rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts
+    )
+    assert len(data_files) >= 16 and any(f.endswith("unet/diffusion_pytorch_model.safetensors") for f in data_files), data_files
+    assert [f for f in data_files if f not in names] == []
 
 
 def test_example_skillset_is_valid_for_the_cluster() -> None:

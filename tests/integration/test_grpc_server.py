@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import _processes
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -212,7 +213,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, grpc
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # the test module, tests/_processes.py
         from test_grpc_server import _registration
         from selma.config import SelmaSettings
         from selma.server import serve
@@ -222,7 +223,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
         print("exited", flush=True)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    proc = _processes.popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env={**os.environ})
     try:
         address, metrics_url = proc.stdout.readline().split()
         wait_for_serving(address, TEST_SERVICE, timeout=20)
@@ -231,5 +232,4 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
         assert proc.wait(timeout=20) == 0
         assert proc.stdout.read().strip() == "exited"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _processes.stop_tree(proc, first=signal.SIGKILL)

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import _processes
 import grpc
 import pytest
 
@@ -45,9 +46,7 @@ def processes():
     started: list[subprocess.Popen] = []
     yield started
     for proc in started:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _processes.stop_tree(proc, first=signal.SIGKILL)
 
 
 def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name: str) -> subprocess.Popen:
@@ -67,7 +66,7 @@ def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name
         "SELMA_LLM_RETRY_BACKOFF_SECONDS": "0.01",
     }
     log = (tmp_path / f"{name}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "selma.app.cli", "serve", "prompts"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = _processes.popen([sys.executable, "-m", "selma.app.cli", "serve", "prompts"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     processes.append(proc)
     try:
         wait_for_serving(f"127.0.0.1:{port}", SERVICE_NAME, timeout=60)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import _processes
 import grpc
 import pytest
 from prometheus_client import REGISTRY
@@ -268,7 +269,7 @@ def test_server_killed_mid_job_resumes_after_restart_without_rendering_twice(mak
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELMA_")}
     env.update(SELMA_DATA_DIR=str(settings.data_dir), SELMA_STORAGE_URI=settings.storage_uri, OMP_NUM_THREADS="1", SELMA_LOG_LEVEL="WARNING")
     with (tmp_path / "child.log").open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=log_file, env=env)
+        proc = _processes.popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=log_file, env=env)
     reader = LineReader(proc)
     try:
         line = reader.next()
@@ -282,9 +283,7 @@ def test_server_killed_mid_job_resumes_after_restart_without_rendering_twice(mak
         os.kill(proc.pid, signal.SIGKILL)  # mid-batch: the third batch was rendered but never stored
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        _processes.stop_tree(proc, first=signal.SIGKILL)
         reader.thread.join(timeout=10)
         proc.stdout.close()
     stored_before = {s for call in rendered_calls[:2] for s in call}

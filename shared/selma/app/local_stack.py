@@ -13,6 +13,7 @@ service by PID.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selma.client import SERVICE_NAMES, SERVICES, Endpoints
-from selma.errors import FailedPrecondition, Unavailable
+from selma.errors import Aborted, FailedPrecondition, Unavailable
 from selma.server import wait_for_serving
+from selma.storage import require_s3_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,94 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+LOCK_FILE = "up.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StackLock:
+    """One ``selma up`` per data directory: ``<dir>/up.lock`` holds the owner's PID and its endpoints.
+
+    Taken by an atomic ``link`` of a fully written file (so a reader never sees half a lock); a lock
+    whose PID is dead is stale and taken over (with a log line); a live one is refused with an
+    :class:`Aborted` naming the PID and the endpoints it serves.  Only the owner removes it.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self.held = False
+
+    def read(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_new(self, payload: dict) -> bool:
+        """Create the lock file with ``payload``; False if it exists already."""
+        tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._write_new({"pid": os.getpid(), "endpoints": None}):
+                self.held = True
+                return
+            data = self.read()
+            if data is None:
+                continue  # released between our attempt and the read
+            pid = data.get("pid") if isinstance(data.get("pid"), int) else 0
+            if pid and _alive(pid):
+                raise Aborted(f"{self.path.parent} is already served by `selma up` (pid {pid}; {_describe(data.get('endpoints'))}); "
+                              f"use that stack, stop it first (Ctrl-C there, or kill {pid}), or pass another --dir", field="dir")
+            log.warning("taking over the stale lock %s of `selma up` pid %s, which is no longer running", self.path, pid or "?")
+            self.path.unlink(missing_ok=True)
+        raise Aborted(f"could not take the lock {self.path}; another `selma up` is starting in {self.path.parent}", field="dir")
+
+    def record(self, endpoints: Endpoints) -> None:
+        """Write the endpoints we serve into our lock, so a refused second `selma up` can name them."""
+        if not self.held:
+            return
+        tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "endpoints": {n: getattr(endpoints, n) for n in SERVICES}}))
+        tmp.replace(self.path)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        data = self.read()
+        if data is not None and data.get("pid") == os.getpid():  # only ever remove our own lock
+            self.path.unlink(missing_ok=True)
+
+
+def _describe(endpoints: object) -> str:
+    if not isinstance(endpoints, dict) or not endpoints:
+        return "still starting, no endpoints yet"
+    return "serving " + ", ".join(f"{k} {v}" for k, v in endpoints.items())
 
 
 @dataclass
@@ -74,6 +164,8 @@ class LocalStack:
     base_model: str = ""  # "" = the embedded tiny://sd
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    lock: StackLock | None = field(default=None, repr=False)
+    _endpoints_written: str = field(default="", repr=False)  # the endpoints.json we wrote; the only one stop() removes
 
     def env_for(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SELMA_")}
@@ -100,8 +192,22 @@ class LocalStack:
         env.update(self.extra_env)
         return env
 
+    def acquire_lock(self) -> None:
+        """Refuse to start a second stack on this data directory (see :class:`StackLock`)."""
+        if self.lock is None:
+            self.lock = StackLock(self.data_dir)
+        self.lock.acquire()
+
+    def check_storage(self) -> None:
+        """Fail at once on settings the services would only fail on after minutes of retries."""
+        env = self.env_for("training", 0, 0)
+        if env["SELMA_STORAGE_URI"].lower().startswith("s3://"):
+            require_s3_endpoint(env.get("SELMA_S3_ENDPOINT", ""), env["SELMA_STORAGE_URI"])
+
     def start(self, timeout: float = 180.0) -> Endpoints:
+        self.check_storage()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.acquire_lock()
         (self.data_dir / "logs").mkdir(exist_ok=True)
         # Ports first: the training service must know serving's address (evaluations render through it).
         ports = {name: (free_port(), free_port()) for name in self.services}
@@ -112,7 +218,11 @@ class LocalStack:
         for name in self.processes:
             self._wait_serving(name, timeout)
         endpoints = self.endpoints()
-        endpoints.save(self.data_dir / "endpoints.json")
+        endpoints_file = self.data_dir / "endpoints.json"
+        endpoints.save(endpoints_file)
+        self._endpoints_written = endpoints_file.read_text()
+        assert self.lock is not None
+        self.lock.record(endpoints)
         return endpoints
 
     def _spawn(self, name: str, grpc_port: int, metrics_port: int) -> ServiceProcess:
@@ -183,7 +293,15 @@ class LocalStack:
                 sp.proc.kill()
                 sp.proc.wait()
         endpoints_file = self.data_dir / "endpoints.json"
-        endpoints_file.unlink(missing_ok=True)
+        try:
+            ours = bool(self._endpoints_written) and endpoints_file.read_text() == self._endpoints_written
+        except FileNotFoundError:
+            ours = False
+        if ours:  # only ever remove what this stack wrote
+            endpoints_file.unlink(missing_ok=True)
+        self._endpoints_written = ""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -198,12 +316,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model)
+    stack.check_storage()
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
+    stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sys.stdout.write("starting prompts, render, training and serving ...\n")
     sys.stdout.flush()
-    endpoints = stack.start(timeout=args.timeout)
+    try:
+        endpoints = stack.start(timeout=args.timeout)
+    except BaseException:
+        stack.stop()  # what it started, and its lock
+        raise
     for name in SERVICES:
         sp = stack.processes[name]
         sys.stdout.write(f"{SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")

@@ -18,8 +18,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,7 @@ from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.client import Endpoints, SelmaClient
 from selma.errors import Aborted, InvalidArgument, RunFailed
+from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
 log = logging.getLogger(__name__)
@@ -213,12 +216,16 @@ class Reporter:
 class RunDriver:
     """Runs one SkillSet against the services; resumable by construction (idempotency keys)."""
 
-    def __init__(self, client: SelmaClient, skillset: SkillSet, state: RunState, reporter: Reporter, *, retry_seconds: float = 2.0) -> None:
+    def __init__(
+        self, client: SelmaClient, skillset: SkillSet, state: RunState, reporter: Reporter, *, retry_seconds: float = 2.0, max_outage: float = 600.0
+    ) -> None:
         self.client = client
         self.skillset = skillset
         self.state = state
         self.reporter = reporter
         self.retry_seconds = retry_seconds
+        self.max_outage = max_outage  # seconds one stage waits for an unreachable service before the run fails
+        self._down_since: dict[str, float] = {}
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -230,25 +237,27 @@ class RunDriver:
         key = stage_key(run, skill, kind)
         label = f"{skill or run} · {kind}"
         jobs = self.client.jobs(kind)
-        job = self._retrying(label, lambda: jobs.start(key, spec))[0]
+        service = jobs._k.service
+        job = self._retrying(label, lambda: jobs.start(key, spec), service=service)[0]
         self.state.update_stage(skill, kind, job_id=job.status.job_id, phase=PHASE_NAMES[job.status.phase], key=key)
         job_id = job.status.job_id
         while not self._stop.is_set():
             try:
                 for job in jobs.watch(job_id):
+                    self._down_since.pop(label, None)
                     self.reporter.update(label, job.status)
                     self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total, message=job.status.message)
                     if self._stop.is_set():
                         return job
                 if job.status.phase in TERMINAL:
                     break
-                job = self._retrying(label, lambda: jobs.get(job_id))
+                job = self._retrying(label, lambda: jobs.get(job_id), service=service)
                 if job.status.phase in TERMINAL:
                     break
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     raise RunFailed(f"{label}: the {jobs._k.service} service answered {e.code().name}: {e.details()}") from None
-                self._pause(label, e)
+                self._pause(label, e, service)
         status = job.status
         if status.phase == common_pb2.JOB_PHASE_SUCCEEDED:
             self.state.update_stage(skill, kind, phase="succeeded", output=message_to_dict(status.output))
@@ -258,10 +267,12 @@ class RunDriver:
             raise RunFailed(f"{label} {PHASE_NAMES[status.phase]}: {why}. Fix the cause and run `selma run` again: finished stages are kept")
         return job
 
-    def _retrying(self, label: str, call: Callable[[], Any]) -> Any:
+    def _retrying(self, label: str, call: Callable[[], Any], *, service: str = "") -> Any:
         while True:
             try:
-                return call()
+                result = call()
+                self._down_since.pop(label, None)
+                return result
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                     raise RunFailed(
@@ -270,14 +281,26 @@ class RunDriver:
                     ) from None
                 if e.code() not in RETRYABLE:
                     raise RunFailed(f"{label}: {e.code().name}: {e.details()}") from None
-                self._pause(label, e)
+                self._pause(label, e, service)
                 if self._stop.is_set():
                     raise RunFailed(f"{label}: stopped while waiting for the service") from None
 
-    def _pause(self, label: str, e: grpc.RpcError) -> None:
-        self.state.set(phase="paused", message=f"{label}: service unavailable ({e.details()}); retrying")
-        self.reporter.note(f"[paused] {label}: service unavailable ({e.code().name}); retrying every {self.retry_seconds:.0f} s until it is back (Ctrl-C leaves a resumable run)")
-        self._stop.wait(self.retry_seconds)
+    def _pause(self, label: str, e: grpc.RpcError, service: str = "") -> None:
+        address = self.client.endpoints.address(service) if service else ""
+        where = f"the {service} service at {address}" if address else "the service"
+        now = time.monotonic()
+        since = self._down_since.setdefault(label, now)
+        if now - since >= self.max_outage:
+            self._down_since.pop(label, None)
+            raise RunFailed(
+                f"{label}: {where} has been unreachable for {now - since:.0f} s ({e.code().name}); check that it is running "
+                "(`selma up`) and the endpoints (--endpoints, --dir or SELMA_ENDPOINTS), then run `selma run` again: finished stages are kept"
+            )
+        left = self.max_outage - (now - since)
+        self.state.set(phase="paused", message=f"{label}: service unavailable at {address or '?'} ({e.details()}); retrying")
+        self.reporter.note(f"[paused] {label}: {where} is unavailable ({e.code().name}); retrying every {self.retry_seconds:.0f} s "
+                           f"for up to {left:.0f} s more (Ctrl-C leaves a resumable run)")
+        self._stop.wait(min(self.retry_seconds, max(left, 0.0)))
         self.state.set(phase="running", message="")
 
     def skill_chain(self, skill) -> str:  # noqa: ANN001 - SkillEntry
@@ -351,6 +374,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", parents=[common], help="run a SkillSet end to end through the services (resumable)")
     p.add_argument("skillset", help="SkillSet YAML file, e.g. examples/quickstart.yaml")
     p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the services to be SERVING before the run starts (default 60)")
+    p.add_argument("--max-outage", type=float, default=600.0, help="seconds a stage waits for a service that went away before the run fails (default 600)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("runs", parents=[common], help="list runs and their phase")
@@ -361,7 +386,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("lineage", parents=[common], help="the tree from an artifact (e.g. a merged model) back to its prompts")
-    p.add_argument("artifact", help="artifact id")
+    p.add_argument("artifact", help="a registered model name, a <run>/<skill> expert, or an artifact id")
     p.set_defaults(func=_lineage)
 
     p = sub.add_parser("generate", parents=[common], help="generate images with a served model")
@@ -374,9 +399,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: server default)")
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--height", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed_arg, default=None,
+                   help="base seed in [0, 2^63) (default: a random one, printed so the images can be reproduced)")
+    p.add_argument("--seed-policy", choices=[sp.value for sp in SeedPolicy], default=SeedPolicy.DERIVED.value,
+                   help="how each image's seed derives from the base seed (default derived); "
+                        "fixed: every image uses the base seed, so a printed per-image seed re-renders that image")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     p.set_defaults(func=_generate)
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < SEED_MODULUS:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63); got {value}")
+    return value
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
@@ -390,7 +429,11 @@ def _run(args: argparse.Namespace) -> int:
     with RunLock(runs_dir / f"{skillset.name}.lock"):
         state = RunState.open(runs_dir, skillset)
         with SelmaClient(_endpoints(args)) as client, Reporter(console, live=False if args.plain else None) as reporter:
-            driver = RunDriver(client, skillset, state, reporter)
+            def waiting(service: str, address: str, left: float) -> None:
+                reporter.note(f"waiting for the {service} service at {address} to be SERVING (up to {left:.0f} s more) ...")
+
+            client.wait_ready(timeout=args.wait, on_wait=waiting)  # an unreachable endpoint fails here, naming it
+            driver = RunDriver(client, skillset, state, reporter, max_outage=args.max_outage)
             try:
                 result = driver.run()
             except KeyboardInterrupt:
@@ -431,7 +474,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _lineage(args: argparse.Namespace) -> int:
     with SelmaClient(_endpoints(args)) as client:
-        manifests = client.lineage(args.artifact)
+        artifact_id = client.resolve_artifact(args.artifact)  # a model name, <run>/<skill>, or an id
+        manifests = client.lineage(artifact_id)
     by_id = {m.id: m for m in manifests}
     kinds = {v.number: enum_name(common_pb2.ArtifactKind, v.number) for v in common_pb2.ArtifactKind.DESCRIPTOR.values}
 
@@ -451,8 +495,8 @@ def _lineage(args: argparse.Namespace) -> int:
         for parent in m.parent_ids:
             add(branch, parent)
 
-    root = Tree(f"lineage of {args.artifact}")
-    add(root, args.artifact)
+    root = Tree(f"lineage of {args.artifact}" + (f" ({artifact_id})" if artifact_id != args.artifact else ""))
+    add(root, artifact_id)
     Console().print(root)
     return 0
 
@@ -468,21 +512,26 @@ def _generate(args: argparse.Namespace) -> int:
                 raise InvalidArgument(f"--experts entry {part!r} is not id=weight", field="experts") from None
     out = Path(args.out)
     written = []
+    # The base seed is chosen here, not by the service, so that it can be printed: with the policy it
+    # reproduces every image of this call (the service reports only each image's derived seed).
+    base_seed = secrets.randbits(63) if args.seed is None else args.seed
+    policy = seed_policy(args.seed_policy)
     with SelmaClient(_endpoints(args)) as client:
         try:
             responses = list(
                 client.generate(
                     args.prompt, model_name=args.model, experts=experts or None, steps=args.steps, guidance_scale=args.guidance,
-                    width=args.width, height=args.height, seed=args.seed, images_per_prompt=args.num_images,
+                    width=args.width, height=args.height, seed=base_seed, seed_policy=policy.value, images_per_prompt=args.num_images,
                 )
             )
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
+    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
         model = resp.model.model_name or ("per-request expert mix" if experts else "base")
-        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}\n")
+        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}  (this image alone: --seed {resp.image.seed} --seed-policy fixed)\n")
     return 0
