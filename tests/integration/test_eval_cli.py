@@ -89,6 +89,8 @@ def test_run_from_flags_prints_scores_downloads_the_report_and_a_rerun_attaches(
 
     rows = _table_rows(stdout)
     assert rows["slice"] == ["base", "DSG", "mix", "DSG"]
+    # the tiny VQA's numbers are plumbing, and the output says so under the table and in the report
+    assert "warning: the tiny_test VQA answers pseudo-randomly" in stdout
     for name in ("countbench", "overall"):
         assert len(rows[name]) == 2 and all(0 <= float(x) <= 100 for x in rows[name])
     m = re.search(r"^report: (\S+)\n  (\S+)$", stdout, re.M)
@@ -102,6 +104,7 @@ def test_run_from_flags_prints_scores_downloads_the_report_and_a_rerun_attaches(
         assert (out / path).is_file(), path
     assert len(list((out / "images" / "base").iterdir())) == len(list((out / "images" / "mix").iterdir())) == 2
     assert "mix" in json.dumps(json.loads((out / "report.json").read_text()))
+    assert json.loads((out / "report.json").read_text())["vqa_plumbing_only"] is True
 
     # The same command again: the same job (key = digest of the spec), nothing rendered again.
     code, stdout2, stderr2 = selma(capsys, *argv)

@@ -270,3 +270,14 @@ def test_format_table_aligns_categories_and_targets():
 def test_importing_the_report_module_does_not_import_matplotlib():
     code = "import sys, selma_evaluation.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_plumbing_only_vqa_is_called_out_and_a_real_one_is_not():
+    """tiny_test answers pseudo-randomly: its report must not read like a faithfulness result (#23)."""
+    plain = build_report(_input())
+    assert json.loads(plain["report.json"])["vqa_plumbing_only"] is False
+    assert "plumbing" not in plain["tables.md"].decode() and "plumbing" not in plain["index.html"].decode()
+    flagged = build_report(_input(plumbing_only=True))
+    assert json.loads(flagged["report.json"])["vqa_plumbing_only"] is True
+    assert "**Warning: the tiny_test VQA answers pseudo-randomly" in flagged["tables.md"].decode()
+    assert '<p class="warning"><b>Warning: the tiny_test VQA answers pseudo-randomly' in flagged["index.html"].decode()

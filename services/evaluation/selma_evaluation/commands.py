@@ -369,7 +369,7 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
     if as_json:
         sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
     else:
-        sys.stdout.write(score_table(job) + "\n")
+        sys.stdout.write(score_table(job) + plumbing_note(job) + "\n")
         if job.stats.trials:
             sys.stdout.write("\nmerge search (validation prompts):\n" + search_table(job) + "\n")
     if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
@@ -384,6 +384,13 @@ def _finish(args: argparse.Namespace, job: Any) -> int:
     if getattr(args, "out", ""):
         _download(args, job.status.output.id, args.out, artifact_uri=job.status.output.uri, stream=info)
     return 0
+
+
+def plumbing_note(job: Any) -> str:
+    """A warning line under the scores when the VQA backend answers pseudo-randomly (tiny_test), else ""."""
+    from selma_evaluation.report import PLUMBING_WARNING
+
+    return f"\nwarning: {PLUMBING_WARNING}" if job.spec.vqa.HasField("tiny_test") else ""
 
 
 def score_table(job: Any) -> str:
@@ -440,7 +447,7 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     st = job.status
     sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper()}  {st.progress.done}/{st.progress.total}  {st.message}\n")
-    sys.stdout.write(score_table(job) + "\n")
+    sys.stdout.write(score_table(job) + plumbing_note(job) + "\n")
     return 0
 
 

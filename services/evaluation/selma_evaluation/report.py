@@ -93,6 +93,10 @@ class ReportInput:
     settings: dict[str, Any]
     search: list[dict[str, Any]] | None = None  # merge-search trials: {"index", "merge", "validation_score_percent"}
     best_merge: dict[str, Any] | None = None
+    plumbing_only: bool = False  # the VQA backend's answers say nothing about the images (tiny_test)
+
+
+PLUMBING_WARNING = "the tiny_test VQA answers pseudo-randomly: this checks the pipeline's plumbing; its numbers are not faithfulness scores"
 
 
 # --------------------------------------------------------------------------------------- entry
@@ -365,6 +369,7 @@ def _report_json(m: _Model) -> dict[str, Any]:
         "title": inp.title,
         "benchmark": inp.benchmark,
         "vqa": inp.vqa,
+        "vqa_plumbing_only": inp.plumbing_only,
         "settings": inp.settings,
         "reference": m.ref.label,
         "metrics": m.metrics,
@@ -508,6 +513,8 @@ def _tables_md(m: _Model) -> str:
     out = [f"# {_md_cell(inp.title)}\n",
            f"Benchmark: {_md_cell(inp.benchmark)} · VQA: {_md_cell(inp.vqa)} · reference: {_md_cell(m.ref.label)}\n",
            "Scores are percentages (mean over prompts of the per-prompt score); deltas are percentage points.\n"]
+    if inp.plumbing_only:
+        out.insert(1, f"**Warning: {PLUMBING_WARNING}.**\n")
     for metric in m.metrics:
         name = _metric_name(metric)
         out.append(f"## {name} score by category (%)\n")
@@ -732,6 +739,7 @@ ul.qs{list-style:none;padding:0;margin:.3em 0;font-size:.82em}
 li.q{padding:.1em .3em;margin:.1em 0;border-left:4px solid #ccc}
 li.q.pass{border-color:#2e7d32;background:#edf7ee}
 li.q.fail{border-color:#c62828;background:#fdecea;color:#8e0000}
+p.warning{border:1px solid #c62828;background:#fdecea;color:#8e0000;padding:.5em}
 li.q.skipped{border-color:#9e9e9e;background:#f2f2f2;color:#666}
 li.q.na{border-color:#ddd;color:#888}
 .verdict{font-weight:600;margin-right:.3em}
@@ -768,6 +776,7 @@ def _html_page(m: _Model, max_items: int, charts: list[str]) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
         f"<title>{_e(inp.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
         f"<h1>{_e(inp.title)}</h1>\n",
+        f'<p class="warning"><b>Warning: {_e(PLUMBING_WARNING)}.</b></p>\n' if inp.plumbing_only else "",
         f'<p>Benchmark <b>{_e(inp.benchmark)}</b> · {len(inp.items)} prompts · VQA model <b>{_e(inp.vqa)}</b> · '
         f"reference <b>{_e(m.ref.label)}</b></p>\n",
         "<h2>Targets</h2>\n",

@@ -694,6 +694,7 @@ class EvaluationRunner:
                      for r in results],
             seeds=seeds,
             vqa=getattr(self.vqa, "name", "vqa"),
+            plumbing_only=bool(getattr(self.vqa, "plumbing_only", False)),
             settings={"diffusion": self.diffusion, "images_per_prompt": self.ipp, "base_seed": self.base_seed,
                       "metrics": self.doc.metrics, "serving": self.doc.serving_endpoint},
             search=self.stats.get("trials") or None,

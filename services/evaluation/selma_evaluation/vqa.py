@@ -88,6 +88,8 @@ class VqaModel(ABC):
 
     name: str  # "transformers:<source>", "openai:<model>", "tiny-test"
     batch_size: int  # queries answered together (a forward pass, or requests in flight)
+    # True for a backend whose answers say nothing about the images (tiny_test): reports say so
+    plumbing_only: bool = False
 
     @abstractmethod
     def answer(self, queries: Sequence[VqaQuery]) -> list[str]:
@@ -369,6 +371,7 @@ class TinyTestVqa(VqaModel):
     """
 
     name = "tiny-test"
+    plumbing_only = True
 
     def __init__(self, seed: int = 0, batch_size: int = 16) -> None:
         self.seed = seed
