@@ -151,7 +151,7 @@ def test_every_kind_of_bad_row_is_reported_at_once_with_line_numbers(tmp_path, c
     lines.append(lines[1])                                             # last line: duplicate of line 2
     path = tmp_path / "bad.csv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    err = run_error(capsys, "--answers", str(path))
+    err = run_error(capsys, "--answers", str(path), "--strict")
     assert "line 4: 'maybe'" in err and "line 6: 'true'" in err and "only yes and no" in err
     assert "line 8: 'nosuchitem_1'" in err
     assert "line 10: item whoops_5 has no question '99'" in err
@@ -178,7 +178,7 @@ def test_missing_questions_are_counted_and_a_few_named(tmp_path, capsys, raw_row
 
 def test_messages_stay_bounded(tmp_path, capsys, raw_rows):
     path = write_answers(tmp_path / "a.csv", raw_rows, lambda r: "perhaps")
-    err = run_error(capsys, "--answers", str(path))
+    err = run_error(capsys, "--answers", str(path), "--strict")
     assert "(8182; 8172 more not shown)" in err
     assert err.count("'perhaps'") == 10 and len(err) < 2000
 
@@ -206,7 +206,116 @@ def test_malformed_file_through_the_installed_command_exits_2_without_traceback(
     path = tmp_path / "bad.csv"
     path.write_text("item_id,question_id,answer\nwhoops_5,1,maybe\n", encoding="utf-8")
     selma = Path(sys.executable).parent / "selma"
-    proc = subprocess.run([str(selma), "eval", "dsg-score", "--answers", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(selma), "eval", "dsg-score", "--answers", str(path), "--strict"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "selma: error: " in proc.stderr and "line 2: 'maybe'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- answers as released (blank, free-form)
+
+
+def _first_item_with_a_chain(raw_rows):
+    """(item id, a root question id, a question depending on it) of the first such DSG-1k item."""
+    for r in raw_rows:
+        deps = [t.strip() for t in r["dependency"].split(",") if t.strip() not in ("", "0")]
+        if deps and deps[0].isdigit():
+            return r["item_id"], deps[0], r["proposition_id"]
+    raise AssertionError("DSG-1k has dependencies")
+
+
+@pytest.mark.parametrize("odd", ["", "   ", "unanswerable", "Unanswerable.", "true", "y"])
+def test_any_answer_other_than_yes_fails_its_question_and_its_dependents_as_no_does(tmp_path, capsys, raw_rows, odd):
+    item_id, parent, child = _first_item_with_a_chain(raw_rows)
+
+    def answer(r, parent_answer):
+        return parent_answer if (r["item_id"], r["proposition_id"]) == (item_id, parent) else "yes"
+
+    odd_file = write_answers(tmp_path / "odd.csv", raw_rows, lambda r: answer(r, odd))
+    no_file = write_answers(tmp_path / "no.csv", raw_rows, lambda r: answer(r, "no"))
+    scored = run_json(capsys, "--answers", str(odd_file))
+    as_no = run_json(capsys, "--answers", str(no_file))
+    kind = "blank" if not odd.strip() else "other"
+    category = item_id.rsplit("_", 1)[0]
+    n = _count(raw_rows, category)
+    counts = scored.pop("answers")["categories"][category]
+    assert counts == {"yes": n - 1, "no": 0, "blank": 0, "other": 0} | {kind: 1}
+    as_no.pop("answers")
+    assert scored == as_no  # scored as "no" is: the question failed, and its dependents with it
+    failed = _failed_through(raw_rows, item_id, parent)
+    assert child in failed  # the child's own "yes" did not save it
+    assert scored["categories"][category]["micro_percent"] == round(100 * (n - len(failed)) / n, 1)
+
+
+def _count(raw_rows, category: str) -> int:
+    return sum(1 for r in raw_rows if r["item_id"].rsplit("_", 1)[0] == category)
+
+
+def _failed_through(raw_rows, item_id: str, parent: str) -> set[str]:
+    """The questions of ``item_id`` that fail when ``parent`` fails (itself included), by the transitive rule."""
+    rows = [r for r in raw_rows if r["item_id"] == item_id]
+    ids = {r["proposition_id"] for r in rows}
+    parents = {r["proposition_id"]: {t.strip() for t in r["dependency"].split(",") if t.strip() in ids} - {r["proposition_id"]}
+               for r in rows}
+    failed = {parent}
+    changed = True
+    while changed:
+        changed = False
+        for qid, ps in parents.items():
+            if qid not in failed and ps & failed:
+                failed.add(qid)
+                changed = True
+    return failed
+
+
+def test_blank_and_other_answers_are_counted_per_category(tmp_path, capsys, raw_rows):
+    odd = {("whoops", 0): "", ("whoops", 1): "unanswerable", ("whoops", 2): "  ", ("vrd", 0): "N/A"}
+    seen: dict[str, int] = defaultdict(int)
+
+    def answer(r):
+        cat = r["item_id"].rsplit("_", 1)[0]
+        i = seen[cat]
+        seen[cat] += 1
+        return odd.get((cat, i), " YES " if i % 2 else "No")
+
+    path = write_answers(tmp_path / "a.csv", raw_rows, answer)
+    counts = run_json(capsys, "--answers", str(path))["answers"]
+    assert counts["categories"]["whoops"]["blank"] == 2 and counts["categories"]["whoops"]["other"] == 1
+    assert counts["categories"]["vrd"]["blank"] == 0 and counts["categories"]["vrd"]["other"] == 1
+    assert counts["categories"]["countbench"] | {"yes": 0, "no": 0} == {"yes": 0, "no": 0, "blank": 0, "other": 0}
+    assert counts["overall"]["blank"] == 2 and counts["overall"]["other"] == 2
+    assert sum(counts["overall"].values()) == 8182
+    # the table names them too, per category, below the scores
+    assert main(["eval", "dsg-score", "--answers", str(path)]) == 0
+    out = capsys.readouterr().out
+    scores, _, tail = out.partition("\n\n")
+    assert "4 answer(s) other than yes/no, each scored as a failed question" in tail
+    rows = {cells[0]: cells[1:] for cells in (line.split() for line in tail.splitlines()[3:])}
+    assert rows == {"vrd": ["0", "1"], "whoops": ["2", "1"], "overall": ["2", "2"]}
+    assert table_rows(scores)["overall"][:2] == ["1060", "8182"]
+
+
+def test_strict_refuses_blank_and_free_form_answers_naming_their_lines(tmp_path, capsys, raw_rows):
+    lines = ["item_id,question_id,answer"] + [f"{r['item_id']},{r['proposition_id']},yes" for r in raw_rows]
+    lines[2] = lines[2].rsplit(",", 1)[0] + ","                        # line 3: blank
+    lines[4] = lines[4].rsplit(",", 1)[0] + ",unanswerable"            # line 5: free-form
+    path = tmp_path / "a.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    err = run_error(capsys, "--answers", str(path), "--strict")
+    assert "(2)" in err and "line 3: ''" in err and "line 5: 'unanswerable'" in err and "--strict" in err
+    # without --strict the same file is scored
+    assert run_json(capsys, "--answers", str(path))["answers"]["overall"] == {"yes": 8180, "no": 0, "blank": 1, "other": 1}
+
+
+def test_structure_problems_are_still_errors_when_answers_are_free_form(tmp_path, capsys, raw_rows):
+    lines = ["item_id,question_id,answer"] + [f"{r['item_id']},{r['proposition_id']},unanswerable" for r in raw_rows]
+    lines[7] = "nosuchitem_1,1,yes"                                    # line 8: unknown item (and its question is missing)
+    lines[9] = "whoops_5,99,"                                          # line 10: unknown question, blank answer
+    lines.append(lines[1])                                             # last line: duplicate of line 2
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    err = run_error(capsys, "--answers", str(path))
+    assert "line 8: 'nosuchitem_1'" in err and "line 10: item whoops_5 has no question '99'" in err
+    assert f"line {len(lines)}: item whoops_5 question 1 again (first on line 2)" in err
+    assert "questions without a row (2)" in err
+    assert "unanswerable" not in err  # free-form answers are no problem of the file

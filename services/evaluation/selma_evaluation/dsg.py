@@ -9,6 +9,11 @@
 * :func:`read_answers_file` parses and validates the answers CSV of ``selma eval dsg-score``;
   :func:`summary_dict` / :func:`format_table` render a score table for people and programs.
 
+Answers files are scored as they are released with published DSG results: an answer is "yes"
+(case and spaces ignored) or it fails its question, as in the DSG reference scorer; blank cells
+and free-form answers ("unanswerable", "a dog") are failed questions and are counted per category
+(:class:`AnswerCounts`).  ``strict=True`` refuses them instead.
+
 The dependency rule (``rule="transitive"``, the default): a question scores 1 iff it is answered
 "yes" and every question it depends on scores 1.  Unrolled, that is: a question scores 1 iff it
 and every question it depends on, directly or through other questions, is answered "yes".  That
@@ -27,6 +32,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -51,6 +57,41 @@ _MAX_QUOTED = 10
 _MAX_ANSWERS_BYTES = 64 * 1024 * 1024
 
 Sample = tuple[EvalItem, int, Mapping[str, bool]]
+
+
+@dataclass
+class AnswerCounts:
+    """How the answers of one slice were spelled: yes, no, blank, or anything else ("other")."""
+
+    yes: int = 0
+    no: int = 0
+    blank: int = 0
+    other: int = 0
+
+    def add(self, verdict: str) -> None:
+        setattr(self, verdict, getattr(self, verdict) + 1)
+
+    @property
+    def unusual(self) -> int:
+        """Answers that are neither yes nor no: each failed its question."""
+        return self.blank + self.other
+
+
+@dataclass
+class AnswersFile:
+    """A parsed answers file: one sample per scored item, and answer spellings per category and overall."""
+
+    samples: list[Sample]
+    per_category: dict[str, AnswerCounts] = field(default_factory=dict)
+    overall: AnswerCounts = field(default_factory=AnswerCounts)
+
+
+def answer_verdict(answer: str) -> str:
+    """``yes``, ``no``, ``blank`` or ``other`` for an answer cell (case and spaces ignored)."""
+    text = " ".join(answer.split()).lower()
+    if text in ("yes", "no"):
+        return text
+    return "blank" if not text else "other"
 
 
 # --------------------------------------------------------------------------- DSG-1k
@@ -302,19 +343,25 @@ class _Problems:
         return [f"{self.title} ({self.count}{more}):"] + [f"  {text}" for text in self.quoted]
 
 
-def read_answers_file(path: str | Path, items: Sequence[EvalItem], all_items: Sequence[EvalItem] | None = None) -> list[Sample]:
+def read_answers_file(
+    path: str | Path, items: Sequence[EvalItem], all_items: Sequence[EvalItem] | None = None, *, strict: bool = False
+) -> AnswersFile:
     """Parse and validate an answers CSV for ``items``; one sample (image index 0) per item.
 
     The file is UTF-8 CSV with a header naming at least the columns ``item_id``, ``question_id`` and
-    ``answer`` (any order; other columns are ignored), then one row per question: ``answer`` is
-    ``yes`` or ``no`` (case and surrounding spaces ignored; nothing else is accepted, not even
-    true/false or 1/0, so that a file of another format is not silently misread).  Rows may name
-    any item of ``all_items`` (default: ``items``), so that a full DSG-1k answers file can be scored
-    on a category subset; every question of ``items`` must have exactly one row.
+    ``answer`` (any order; other columns are ignored), then one row per question.  An answer is
+    "yes" iff it reads ``yes`` once case and spaces are normalised; anything else fails its question
+    (and, through the dependency rule, the questions depending on it), as the DSG reference scorer
+    does with released answer files: ``no``, a blank cell, ``unanswerable``, ``true``...  Blank and
+    other non-yes/no answers are counted per category.  With ``strict``, only yes and no are
+    accepted and any other answer is a problem of the file.  Rows may name any item of
+    ``all_items`` (default: ``items``), so that a full DSG-1k answers file can be scored on a
+    category subset; every question of ``items`` must have exactly one row.
 
     All problems are collected and raised as one InvalidArgument (field ``--answers``) naming rows
-    by their 1-based line number in the file: unknown item ids, unknown question ids, answers other
-    than yes/no, short rows, duplicate rows, and missing questions.  A missing file raises NotFound.
+    by their 1-based line number in the file: unknown item ids, unknown question ids, short rows,
+    duplicate rows, missing questions (and with ``strict``, answers other than yes/no).  A missing
+    file raises NotFound.
     """
     path = Path(path)
     text = _read_text(path)
@@ -352,9 +399,10 @@ def read_answers_file(path: str | Path, items: Sequence[EvalItem], all_items: Se
     malformed = _Problems("rows with too few fields")
     unknown_items = _Problems("unknown item ids")
     unknown_questions = _Problems("unknown question ids")
-    bad_answers = _Problems("answers other than yes/no (only yes and no are accepted)")
+    bad_answers = _Problems("answers other than yes/no (only yes and no are accepted with --strict)")
     duplicates = _Problems("duplicate rows")
     answers: dict[str, dict[str, bool]] = defaultdict(dict)
+    verdicts: dict[tuple[str, str], str] = {}
     first_line: dict[tuple[str, str], int] = {}
     line = reader.line_num
     try:
@@ -377,10 +425,11 @@ def read_answers_file(path: str | Path, items: Sequence[EvalItem], all_items: Se
                 duplicates.add(f"line {start}: item {item_id} question {qid} again (first on line {first_line[key]})")
                 continue
             first_line[key] = start
-            verdict = answer.lower()
-            if verdict not in ("yes", "no"):
+            verdict = answer_verdict(answer)
+            if strict and verdict not in ("yes", "no"):
                 bad_answers.add(f"line {start}: {_quote(answer)}")
                 continue
+            verdicts[key] = verdict
             answers[item_id][qid] = verdict == "yes"
     except csv.Error as e:
         raise InvalidArgument(f"--answers {path} line {reader.line_num}: not valid CSV ({e})", field="--answers") from None
@@ -394,7 +443,15 @@ def read_answers_file(path: str | Path, items: Sequence[EvalItem], all_items: Se
     if problems:
         body = "\n".join(text for p in problems for text in p.lines())
         raise InvalidArgument(f"--answers {path}: {sum(p.count for p in problems)} problem(s) in the file:\n{body}", field="--answers")
-    return [(item, 0, answers[item.id]) for item in items]
+    out = AnswersFile(samples=[(item, 0, answers[item.id]) for item in items])
+    for item in items:  # only the scored items' answers are counted, as only they are scored
+        counts = out.per_category.setdefault(item.category, AnswerCounts())
+        for q in item.questions:
+            verdict = verdicts[(item.id, q.id)]
+            counts.add(verdict)
+            out.overall.add(verdict)
+    out.per_category = dict(sorted(out.per_category.items()))
+    return out
 
 
 def _quote(value: str, limit: int = 40) -> str:
@@ -439,15 +496,41 @@ def _slice_dict(score: SliceScore) -> dict[str, Any]:
     }
 
 
-def summary_dict(table: ScoreTable, rule: str, benchmark: str = BENCHMARK) -> dict[str, Any]:
-    """The JSON summary of ``selma eval dsg-score --json``; percentages rounded to one decimal."""
-    return {
+def summary_dict(table: ScoreTable, rule: str, benchmark: str = BENCHMARK, answers: AnswersFile | None = None) -> dict[str, Any]:
+    """The JSON summary of ``selma eval dsg-score --json``; percentages rounded to one decimal.
+
+    With ``answers``, ``"answers"`` counts how they were spelled (yes, no, blank, other) overall
+    and per category.
+    """
+    out: dict[str, Any] = {
         "benchmark": benchmark,
         "rule": rule,
         "overall": _slice_dict(table.overall),
         "categories": {k: _slice_dict(v) for k, v in sorted(table.per_category.items())},
         "question_categories": {k: _slice_dict(v) for k, v in sorted(table.per_question_category.items())},
     }
+    if answers is not None:
+        out["answers"] = {
+            "overall": asdict(answers.overall),
+            "categories": {k: asdict(v) for k, v in answers.per_category.items()},
+        }
+    return out
+
+
+def format_answer_counts(answers: AnswersFile) -> str:
+    """A plain-text table of blank and other non-yes/no answers per category, or "" when there are none."""
+    if not answers.overall.unusual:
+        return ""
+    header = ("category", "blank", "other")
+    rows = [(name, c) for name, c in answers.per_category.items() if c.unusual] + [("overall", answers.overall)]
+    cells = [header] + [(name, str(c.blank), str(c.other)) for name, c in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [f"{answers.overall.unusual} answer(s) other than yes/no, each scored as a failed question "
+             "(as the DSG reference scorer does; --strict refuses them):"]
+    lines += ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)])
+              for row in cells]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
 
 
 def format_table(table: ScoreTable) -> str:
