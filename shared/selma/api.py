@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -87,6 +88,81 @@ def enum_proto_name(enum_type: Any, value: int | str | None, *, field: str = "")
     UNSPECIFIED is ``"SCHEDULER_UNSPECIFIED"``; what :func:`enum_value` accepts and refuses, this does too.
     """
     return _enum_descriptor(enum_type).values_by_number[enum_value(enum_type, value, field=field)].name
+
+
+# -- what the wire lets through and the API has no meaning for ---------------------------------
+#
+# proto3 enums are open: a client may send any int32 where an enum goes, and the number arrives
+# as is.  Duration and Timestamp are plain (seconds, nanos) pairs on the wire whatever their
+# documented range.  Both used to surface as ValueError/OverflowError deep in json_format (an
+# INTERNAL).  :func:`check_request` refuses them once, for every request, at the server boundary.
+
+DURATION_MAX_SECONDS = 315_576_000_000  # ±10,000 years, google/protobuf/duration.proto
+TIMESTAMP_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z, google/protobuf/timestamp.proto
+TIMESTAMP_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+_NANOS_MAX = 999_999_999
+
+
+def check_request(msg: Message, prefix: str = "") -> None:
+    """Refuse a request holding an unknown enum number or an out-of-range Duration/Timestamp.
+
+    Walks every set field of ``msg`` by its descriptor (nested messages, repeated fields and map
+    values included), so a new field is covered without a line here.  The error is
+    INVALID_ARGUMENT naming the field's path from the request, e.g. ``spec.prompt_set.kind``,
+    ``filter.phases[1]``, ``min_interval``.
+    """
+    for fd, value in msg.ListFields():
+        path = prefix + fd.name
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            for key in value:
+                _check_value(value_fd, value[key], f"{path}[{_short_repr(key)}]")
+        elif fd.is_repeated:
+            for i, item in enumerate(value):
+                _check_value(fd, item, f"{path}[{i}]")
+        else:
+            _check_value(fd, value, path)
+
+
+def _check_value(fd: FieldDescriptor, value: Any, path: str) -> None:
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        enum_value(fd.enum_type, value, field=path)
+    elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+        name = fd.message_type.full_name
+        if name == Duration.DESCRIPTOR.full_name:
+            check_duration(value, path)
+        elif name == Timestamp.DESCRIPTOR.full_name:
+            check_timestamp(value, path)
+        else:
+            check_request(value, path + ".")
+
+
+def check_duration(d: Duration, fld: str) -> None:
+    """A ``google.protobuf.Duration`` within its documented range, or INVALID_ARGUMENT naming ``fld``."""
+    s, n = d.seconds, d.nanos
+    if not (-DURATION_MAX_SECONDS <= s <= DURATION_MAX_SECONDS and -_NANOS_MAX <= n <= _NANOS_MAX) or (s > 0 > n or s < 0 < n):
+        raise InvalidArgument(
+            f"is not a valid duration (seconds within ±{DURATION_MAX_SECONDS}, nanos within ±{_NANOS_MAX} "
+            f"and of the same sign); got seconds={s}, nanos={n}",
+            field=fld,
+        )
+
+
+def check_timestamp(t: Timestamp, fld: str) -> None:
+    """A ``google.protobuf.Timestamp`` within 0001-01-01..9999-12-31 UTC, or INVALID_ARGUMENT naming ``fld``."""
+    s, n = t.seconds, t.nanos
+    if not (TIMESTAMP_MIN_SECONDS <= s <= TIMESTAMP_MAX_SECONDS and 0 <= n <= _NANOS_MAX):
+        raise InvalidArgument(
+            f"is not a valid timestamp (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z, nanos in [0, {_NANOS_MAX}]); "
+            f"got seconds={s}, nanos={n}",
+            field=fld,
+        )
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    """``value`` quoted for a field path, cut short so a huge map key cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _KIND_TO_PROTO = {k: enum_value(common_pb2.ArtifactKind, k.name) for k in ArtifactKind}

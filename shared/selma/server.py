@@ -4,7 +4,9 @@ One call builds a server with:
 - the standard ``grpc.health.v1`` health service, NOT_SERVING until the service says it is
   ready (e.g. its model is loaded) and again while draining;
 - server reflection (grpcurl and friends can list and describe the API);
-- one interceptor that maps :mod:`selma.errors` to gRPC status codes, turns anything
+- one interceptor that refuses requests the wire allows but the API does not (an unknown enum
+  number, an out-of-range Duration/Timestamp: :func:`selma.api.check_request`, INVALID_ARGUMENT
+  naming the field), maps :mod:`selma.errors` to gRPC status codes, turns anything
   unexpected into INTERNAL (logged with its traceback here, never sent to the client) and
   records RPC metrics (count, latency, in-flight) by service, method and code;
 - Prometheus ``/metrics`` on its own HTTP port;
@@ -29,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from selma.api import check_request
 from selma.config import SelmaSettings
 from selma.errors import SelmaError
 from selma.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS, RPC_STARTED, SERVICE_READY, MetricsServer
@@ -88,6 +92,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def wrapper(request, context):  # noqa: ANN001
             rec = _Recorder(service, method, kind)
             try:
+                _check(request)
                 response = fn(request, context)
             except Exception as e:  # noqa: BLE001 - every failure must be mapped and counted
                 _fail(e, context, rec)
@@ -100,6 +105,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def wrapper(request, context):  # noqa: ANN001
             rec = _Recorder(service, method, kind)
             try:
+                _check(request)
                 yield from fn(request, context)
             except GeneratorExit:
                 # The client went away or cancelled; gRPC closed the generator.
@@ -110,6 +116,13 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             rec.finish(_context_code(context) or grpc.StatusCode.OK)
 
         return wrapper
+
+
+def _check(request: Any) -> None:
+    """Every request message through :func:`selma.api.check_request` before its handler sees it
+    (client-streaming requests, an iterator, are checked by their handler)."""
+    if isinstance(request, Message):
+        check_request(request)
 
 
 class _Recorder:
