@@ -1,6 +1,7 @@
 # selma: every target does its own set-up on a fresh machine (idempotent, stamp-file based).
 #   make test   - install everything, lint (buf, ruff), then run the whole test suite (what CI runs)
 #   make demo   - install everything, then run the end-to-end job on embedded defaults
+#   make fuzz   - the RPC fuzzer's long profile (make test runs its short CI profile); FUZZ_EXAMPLES per RPC
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast lint proto demo clean tools
+.PHONY: setup test test-fast lint proto demo clean tools fuzz
 
 setup: $(STAMP) $(BUF)
 
@@ -49,6 +50,11 @@ test: setup tools lint
 
 test-fast: setup tools
 	$(PY) -m pytest -q -m "not slow"
+
+# Many random requests per RPC (hypothesis remembers failing ones in .hypothesis/ and replays them first).
+FUZZ_EXAMPLES ?= 300
+fuzz: setup
+	SELMA_FUZZ_PROFILE=long SELMA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz_rpcs.py
 
 demo: setup
 	$(VENV)/bin/selma demo --dir $(DEMO_DIR)

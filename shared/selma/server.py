@@ -150,6 +150,22 @@ def _context_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return code if isinstance(code, grpc.StatusCode) else None
 
 
+# A status message travels as a header (grpc-message, percent-encoded: up to 3 bytes per UTF-8 byte);
+# a client drops a response whose headers pass 16 KiB (8 KiB soft limit), and then sees only
+# "received metadata size exceeds hard limit", not the error.  A message quoting a huge request
+# value (an id of MBs) is cut to this many UTF-8 bytes, so that the client gets the error.
+MAX_STATUS_DETAILS_BYTES = 2048
+
+
+def bounded_details(details: str, limit: int = MAX_STATUS_DETAILS_BYTES) -> str:
+    """``details`` cut to ``limit`` UTF-8 bytes (on a character boundary), saying how much was cut."""
+    data = details.encode("utf-8")
+    if len(data) <= limit:
+        return details
+    head = data[: limit - 64].decode("utf-8", errors="ignore")
+    return f"{head}... ({len(details) - len(head)} more characters)"
+
+
 def _fail(e: Exception, context: grpc.ServicerContext, rec: _Recorder) -> None:
     """End the RPC for exception ``e``: a domain error gets its status and message, anything
     else INTERNAL with a reference to the server log.  Always raises (``context.abort`` does).
@@ -160,7 +176,7 @@ def _fail(e: Exception, context: grpc.ServicerContext, rec: _Recorder) -> None:
         raise e
     service, method, _ = rec.labels
     if isinstance(e, SelmaError):
-        code, details = _status_code(e), str(e)
+        code, details = _status_code(e), bounded_details(str(e))
         log.info("%s/%s -> %s: %s", service, method, code.name, details)
     else:
         ref = uuid.uuid4().hex[:12]
