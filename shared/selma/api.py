@@ -103,6 +103,9 @@ TIMESTAMP_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 _NANOS_MAX = 999_999_999
 
 
+_CHECKED_TYPES = (FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_MESSAGE)
+
+
 def check_request(msg: Message, prefix: str = "") -> None:
     """Refuse a request holding an unknown enum number or an out-of-range Duration/Timestamp.
 
@@ -112,9 +115,13 @@ def check_request(msg: Message, prefix: str = "") -> None:
     ``filter.phases[1]``, ``min_interval``.
     """
     for fd, value in msg.ListFields():
+        if fd.type not in _CHECKED_TYPES:
+            continue  # strings, numbers, bytes: any value is well-formed here (limits are the services')
         path = prefix + fd.name
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             value_fd = fd.message_type.fields_by_name["value"]
+            if value_fd.type not in _CHECKED_TYPES:
+                continue
             for key in value:
                 _check_value(value_fd, value[key], f"{path}[{_short_repr(key)}]")
         elif fd.is_repeated:
