@@ -497,3 +497,13 @@ def test_the_valid_requests_the_fuzzer_starts_from_are_accepted(stack):
     for name, (code, details, responses) in stack["warm_up"].items():
         assert code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED), f"{name}: {code.name}: {details}"
         assert responses, name
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 4 * MiB])
+def test_a_huge_id_is_refused_with_a_message_the_client_receives(stack, size):
+    # found by the fuzzer: a NOT_FOUND quoting a 1 MB job id reached the client as "received metadata size exceeds hard limit"
+    method = SERVICES["selma.v1.PromptService"].methods_by_name["GetPromptGeneration"]
+    request = GetMessageClass(method.input_type)(job_id="x" * size)
+    code, details, _ = call(stack["channels"]["selma.v1.PromptService"], method, request)
+    assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), f"{code.name}: {details[:300]}"
+    assert "job" in details and "more characters)" in details and len(details.encode()) <= 2048
