@@ -295,6 +295,7 @@ def stack(tiny_models, tmp_path_factory) -> Iterator[dict[str, Any]]:
                                                                 ("grpc.max_receive_message_length", 256 * MiB)])
                 for name, s in servers.items()}
     valid = valid_requests(store, str(tiny_models.sd))
+    valid.update(requests_on_a_finished_job(channels["selma.v1.PromptService"]))
     # each valid request once, untimed: what loads lazily (the tiny LM, pipelines) is loaded before the fuzz
     by_name = {m.full_name: m for m in RPCS}
     warm_up = {name: call(channels[by_name[name].containing_service.full_name], by_name[name], request, deadline=300)
@@ -361,6 +362,29 @@ def valid_requests(store: Any, base_model: str) -> dict[str, Message]:
     return out
 
 
+def requests_on_a_finished_job(channel: grpc.Channel) -> dict[str, Message]:
+    """Get/Watch/Cancel/List requests naming a real (finished) prompt-generation job, so the fuzzer reaches
+    the job RPCs past NOT_FOUND (a Watch of it with a fuzzed min_interval streams its last state)."""
+    from selma.v1 import common_pb2, prompt_service_pb2, prompt_service_pb2_grpc
+
+    service = SERVICES["selma.v1.PromptService"]
+    spec = prompt_service_pb2.PromptGenerationSpec(skill_name="counting", count=2, prompts_per_request=2, seed=1, run="fuzz")
+    code, details, (started, *_) = call(channel, service.methods_by_name["StartPromptGeneration"],
+                                        prompt_service_pb2.StartPromptGenerationRequest(idempotency_key="fuzz/job", spec=spec),
+                                        deadline=300)
+    assert code == grpc.StatusCode.OK, details
+    job_id = started.job.status.job_id
+    watch = prompt_service_pb2.WatchPromptGenerationRequest(job_id=job_id)
+    last = list(prompt_service_pb2_grpc.PromptServiceStub(channel).WatchPromptGeneration(watch, timeout=300))[-1]
+    assert last.job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, last.job.status
+    names = {"Get": "GetPromptGeneration", "Watch": "WatchPromptGeneration", "Cancel": "CancelPromptGeneration"}
+    out = {service.methods_by_name[name].full_name: GetMessageClass(service.methods_by_name[name].input_type)(job_id=job_id)
+           for name in names.values()}
+    out["selma.v1.PromptService.ListPromptGenerations"] = prompt_service_pb2.ListPromptGenerationsRequest(
+        filter=common_pb2.JobFilter(run="fuzz", phases=[common_pb2.JOB_PHASE_SUCCEEDED]), page_size=10)
+    return out
+
+
 # -- calls ------------------------------------------------------------------------------------------
 
 
@@ -384,6 +408,8 @@ def call(channel: grpc.Channel, method: MethodDescriptor, request: Message,
         else:
             responses.append(channel.unary_unary(path, **kwargs)(request, timeout=deadline))
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and responses:
+            return grpc.StatusCode.OK, "", responses  # a stream that answered and waits for its next update (a Watch)
         return e.code(), e.details() or "", responses
     return grpc.StatusCode.OK, "", responses
 
