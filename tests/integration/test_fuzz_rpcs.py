@@ -57,7 +57,7 @@ settings.register_profile("long", max_examples=int(os.environ.get("SELMA_FUZZ_EX
 PROFILE = os.environ.get("SELMA_FUZZ_PROFILE", "ci")
 CALL_LOG = os.environ.get("SELMA_FUZZ_LOG", "")  # a file to append "RPC<TAB>code<TAB>details" to per call: what a run exercised
 
-CALL_DEADLINE_S = 30.0  # one call; a loaded 2-core box answers any of them in well under a second
+CALL_DEADLINE_S = 30.0  # one call: a hang if passed; a loaded 2-core box answers any of them within seconds
 MAX_STREAM_MESSAGES = 2  # server streams: read this many, then cancel
 RSS_GROWTH_BOUND = 1536 * 1024 * 1024  # the services' memory may grow this much over the whole fuzz
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
