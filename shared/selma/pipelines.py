@@ -20,6 +20,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,6 +233,42 @@ def make_scheduler(pipe: DiffusionPipeline, name: str = "") -> Any:
         # not inherit DDIM/DDPM's pixel-space default of clipping x0 to [-1, 1].
         overrides["clip_sample"] = False
     return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+class TokenizerPool:
+    """Private tokenizer copies for concurrent calls of one pipeline's components.
+
+    A Hugging Face *fast* tokenizer is not safe to share between threads: every call first sets
+    the Rust tokenizer's padding/truncation state and then encodes.  A diffusers pipeline calls
+    its tokenizer twice per prompt with different settings (padded to ``model_max_length``, then
+    ``padding="longest"`` to detect truncation), so two concurrent requests can encode with each
+    other's settings: no error, just different prompt embeddings and a different image.  Each
+    borrower gets copies no other thread holds; copies return to the pool for reuse, so a copy is
+    made only when more calls run at once than ever before.
+    """
+
+    def __init__(self, components: dict[str, Any]) -> None:
+        self._originals = {k: v for k, v in components.items() if k.startswith("tokenizer") and v is not None}
+        self._free: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.copies = 0  # sets of copies made so far (tests, metrics)
+
+    @contextmanager
+    def borrow(self) -> Iterator[dict[str, Any]]:
+        """Tokenizer components (``tokenizer``, ``tokenizer_2``...) for one call's exclusive use."""
+        import copy
+
+        with self._lock:
+            held = self._free.pop() if self._free else None
+            if held is None:
+                # deepcopy under the lock: copying reads the originals' state, which nobody else mutates
+                held = {k: copy.deepcopy(v) for k, v in self._originals.items()}
+                self.copies += 1
+        try:
+            yield held
+        finally:
+            with self._lock:
+                self._free.append(held)
 
 
 class PipelineCache:
