@@ -144,7 +144,7 @@ Secrets are mounted as whole volumes (no subPath), so a renewed certificate reac
   value: {{ join "," $v.models.allowedBuckets | quote }}
 {{- end }}
 
-{{/* Volumes of a service Deployment (pass the root); the `helm test` pod takes the tls and scripts ones. */}}
+{{/* Volumes of a service Deployment (pass the root): the certificate, the tokens files, the probe script. */}}
 {{- define "selma.securityVolumes" -}}
 {{- if .Values.tls.enabled }}
 - name: tls
@@ -183,7 +183,7 @@ Secrets are mounted as whole volumes (no subPath), so a renewed certificate reac
 {{- if eq (include "selma.execProbes" .) "true" }}
 - name: scripts
   configMap:
-    name: {{ include "selma.fullname" . }}-scripts
+    name: {{ include "selma.fullname" . }}-probes
 {{- end }}
 {{- end }}
 
