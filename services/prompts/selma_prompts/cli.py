@@ -150,6 +150,20 @@ def _write(records: list[dict[str, Any]], out: str) -> None:
         sys.stdout.write(data)
 
 
+def speed_hint(spec: Any) -> str:
+    """Why generation with a local model on a CPU is slow, and the flags that make it faster ("" otherwise)."""
+    backend = spec.backend
+    if backend.kind not in ("embedded", "local_causal_lm") or backend.device.startswith("cuda"):
+        return ""
+    model = "the embedded SmolLM2-135M" if backend.kind == "embedded" else f"the local model {backend.model}"
+    return (
+        f"note: {model} runs on this machine's CPU{'' if backend.device else ' (unless a GPU is found)'}: accepting {spec.count} prompts "
+        f"takes up to {spec.budget} LLM requests of {spec.prompts_per_request} prompts each, one after another, which can take "
+        "minutes per request on a busy machine. Faster: a served LLM (--backend openai --base-url URL --model NAME), "
+        "a GPU (--device cuda), or a smaller budget (--max-requests N)"
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
     from selma.artifacts import ArtifactStore
     from selma.jobs import job_id_for
@@ -165,6 +179,9 @@ def _generate(args: argparse.Namespace) -> int:
     library = SkillLibrary(settings.prompts_skill_paths)
     registry = ModelRegistry(settings)
     spec_dict = spec_from_args(args)
+    hint = speed_hint(resolve_spec(spec_dict, settings, library))
+    if hint:
+        sys.stderr.write(hint + "\n")
 
     def progress(done: int, total: int, message: str, stats: dict[str, Any]) -> None:
         log.info("%s", message)

