@@ -395,7 +395,7 @@ class JobManager:
         with self._cond:
             rec = self._records.get(job_id) or self._load(job_id)
             if rec is None:
-                raise NotFound(f"no {self.kind} job {job_id!r}; list jobs to see the ids", field="job_id")
+                raise NotFound(f"no {self.kind} job {job_id!r}; `selma status <run>` (or `selma eval list`) shows the job ids", field="job_id")
             return rec.model_copy(deep=True)
 
     def watch(
