@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 LISTING_COMMANDS = [
     ("runs",), ("status",), ("lineage",), ("artifacts", "list"), ("artifacts", "show"), ("artifacts", "lineage"),
     ("models", "list"), ("models", "list-tiny"), ("experts", "list"), ("prompts", "skills"),
-    ("eval", "run"), ("eval", "status"), ("eval", "list"),
+    ("eval", "run"), ("eval", "status"), ("eval", "list"), ("generate",),
 ]
 
 

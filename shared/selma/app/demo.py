@@ -26,7 +26,7 @@ from selma.errors import InvalidArgument
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="start the local stack, run the quickstart SkillSet, generate an image, stop")
-    p.add_argument("--dir", default=".selma/demo", help="working directory: storage, models, logs (default .selma/demo)")
+    p.add_argument("--dir", default=".selma/demo", help="working directory: storage, logs (default .selma/demo; models live in the shared per-user cache)")
     p.add_argument("--skillset", default="examples/quickstart.yaml", help="SkillSet to run (default examples/quickstart.yaml)")
     p.add_argument("--prompt", default="two red apples next to a blue cup", help="prompt for the final image")
     p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")

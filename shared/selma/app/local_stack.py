@@ -306,7 +306,7 @@ class LocalStack:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the four services on localhost with embedded defaults")
-    p.add_argument("--dir", default=".selma", help="data directory: storage, model cache, logs, endpoints.json (default .selma)")
+    p.add_argument("--dir", default=".selma", help="data directory: storage, logs, endpoints.json (default .selma; models live in the shared per-user cache, SELMA_CACHE_DIR)")
     p.add_argument("--storage", default="", help="artifact storage URI (default file://<dir>/storage; s3://bucket/prefix with SELMA_S3_* settings)")
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")

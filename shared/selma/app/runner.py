@@ -439,6 +439,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how each image's seed derives from the base seed (default derived); "
                         "fixed: every image uses the base seed, so a printed per-image seed re-renders that image")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    add_output_options(p)
     p.set_defaults(func=_generate)
 
 
@@ -560,12 +561,17 @@ def _generate(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
-    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    images = []
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
-        model = resp.model.model_name or ("per-request expert mix" if experts else "base")
-        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}  (this image alone: --seed {resp.image.seed} --seed-policy fixed)\n")
+        images.append({"path": str(path), "seed": resp.image.seed, "model": resp.model.model_name or ("per-request expert mix" if experts else "base")})
+    if args.json:
+        sys.stdout.write(json.dumps({"base_seed": base_seed, "seed_policy": policy.value, "images": images}, indent=2) + "\n")
+        return 0
+    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    for im in images:
+        sys.stdout.write(f"{im['path']}  seed={im['seed']}  model={im['model']}  (this image alone: --seed {im['seed']} --seed-policy fixed)\n")
     return 0
