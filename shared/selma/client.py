@@ -250,7 +250,7 @@ class SelmaClient:
         prompts: list[str],
         *,
         model_name: str = "",
-        experts: Mapping[str, float] | None = None,
+        experts: Mapping[str, float | None] | None = None,
         method: int = common_pb2.MERGE_METHOD_MEAN_DELTA,
         steps: int = 0,
         guidance_scale: float | None = None,

@@ -51,7 +51,12 @@ class SelmaSettings(BaseSettings):
     s3_part_size: int = Field(16 * MiB, ge=5 * MiB, description="Multipart part size for streamed uploads.")
 
     # --- models and devices
-    model_cache_dir: Path | None = Field(None, description="Hugging Face cache directory (a PVC on a cluster).")
+    cache_dir: Path | None = Field(
+        None, description="Per-user cache shared by every data directory (converted and mirrored models); "
+        "default $XDG_CACHE_HOME/selma, else ~/.cache/selma.")
+    model_cache_dir: Path | None = Field(
+        None, description="Model cache: Hugging Face downloads, mirrors, converted and tiny models (a PVC on a cluster); "
+        "default <cache_dir>/models, shared by every data directory.")
     hf_offline: bool = Field(False, description="Never reach a model hub; load from cache/local paths only.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU.")
@@ -72,8 +77,20 @@ class SelmaSettings(BaseSettings):
         return (self.data_dir.resolve() / "storage").as_uri()
 
     @property
+    def resolved_cache_dir(self) -> Path:
+        """The per-user cache: ``cache_dir``, else ``$XDG_CACHE_HOME/selma``, else ``~/.cache/selma``."""
+        if self.cache_dir is not None:
+            return self.cache_dir.expanduser().resolve()
+        import os
+
+        xdg = os.environ.get("XDG_CACHE_HOME", "")  # the platform's setting, read where settings are read
+        return ((Path(xdg) if xdg else Path.home() / ".cache") / "selma").resolve()
+
+    @property
     def resolved_model_cache_dir(self) -> Path:
-        return (self.model_cache_dir or self.data_dir / "models").resolve()
+        """Where models are cached: ``model_cache_dir``, else ``<cache_dir>/models`` (one cache for every data directory,
+        so a second ``selma up`` elsewhere does not convert or download again)."""
+        return (self.model_cache_dir or self.resolved_cache_dir / "models").resolve()
 
     def safe_dump(self) -> dict[str, Any]:
         """Settings as a dict for logging: secrets masked."""

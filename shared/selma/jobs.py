@@ -284,6 +284,8 @@ class JobManager:
         self._live: dict[str, _Live] = {}
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"job-{kind}")
+        self._max_concurrent = max_concurrent
+        self._queued: list[str] = []  # submitted, not yet started, in submission order (the pool's FIFO)
         self._stopping = threading.Event()
         self._persist_interval = persist_interval
         self._last_persist: dict[str, float] = {}
@@ -393,7 +395,7 @@ class JobManager:
         with self._cond:
             rec = self._records.get(job_id) or self._load(job_id)
             if rec is None:
-                raise NotFound(f"no {self.kind} job {job_id!r}; list jobs to see the ids", field="job_id")
+                raise NotFound(f"no {self.kind} job {job_id!r}; `selma status <run>` (or `selma eval list`) shows the job ids", field="job_id")
             return rec.model_copy(deep=True)
 
     def watch(
@@ -520,15 +522,41 @@ class JobManager:
             live.cancel.clear()
             if message:
                 self._records[job_id].message = message
+            if job_id not in self._queued:
+                self._queued.append(job_id)
+            self._note_queue_locked()
         try:
             self._pool.submit(self._execute, job_id)
         except RuntimeError:
             log.info("%s: not queuing %s, shutting down", self.kind, job_id)
 
+    def _note_queue_locked(self) -> None:
+        """Tell every job still waiting for a worker its place: "queued: 2 ahead, 2 running (at most 2 at once)"."""
+        running = sum(1 for live in self._live.values() if live.running)
+        changed = False
+        ahead = -1
+        for jid in self._queued:
+            rec = self._records.get(jid)
+            if rec is None or rec.phase != JobPhase.PENDING:
+                continue  # cancelled while queued
+            ahead += 1
+            if not rec.message.startswith("queued"):
+                continue  # a restart or interruption note is more useful than the position
+            message = f"queued: {ahead} ahead, {running} running (at most {self._max_concurrent} at once)"
+            if rec.message != message:
+                rec.message = message
+                rec.updated_at = _now()
+                self._persist(rec)
+                changed = True
+        if changed:
+            self._cond.notify_all()
+
     def _execute(self, job_id: str) -> None:
         with self._cond:
             rec = self._records[job_id]
             live = self._live.setdefault(job_id, _Live())
+            if job_id in self._queued:
+                self._queued.remove(job_id)
             if rec.phase.terminal or self._stopping.is_set():
                 return
             if live.cancel.is_set():
@@ -540,6 +568,7 @@ class JobManager:
                 rec.updated_at = _now()
                 rec.message = "running" if not rec.message.startswith("resuming") else rec.message
                 self._persist(rec, force=True)
+                self._note_queue_locked()
                 self._cond.notify_all()
                 ctx = JobContext(self, rec, live.cancel)
         if live.cancel.is_set() and not live.running:
@@ -574,6 +603,7 @@ class JobManager:
             JOB_DURATION.labels(self.kind).observe(time.monotonic() - t0)
             with self._cond:
                 live.running = False
+                self._note_queue_locked()
                 self._cond.notify_all()
 
     def _interrupt(self, job_id: str) -> None:

@@ -1,5 +1,6 @@
 """``selma eval …``: faithfulness evaluation from the command line.
 
+``selma eval dsg-score --template [--categories A,B] > answers.csv`` prints the answers file's skeleton;
 ``selma eval dsg-score --answers FILE`` scores yes/no answers produced elsewhere on DSG-1k: FILE is
 a UTF-8 CSV with the columns ``item_id,question_id,answer`` (answer ``yes`` or ``no``), one row per
 DSG-1k question; it prints per-category and overall scores (mean over prompts and question-level
@@ -38,7 +39,10 @@ def _add_dsg_score(actions: argparse._SubParsersAction) -> None:
         "The answers file is a UTF-8 CSV whose header names item_id, question_id and answer (other columns "
         "are ignored), with exactly one row per question; answer is yes or no.",
     )
-    p.add_argument("--answers", type=Path, required=True, metavar="FILE", help="answers CSV (item_id,question_id,answer)")
+    p.add_argument("--answers", type=Path, default=None, metavar="FILE", help="answers CSV (item_id,question_id,answer); required unless --template")
+    p.add_argument("--template", action="store_true",
+                   help="print the answers CSV skeleton instead (one row per question of the benchmark or --categories, "
+                   "answer left empty; the extra category/prompt/question columns are ignored when scoring)")
     p.add_argument("--categories", default="", metavar="A,B",
                    help="score only these DSG-1k categories (comma-separated; only their questions are required)")
     p.add_argument("--rule", choices=("transitive", "direct"), default="transitive",
@@ -57,6 +61,12 @@ def _dsg_score(args: argparse.Namespace) -> int:
         items = dsg.load_dsg1k(categories)
     except InvalidArgument as e:
         raise InvalidArgument(e.message, field="--categories") from None
+    if args.template:
+        sys.stdout.write(dsg.answers_template(items))
+        return 0
+    if args.answers is None:
+        raise InvalidArgument("give --answers FILE (a CSV with item_id,question_id,answer), or --template to print its skeleton",
+                              field="--answers")
     samples = dsg.read_answers_file(args.answers, items, all_items=dsg.load_dsg1k())
     table = dsg.score_dsg(samples, rule=args.rule)
     if args.json:

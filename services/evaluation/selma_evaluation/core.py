@@ -34,6 +34,7 @@ from selma_evaluation.runner import (
     validation_set_refs,
 )
 from selma_evaluation.settings import EvaluationSettings
+from selma_evaluation.targets import check_targets_exist
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ class EvaluationCore:
                         raise InvalidArgument("expert_id is required", field=f"spec.targets[{i}].experts.experts[{j}].expert_id")
                 # the merge's own rule (selma.specs): finite weights, every expert has one or none has
                 expert_weights([e.get("weight") for e in merge["experts"]], f"spec.targets[{i}].experts.experts.weight")
+        if search and not search.get("expert_ids"):
+            raise InvalidArgument("merge_search needs at least one expert id", field="spec.merge_search.expert_ids")
+        serving_endpoint = self.serving_endpoint()
+        # through ServingService's API, which renders every target: an unknown model or expert is NOT_FOUND now, not a failed job later
+        check_targets_exist(serving_endpoint, targets, (search.get("expert_ids") or []) if search else [])
         if search:
             self._validate_search(search, test_texts)
 
@@ -194,7 +200,7 @@ class EvaluationCore:
             spec=spec,
             report_id=new_artifact_id(ArtifactKind.EVAL_REPORT, idempotency_key),
             work_prefix=f"evaluation/{job_id}",
-            serving_endpoint=self.serving_endpoint(),
+            serving_endpoint=serving_endpoint,
             vqa=vqa,
             metrics=metrics,
             labels=dict(spec.get("labels") or {}),

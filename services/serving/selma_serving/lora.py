@@ -188,14 +188,14 @@ def resolve_expert(store: ArtifactStore, ref: str, *, field_name: str = "expert_
         run, _, skill = ref.partition("/")
         found = store.list(ArtifactKind.EXPERT, labels={"selma.dev/run": run, "selma.dev/skill": skill})
         if not found:
-            raise NotFound(f"no expert for run {run!r} and skill {skill!r}; ListExperts shows what exists", field=field_name)
+            raise NotFound(f"no expert for run {run!r} and skill {skill!r}; `selma experts list` (ListExperts) shows what exists", field=field_name)
         return found[-1]
     try:
         manifest = store.get(ref)
     except InvalidArgument:
         raise InvalidArgument(f"expert id {ref!r} is neither an artifact id nor <run>/<skill>", field=field_name) from None
     except NotFound:
-        raise NotFound(f"expert {ref!r} does not exist; ListExperts shows what exists", field=field_name) from None
+        raise NotFound(f"expert {ref!r} does not exist; `selma experts list` (ListExperts) shows what exists", field=field_name) from None
     if manifest.kind != ArtifactKind.EXPERT:
         raise InvalidArgument(f"{ref} is a {manifest.kind.value} artifact, not an expert", field=field_name)
     return manifest

@@ -126,7 +126,7 @@ class ModelRegistry:
         try:
             alias = self.store.get_alias(name)
         except NotFound:
-            raise NotFound(f"no model registered as {name!r}; ListModels shows the names", field="model_name") from None
+            raise NotFound(f"no model registered as {name!r}; `selma models list` (ListModels) shows the names", field="model_name") from None
         manifest = self.store.get(alias.artifact_id)
         if manifest.kind not in _SERVABLE:
             raise NotFound(f"{name!r} names a {manifest.kind.value} artifact, not a model", field="model_name")

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "selma.app.demo",
     "selma.app.local_stack",
     "selma.app.runner",
+    "selma.app.cli_docs",
 )
 # Per-service command modules (``services/<name>/selma_<name>/cli.py``); absent ones are skipped.
 # Plugins (testbeds) add theirs through selma.plugins.
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 _RPC_HINTS = {
     "UNAVAILABLE": "is `selma up` running there? Check the endpoints (--endpoints, --dir or SELMA_ENDPOINTS)",
     "DEADLINE_EXCEEDED": "the service did not answer in time; check that it is up and its log",
-    "NOT_FOUND": "check the name or id (`selma artifacts list`, `selma runs`)",
+    "NOT_FOUND": "check the name or id (`selma models list`, `selma experts list`, `selma artifacts list`, `selma runs`)",
     "INVALID_ARGUMENT": "fix the argument the message names",
     "UNIMPLEMENTED": "that address does not serve this selma API; check the endpoints",
     "PERMISSION_DENIED": "check the credentials of the service",

@@ -306,7 +306,7 @@ class LocalStack:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the four services on localhost with embedded defaults")
-    p.add_argument("--dir", default=".selma", help="data directory: storage, model cache, logs, endpoints.json (default .selma)")
+    p.add_argument("--dir", default=".selma", help="data directory: storage, logs, endpoints.json (default .selma; models live in the shared per-user cache, SELMA_CACHE_DIR)")
     p.add_argument("--storage", default="", help="artifact storage URI (default file://<dir>/storage; s3://bucket/prefix with SELMA_S3_* settings)")
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
@@ -322,6 +322,11 @@ def _up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from selma.app.models_cli import ensure_smollm2
+    from selma.config import SelmaSettings
+
+    # The prompt service loads the embedded LLM before it is SERVING; a first conversion would be minutes of silence.
+    ensure_smollm2(SelmaSettings(data_dir=stack.data_dir).resolved_model_cache_dir)
     sys.stdout.write("starting prompts, render, training and serving ...\n")
     sys.stdout.flush()
     try:

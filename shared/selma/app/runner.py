@@ -29,12 +29,12 @@ from typing import Any
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.tree import Tree
 
 from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
+from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
 from selma.client import Endpoints, SelmaClient
 from selma.errors import Aborted, InvalidArgument, RunFailed
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
@@ -176,7 +176,7 @@ class Reporter:
             self._progress = Progress(
                 TextColumn("{task.description:<32}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                TextColumn("{task.fields[count]:>9}"),  # never "0/?" or "0/0": "-" until the total is known
                 TextColumn("{task.fields[unit]:<7} {task.fields[phase]:<10}"),
                 TimeRemainingColumn(),
                 console=self.console,
@@ -189,13 +189,15 @@ class Reporter:
             self._progress.__exit__(*exc)
 
     def update(self, label: str, status: common_pb2.JobStatus, note: str = "") -> None:
-        phase = note or PHASE_NAMES.get(status.phase, "?")
+        phase, count = job_progress(status)
+        phase = note or phase
         done, total = status.progress.done, status.progress.total
         with self._lock:
             if self._progress is not None:
+                fields = {"unit": status.progress.unit if total else "", "phase": phase, "count": count}
                 if label not in self._tasks:
-                    self._tasks[label] = self._progress.add_task(label, total=total or None, unit=status.progress.unit, phase=phase)
-                self._progress.update(self._tasks[label], completed=done, total=total or None, unit=status.progress.unit, phase=phase)
+                    self._tasks[label] = self._progress.add_task(label, total=total or None, **fields)
+                self._progress.update(self._tasks[label], completed=done, total=total or None, **fields)
                 return
             # Plain lines: on phase changes and every 10 % of progress.
             decile = int(10 * done / total) if total else 0
@@ -204,10 +206,26 @@ class Reporter:
                 self._last[label] = key
                 eta = f", eta {status.progress.eta.seconds}s" if status.progress.HasField("eta") and status.phase == common_pb2.JOB_PHASE_RUNNING else ""
                 msg = f" - {status.message}" if status.message and phase in ("failed", "cancelled") else ""
-                self.console.print(f"{label}: {phase} {done}/{total} {status.progress.unit}{eta}{msg}", highlight=False)
+                counted = f" {count} {status.progress.unit}" if total else ""
+                self.console.print(f"{label}: {phase}{counted}{eta}{msg}", highlight=False)
 
     def note(self, text: str) -> None:
         self.console.print(text, highlight=False)
+
+
+def job_progress(status: common_pb2.JobStatus) -> tuple[str, str]:
+    """(phase, count) as a person should read them: a job waiting for a worker is "queued" with its
+    place (not "pending 0/0"), a running job whose total is not known yet says what it is doing
+    (e.g. loading its model) instead of "0/?", and counts appear only once the total is known."""
+    done, total = status.progress.done, status.progress.total
+    count = f"{done}/{total}" if total else "-"
+    if status.phase == common_pb2.JOB_PHASE_PENDING:
+        where = status.message.partition(":")[2].partition(",")[0].strip() if status.message.startswith("queued:") else ""
+        return ("queued" + (f" ({where})" if where else "")), count
+    phase = PHASE_NAMES.get(status.phase, "?")
+    if status.phase == common_pb2.JOB_PHASE_RUNNING and not total and status.message and status.message != "running":
+        return f"{phase}: {status.message}"[:60], count
+    return phase, count
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -339,6 +357,21 @@ class RunDriver:
         if errors:
             self.state.set(phase="failed", message="; ".join(str(e) for e in errors))
             raise errors[0]
+        try:
+            result = self._merge_and_evaluate(experts)
+        except Exception as e:
+            # a refused or failed merge/evaluation ends the run: `selma runs` must not keep showing it as running
+            self.state.set(phase="failed", message=str(e))
+            raise
+        if self._stop.is_set():
+            self.state.set(phase="interrupted", message="stopped by the user; run again to resume")
+            raise KeyboardInterrupt
+        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=result["merged_model"], experts=experts,
+                       finished_at=_now(), **{k: result[k] for k in ("eval_report", "scores") if k in result})
+        return result
+
+    def _merge_and_evaluate(self, experts: dict[str, str]) -> dict[str, Any]:
+        ss = self.skillset
         job = self.drive("merge", None, merge_job_spec(ss, experts))
         merged = job.status.output.id
         result: dict[str, Any] = {"model_name": ss.model_name, "merged_model": merged, "experts": experts}
@@ -347,8 +380,6 @@ class RunDriver:
             result["eval_report"] = job.status.output.id
             result["scores"] = {f"{s.target_label}/{enum_name(evaluation_service_pb2.EvaluationMetric, s.metric)}": round(s.score_percent, 2)
                                 for s in job.stats.scores if not s.category and not s.skill}
-        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now(),
-                       **{k: result[k] for k in ("eval_report", "scores") if k in result})
         return result
 
 
@@ -379,21 +410,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("runs", parents=[common], help="list runs and their phase")
+    add_output_options(p)
     p.set_defaults(func=_runs)
 
     p = sub.add_parser("status", parents=[common], help="show one run's stages")
     p.add_argument("run", help="run name (the SkillSet's metadata.name)")
+    add_output_options(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("lineage", parents=[common], help="the tree from an artifact (e.g. a merged model) back to its prompts")
     p.add_argument("artifact", help="a registered model name, a <run>/<skill> expert, or an artifact id")
+    add_output_options(p)
     p.set_defaults(func=_lineage)
 
     p = sub.add_parser("generate", parents=[common], help="generate images with a served model")
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts allowed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default="", help="registered model name (default: the base model)")
-    g.add_argument("--experts", default="", help="per-request expert weights: id=w,id=w (ids or <run>/<skill>)")
+    g.add_argument("--experts", default="", help=f"per-request expert weights: {EXPERT_WEIGHTS_SYNTAX}")
     p.add_argument("-o", "--out", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (0 = server default)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: server default)")
@@ -405,6 +439,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how each image's seed derives from the base seed (default derived); "
                         "fixed: every image uses the base seed, so a printed per-image seed re-renders that image")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    add_output_options(p)
     p.set_defaults(func=_generate)
 
 
@@ -450,25 +485,27 @@ def _run(args: argparse.Namespace) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     runs_dir = Path(args.dir) / "runs"
-    table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "phase", "updated", "model", "skillset"):
-        table.add_column(col)
-    for path in sorted(runs_dir.glob("*.json")) if runs_dir.exists() else []:
-        d = json.loads(path.read_text())
-        table.add_row(d.get("name", path.stem), d.get("phase", "?"), d.get("updated_at", ""), d.get("model_name", ""), d.get("skillset", ""))
-    Console().print(table)
+    records = [json.loads(path.read_text()) for path in sorted(runs_dir.glob("*.json"))] if runs_dir.exists() else []
+    rows = [(d.get("name", ""), d.get("phase", "?"), d.get("updated_at", ""), d.get("model_name", ""), d.get("skillset", "")) for d in records]
+    print_rows(args, ("run", "phase", "updated", "model", "skillset"), rows, title=f"runs in {runs_dir}", records=records)
     return 0
+
+
+def stage_progress(st: dict[str, Any]) -> str:
+    """A stage's progress cell: "-" until its total is known (never 0/0), "queued" while it waits for a worker."""
+    if st.get("phase") == "pending" and st.get("job_id"):
+        return "queued"
+    done, total = st.get("done", 0), st.get("total", 0)
+    return f"{done}/{total}" if total else "-"
 
 
 def _status(args: argparse.Namespace) -> int:
     state = RunState.load(Path(args.dir) / "runs", args.run)
     d = state.data
-    table = Table(title=f"run {d['name']}: {d.get('phase')}" + (f" ({d['message']})" if d.get("message") else ""))
-    for col in ("skill", "stage", "phase", "progress", "job", "output"):
-        table.add_column(col)
-    for st in d["stages"].values():
-        table.add_row(st.get("skill") or "-", st["stage"], st.get("phase", ""), f"{st.get('done', 0)}/{st.get('total', 0)}", st.get("job_id", ""), (st.get("output") or {}).get("id", ""))
-    Console().print(table)
+    rows = [(st.get("skill") or "-", st["stage"], st.get("phase", ""), stage_progress(st), st.get("job_id", ""), (st.get("output") or {}).get("id", ""))
+            for st in d["stages"].values()]
+    title = f"run {d['name']}: {d.get('phase')}" + (f" ({d['message']})" if d.get("message") else "")
+    print_rows(args, ("skill", "stage", "phase", "progress", "job", "output"), rows, title=title, records=d)
     return 0
 
 
@@ -495,6 +532,10 @@ def _lineage(args: argparse.Namespace) -> int:
         for parent in m.parent_ids:
             add(branch, parent)
 
+    if args.json or args.plain:
+        rows = [(m.id, kinds.get(m.kind, "?"), m.skill, ", ".join(m.parent_ids)) for m in manifests]
+        print_rows(args, ("id", "kind", "skill", "parents"), rows, records=[message_to_dict(m) for m in manifests])
+        return 0
     root = Tree(f"lineage of {args.artifact}" + (f" ({artifact_id})" if artifact_id != args.artifact else ""))
     add(root, artifact_id)
     Console().print(root)
@@ -502,14 +543,8 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    experts: dict[str, float] = {}
-    if args.experts:
-        for part in args.experts.split(","):
-            name, _, w = part.partition("=")
-            try:
-                experts[name.strip()] = float(w)
-            except ValueError:
-                raise InvalidArgument(f"--experts entry {part!r} is not id=weight", field="experts") from None
+    # the CLI's one expert-weight grammar (selma.cli_options); no weights = 1/N each (the service's rule)
+    experts: dict[str, float | None] = dict(parse_expert_weights(args.experts, "--experts")) if args.experts else {}
     out = Path(args.out)
     written = []
     # The base seed is chosen here, not by the service, so that it can be printed: with the policy it
@@ -526,12 +561,17 @@ def _generate(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
-    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    images = []
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
-        model = resp.model.model_name or ("per-request expert mix" if experts else "base")
-        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}  (this image alone: --seed {resp.image.seed} --seed-policy fixed)\n")
+        images.append({"path": str(path), "seed": resp.image.seed, "model": resp.model.model_name or ("per-request expert mix" if experts else "base")})
+    if args.json:
+        sys.stdout.write(json.dumps({"base_seed": base_seed, "seed_policy": policy.value, "images": images}, indent=2) + "\n")
+        return 0
+    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    for im in images:
+        sys.stdout.write(f"{im['path']}  seed={im['seed']}  model={im['model']}  (this image alone: --seed {im['seed']} --seed-policy fixed)\n")
     return 0
