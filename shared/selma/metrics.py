@@ -43,6 +43,13 @@ SERVICE_READY = Gauge(
     "1 once the service reports SERVING on its health check, else 0.",
     ["service"],
 )
+STARTUP_PHASE_SECONDS = Gauge(
+    "selma_startup_phase_seconds",
+    "Seconds this process spent in a start-up phase before it could load a model: imports (diffusers, transformers), "
+    "model_materialize (mirroring a model into the cache, cumulative; also part of the model load that needed it). "
+    "Model loading is each service's *_model_load_seconds, which no longer includes the imports.",
+    ["phase"],
+)
 
 
 class MetricsServer:

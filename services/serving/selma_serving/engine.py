@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
-from selma.pipelines import ModelSpec, TokenizerPool, load_pipeline, make_scheduler
+from selma.pipelines import ModelSpec, TokenizerPool, import_libraries, load_pipeline, make_scheduler
 from selma.seeds import SeedPolicy, derive_seed
 from selma_serving import metrics
 from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet
@@ -254,6 +254,7 @@ class Engine:
                 return
             if not self.base_id.source:
                 raise FailedPrecondition("no base model configured; set SELMA_SERVING_BASE_MODEL", field="serving_base_model")
+            import_libraries()  # start-up, not model loading (selma_startup_phase_seconds)
             t0 = time.perf_counter()
             pipe = load_pipeline(
                 ModelSpec(self.base_id.source, self.base_id.revision, self.base_id.variant, self.settings.serving_base_vae),
