@@ -126,6 +126,7 @@ class ModelRegistry:
         try:
             alias = self.store.get_alias(name)
         except NotFound:
+            self._drop(name)  # deleted through another replica: free what this one held
             raise NotFound(f"no model registered as {name!r}; ListModels shows the names", field="model_name") from None
         manifest = self.store.get(alias.artifact_id)
         if manifest.kind not in _SERVABLE:
@@ -221,6 +222,19 @@ class ModelRegistry:
         self.get(name)  # NotFound for unknown names
         self._drop(name)
         return self.get(name)
+
+    def delete(self, name: str) -> tuple[ModelEntry, bool]:
+        """Unregister ``name`` and unload it; returns (the entry as it was, whether it was loaded).
+
+        The artifact stays: garbage collection removes it once nothing else references it.
+        """
+        entry = self.get(name)  # NotFound for unknown names
+        self.store.delete_alias(name)
+        with self._lock:
+            was_loaded = self._loaded.pop(name, None) is not None
+            self._failed.pop(name, None)
+        log.info("deleted model %s (was %s)", name, entry.manifest.id)
+        return entry, was_loaded
 
     def unet(self, name: str) -> tuple[torch.nn.Module, ModelEntry]:
         """The fused UNet of a registered model, loading it on first use."""

@@ -17,7 +17,7 @@ from rich.table import Table
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``models`` command tree to the ``selma`` parser."""
-    models = subparsers.add_parser("models", help="offline models: tiny pipelines for tests, SmolLM2")
+    models = subparsers.add_parser("models", help="offline models: tiny pipelines for tests, SmolLM2; delete a registered model")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
 
     build = sub.add_parser(
@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     smol.add_argument("--cache-dir", type=Path, required=True, help="where the plain checkpoint is kept")
     smol.set_defaults(func=_cache_smollm2)
+
+    delete = sub.add_parser("delete", help="unregister a served model (its artifact is collected by `selma artifacts gc` once nothing references it)")
+    delete.add_argument("name", help="registered model name")
+    delete.add_argument("--dir", default=".selma", help="state directory holding endpoints.json (default .selma)")
+    delete.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    delete.set_defaults(func=_delete)
 
 
 def _table(models) -> Table:
@@ -83,4 +89,17 @@ def _cache_smollm2(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in lm.model.parameters())
     elapsed = time.perf_counter() - t0
     Console().print(f"SmolLM2 ready in {args.cache_dir} ({type(lm.model).__name__}, {n:,} parameters, {elapsed:.1f} s)")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from selma.client import Endpoints, SelmaClient
+
+    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client:
+        resp = client.delete_model(args.name)
+    Console(soft_wrap=True).print(
+        f"deleted model {resp.model_name} (artifact {resp.artifact.id}{', unloaded' if resp.was_loaded else ''}); "
+        "`selma artifacts gc` removes the artifact once nothing else references it",
+        highlight=False,
+    )
     return 0
