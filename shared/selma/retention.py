@@ -71,6 +71,7 @@ class StoredJob:
     idempotency_key: str
     created_at: datetime | None
     refs: frozenset[str]
+    model_names: frozenset[str] = frozenset()  # registered model names the job uses or registers
 
     @property
     def active(self) -> bool:
@@ -97,6 +98,31 @@ def artifact_refs(value: Any) -> set[str]:
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
     return out
+
+
+_MODEL_NAME_KEYS = frozenset({"model_name", "modelName", "registered_model_name", "registeredModelName"})
+
+
+def model_names(value: Any) -> set[str]:
+    """Registered model names a JSON value mentions (``model_name`` fields at any depth)."""
+    out: set[str] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            for k, item in v.items():
+                if k in _MODEL_NAME_KEYS and isinstance(item, str) and item:
+                    out.add(item)
+                else:
+                    stack.append(item)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return out
+
+
+def active_jobs_using_model(storage: Storage, name: str) -> list[StoredJob]:
+    """Pending or running jobs (any service) whose spec or stats name the registered model ``name``."""
+    return [j for j in load_jobs(storage) if j.active and name in j.model_names]
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -143,6 +169,7 @@ def load_jobs(storage: Storage) -> list[StoredJob]:
                 idempotency_key=str(doc.get("idempotency_key") or ""),
                 created_at=_parse_time(doc.get("created_at")),
                 refs=frozenset(artifact_refs(doc)),
+                model_names=frozenset(model_names(doc)),
             )
         )
     return out
@@ -497,6 +524,7 @@ def _is_output(aid: str, job: StoredJob, manifests: Mapping[str, Manifest]) -> b
 
 __all__ = [
     "ACTIVE_PHASES",
+    "active_jobs_using_model",
     "SCRATCH_PREFIXES",
     "GcReport",
     "Removal",
@@ -506,5 +534,6 @@ __all__ = [
     "collect_garbage",
     "delete_run",
     "load_jobs",
+    "model_names",
     "plan_gc",
 ]

@@ -173,5 +173,32 @@ def test_cli_deletes_a_model_and_a_run_and_collects_garbage(served, tmp_path: Pa
     assert w.id in out and "would remove" in out and store.exists(w.id)
     assert selma_main(["artifacts", "gc", "--endpoints", endpoints]) == 0
     assert "removed" in capsys.readouterr().out and not store.exists(w.id)
-    assert selma_main(["runs", "delete", "r-cli", "--endpoints", endpoints]) == 2
+    assert selma_main(["runs", "delete", "r-cli", "--dir", str(tmp_path), "--endpoints", endpoints]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+    (runs_dir / "stale.json").write_text('{"name": "stale", "stages": {}}')  # a run the services never saw
+    assert selma_main(["runs", "delete", "stale", "--dir", str(tmp_path), "--endpoints", endpoints]) == 0
+    assert "hold nothing of it" in capsys.readouterr().out and not (runs_dir / "stale.json").exists()
+
+
+def test_delete_model_refuses_while_a_job_uses_it(served) -> None:
+    stub, store = served["stub"], served["store"]
+    expert = make_expert(store, served["sd"], seed=6, rank=4, skill="s6", run="r-eval")
+    stub.RegisterModel(pb.RegisterModelRequest(model_name="busy-model", artifact=common_pb2.ArtifactRef(id=expert.id)))
+    release, started = threading.Event(), threading.Event()
+
+    def evaluate(ctx: JobContext) -> JobResult:
+        started.set()
+        release.wait(60)
+        return JobResult()
+
+    evaluation = JobManager(store.storage, "evaluation", evaluate)  # the evaluation service, sharing the store
+    try:
+        rec, _ = evaluation.start("r-eval/evaluation", {"targets": [{"label": "base"}, {"label": "m", "modelName": "busy-model"}]})
+        assert started.wait(30)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.DeleteModel(pb.DeleteModelRequest(model_name="busy-model"))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and rec.job_id in e.value.details()
+    finally:
+        release.set()
+        evaluation.shutdown()
+    assert stub.DeleteModel(pb.DeleteModelRequest(model_name="busy-model")).artifact.id == expert.id

@@ -20,6 +20,7 @@ import torch
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SelmaError
+from selma.retention import active_jobs_using_model
 from selma_serving import metrics
 from selma_serving.engine import Engine, fused_copy
 from selma_serving.lora import (
@@ -229,6 +230,11 @@ class ModelRegistry:
         The artifact stays: garbage collection removes it once nothing else references it.
         """
         entry = self.get(name)  # NotFound for unknown names
+        users = active_jobs_using_model(self.store.storage, name)
+        if users:
+            names = ", ".join(f"{j.job_id} ({j.phase.lower()})" for j in users[:5])
+            raise FailedPrecondition(f"model {name!r} is used by {len(users)} unfinished job(s): {names}; wait for them or cancel them, then delete it",
+                                     field="model_name")
         self.store.delete_alias(name)
         with self._lock:
             was_loaded = self._loaded.pop(name, None) is not None

@@ -474,10 +474,21 @@ def _delete_run(args: argparse.Namespace) -> int:
 
     console = Console(soft_wrap=True)
     runs_dir = Path(args.dir) / "runs"
+    local = runs_dir / f"{args.run}.json"
     with RunLock(runs_dir / f"{args.run}.lock"), SelmaClient(_endpoints(args)) as client:  # not while `selma run` drives it
-        resp = client.delete_run(args.run, dry_run=args.dry_run, timeout=args.timeout)
+        try:
+            resp = client.delete_run(args.run, dry_run=args.dry_run, timeout=args.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND or not local.exists():
+                raise
+            # the services know nothing of it (never started, or deleted already): only the local state is left
+            if not args.dry_run:
+                local.unlink(missing_ok=True)
+            console.print(f"run {args.run}: the services hold nothing of it; {'would remove' if args.dry_run else 'removed'} its local state {local}",
+                          highlight=False)
+            return 0
         if not resp.dry_run:
-            (runs_dir / f"{args.run}.json").unlink(missing_ok=True)
+            local.unlink(missing_ok=True)
     verb = "would delete" if resp.dry_run else "deleted"
     print_removed(console, resp.removed, verb)
     for k in resp.kept:
