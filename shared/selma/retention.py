@@ -34,7 +34,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from selma.artifacts import ARTIFACTS_PREFIX, MANIFEST_NAME, ArtifactKind, ArtifactStore, Manifest, new_artifact_id
+from pydantic import ValidationError
+
+from selma.artifacts import (
+    ALIASES_PREFIX,
+    ARTIFACTS_PREFIX,
+    MANIFEST_NAME,
+    Alias,
+    ArtifactKind,
+    ArtifactStore,
+    Manifest,
+    new_artifact_id,
+)
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.storage import ObjectInfo, Storage
 
@@ -231,8 +242,25 @@ def _inventory(store: ArtifactStore) -> _Inventory:
         except (FailedPrecondition, InvalidArgument) as e:
             log.warning("keeping artifact prefix %s: its manifest is unreadable (%s)", aid, e)
             unreadable.add(aid)
-    aliases = {a.name: a.artifact_id for a in store.list_aliases()}
-    return _Inventory(prefixes, manifests, unreadable, aliases)
+    return _Inventory(prefixes, manifests, unreadable, _aliases(store))
+
+
+def _aliases(store: ArtifactStore) -> dict[str, str]:
+    """Alias name → artifact id.  An unreadable alias stops everything: its target cannot be known, so nothing is safe to remove."""
+    try:
+        objects = store.storage.list(f"{ALIASES_PREFIX}/")
+    except NotFound:
+        return {}
+    out = {}
+    for obj in objects:
+        try:
+            alias = Alias.model_validate_json(store.storage.get_bytes(obj.key))
+        except NotFound:  # deleted since the listing
+            continue
+        except ValidationError as e:
+            raise FailedPrecondition(f"alias {obj.uri} is unreadable ({e.error_count()} errors); repair or delete it before collecting garbage") from None
+        out[alias.name] = alias.artifact_id
+    return out
 
 
 def _closure(seeds: Iterable[str], manifests: Mapping[str, Manifest]) -> set[str]:

@@ -329,3 +329,11 @@ def test_a_service_forgets_finished_jobs_of_a_deleted_run(store: ArtifactStore) 
         assert list(mgr.watch(again.job_id, heartbeat=0.5))[-1].phase == JobPhase.SUCCEEDED and len(runs) == 2
     finally:
         mgr.shutdown()
+
+
+def test_gc_refuses_to_guess_when_an_alias_is_unreadable(store: ArtifactStore) -> None:
+    model = publish(store, "merged_model", "m")
+    store.storage.put_bytes("aliases/broken.json", b"{not json")
+    with pytest.raises(FailedPrecondition) as e:
+        collect_garbage(store, grace=NO_GRACE)
+    assert "aliases/broken.json" in str(e.value) and store.exists(model.id)

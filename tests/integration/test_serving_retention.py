@@ -77,6 +77,12 @@ def test_delete_model_unregisters_and_unloads_and_the_run_then_goes_with_gc(serv
     assert code_of(lambda: stub.DeleteModel(pb.DeleteModelRequest(model_name="doomed"))) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: stub.DeleteModel(pb.DeleteModelRequest(model_name="base"))) == grpc.StatusCode.FAILED_PRECONDITION
     assert code_of(lambda: stub.DeleteModel(pb.DeleteModelRequest(model_name="Not A Name"))) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DeleteModel(pb.DeleteModelRequest(model_name="x" * 100_000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DeleteRun(pb.DeleteRunRequest(run="r" * 100_000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
 
     # the merge job's record still references the merged model: gc keeps it until the run goes
     assert store.exists(merged)

@@ -202,6 +202,8 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
         if request.model_name == "base":
             raise FailedPrecondition("the base model cannot be deleted", field="model_name")
+        if len(request.model_name) > 63:  # never echo an oversized name back
+            raise InvalidArgument(f"model_name must be at most 63 characters; got {len(request.model_name)}", field="model_name")
         entry, was_loaded = self.core.registry.delete(request.model_name)
         return pb.DeleteModelResponse(model_name=entry.name, artifact=artifact_ref(entry.manifest), was_loaded=was_loaded)
 
