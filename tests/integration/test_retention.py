@@ -9,14 +9,22 @@ real :class:`~selma.jobs.JobManager` (a job that blocks keeps its record RUNNING
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
+import _processes
 import pytest
 
 from selma.artifacts import ArtifactStore, Manifest, Producer, new_artifact_id
+from selma.config import SelmaSettings
 from selma.errors import FailedPrecondition, NotFound
 from selma.jobs import JobContext, JobManager, JobPhase, JobResult, OutputRef
 from selma.retention import collect_garbage, delete_run, load_jobs, plan_gc
@@ -248,6 +256,50 @@ def test_a_collection_killed_half_way_leaves_retained_artifacts_intact_and_a_rer
     for aid in g.keep:
         verify(store, aid)
     assert collect_garbage(store, grace=NO_GRACE).removals == []
+
+
+def storage_env(settings: SelmaSettings) -> dict[str, str]:
+    """The SELMA_* variables that give a child process the same storage."""
+    env = {}
+    for name in ("data_dir", "storage_uri", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_region", "s3_secure", "s3_create_buckets"):
+        value = getattr(settings, name)
+        value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"SELMA_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@pytest.mark.parametrize("deletions", [1, 2])
+def test_a_gc_process_killed_with_sigkill_leaves_retained_artifacts_intact_and_a_rerun_finishes(
+    store: ArtifactStore, jobs: Jobs, storage_settings: SelmaSettings, deletions: int
+) -> None:
+    g = build_graph(store, jobs)
+    jobs.stop()  # the job managers of this process are done writing
+    script = Path(__file__).parent / "_gc_process.py"
+    shared = str(Path(__file__).resolve().parents[2] / "shared")
+    env = {**os.environ, **storage_env(storage_settings)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (shared, env.get("PYTHONPATH", "")) if p)
+    proc = _processes.popen([sys.executable, str(script), str(deletions)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else b""  # type: ignore[union-attr]
+        assert line.strip() == b"ready", proc.stderr.read().decode(errors="replace")[-2000:] if line == b"" else line  # type: ignore[union-attr]
+    finally:
+        _processes.stop_tree(proc, first=signal.SIGKILL, grace=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+    # killed after the first manifest (1: that artifact's files are still there) or one artifact in (2)
+    assert g.keep <= published(store) and len(published(store)) == len(g.keep | g.gone) - 1
+    for aid in g.keep:
+        verify(store, aid)
+    for m in store.list():
+        assert all(store.exists(p) for p in m.parents), m.id
+    collect_garbage(store, grace=NO_GRACE)
+    assert published(store) == g.keep
+    assert not any(prefix_exists(store.storage, p) for p in g.gone_prefixes)
+    assert not any(store.storage.list(f"artifacts/{aid}/") for aid in g.gone), "the half-deleted artifact's files went too"
+    for aid in g.keep:
+        verify(store, aid)
 
 
 # --- deleting a run -------------------------------------------------------------------------------
