@@ -313,3 +313,19 @@ class SelmaClient:
     def lineage(self, artifact_id: str) -> list[common_pb2.ArtifactManifest]:
         req = serving_service_pb2.GetLineageRequest(artifact=common_pb2.ArtifactRef(id=artifact_id))
         return list(self.stub("serving").GetLineage(req, timeout=self.timeout).artifacts)
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def delete_model(self, model_name: str) -> serving_service_pb2.DeleteModelResponse:
+        """Unregister a model (its artifact becomes collectable unless something else references it)."""
+        return self.stub("serving").DeleteModel(serving_service_pb2.DeleteModelRequest(model_name=model_name), timeout=self.timeout)
+
+    def delete_run(self, run: str, *, dry_run: bool = False, timeout: float | None = None) -> serving_service_pb2.DeleteRunResponse:
+        """Delete a run's jobs and the artifacts nothing outside it depends on (``dry_run``: report only)."""
+        req = serving_service_pb2.DeleteRunRequest(run=run, dry_run=dry_run)
+        return self.stub("serving").DeleteRun(req, timeout=timeout or self.timeout)
+
+    def collect_garbage(self, *, dry_run: bool = False, timeout: float | None = None) -> serving_service_pb2.CollectGarbageResponse:
+        """Collect what nothing retained references (``dry_run``: report only)."""
+        req = serving_service_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return self.stub("serving").CollectGarbage(req, timeout=timeout or self.timeout)

@@ -351,7 +351,7 @@ class JobManager:
         digest = spec_digest(spec)
         job_id = job_id_for(self.kind, key)
         with self._cond:
-            existing = self._records.get(job_id) or self._load(job_id)
+            existing = self._known(job_id)
             if existing is not None:
                 if existing.spec_digest != digest:
                     raise AlreadyExists(
@@ -393,7 +393,7 @@ class JobManager:
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
-            rec = self._records.get(job_id) or self._load(job_id)
+            rec = self._known(job_id)
             if rec is None:
                 raise NotFound(f"no {self.kind} job {job_id!r}; `selma status <run>` (or `selma eval list`) shows the job ids", field="job_id")
             return rec.model_copy(deep=True)
@@ -470,6 +470,7 @@ class JobManager:
     ) -> tuple[list[JobRecord], str]:
         """Jobs matching every given filter, newest first, paginated by the List rule of :mod:`selma.paging`."""
         offset, page_size = page_window(page_size, page_token)
+        self._forget_deleted()
         with self._cond:
             recs = [
                 r
@@ -488,6 +489,36 @@ class JobManager:
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}{job_id}.json"
+
+    def _known(self, job_id: str) -> JobRecord | None:
+        """The record of ``job_id`` (call under the lock): from memory unless it is finished and its stored
+        record was deleted since (its run was deleted: selma.retention), else from storage."""
+        rec = self._records.get(job_id)
+        if rec is not None and rec.phase.terminal and not self._stored(job_id):
+            self._records.pop(job_id, None)
+            self._live.pop(job_id, None)
+            rec = None
+        return rec or self._load(job_id)
+
+    def _stored(self, job_id: str) -> bool:
+        try:
+            return self.storage.exists(self._key(job_id))
+        except SelmaError:  # storage unreachable: trust memory rather than lose the job
+            return True
+
+    def _forget_deleted(self) -> None:
+        """Drop finished jobs whose stored records were deleted (a deleted run), so List does not show them."""
+        try:
+            stored = {info.key for info in self.storage.list(self._prefix)}
+        except NotFound:
+            stored = set()
+        except SelmaError:
+            return
+        with self._cond:
+            for job_id, rec in list(self._records.items()):
+                if rec.phase.terminal and self._key(job_id) not in stored:
+                    self._records.pop(job_id, None)
+                    self._live.pop(job_id, None)
 
     def _load(self, job_id: str) -> JobRecord | None:
         """Load a record written by another process (a previous instance) if it exists."""

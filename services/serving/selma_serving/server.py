@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from selma.api import (
     artifact_kind_from_proto,
+    artifact_kind_to_proto,
     artifact_ref,
     dict_to_message,
     enum_name,
@@ -29,6 +30,7 @@ from selma.jobs import JobRecord
 from selma.logs import configure_logging
 from selma.lora_format import trained_alpha
 from selma.paging import paginate
+from selma.retention import Removal
 from selma.server import SelmaServer, ServiceRegistration, serve
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
@@ -52,6 +54,15 @@ def _duration(seconds: float) -> Duration:
 
 def _model_ref(base: BaseModelId) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(source=base.source, revision=base.revision, variant=base.variant)
+
+
+_REMOVED_TYPES = {"artifact": pb.REMOVED_ITEM_TYPE_ARTIFACT, "staging": pb.REMOVED_ITEM_TYPE_STAGING, "scratch": pb.REMOVED_ITEM_TYPE_SCRATCH}
+MAX_LISTED_REMOVALS = 1000
+
+
+def _removed_item(r: Removal) -> pb.RemovedItem:
+    kind = artifact_kind_to_proto(r.kind) if r.kind else common_pb2.ARTIFACT_KIND_UNSPECIFIED
+    return pb.RemovedItem(type=_REMOVED_TYPES[r.what], key=r.key, kind=kind, size_bytes=r.size, reason=r.reason)
 
 
 def _merge_spec(d: dict[str, Any] | None) -> common_pb2.MergeSpec | None:
@@ -187,6 +198,41 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             models = [m for m in models if m.state in set(request.states)]
         chunk, token = paginate(models, request.page_size, request.page_token)
         return pb.ListModelsResponse(models=chunk, next_page_token=token)
+
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
+        if request.model_name == "base":
+            raise FailedPrecondition("the base model cannot be deleted", field="model_name")
+        if len(request.model_name) > 63:  # never echo an oversized name back
+            raise InvalidArgument(f"model_name must be at most 63 characters; got {len(request.model_name)}", field="model_name")
+        entry, was_loaded = self.core.registry.delete(request.model_name)
+        return pb.DeleteModelResponse(model_name=entry.name, artifact=artifact_ref(entry.manifest), was_loaded=was_loaded)
+
+    # --- retention
+
+    def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.ServicerContext) -> pb.DeleteRunResponse:
+        d = self.core.delete_run(request.run, dry_run=request.dry_run)
+        removed = [_removed_item(r) for r in d.artifacts]
+        removed += [pb.RemovedItem(type=pb.REMOVED_ITEM_TYPE_SCRATCH, key=p, reason=f"scratch of a job of run {d.run}") for p in d.scratch]
+        return pb.DeleteRunResponse(
+            run=d.run,
+            dry_run=d.dry_run,
+            job_ids=d.jobs,
+            removed=removed,
+            kept=[pb.KeptArtifact(artifact_id=a, dependant=why) for a, why in d.kept.items()],
+            bytes_freed=d.bytes_freed,
+        )
+
+    def CollectGarbage(self, request: pb.CollectGarbageRequest, context: grpc.ServicerContext) -> pb.CollectGarbageResponse:
+        report = self.core.collect_garbage(dry_run=request.dry_run)
+        return pb.CollectGarbageResponse(
+            dry_run=report.dry_run,
+            removed=[_removed_item(r) for r in report.removals[:MAX_LISTED_REMOVALS]],
+            removed_count=len(report.removals),
+            bytes_freed=report.bytes_freed,
+            retained_artifacts=report.retained,
+            skipped=report.skipped,
+            grace_period=_duration(self.core.gc_grace.total_seconds()),
+        )
 
     def _expert_info(self, m: Manifest) -> pb.ExpertInfo:
         info = self.core.expert_details(m)

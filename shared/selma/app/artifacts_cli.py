@@ -1,4 +1,4 @@
-"""``selma artifacts``: list, show and trace artifacts in any storage URI.
+"""``selma artifacts``: list, show and trace artifacts in any storage URI; collect garbage through the serving service.
 
 The store is named like everywhere else (``--storage URI`` or ``--dir DIR``, see
 :mod:`selma.cli_options`); a ``file://`` store that does not exist is an error, not an empty table.
@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import argparse
 
+from rich.console import Console
+
+from selma.api import enum_name
 from selma.artifacts import ArtifactStore
 from selma.cli_options import add_output_options, add_store_options, print_record, print_rows, storage_uri
+from selma.client import Endpoints, SelmaClient
 from selma.config import SelmaSettings
 from selma.storage import open_storage
+from selma.v1 import common_pb2
+from selma.v1 import serving_service_pb2 as serving_pb
 
 DIGEST_CHARS = 12  # as shown in tables; --json has the whole digest
 
@@ -35,6 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     lin = asub.add_parser("lineage", parents=[common], help="walk an artifact's ancestors back to its prompts")
     lin.add_argument("ref", help="artifact id or alias")
     lin.set_defaults(func=_lineage)
+
+    gc = asub.add_parser(
+        "gc",
+        help="remove what nothing retained references (through the serving service)",
+        description="Ask the serving service to collect garbage: published artifacts no registered model, job or retained "
+        "artifact references, staging leftovers and orphaned job scratch older than its grace period. Never anything a "
+        "pending or running job uses.",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    add_store_options(gc, storage=False)
+    gc.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    gc.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the collection (default 3600)")
+    add_output_options(gc)
+    gc.set_defaults(func=_gc)
 
 
 def _store(args: argparse.Namespace) -> ArtifactStore:
@@ -91,4 +111,32 @@ def _lineage(args: argparse.Namespace) -> int:
     chain = store.lineage(store.resolve(args.ref).id)
     aliases = _aliases(store)
     print_rows(args, _COLUMNS, _rows(chain, aliases), title=f"lineage of {args.ref}", records=_records(chain, aliases))
+    return 0
+
+
+def print_removed(console: Console, items, verb: str) -> None:  # noqa: ANN001 - repeated RemovedItem
+    """One line per RemovedItem (CollectGarbage, DeleteRun): plain, so ids are never cut and lines grep well."""
+    for r in items:
+        what = enum_name(serving_pb.RemovedItemType, r.type)
+        kind = f" {enum_name(common_pb2.ArtifactKind, r.kind)}" if r.kind else ""
+        console.print(f"{verb} {what}{kind} {r.key} ({r.size_bytes} bytes): {r.reason}", highlight=False)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    console = Console(soft_wrap=True)
+    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client, console.status("collecting garbage ..."):
+        resp = client.collect_garbage(dry_run=args.dry_run, timeout=args.timeout)
+    if args.json:
+        console.print_json(MessageToJson(resp))
+        return 0
+    verb = "would remove" if resp.dry_run else "removed"
+    print_removed(console, resp.removed, verb)
+    console.print(
+        f"gc{' (dry run)' if resp.dry_run else ''}: {verb} {resp.removed_count} item(s), {resp.bytes_freed} bytes; "
+        f"{resp.retained_artifacts} artifact(s) retained; grace period {resp.grace_period.seconds} s"
+        + (f"; kept {len(resp.skipped)} a job started using meanwhile" if resp.skipped else ""),
+        highlight=False,
+    )
     return 0

@@ -19,7 +19,7 @@ from selma.cli_options import add_output_options, add_store_options, print_rows
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``models`` command tree to the ``selma`` parser."""
-    models = subparsers.add_parser("models", help="models: those the serving service serves, the offline tiny pipelines, SmolLM2")
+    models = subparsers.add_parser("models", help="models: those the serving service serves, the offline tiny pipelines, SmolLM2; delete a registered model")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
 
     build = sub.add_parser(
@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="where the plain checkpoint is kept (default: the model cache every data directory shares, "
                       "SELMA_MODEL_CACHE_DIR or <SELMA_CACHE_DIR>/models, ~/.cache/selma/models)")
     smol.set_defaults(func=_cache_smollm2)
+
+    delete = sub.add_parser("delete", help="unregister a served model (its artifact is collected by `selma artifacts gc` once nothing references it)")
+    delete.add_argument("name", help="registered model name")
+    delete.add_argument("--dir", default=".selma", help="state directory holding endpoints.json (default .selma)")
+    delete.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    delete.set_defaults(func=_delete)
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -169,3 +175,16 @@ def ensure_smollm2(cache_dir: Path, console: Console | None = None) -> bool:
         bar.update(task, completed=1)
     del lm
     return True
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from selma.client import Endpoints, SelmaClient
+
+    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client:
+        resp = client.delete_model(args.name)
+    Console(soft_wrap=True).print(
+        f"deleted model {resp.model_name} (artifact {resp.artifact.id}{', unloaded' if resp.was_loaded else ''}); "
+        "`selma artifacts gc` removes the artifact once nothing else references it",
+        highlight=False,
+    )
+    return 0

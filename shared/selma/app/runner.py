@@ -409,9 +409,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-outage", type=float, default=600.0, help="seconds a stage waits for a service that went away before the run fails (default 600)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("runs", parents=[common], help="list runs and their phase")
+    p = sub.add_parser("runs", parents=[common], help="list runs and their phase; `selma runs delete RUN` deletes one")
     add_output_options(p)
     p.set_defaults(func=_runs)
+    rsub = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    d = rsub.add_parser("delete", parents=[common], help="delete a run: its jobs and the artifacts nothing outside it depends on",
+                        description="Delete a run through the serving service: every service's job records and scratch of the run, "
+                        "and its artifacts except those a registered model or another run depends on (kept and listed). Refused "
+                        "while one of its jobs is pending or running. Also removes the local run state <dir>/runs/RUN.json.")
+    d.add_argument("run", help="run name (the SkillSet's metadata.name)")
+    d.add_argument("--dry-run", action="store_true", help="list what would be deleted and kept; delete nothing")
+    d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the deletion (default 600)")
+    d.set_defaults(func=_delete_run)
 
     p = sub.add_parser("status", parents=[common], help="show one run's stages")
     p.add_argument("run", help="run name (the SkillSet's metadata.name)")
@@ -497,6 +506,36 @@ def stage_progress(st: dict[str, Any]) -> str:
         return "queued"
     done, total = st.get("done", 0), st.get("total", 0)
     return f"{done}/{total}" if total else "-"
+
+
+def _delete_run(args: argparse.Namespace) -> int:
+    from selma.app.artifacts_cli import print_removed
+
+    console = Console(soft_wrap=True)
+    runs_dir = Path(args.dir) / "runs"
+    local = runs_dir / f"{args.run}.json"
+    with RunLock(runs_dir / f"{args.run}.lock"), SelmaClient(_endpoints(args)) as client:  # not while `selma run` drives it
+        try:
+            resp = client.delete_run(args.run, dry_run=args.dry_run, timeout=args.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND or not local.exists():
+                raise
+            # the services know nothing of it (never started, or deleted already): only the local state is left
+            if not args.dry_run:
+                local.unlink(missing_ok=True)
+            console.print(f"run {args.run}: the services hold nothing of it; {'would remove' if args.dry_run else 'removed'} its local state {local}",
+                          highlight=False)
+            return 0
+        if not resp.dry_run:
+            local.unlink(missing_ok=True)
+    verb = "would delete" if resp.dry_run else "deleted"
+    print_removed(console, resp.removed, verb)
+    for k in resp.kept:
+        console.print(f"kept {k.artifact_id}: {k.dependant} depends on it", highlight=False)
+    console.print(f"run {resp.run}{' (dry run)' if resp.dry_run else ''}: {verb} {len(resp.job_ids)} job record(s) and "
+                  f"{len(resp.removed)} artifact/scratch item(s), {resp.bytes_freed} bytes; kept {len(resp.kept)} artifact(s) others depend on",
+                  highlight=False)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
