@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "selma.app.demo",
     "selma.app.local_stack",
     "selma.app.runner",
+    "selma.app.auth_cli",
 )
 # Per-service command modules (``services/<name>/selma_<name>/cli.py``); absent ones are skipped.
 # Plugins (testbeds) add theirs through selma.plugins.
@@ -83,8 +84,8 @@ _RPC_HINTS = {
     "NOT_FOUND": "check the name or id (`selma artifacts list`, `selma runs`)",
     "INVALID_ARGUMENT": "fix the argument the message names",
     "UNIMPLEMENTED": "that address does not serve this selma API; check the endpoints",
-    "PERMISSION_DENIED": "check the credentials of the service",
-    "UNAUTHENTICATED": "check the credentials of the service",
+    "PERMISSION_DENIED": "when it names a scope, use a token that has it (--token or SELMA_TOKEN; `selma auth token` mints one); otherwise check the service's own credentials",
+    "UNAUTHENTICATED": "pass a valid token with --token or SELMA_TOKEN (`selma auth token` mints one; `selma up --tls` stores one in <dir>/token)",
 }
 
 
