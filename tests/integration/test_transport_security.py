@@ -136,3 +136,29 @@ def test_plaintext_is_refused_on_a_reachable_address_unless_allowed(tmp_path):
     with pytest.raises(InvalidArgument) as e:
         check_transport(SelmaSettings(tls_cert_file=tmp_path / "tls.crt"))
     assert "SELMA_TLS_KEY_FILE" in str(e.value)
+
+
+def test_grpcurl_with_the_ca_and_a_bearer_token_as_the_readme_shows(tls_server, tmp_path):
+    """grpcurl -cacert CA -H 'authorization: Bearer TOKEN': the call shape the README documents (health and reflection closed to anonymous)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from selma.auth import mint_token, token_entry
+
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    ca = trustme.CA()
+    cert, key = write_server_cert(ca, tmp_path / "server")
+    token = mint_token()
+    (tmp_path / "tokens.yaml").write_text(json.dumps({"tokens": [token_entry("probe", token, ["read"])]}))
+    server = tls_server(tls_cert_file=cert, tls_key_file=key, auth_tokens_file=str(tmp_path / "tokens.yaml"), auth_open_health=False)
+    ca_file = write_ca(ca, tmp_path / "ca.crt")
+    def grpcurl_check(*headers: str) -> subprocess.CompletedProcess:
+        return subprocess.run([grpcurl, "-cacert", str(ca_file), *headers, server.address, "grpc.health.v1.Health/Check"],
+                              capture_output=True, text=True, timeout=60)
+
+    ok = grpcurl_check("-H", f"authorization: Bearer {token}")
+    assert ok.returncode == 0 and '"SERVING"' in ok.stdout, ok.stderr
+    anonymous = grpcurl_check()
+    assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr, anonymous.stderr
