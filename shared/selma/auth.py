@@ -5,8 +5,7 @@ A caller sends ``authorization: Bearer <token>``.  The token is either an opaque
 or, when a JWKS file is configured, a JWT from the cluster's identity provider (issuer, audience,
 expiry and signature checked with PyJWT; scopes from ``scope``/``scp``, name from ``sub``).
 
-What a token may do is :data:`METHOD_SCOPES`: the scope every RPC needs, by full method name
-(plus :data:`REQUEST_SCOPES` for the few requests that need more, e.g. a merge replacing a model).  A
+What a token may do is :data:`METHOD_SCOPES`: the scope every RPC needs, by full method name.  A
 method missing from the table is refused (fail closed), and the tests enumerate every RPC of the
 API from its descriptors so a new RPC cannot ship without an entry.  ``admin`` implies every scope.
 No token or a token that does not verify is UNAUTHENTICATED; a token without the scope is
@@ -71,13 +70,6 @@ METHOD_SCOPES: dict[str, str] = {
     "/selma.v1.ServingService/GetLineage": READ,
     **_job_rpcs("EvaluationService", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation",
                 "ListEvaluations"),
-}
-
-# Requests that need more than their RPC's scope: (what the request does, its scope, the test).
-# A merge that replaces a registered model is a model replacement, which is admin's.
-REQUEST_SCOPES: dict[str, tuple[str, str, Any]] = {
-    "/selma.v1.ServingService/StartMerge": ("replacing a registered model (spec.replace)", ADMIN,
-                                            lambda req: bool(getattr(getattr(req, "spec", None), "replace", False))),
 }
 
 # Services that answer without a token while ``auth_open_health`` (probes, grpcurl's listing).
@@ -412,22 +404,9 @@ def _outcome(e: BaseException | None, context: Any) -> str:
     return "INTERNAL" if e is not None else "OK"
 
 
-def _check_request(principal: Principal, method: str, request: Any) -> None:
-    """PermissionDenied when this particular request needs a scope beyond its RPC's (:data:`REQUEST_SCOPES`)."""
-    rule = REQUEST_SCOPES.get(method)
-    if rule is None:
-        return
-    what, scope, applies = rule
-    if applies(request) and not principal.allows(scope):
-        msg = f"token {principal.name!r} lacks the scope {scope!r} needed for {what} in {method.lstrip('/')}; use a token with scope {scope!r}"
-        _record(principal.name, method, "PERMISSION_DENIED", msg)
-        raise PermissionDenied(msg)
-
-
 def _wrap_unary(fn, check, method: str):  # noqa: ANN001
     def wrapper(request, context):  # noqa: ANN001
         principal = check()
-        _check_request(principal, method, request)
         try:
             response = fn(request, context)
         except BaseException as e:
@@ -442,7 +421,6 @@ def _wrap_unary(fn, check, method: str):  # noqa: ANN001
 def _wrap_stream(fn, check, method: str):  # noqa: ANN001
     def wrapper(request, context):  # noqa: ANN001
         principal = check()
-        _check_request(principal, method, request)
         try:
             yield from fn(request, context)
         except GeneratorExit:

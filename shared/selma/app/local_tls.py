@@ -110,7 +110,7 @@ def prepare(data_dir: Path) -> LocalCredentials:
     ca, cert, key = make_certificates(tls_dir)
     admin, generate, services = mint_token(), mint_token(), mint_token()
     entries = [token_entry("local-admin", admin, ["admin"]), token_entry("local-app", generate, ["generate"]),
-               token_entry("local-services", services, ["admin"])]  # evaluation registers its best merge (replace)
+               token_entry("local-services", services, ["generate", "read", "run"])]  # evaluation renders and merges
     tokens_file = tls_dir / "tokens.yaml"
     _write_private(tokens_file, yaml.safe_dump({"tokens": entries}, sort_keys=False).encode())
     admin_file, services_file = data_dir / "token", tls_dir / "services.token"
