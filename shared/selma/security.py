@@ -148,6 +148,8 @@ def make_channel(address: str, security: ClientSecurity | None = None, *, option
     else:
         channel = grpc.insecure_channel(address, options=opts)
     if security.token:
+        if not security.tls and not is_loopback(address.rpartition(":")[0] or address):
+            log.warning("sending a bearer token to %s over plaintext; set SELMA_TLS_CA (or --ca-cert) to use TLS", address)
         channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
     return channel
 

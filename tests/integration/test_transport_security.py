@@ -162,3 +162,17 @@ def test_grpcurl_with_the_ca_and_a_bearer_token_as_the_readme_shows(tls_server, 
     assert ok.returncode == 0 and '"SERVING"' in ok.stdout, ok.stderr
     anonymous = grpcurl_check()
     assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr, anonymous.stderr
+
+
+def test_the_cli_names_the_ca_setting_when_the_handshake_fails(tls_server, tmp_path, capsys):
+    from selma.app.cli import main
+    from selma.client import Endpoints
+
+    ca, other = trustme.CA(), trustme.CA()
+    cert, key = write_server_cert(ca, tmp_path / "server")
+    server = tls_server(tls_cert_file=cert, tls_key_file=key)
+    endpoints = tmp_path / "endpoints.json"
+    Endpoints(serving=server.address).save(endpoints)
+    code = main(["lineage", "some-model", "--endpoints", str(endpoints), "--ca-cert", str(write_ca(other, tmp_path / "other.crt"))])
+    err = capsys.readouterr().err
+    assert code == 2 and "UNAVAILABLE" in err and "SELMA_TLS_CA" in err, err

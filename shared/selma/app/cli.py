@@ -97,6 +97,8 @@ def describe_rpc_error(e: grpc.RpcError, command: str = "") -> str:
     service, address = last_target()
     where = f"the {service} service at {address}" if address else "the service"
     hint = _RPC_HINTS.get(name, "see the service's log (`selma up` keeps them in <dir>/logs)")
+    if name == "UNAVAILABLE" and any(w in str(details or "") for w in ("SSL", "ssl", "certificate", "handshake", "TLS")):
+        hint = "the TLS handshake failed: check --ca-cert / SELMA_TLS_CA (the CA that signed the service's certificate) and, for mutual TLS, --client-cert/--client-key"
     what = f"`selma {command}` failed: " if command else ""
     return f"{what}{where} answered {name}: {' '.join(str(details or '').split())}; {hint}"
 
