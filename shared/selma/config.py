@@ -37,6 +37,17 @@ class SelmaSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(64, ge=1, description="RPCs beyond this are refused with RESOURCE_EXHAUSTED.")
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight RPCs after SIGTERM.")
 
+    # --- transport security and access control (selma.server, selma.auth)
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with tls_key_file the gRPC port serves TLS (re-read when it changes).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (re-read when it changes).")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: set = mutual TLS, client certificates required and verified against it.")
+    allow_plaintext: bool = Field(False, description="Serve plaintext gRPC on a non-loopback address (without TLS files only loopback binds are allowed).")
+    auth_tokens_file: str = Field("", description="Comma-separated YAML/JSON files of bearer tokens {tokens: [{name, sha256, scopes}]}; set = auth on.")
+    auth_jwks_file: Path | None = Field(None, description="JWKS file of the identity provider's keys: set = JWT bearer tokens accepted (auth on).")
+    auth_jwt_issuer: str = Field("", description="Required `iss` of JWT bearer tokens (needed with auth_jwks_file).")
+    auth_jwt_audience: str = Field("", description="Required `aud` of JWT bearer tokens (needed with auth_jwks_file).")
+    auth_open_health: bool = Field(True, description="grpc.health.v1 and server reflection answer without a token when auth is on.")
+
     # --- storage
     data_dir: Path = Field(Path(".selma"), description="Local working directory (embedded storage, caches).")
     storage_uri: str = Field("", description="Artifact root: s3://bucket/prefix or file:///dir; default <data_dir>/storage.")
@@ -70,6 +81,16 @@ class SelmaSettings(BaseSettings):
         return v
 
     @property
+    def tls_enabled(self) -> bool:
+        """Both server certificate files are set: the gRPC port serves TLS."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """A tokens file or a JWKS file is configured: every RPC needs a bearer token (selma.auth)."""
+        return bool(self.auth_tokens_file.strip()) or self.auth_jwks_file is not None
+
+    @property
     def resolved_storage_uri(self) -> str:
         """The artifact root URI, defaulting to ``file://<data_dir>/storage``."""
         if self.storage_uri:
@@ -99,6 +120,23 @@ class SelmaSettings(BaseSettings):
             if isinstance(getattr(self, k), SecretStr):
                 out[k] = "**********" if v else ""
         return out
+
+
+class ClientSettings(BaseSettings):
+    """How a client reaches the services: bearer token and TLS (``SELMA_TOKEN``, ``SELMA_TLS_CA``, ...).
+
+    Read by the CLI, :mod:`selma.client` and every service or worker that calls another service
+    (see :class:`selma.security.ClientSecurity`, which also takes the CLI's flags).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SELMA_", extra="ignore")
+
+    token: SecretStr = Field(SecretStr(""), description="Bearer token sent as `authorization: Bearer <token>` on every call.")
+    token_file: Path | None = Field(None, description="File holding the bearer token (a mounted Secret); used when SELMA_TOKEN is empty.")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle that signed the servers' certificates: set = TLS channels.")
+    tls_client_cert: Path | None = Field(None, description="PEM client certificate chain for mutual TLS.")
+    tls_client_key: Path | None = Field(None, description="PEM private key of tls_client_cert.")
+    tls_server_name: str = Field("", description="Name checked in the server certificate instead of the address's host.")
 
 
 DEFAULT_SECRET_KEY = "api-key"

@@ -38,6 +38,11 @@ RPC_IN_FLIGHT = Gauge(
     "RPCs being handled right now.",
     ["grpc_service"],
 )
+AUTH_CALLS = Counter(
+    "selma_grpc_server_auth_total",
+    "Calls checked by the auth interceptor, by token name (never the token; `anonymous` without a valid one), method and status code.",
+    ["token", "grpc_service", "grpc_method", "grpc_code"],
+)
 SERVICE_READY = Gauge(
     "selma_service_ready",
     "1 once the service reports SERVING on its health check, else 0.",

@@ -111,7 +111,10 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from selma.client import add_client_arguments
+
     p.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    add_client_arguments(p)
     add_store_options(p, storage=False)
 
 
@@ -277,9 +280,9 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from selma.client import Endpoints, SelmaClient
+    from selma.client import SelmaClient
 
-    return SelmaClient(Endpoints.for_cli(args.endpoints, args.dir), timeout=60.0)
+    return SelmaClient.for_cli(args, timeout=60.0)
 
 
 def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:

@@ -13,7 +13,7 @@ from rich.console import Console
 from selma.api import enum_name
 from selma.artifacts import ArtifactStore
 from selma.cli_options import add_output_options, add_store_options, print_record, print_rows, storage_uri
-from selma.client import Endpoints, SelmaClient
+from selma.client import SelmaClient, add_client_arguments
 from selma.config import SelmaSettings
 from selma.storage import open_storage
 from selma.v1 import common_pb2
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     add_store_options(gc, storage=False)
     gc.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    add_client_arguments(gc)
     gc.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the collection (default 3600)")
     add_output_options(gc)
     gc.set_defaults(func=_gc)
@@ -126,7 +127,7 @@ def _gc(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
     console = Console(soft_wrap=True)
-    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client, console.status("collecting garbage ..."):
+    with SelmaClient.for_cli(args) as client, console.status("collecting garbage ..."):
         resp = client.collect_garbage(dry_run=args.dry_run, timeout=args.timeout)
     if args.json:
         console.print_json(MessageToJson(resp))

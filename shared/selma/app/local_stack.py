@@ -8,6 +8,10 @@ reports SERVING, prints the endpoints (gRPC as ``127.0.0.1:PORT``, metrics as
 ``http://127.0.0.1:PORT/metrics``), writes them to ``<data_dir>/endpoints.json`` for
 ``selma run``/``selma generate``, and on Ctrl-C (or SIGTERM) drains and stops every
 service by PID.
+
+``selma up --tls`` turns on transport security and auth (:mod:`selma.app.local_tls`): a local CA
+and server certificate under ``<dir>/tls/``, fresh tokens (the admin one in ``<dir>/token``, 0600),
+and an endpoints file naming the CA and token file, so CLI commands on that directory use them.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from selma.client import SERVICE_NAMES, SERVICES, Endpoints
 from selma.errors import Aborted, FailedPrecondition, Unavailable
+from selma.security import ClientSecurity
 from selma.server import wait_for_serving
 from selma.storage import require_s3_endpoint
 
@@ -165,6 +171,8 @@ class LocalStack:
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     lock: StackLock | None = field(default=None, repr=False)
+    tls: bool = False  # TLS + tokens (selma up --tls); credentials are made by start()
+    credentials: Any = field(default=None, repr=False)  # selma.app.local_tls.LocalCredentials when tls
     _endpoints_written: str = field(default="", repr=False)  # the endpoints.json we wrote; the only one stop() removes
 
     def env_for(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
@@ -189,8 +197,17 @@ class LocalStack:
         env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
         if name == "training":
             env["SELMA_BATCH_LAUNCHER"] = self.launcher
+        if self.credentials is not None:
+            env.pop("SELMA_TOKEN", None)  # the services call each other with their own token (SELMA_TOKEN_FILE)
+            env.update(self.credentials.server_env())
         env.update(self.extra_env)
         return env
+
+    def client_security(self) -> ClientSecurity:
+        """How this process reaches its services: the stack's CA and admin token when TLS is on."""
+        if self.credentials is None:
+            return ClientSecurity()
+        return ClientSecurity(token=self.credentials.admin_token, ca_cert=self.credentials.ca_cert)
 
     def acquire_lock(self) -> None:
         """Refuse to start a second stack on this data directory (see :class:`StackLock`)."""
@@ -209,6 +226,10 @@ class LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.acquire_lock()
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        if self.tls and self.credentials is None:
+            from selma.app.local_tls import prepare
+
+            self.credentials = prepare(self.data_dir)
         # Ports first: the training service must know serving's address (evaluations render through it).
         ports = {name: (free_port(), free_port()) for name in self.services}
         if "serving" in ports:
@@ -259,7 +280,8 @@ class LocalStack:
                 tail = sp.log_path.read_text(errors="replace")[-2000:]
                 raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
             try:
-                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
+                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)),
+                                 security=self.client_security())
                 return
             except TimeoutError as e:
                 if time.monotonic() > deadline:
@@ -267,9 +289,12 @@ class LocalStack:
                     raise Unavailable(f"the {name} service did not become SERVING within {timeout:.0f} s ({e}); see {sp.log_path}") from None
 
     def endpoints(self) -> Endpoints:
+        creds = self.credentials
         return Endpoints(
             **{name: sp.address for name, sp in self.processes.items()},
             metrics={name: sp.metrics_url for name, sp in self.processes.items()},
+            ca_cert=str(creds.ca_cert) if creds else "",
+            token_file=str(creds.admin_token_file) if creds else "",
         )
 
     def poll(self) -> str | None:
@@ -311,11 +336,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
     p.add_argument("--base-model", default="", help="text-to-image model every service defaults to (default tiny://sd; e.g. shapesworld://base)")
+    p.add_argument("--tls", action="store_true", help="TLS with a generated local CA and bearer-token auth; prints an admin and a "
+                                                      "generate-only token once and stores the admin one in <dir>/token (mode 0600)")
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model)
+    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
+                       tls=args.tls)
     stack.check_storage()
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
@@ -339,6 +367,13 @@ def _up(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")
     sys.stdout.write(f"storage {stack.storage_uri or (stack.data_dir / 'storage').as_uri()}\n")
     sys.stdout.write(f"endpoints written to {stack.data_dir / 'endpoints.json'}; logs in {stack.data_dir / 'logs'}\n")
+    creds = stack.credentials
+    if creds is not None:
+        sys.stdout.write(
+            f"TLS and auth on: CA {creds.ca_cert}; CLI commands with --dir {stack.data_dir} use it and the admin token in {creds.admin_token_file}\n"
+            f"admin token (shown once; stored mode 0600 in {creds.admin_token_file}): {creds.admin_token}\n"
+            f"generate-only token for applications (shown once, not stored): {creds.generate_token}\n"
+        )
     sys.stdout.write("all services SERVING; Ctrl-C stops them\n")
     sys.stdout.flush()
     del endpoints

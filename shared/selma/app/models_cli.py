@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selma.cli_options import add_output_options, add_store_options, print_rows
+from selma.client import add_client_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,24 +60,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     delete = sub.add_parser("delete", help="unregister a served model (its artifact is collected by `selma artifacts gc` once nothing references it)")
     delete.add_argument("name", help="registered model name")
-    delete.add_argument("--dir", default=".selma", help="state directory holding endpoints.json (default .selma)")
     delete.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    add_store_options(delete, storage=False)
+    add_client_arguments(delete)
     delete.set_defaults(func=_delete)
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
     add_store_options(p, storage=False)
+    add_client_arguments(p)
     add_output_options(p)
 
 
 def _list_served(args: argparse.Namespace) -> int:
     from selma.api import enum_name, message_to_dict
-    from selma.client import Endpoints, SelmaClient
+    from selma.client import SelmaClient
     from selma.v1 import serving_service_pb2 as spb
 
     models, token = [], ""
-    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client:
+    with SelmaClient.for_cli(args) as client:
         while True:
             resp = client.stub("serving").ListModels(spb.ListModelsRequest(page_size=1000, page_token=token), timeout=client.timeout)
             models += list(resp.models)
@@ -90,11 +93,11 @@ def _list_served(args: argparse.Namespace) -> int:
 
 def _list_experts(args: argparse.Namespace) -> int:
     from selma.api import message_to_dict
-    from selma.client import Endpoints, SelmaClient
+    from selma.client import SelmaClient
     from selma.v1 import serving_service_pb2 as spb
 
     experts, token = [], ""
-    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client:
+    with SelmaClient.for_cli(args) as client:
         while True:
             req = spb.ListExpertsRequest(run=args.run, skill=args.skill, page_size=1000, page_token=token)
             resp = client.stub("serving").ListExperts(req, timeout=client.timeout)
@@ -178,9 +181,9 @@ def ensure_smollm2(cache_dir: Path, console: Console | None = None) -> bool:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from selma.client import Endpoints, SelmaClient
+    from selma.client import SelmaClient
 
-    with SelmaClient(Endpoints.for_cli(args.endpoints, args.dir)) as client:
+    with SelmaClient.for_cli(args) as client:
         resp = client.delete_model(args.name)
     Console(soft_wrap=True).print(
         f"deleted model {resp.model_name} (artifact {resp.artifact.id}{', unloaded' if resp.was_loaded else ''}); "

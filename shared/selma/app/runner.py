@@ -35,7 +35,7 @@ from rich.tree import Tree
 from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
-from selma.client import Endpoints, SelmaClient
+from selma.client import SelmaClient, add_client_arguments
 from selma.errors import Aborted, InvalidArgument, RunFailed
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
@@ -401,6 +401,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", default=".selma", help="state directory: runs/, endpoints.json (default .selma)")
     common.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    add_client_arguments(common)
 
     p = sub.add_parser("run", parents=[common], help="run a SkillSet end to end through the services (resumable)")
     p.add_argument("skillset", help="SkillSet YAML file, e.g. examples/quickstart.yaml")
@@ -462,17 +463,13 @@ def _seed_arg(text: str) -> int:
     return value
 
 
-def _endpoints(args: argparse.Namespace) -> Endpoints:
-    return Endpoints.for_cli(args.endpoints, args.dir)
-
-
 def _run(args: argparse.Namespace) -> int:
     skillset = load_skillset(args.skillset)  # validate before anything starts
     console = Console(soft_wrap=True)  # long paths and URLs stay on one line in logs
     runs_dir = Path(args.dir) / "runs"
     with RunLock(runs_dir / f"{skillset.name}.lock"):
         state = RunState.open(runs_dir, skillset)
-        with SelmaClient(_endpoints(args)) as client, Reporter(console, live=False if args.plain else None) as reporter:
+        with SelmaClient.for_cli(args) as client, Reporter(console, live=False if args.plain else None) as reporter:
             def waiting(service: str, address: str, left: float) -> None:
                 reporter.note(f"waiting for the {service} service at {address} to be SERVING (up to {left:.0f} s more) ...")
 
@@ -514,7 +511,7 @@ def _delete_run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     runs_dir = Path(args.dir) / "runs"
     local = runs_dir / f"{args.run}.json"
-    with RunLock(runs_dir / f"{args.run}.lock"), SelmaClient(_endpoints(args)) as client:  # not while `selma run` drives it
+    with RunLock(runs_dir / f"{args.run}.lock"), SelmaClient.for_cli(args) as client:  # not while `selma run` drives it
         try:
             resp = client.delete_run(args.run, dry_run=args.dry_run, timeout=args.timeout)
         except grpc.RpcError as e:
@@ -549,7 +546,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    with SelmaClient(_endpoints(args)) as client:
+    with SelmaClient.for_cli(args) as client:
         artifact_id = client.resolve_artifact(args.artifact)  # a model name, <run>/<skill>, or an id
         manifests = client.lineage(artifact_id)
     by_id = {m.id: m for m in manifests}
@@ -590,7 +587,7 @@ def _generate(args: argparse.Namespace) -> int:
     # reproduces every image of this call (the service reports only each image's derived seed).
     base_seed = secrets.randbits(63) if args.seed is None else args.seed
     policy = seed_policy(args.seed_policy)
-    with SelmaClient(_endpoints(args)) as client:
+    with SelmaClient.for_cli(args) as client:
         try:
             responses = list(
                 client.generate(
