@@ -274,17 +274,30 @@ def test_internal_token_lives_only_in_its_secret_and_its_tokens_file_holds_its_s
     data = _secret_data(docs, "selma-auth")
     token = data["token"]
     assert len(token) >= 32 and token.isalnum()
-    (entry,) = yaml.safe_load(data["tokens.yaml"])["tokens"]
-    assert entry == {"name": "selma-internal", "sha256": hashlib.sha256(token.encode()).hexdigest(), "scopes": ["generate", "read", "run"]}
-    encoded = base64.b64encode(token.encode()).decode()
+    gc_token = data["gc-token"]
+    assert len(gc_token) >= 32 and gc_token.isalnum() and gc_token != token
+    entries = yaml.safe_load(data["tokens.yaml"])["tokens"]
+    assert entries == [
+        {"name": "selma-internal", "sha256": hashlib.sha256(token.encode()).hexdigest(), "scopes": ["generate", "read", "run"]},
+        {"name": "selma-gc", "sha256": hashlib.sha256(gc_token.encode()).hexdigest(), "scopes": ["admin"]},
+    ]
+    hooks = objects(proc.stdout.split("HOOKS:", 1)[1].split("MANIFEST:", 1)[0])  # helm test pod and its ConfigMap
+    assert hooks
+    for secret in (token, gc_token):
+        encoded = base64.b64encode(secret.encode()).decode()
+        for d in docs + hooks:
+            if d["kind"] != "Secret":
+                text = json.dumps(d)
+                assert secret not in text and encoded not in text, f"{d['kind']}/{d['metadata']['name']} holds a token"
+        assert secret not in notes and encoded not in notes
+    # the gc CronJob (CollectGarbage needs admin) sends its own token over TLS; nothing else gets that token
+    (cron,) = by_kind(docs, "CronJob").values()
+    (gc,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert _env(gc)["SELMA_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "selma-auth", "key": "gc-token"}
+    assert _value(gc, "SELMA_TLS_CA") == "/etc/selma/tls/ca.crt"
     for d in docs:
-        if d["kind"] != "Secret":
-            text = json.dumps(d)
-            assert token not in text and encoded not in text, f"{d['kind']}/{d['metadata']['name']} holds the token"
-    assert token not in notes and encoded not in notes
-    # hooks too (helm test pod and its ConfigMap come in the HOOKS section)
-    hooks = objects(proc.stdout.split("HOOKS:", 1)[1].split("MANIFEST:", 1)[0])
-    assert hooks and not [h for h in hooks if token in json.dumps(h)]
+        if d["kind"] in ("Deployment", "Pod", "Job") and "gc-token" in json.dumps(d):
+            raise AssertionError(f"{d['kind']}/{d['metadata']['name']} can read the gc token")
 
 
 def test_internal_token_from_an_existing_secret_is_not_generated() -> None:
@@ -319,6 +332,6 @@ def test_helm_test_pod_checks_health_then_calls_generate_with_the_token_over_tls
     for file in ("grpc-health.py", "grpc-generate.py"):
         assert scripts[file] == (CHART / "files" / file).read_text()
     # without serving (or with tests.generate.enabled=false) the health check is the test
-    for sets in (("serving.enabled=false",), ("tests.generate.enabled=false",)):
+    for sets in (("serving.enabled=false", "gc.enabled=false"), ("tests.generate.enabled=false",)):
         (pod,) = by_kind(docs_of("default", *sets), "Pod").values()
         assert [c["name"] for c in pod["spec"]["containers"]] == ["grpc-health"] and not pod["spec"].get("initContainers")
