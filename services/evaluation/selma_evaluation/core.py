@@ -92,7 +92,8 @@ class EvaluationCore:
         self.store = ArtifactStore(self.storage)
         # hosted beside training (the default), both share one set of launchers and so one local worker pool
         self.launchers = launchers or default_launchers(settings)
-        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs)
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
+                                  watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 
     # -- validation
