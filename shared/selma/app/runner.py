@@ -211,7 +211,7 @@ class Reporter:
                 self.console.print(f"{label}: {phase} {done}/{total} {status.progress.unit}{eta}{msg}", highlight=False)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)  # "[paused]" is text, not a rich style
 
 
 # ------------------------------------------------------------------------------------ driver
