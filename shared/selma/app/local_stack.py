@@ -171,7 +171,7 @@ class RestartPolicy:
 
     def backoff(self, failures: int) -> float:
         """The wait before restarting after the ``failures``-th failure in the window (1-based)."""
-        return min(self.initial_backoff * 2 ** max(failures - 1, 0), self.max_backoff)
+        return min(self.initial_backoff * 2.0 ** min(max(failures - 1, 0), 60), self.max_backoff)
 
 
 @dataclass
