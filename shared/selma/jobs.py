@@ -596,7 +596,7 @@ class JobManager:
             pass  # the bucket itself is gone
         except SelmaError:
             return ""  # unreachable is not lost: the original error stands
-        return f"the store {self.storage.uri} lost its contents while the job ran ({self.storage.uri_for(key)} vanished)"
+        return f"the store {self.storage.uri} lost its contents under the running service ({self.storage.uri_for(key)}, written when it started, vanished)"
 
     def _submit(self, job_id: str, message: str | None = None) -> None:
         with self._cond:
