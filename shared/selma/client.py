@@ -34,6 +34,7 @@ import grpc
 
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
+from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
 from selma.security import ClientSecurity, make_channel
 from selma.v1 import (
     common_pb2,
@@ -345,17 +346,25 @@ class SelmaClient:
 
     def resolve_artifact(self, ref: str) -> str:
         """The artifact id a user's name stands for: a registered model name (ListModels), a
-        ``<run>/<skill>`` expert reference (the newest, ListExperts), or else an artifact id as given."""
+        ``<run>/<skill>`` expert reference (the expert that run recorded: the output of its training
+        job ``<run>/<skill>/training``, never the newest artifact with its labels), or else an artifact id as given."""
         ref = ref.strip()
         if not ref:
             raise InvalidArgument("give a model name, a <run>/<skill> expert or an artifact id", field="artifact")
         serving = self.stub("serving")
         if "/" in ref:
             run, _, skill = ref.partition("/")
-            experts = serving.ListExperts(serving_service_pb2.ListExpertsRequest(run=run, skill=skill, page_size=1000), timeout=self.timeout).experts
-            if not experts:
-                raise NotFound(f"no expert for run {run!r} and skill {skill!r}; `selma status {run}` shows the run's stages", field="artifact")
-            return experts[0].expert_id  # newest first
+            key = run_stage_key(run, skill, "training")
+            try:
+                job = self.jobs("training").get(job_id_for(EXPERT_TRAINING_KIND, key))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                job = None
+            if job is None or job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED or not job.status.output.id:
+                raise NotFound(f"run {run!r} has recorded no expert for skill {skill!r} (its training job {key!r} has not succeeded); "
+                               f"`selma status {run}` shows the run's stages", field="artifact")
+            return job.status.output.id
         token = ""
         while True:
             resp = serving.ListModels(serving_service_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=self.timeout)

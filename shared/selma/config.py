@@ -36,6 +36,9 @@ class SelmaSettings(BaseSettings):
     grpc_workers: int = Field(16, ge=1, description="Thread pool size of the gRPC server.")
     max_concurrent_rpcs: int = Field(64, ge=1, description="RPCs beyond this are refused with RESOURCE_EXHAUSTED.")
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight RPCs after SIGTERM.")
+    job_watchdog_seconds: float = Field(
+        60.0, ge=0, description="A PENDING/RUNNING job without a worker for this long is failed, naming why (0: never)."
+    )
 
     # --- transport security and access control (selma.server, selma.auth)
     tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with tls_key_file the gRPC port serves TLS (re-read when it changes).")

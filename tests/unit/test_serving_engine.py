@@ -365,7 +365,7 @@ def test_cancel_stops_denoising_and_deadline_is_honoured(env):
         ({"guidance_scale": float("inf")}, InvalidArgument, "guidance"),
         ({"scheduler": "nope"}, InvalidArgument, "scheduler"),
         ({"merge": MergeParams(experts=(ExpertWeight("expert-00000000000000000000"),))}, NotFound, "does not exist"),
-        ({"merge": MergeParams(experts=(ExpertWeight("nope/none"),))}, NotFound, "no expert for run"),
+        ({"merge": MergeParams(experts=(ExpertWeight("nope/none"),))}, NotFound, "recorded no expert"),
         ({"merge": MergeParams(experts=())}, InvalidArgument, "at least one expert"),
         ({"model_name": "not-registered"}, NotFound, "no model registered"),
     ],

@@ -93,7 +93,8 @@ class EvaluationCore:
         self.store = ArtifactStore(self.storage)
         # hosted beside training (the default), both share one set of launchers and so one local worker pool
         self.launchers = launchers or default_launchers(settings)
-        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs)
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
+                                  watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 
     # -- validation
@@ -307,6 +308,9 @@ class EvaluationCore:
             raise FailedPrecondition(f"the evaluation worker exited cleanly but report {doc.report_id} is not published") from None
         progress = read_progress(self.storage, doc.progress_key) or {}
         stats = stats_from_progress(progress, name)
+        # The worker's final counts, not the last poll's: a finished job says what it did.
+        total = stats["images_total"] + stats["questions_total"]
+        ctx.progress(stats["images_rendered"] + stats["questions_answered"], total or None, unit="images+answers")
         stats["report_html_uri"] = manifest.file_uri("index.html")
         summary = manifest.parameters.get("summary", {})
         text = "; ".join(f"{label}: " + ", ".join(f"{m.upper()} {v:.1f}" for m, v in s.items()) for label, s in summary.items())

@@ -177,7 +177,8 @@ def build_core(settings: PromptSettings) -> PromptCore:
     library = SkillLibrary(settings.prompts_skill_paths)
     registry = ModelRegistry(settings)
     runner = PromptJobRunner(settings, storage, registry, library)
-    jobs = JobManager(storage, JOB_KIND, runner, max_concurrent=settings.prompts_max_concurrent_jobs)
+    jobs = JobManager(storage, JOB_KIND, runner, max_concurrent=settings.prompts_max_concurrent_jobs,
+                      watchdog_seconds=settings.job_watchdog_seconds)
     return PromptCore(settings, jobs, library, registry, PromptServicer(settings, jobs, library, registry))
 
 

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from selma.api import enum_proto_name, output_ref
-from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
+from selma.artifacts import ARTIFACTS_PREFIX, ArtifactKind, ArtifactStore, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobContext, JobManager, JobResult
 from selma.retention import GcReport, RunDeletion, collect_garbage, delete_run
@@ -85,7 +85,8 @@ class ServingCore:
         self.experts = ExpertCache(self.store, settings.serving_expert_cache)
         self.engine = Engine(settings, self.experts)
         self.registry = ModelRegistry(self.store, self.engine)
-        self.jobs = JobManager(self.store.storage, MERGE_JOB_KIND, self._run_merge, max_concurrent=settings.serving_merge_workers)
+        self.jobs = JobManager(self.store.storage, MERGE_JOB_KIND, self._run_merge, max_concurrent=settings.serving_merge_workers,
+                               watchdog_seconds=settings.job_watchdog_seconds)
         self._retention = threading.Lock()  # one deletion or collection at a time per replica
 
     def start(self) -> None:
@@ -251,6 +252,13 @@ class ServingCore:
             raise InvalidArgument("artifact needs an id or a uri", field="artifact")
         if id and from_uri and id != from_uri:
             raise InvalidArgument(f"artifact id {id!r} and uri {uri!r} disagree", field="artifact")
+        if uri and uri.rstrip("/") != self.store.storage.uri_for(f"{ARTIFACTS_PREFIX}/{from_uri}"):
+            # Never resolve another store's artifact by its id here: same id, different bytes (or none).
+            raise InvalidArgument(
+                f"artifact uri {uri!r} is not in this service's artifact store ({self.store.uri}); "
+                "copy the artifact there, or pass the id of an artifact in this store",
+                field="artifact.uri",
+            )
         manifest = self.store.get(id or from_uri)
         if kind is not None and manifest.kind != kind:
             raise InvalidArgument(f"artifact {manifest.id} is a {manifest.kind.value}, not a {kind.value}", field="artifact.kind")

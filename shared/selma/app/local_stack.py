@@ -12,6 +12,12 @@ service by PID.
 ``selma up --tls`` turns on transport security and auth (:mod:`selma.app.local_tls`): a local CA
 and server certificate under ``<dir>/tls/``, fresh tokens (the admin one in ``<dir>/token``, 0600),
 and an endpoints file naming the CA and token file, so CLI commands on that directory use them.
+
+While it runs, ``selma up`` supervises (:meth:`LocalStack.supervise`): a service that exits is
+started again on the same ports after a bounded exponential back-off (so the endpoints file stays
+valid and a running ``selma run`` reconnects), the others keep running; a service that fails
+``max_failures`` times within ``window`` seconds stops the whole stack with an error naming it and
+the end of its log.
 """
 
 from __future__ import annotations
@@ -159,6 +165,39 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``selma up`` restarts a service that exited: bounded exponential back-off, bounded failures."""
+
+    max_failures: int = 5  # this many exits within ``window`` seconds: give up and stop the stack
+    window: float = 300.0
+    initial_backoff: float = 1.0  # before the first restart; doubles with each failure in the window
+    max_backoff: float = 30.0
+    start_timeout: float = 300.0  # a restarted service not SERVING by then counts as a failure
+
+    def backoff(self, failures: int) -> float:
+        """The wait before restarting after the ``failures``-th failure in the window (1-based)."""
+        return min(self.initial_backoff * 2.0 ** min(max(failures - 1, 0), 60), self.max_backoff)
+
+
+@dataclass
+class _Supervised:
+    """The supervisor's view of one service: its recent failures and what it is waiting for."""
+
+    failures: list[float] = field(default_factory=list)  # monotonic times of exits within the window
+    restart_at: float | None = None  # waiting out the back-off until then
+    starting_until: float | None = None  # restarted; must be SERVING by then
+    last_exit: str = ""
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 @dataclass
 class LocalStack:
     """Starts, watches and stops the four service processes."""
@@ -297,6 +336,59 @@ class LocalStack:
             token_file=str(creds.admin_token_file) if creds else "",
         )
 
+    def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), tick: float = 0.5) -> None:
+        """Keep every service up until ``stop`` is set: restart one that exits, on its own ports.
+
+        Returns when ``stop`` is set (the caller stops the stack).  A service that fails
+        ``policy.max_failures`` times within ``policy.window`` s stops every service and raises
+        :class:`FailedPrecondition` naming it, with the end of its log.
+        """
+        state = {name: _Supervised() for name in self.processes}
+        while not stop.wait(tick):
+            now = time.monotonic()
+            for name, sp in list(self.processes.items()):
+                st = state[name]
+                code = sp.proc.poll()
+                if st.restart_at is None and code is None and st.starting_until is not None:
+                    if self._serving(sp):
+                        st.starting_until = None
+                        log.warning("the %s service is SERVING again on %s (pid %d)", name, sp.address, sp.proc.pid)
+                        continue
+                    if now < st.starting_until:
+                        continue
+                    log.warning("the %s service (pid %d) did not become SERVING within %.0f s; restarting it", name, sp.proc.pid, policy.start_timeout)
+                    sp.proc.kill()
+                    sp.proc.wait()
+                    code = sp.proc.returncode
+                    st.last_exit = f"was not SERVING within {policy.start_timeout:.0f} s of a restart"
+                elif code is not None and st.restart_at is None:
+                    st.last_exit = f"exited with code {code}"
+                if st.restart_at is None and code is not None:
+                    st.starting_until = None
+                    st.failures = [t for t in st.failures if now - t < policy.window] + [now]
+                    if len(st.failures) >= policy.max_failures:
+                        self.stop()
+                        raise FailedPrecondition(
+                            f"the {name} service failed {len(st.failures)} times within {policy.window:.0f} s "
+                            f"(last: {st.last_exit}); stopped the stack. Its log ({sp.log_path}) ends with:\n{log_tail(sp.log_path)}"
+                        )
+                    delay = policy.backoff(len(st.failures))
+                    st.restart_at = now + delay
+                    log.warning("the %s service (pid %d) %s; restarting it on %s in %.1f s (failure %d; the stack stops at %d within %.0f s); log %s",
+                                name, sp.proc.pid, st.last_exit, sp.address, delay, len(st.failures), policy.max_failures,
+                                policy.window, sp.log_path)
+                if st.restart_at is not None and now >= st.restart_at:
+                    st.restart_at = None
+                    st.starting_until = now + policy.start_timeout
+                    self._spawn(name, sp.grpc_port, sp.metrics_port)
+
+    def _serving(self, sp: ServiceProcess) -> bool:
+        try:
+            wait_for_serving(sp.address, SERVICE_NAMES[sp.name], timeout=0.5)
+        except TimeoutError:
+            return False
+        return True
+
     def poll(self) -> str | None:
         """The name of a service that exited, if any."""
         for name, sp in self.processes.items():
@@ -338,6 +430,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default="", help="text-to-image model every service defaults to (default tiny://sd; e.g. shapesworld://base)")
     p.add_argument("--tls", action="store_true", help="TLS with a generated local CA and bearer-token auth; prints an admin and a "
                                                       "generate-only token once and stores the admin one in <dir>/token (mode 0600)")
+    p.add_argument("--max-failures", type=int, default=RestartPolicy.max_failures,
+                   help=f"a service that exits this many times within --failure-window stops the stack (default {RestartPolicy.max_failures})")
+    p.add_argument("--failure-window", type=float, default=RestartPolicy.window,
+                   help=f"seconds over which a service's exits are counted (default {RestartPolicy.window:.0f})")
     p.set_defaults(func=_up)
 
 
@@ -374,16 +470,15 @@ def _up(args: argparse.Namespace) -> int:
             f"admin token (shown once; stored mode 0600 in {creds.admin_token_file}): {creds.admin_token}\n"
             f"generate-only token for applications (shown once, not stored): {creds.generate_token}\n"
         )
-    sys.stdout.write("all services SERVING; Ctrl-C stops them\n")
+    sys.stdout.write("all services SERVING; a service that exits is restarted on its port; Ctrl-C stops them\n")
     sys.stdout.flush()
     del endpoints
+    policy = RestartPolicy(max_failures=max(args.max_failures, 1), window=args.failure_window, start_timeout=args.timeout)
     try:
-        while not stop.wait(1.0):
-            dead = stack.poll()
-            if dead:
-                sys.stderr.write(f"selma up: the {dead} service exited (code {stack.processes[dead].proc.returncode}); stopping the stack. See {stack.processes[dead].log_path}\n")
-                stack.stop()
-                return 1
+        stack.supervise(stop, policy)
+    except FailedPrecondition as e:
+        sys.stderr.write(f"selma up: {e}\n")
+        return 1
     finally:
         if stack.poll() is None or any(sp.proc.poll() is None for sp in stack.processes.values()):
             sys.stdout.write("stopping ...\n")

@@ -37,6 +37,7 @@ from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
 from selma.client import SelmaClient, add_client_arguments
 from selma.errors import Aborted, InvalidArgument, RunFailed
+from selma.jobs import run_stage_key
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
@@ -49,7 +50,8 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def stage_key(run: str, skill: str | None, stage: str) -> str:
-    return f"{run}/{skill}/{stage}" if skill else f"{run}/{stage}"
+    """A stage's idempotency key; ``<run>/<skill>`` references resolve through the training stage's (selma.jobs)."""
+    return run_stage_key(run, skill, stage)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -205,12 +207,14 @@ class Reporter:
             if self._last.get(label) != key:
                 self._last[label] = key
                 eta = f", eta {status.progress.eta.seconds}s" if status.progress.HasField("eta") and status.phase == common_pb2.JOB_PHASE_RUNNING else ""
-                msg = f" - {status.message}" if status.message and phase in ("failed", "cancelled") else ""
+                # A stage that did less than was asked (2 of 4 prompts published) says why, on success too.
+                short = phase == "succeeded" and total and done < total
+                msg = f" - {status.message}" if status.message and (phase in ("failed", "cancelled") or short) else ""
                 counted = f" {count} {status.progress.unit}" if total else ""
                 self.console.print(f"{label}: {phase}{counted}{eta}{msg}", highlight=False)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)  # "[paused]" is text, not a rich style
 
 
 def job_progress(status: common_pb2.JobStatus) -> tuple[str, str]:
