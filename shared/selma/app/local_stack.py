@@ -42,6 +42,23 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
 }
 
 
+def _local_model_dir(source: str) -> Path | None:
+    """The directory ``source`` loads from when it is a local path or a plugin's scheme; None for hub ids, tiny://, s3://."""
+    from selma import plugins
+    from selma.errors import SelmaError
+
+    if not source or source.startswith(("tiny://", "s3://")):
+        return None
+    resolver = plugins.registry().model_scheme(source)
+    if resolver is not None:
+        try:
+            return Path(resolver(source)).resolve()
+        except SelmaError:
+            return None  # the service reports it when it loads the model
+    path = Path(source.removeprefix("file://")).expanduser()
+    return path.resolve() if path.is_absolute() or source.startswith(".") else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -162,6 +179,7 @@ class LocalStack:
     launcher: str = "local"
     extra_env: dict[str, str] = field(default_factory=dict)
     base_model: str = ""  # "" = the embedded tiny://sd
+    allow_model_dirs: tuple[str, ...] = ()  # directories requests may name local model/data sources in (SELMA_MODEL_ALLOWED_DIRS)
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     lock: StackLock | None = field(default=None, repr=False)
@@ -190,7 +208,23 @@ class LocalStack:
         if name == "training":
             env["SELMA_BATCH_LAUNCHER"] = self.launcher
         env.update(self.extra_env)
+        allowed = self.allowed_model_dirs(os.environ.get("SELMA_MODEL_ALLOWED_DIRS", ""), self.extra_env.get("SELMA_MODEL_ALLOWED_DIRS", ""))
+        if allowed:
+            env["SELMA_MODEL_ALLOWED_DIRS"] = ",".join(allowed)
         return env
+
+    def allowed_model_dirs(self, *configured: str) -> list[str]:
+        """SELMA_MODEL_ALLOWED_DIRS for the services: the caller's, ``--allow-model-dir`` and the base model's own directory.
+
+        A request may then name the model the stack serves by its path (the ShapesWorld loop does);
+        anything else on this machine stays out of reach of requests unless allowlisted.
+        """
+        dirs = [d.strip() for value in configured for d in value.split(",") if d.strip()]
+        dirs += [str(Path(d).expanduser().resolve()) for d in self.allow_model_dirs]
+        base = _local_model_dir(self.base_model)
+        if base is not None:
+            dirs.append(str(base))
+        return list(dict.fromkeys(dirs))
 
     def acquire_lock(self) -> None:
         """Refuse to start a second stack on this data directory (see :class:`StackLock`)."""
@@ -311,11 +345,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
     p.add_argument("--base-model", default="", help="text-to-image model every service defaults to (default tiny://sd; e.g. shapesworld://base)")
+    p.add_argument("--allow-model-dir", action="append", default=[], metavar="DIR",
+                   help="a directory requests may name local models and data in (repeatable; SELMA_MODEL_ALLOWED_DIRS); "
+                        "the base model's own directory is always allowed")
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model)
+    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
+                       allow_model_dirs=tuple(args.allow_model_dir))
     stack.check_storage()
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
