@@ -159,7 +159,7 @@ def _check_local(path: str, source: str, settings: SelmaSettings, *, field: str)
     if not any(_under(real, allowed) for allowed in allowed_storage_dirs(settings)):
         raise PermissionDenied(
             f"{source!r} is outside the directories this service may read requests' sources from; "
-            f"an operator can add its directory to {DIRS_SETTING}",
+            f"an operator can add its directory to {DIRS_SETTING} (selma up --allow-model-dir DIR on the local stack)",
             field=field,
         )
 
