@@ -74,6 +74,15 @@ class SelmaSettings(BaseSettings):
     hf_offline: bool = Field(False, description="Never reach a model hub; load from cache/local paths only.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU.")
+    model_allowed_dirs: str = Field(
+        "",
+        description="Comma-separated absolute directories a request may name as a local or file:// model, dataset or "
+        "adapter source (checked after resolving symlinks and '..'); empty = none. The service's own settings are not restricted.",
+    )
+    model_allowed_buckets: str = Field(
+        "",
+        description="Comma-separated S3 buckets a request may name s3:// sources in, besides the storage bucket; empty = the storage bucket only.",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -82,6 +91,24 @@ class SelmaSettings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got {v!r}")
         return v
+
+    @field_validator("model_allowed_dirs")
+    @classmethod
+    def _allowed_dirs(cls, v: str) -> str:
+        for item in _split_list(v):
+            if not Path(item).expanduser().is_absolute():
+                raise ValueError(f"model_allowed_dirs takes absolute directories; got {item!r}")
+        return v
+
+    @property
+    def allowed_model_dirs(self) -> tuple[Path, ...]:
+        """``model_allowed_dirs`` as resolved absolute paths (symlinks followed)."""
+        return tuple(Path(item).expanduser().resolve() for item in _split_list(self.model_allowed_dirs))
+
+    @property
+    def allowed_model_buckets(self) -> frozenset[str]:
+        """``model_allowed_buckets`` as a set of bucket names."""
+        return frozenset(_split_list(self.model_allowed_buckets))
 
     @property
     def tls_enabled(self) -> bool:
@@ -123,6 +150,11 @@ class SelmaSettings(BaseSettings):
             if isinstance(getattr(self, k), SecretStr):
                 out[k] = "**********" if v else ""
         return out
+
+
+def _split_list(value: str) -> list[str]:
+    """A comma-separated setting as its non-empty items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 class ClientSettings(BaseSettings):

@@ -17,6 +17,7 @@ from selma.errors import NotFound
 
 log = logging.getLogger(__name__)
 
+
 def check_targets_exist(endpoint: str, targets: Sequence[dict[str, Any]], search_expert_ids: Sequence[str] = (), *,
                         timeout: float = 15.0) -> None:
     """NOT_FOUND, naming the target's field, for a model or expert the serving service at ``endpoint`` does not have."""
@@ -28,10 +29,11 @@ def check_targets_exist(endpoint: str, targets: Sequence[dict[str, Any]], search
         return
     import grpc
 
+    from selma.security import make_channel
     from selma.v1 import serving_service_pb2 as spb
     from selma.v1 import serving_service_pb2_grpc as spb_grpc
 
-    channel = grpc.insecure_channel(endpoint)
+    channel = make_channel(endpoint)  # TLS and the service's own token when configured (SELMA_TLS_CA, SELMA_TOKEN)
     try:
         stub = spb_grpc.ServingServiceStub(channel)
         if wanted_models:

@@ -32,6 +32,7 @@ from selma.lora_format import trained_alpha
 from selma.paging import paginate
 from selma.retention import Removal
 from selma.server import SelmaServer, ServiceRegistration, serve
+from selma.sources import check_request
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
@@ -174,6 +175,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         )
 
     def RegisterModel(self, request: pb.RegisterModelRequest, context: grpc.ServicerContext) -> pb.RegisterModelResponse:
+        check_request(request, self.core.settings)
         ref = request.artifact
         if not (ref.id or ref.uri):
             raise InvalidArgument("artifact is required (an id or a uri)", field="artifact")
@@ -278,6 +280,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             yield msg
 
     def GetLineage(self, request: pb.GetLineageRequest, context: grpc.ServicerContext) -> pb.GetLineageResponse:
+        check_request(request, self.core.settings)
         ref = request.artifact
         manifest = self.core.resolve_artifact(id=ref.id, uri=ref.uri, kind=artifact_kind_from_proto(ref.kind), sha256=ref.sha256)
         return pb.GetLineageResponse(artifacts=[manifest_to_proto(m) for m in self.core.lineage(manifest.id, request.max_depth)])

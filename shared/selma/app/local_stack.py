@@ -54,6 +54,23 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
 }
 
 
+def _local_model_dir(source: str) -> Path | None:
+    """The directory ``source`` loads from when it is a local path or a plugin's scheme; None for hub ids, tiny://, s3://."""
+    from selma import plugins
+    from selma.errors import SelmaError
+
+    if not source or source.startswith(("tiny://", "s3://")):
+        return None
+    resolver = plugins.registry().model_scheme(source)
+    if resolver is not None:
+        try:
+            return Path(resolver(source)).resolve()
+        except SelmaError:
+            return None  # the service reports it when it loads the model
+    path = Path(source.removeprefix("file://")).expanduser()
+    return path.resolve() if path.is_absolute() or source.startswith(".") else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -207,6 +224,7 @@ class LocalStack:
     launcher: str = "local"
     extra_env: dict[str, str] = field(default_factory=dict)
     base_model: str = ""  # "" = the embedded tiny://sd
+    allow_model_dirs: tuple[str, ...] = ()  # directories requests may name local model/data sources in (SELMA_MODEL_ALLOWED_DIRS)
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     lock: StackLock | None = field(default=None, repr=False)
@@ -240,6 +258,9 @@ class LocalStack:
             env.pop("SELMA_TOKEN", None)  # the services call each other with their own token (SELMA_TOKEN_FILE)
             env.update(self.credentials.server_env())
         env.update(self.extra_env)
+        allowed = self.allowed_model_dirs(os.environ.get("SELMA_MODEL_ALLOWED_DIRS", ""), self.extra_env.get("SELMA_MODEL_ALLOWED_DIRS", ""))
+        if allowed:
+            env["SELMA_MODEL_ALLOWED_DIRS"] = ",".join(allowed)
         return env
 
     def client_security(self) -> ClientSecurity:
@@ -247,6 +268,19 @@ class LocalStack:
         if self.credentials is None:
             return ClientSecurity()
         return ClientSecurity(token=self.credentials.admin_token, ca_cert=self.credentials.ca_cert)
+
+    def allowed_model_dirs(self, *configured: str) -> list[str]:
+        """SELMA_MODEL_ALLOWED_DIRS for the services: the caller's, ``--allow-model-dir`` and the base model's own directory.
+
+        A request may then name the model the stack serves by its path (the ShapesWorld loop does);
+        anything else on this machine stays out of reach of requests unless allowlisted.
+        """
+        dirs = [d.strip() for value in configured for d in value.split(",") if d.strip()]
+        dirs += [str(Path(d).expanduser().resolve()) for d in self.allow_model_dirs]
+        base = _local_model_dir(self.base_model)
+        if base is not None:
+            dirs.append(str(base))
+        return list(dict.fromkeys(dirs))
 
     def acquire_lock(self) -> None:
         """Refuse to start a second stack on this data directory (see :class:`StackLock`)."""
@@ -434,12 +468,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"a service that exits this many times within --failure-window stops the stack (default {RestartPolicy.max_failures})")
     p.add_argument("--failure-window", type=float, default=RestartPolicy.window,
                    help=f"seconds over which a service's exits are counted (default {RestartPolicy.window:.0f})")
+    p.add_argument("--allow-model-dir", action="append", default=[], metavar="DIR",
+                   help="a directory requests may name local models and data in (repeatable; SELMA_MODEL_ALLOWED_DIRS); "
+                        "the base model's own directory is always allowed")
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
     stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
-                       tls=args.tls)
+                       tls=args.tls, allow_model_dirs=tuple(args.allow_model_dir))
     stack.check_storage()
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
