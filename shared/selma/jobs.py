@@ -551,7 +551,8 @@ class JobManager:
         """The record of ``job_id`` (call under the lock): from memory unless it is finished and its stored
         record was deleted since (its run was deleted: selma.retention), else from storage."""
         rec = self._records.get(job_id)
-        if rec is not None and rec.phase.terminal and not self._stored(job_id):
+        # a record missing because the whole store vanished is not a deleted run: keep what memory knows
+        if rec is not None and rec.phase.terminal and not self._stored(job_id) and not self._store_lost():
             self._records.pop(job_id, None)
             self._live.pop(job_id, None)
             rec = None
@@ -571,6 +572,8 @@ class JobManager:
             stored = set()
         except SelmaError:
             return
+        if self._store_lost():
+            return  # nothing was deleted on purpose: the store itself is gone (jobs name it in their failure)
         with self._cond:
             for job_id, rec in list(self._records.items()):
                 if rec.phase.terminal and self._key(job_id) not in stored:
