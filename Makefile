@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast lint proto demo clean tools fuzz
+.PHONY: setup test test-fast lint proto demo clean tools cli-docs fuzz
 
 setup: $(STAMP) $(BUF)
 
@@ -40,6 +40,9 @@ tools: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) setup.py gen
+
+cli-docs: $(STAMP)  ## rewrite docs/cli.md from the CLI's parser (a test fails when it is stale)
+	$(PY) -m selma.app.cli docs cli --out docs/cli.md
 
 lint: setup
 	cd protos && ../$(BUF) lint

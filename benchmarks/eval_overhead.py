@@ -6,8 +6,8 @@ one Generate RPC per prompt and target, PNG storage, VQA batches, scoring, the r
 charts, HTML, image copies) and publishing.  Baseline: the serving Engine called in-process for the
 same prompts, seeds and targets (base and a per-request expert mix), the same tiny VQA model
 answering the same questions, and DSG scoring — no RPCs, storage, report or subprocess.  Both use
-the tiny SD model with its weights loaded and warmed up first.  Rounds alternate between the two
-sides (each service round is a new job); prints the medians and the ratio (service / direct).
+the tiny SD model with its weights loaded and warmed up first.  The shared harness runs both sides
+(warm-up excluded, rotated order, paired ratios per block; each service call is a new job).
 
     .venv/bin/python benchmarks/eval_overhead.py [--prompts 16] [--steps 10]
 """
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import torch
+from harness import compare
 from PIL import Image
 
 from selma.artifacts import ArtifactStore
@@ -103,16 +103,11 @@ def main() -> int:
                 raise SystemExit(f"evaluation failed: {job.status.message}")
             return time.perf_counter() - t0
 
-        directs, services = [], []
-        for r in range(args.rounds):
-            directs.append(run_direct())
-            services.append(run_service(r))
-        direct, service = statistics.median(directs), statistics.median(services)
+        rounds = iter(range(10**6))
         images = 2 * len(items)
-        print(f"{images} images, {sum(len(i.questions) for i in items) * 2} answers, {args.steps} steps, 64x64, tiny SD, {args.threads} thread(s)")
-        print(f"direct (engine + VQA + scoring in one process): {direct:7.2f} s  {images / direct:6.2f} images/s")
-        print(f"evaluation job (worker, RPCs, storage, report):  {service:7.2f} s  {images / service:6.2f} images/s")
-        print(f"ratio service/direct: {service / direct:.2f}  (medians of {args.rounds} alternating rounds)")
+        print(f"{images} images, {sum(len(i.questions) for i in items) * 2} answers, {args.steps} steps, 64x64, tiny SD")
+        compare({"direct (engine + VQA + scoring)": run_direct, "evaluation job (worker, RPCs, report)": lambda: run_service(next(rounds))},
+                baseline="direct (engine + VQA + scoring)", repeats=args.rounds, title="seconds per evaluation of base + one mix").print(unit="s", per="evaluation")
         evaluation.stop(0)
         evaluation.core.shutdown()
         serving.stop(0)

@@ -5,7 +5,8 @@
 
 Each configuration runs the full loop (sampling, generate, parse, ROUGE-L filter) until
 ``--count`` prompts are accepted, with the model already loaded; torch uses one thread
-unless OMP_NUM_THREADS says otherwise.  Prints prompts/s, LLM requests, tokens/s and the
+unless OMP_NUM_THREADS says otherwise.  The shared harness runs the batch sizes (warm-up
+excluded, rotated order, paired speed-ups per block); notes give requests, tokens/s and the
 acceptance rate.
 """
 
@@ -19,6 +20,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from harness import compare  # noqa: E402
 
 from selma.llm.local import ModelRegistry  # noqa: E402
 from selma_prompts.generator import PromptGenerator  # noqa: E402
@@ -34,6 +36,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--prompts-per-request", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", default="", help="model cache (the de-quantised SmolLM2); default a temp dir")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -50,23 +53,25 @@ def main() -> None:
     spec = resolve_spec(spec_dict, base, SkillLibrary())
     registry.causal_lm(spec.backend)
     print(f"SmolLM2 load (incl. any de-quantisation): {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'prompts':>7} {'requests':>8} {'time (s)':>9} {'prompts/s':>9} {'tokens/s':>9} {'accepted %':>10}")
-    first = None
-    for bs in args.batch_sizes:
+    stats: dict[int, list[str]] = {}
+
+    def run(bs: int) -> float:
         settings = base.model_copy(update={"llm_local_batch_size": bs})
         backend = _backend(registry, settings, spec)
         t0 = time.perf_counter()
         state = PromptGenerator(spec, backend).run()
         dt = time.perf_counter() - t0
         n = len(state.records)
-        total = n + state.rejected
-        rate = n / dt
-        first = first or rate
-        print(
-            f"{bs:>5} {n:>7} {state.llm_requests:>8} {dt:>9.1f} {rate:>9.2f} {state.completion_tokens / dt:>9.1f} "
-            f"{100 * n / max(total, 1):>9.0f}%   ({rate / first:.1f}x batch {args.batch_sizes[0]})"
-        )
+        stats.setdefault(bs, []).append(f"{n} prompts, {state.llm_requests} requests, {state.completion_tokens / dt:.1f} tokens/s, "
+                                        f"{100 * n / max(n + state.rejected, 1):.0f}% accepted")
+        return dt / max(n, 1)  # seconds per accepted prompt
 
+    sides = {f"batch {bs}": (lambda bs=bs: run(bs)) for bs in args.batch_sizes}
+    cmp = compare(sides, baseline=f"batch {args.batch_sizes[0]}", repeats=args.repeats,
+                  title=f"seconds per accepted prompt, {args.count} prompts per run, skill {args.skill}")
+    for bs, lines in stats.items():
+        cmp.notes.append(f"batch {bs}: last run {lines[-1]}")
+    cmp.print(unit="s", per="prompt", speedup=True)
 
 def _backend(registry: ModelRegistry, settings: PromptSettings, spec):  # noqa: ANN001, ANN202
     from selma.llm.local import LocalLmBackend

@@ -8,6 +8,8 @@ pure-Python LCS table) against every kept prompt.  The kept sets must be identic
 
     .venv/bin/python benchmarks/prompts_rouge_filter.py [--sizes 1000 5000 20000] [--baseline-limit 180]
 
+Both sides run through the shared harness (rotated order, paired speed-ups per block; the
+first, untimed filter call that checks the kept sets are identical is the warm-up).
 The baseline always runs up to 5,000 prompts (the size the ≥50× target is set at); above that
 it is skipped when its extrapolated time (from the previous size, scaling with n²) exceeds
 --baseline-limit seconds, and the script says so.
@@ -18,10 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from harness import compare  # noqa: E402
 from rouge_score import rouge_scorer, tokenizers  # noqa: E402
 
 from selma_prompts.rouge import diverse_subset  # noqa: E402
@@ -75,26 +79,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline-limit", type=float, default=180.0, help="skip the baseline when it would take longer (s)")
     args = p.parse_args()
-    print(f"{'n':>6} {'kept':>6} {'fast (s)':>9} {'rouge-score (s)':>16} {'ratio':>8}  identical")
     last: tuple[int, float] | None = None
     for n in args.sizes:
         texts = corpus(n)
-        t0 = time.perf_counter()
-        fast = diverse_subset(texts, args.threshold)
-        t_fast = time.perf_counter() - t0
         estimate = last[1] * (n / last[0]) ** 2 if last else 0.0
+        fast = diverse_subset(texts, args.threshold)
         if last and n > 5000 and estimate > args.baseline_limit:
-            print(f"{n:>6} {len(fast):>6} {t_fast:>9.3f} {'skipped':>16} {'-':>8}  -   (baseline est. {estimate:.0f} s > {args.baseline_limit:.0f} s)")
+            t0 = time.perf_counter()
+            diverse_subset(texts, args.threshold)
+            print(f"== n={n}: fast filter {time.perf_counter() - t0:.3f} s, kept {len(fast)}; rouge-score skipped "
+                  f"(estimated {estimate:.0f} s > --baseline-limit {args.baseline_limit:.0f} s)")
             continue
-        t0 = time.perf_counter()
         ref = baseline(texts, args.threshold)
-        t_ref = time.perf_counter() - t0
         assert fast == ref, f"kept sets differ at n={n}: {len(fast)} vs {len(ref)}"
-        last = (n, t_ref)
-        print(f"{n:>6} {len(fast):>6} {t_fast:>9.3f} {t_ref:>16.2f} {t_ref / t_fast:>7.0f}x  yes")
+        def slow(t: list[str] = texts) -> None:
+            baseline(t, args.threshold)
 
+        def ours(t: list[str] = texts) -> None:
+            diverse_subset(t, args.threshold)
+
+        cmp = compare({"rouge-score": slow, "selma fast filter": ours},
+                      baseline="rouge-score", repeats=args.repeats, warmup=0, title=f"ROUGE-L filter, {n} prompts, {len(fast)} kept (identical kept sets)")
+        cmp.print(unit="s", per="filter", speedup=True)
+        last = (n, statistics.median(cmp.times["rouge-score"]))
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,9 @@ an image-dataset artifact: StartDatasetRender, then Watch until SUCCEEDED — so
 encoding, storage uploads, journal checkpoints, progress records, metadata and publishing.  The
 baseline calls the same loaded pipeline class in-process with the same prompts, batch size,
 steps and one generator per image, and keeps the PIL images in memory.  Both sides exclude
-model loading (the model is loaded and warmed up first).  Rounds alternate between the two
-sides; the medians are compared.  Target: ratio (service / direct) >= 0.9.
+model loading (the model is loaded and warmed up first).  The shared harness runs both sides
+(warm-up excluded, rotated order, paired ratios per block).  Target: throughput ratio
+(service / direct) >= 0.9.
 
     .venv/bin/python benchmarks/render_service_overhead.py [--model sd|sdxl] [--images 48] [--batch-size 8] [--steps 10]
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from harness import compare
 
 from selma.models.tiny import build_tiny
 from selma.pipelines import ModelSpec, load_pipeline
@@ -107,28 +109,19 @@ def main() -> int:
                 assert len(images) == len(batch)
             return time.perf_counter() - t0
 
-        # warm-up: first calls allocate and pick kernels on both sides
         fractions: list[float] = []
         pipeline_seconds: list[float] = []
-        direct_round()
-        service_round("warm-up")
-        fractions.clear()
-        pipeline_seconds.clear()
-        direct, service = [], []
-        for r in range(args.rounds):
-            direct.append(direct_round())
-            service.append(service_round(f"round-{r}"))
+        keys = (f"round-{i}" for i in range(10**6))
+        print(f"model tiny-{args.model}, {args.images} images/round, batch {args.batch_size}, {args.steps} steps, device {args.device}")
+        cmp = compare({"direct diffusers": direct_round, "RenderService": lambda: service_round(next(keys))}, baseline="direct diffusers",
+                      repeats=args.rounds, title="seconds per round of images (throughput ratio = speed-up column; target >= 0.9)")
+        fractions, pipeline_seconds = fractions[-args.rounds :], pipeline_seconds[-args.rounds :]  # the warm-up's are not counted
+        cmp.notes.append(f"share of the service's wall time inside pipeline calls: {statistics.median(fractions):.3f} (median over blocks)")
+        cmp.notes.append(f"pipeline calls inside the service: {args.images / statistics.median(pipeline_seconds):.2f} images/s "
+                         f"(direct {args.images / statistics.median(cmp.times['direct diffusers']):.2f}; the rest is machine noise)")
+        cmp.print(unit="s", per="round", speedup=True)
         channel.close()
         server.stop(grace=1)
-
-    d, s = statistics.median(direct), statistics.median(service)
-    n = args.images
-    print(f"model tiny-{args.model}, {n} images/round, batch {args.batch_size}, {args.steps} steps, {args.threads} torch thread(s), device {args.device}")
-    print(f"direct diffusers : {d:7.3f} s/round  {n / d:7.2f} images/s   (rounds: {', '.join(f'{x:.3f}' for x in direct)})")
-    print(f"RenderService    : {s:7.3f} s/round  {n / s:7.2f} images/s   (rounds: {', '.join(f'{x:.3f}' for x in service)})")
-    print(f"ratio service/direct throughput: {d / s:.3f}  (target >= 0.9)")
-    print(f"share of the service's wall time spent inside pipeline calls: {statistics.median(fractions):.3f} (median over rounds)")
-    print(f"pipeline calls inside the service: {n / statistics.median(pipeline_seconds):.2f} images/s (vs direct {n / d:.2f}: the rest is machine noise)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Serving overhead of merged experts, side by side in one process (never a pass/fail test).
 
-Prints per-image latency (median over interleaved repeats) of:
+Prints per-image latency of (the shared harness: one process, rotated order, paired ratios per block):
   * the base model vs a fused merged model (target ratio <= 1.02: fusing leaves no LoRA overhead);
   * N unfused adapters (diffusers load_lora_weights + set_adapters, SELMA's inference path) vs fused;
   * a new per-request mix (merge + fuse into a UNet copy) relative to one image.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from harness import compare
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = the CI setting)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,38 +88,27 @@ def main() -> None:
             "fused merged": lambda: image(engine.pipeline_view(fused_unet, "ddim")),
             f"unfused {args.experts} adapters": lambda: image(unfused_view()),
         }
-        for fn in variants.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        mix_times: list[float] = []
-        for r in range(args.repeats):
-            for name, fn in variants.items():
-                times[name].append(fn())
-            # a new mix each time: different weights, so the cache misses
-            w = 1.0 + r
-            new = MergeParams(experts=tuple(ExpertWeight(e.id, w / (i + 2)) for i, e in enumerate(experts)))
-            t = time.perf_counter()
-            engine.mix_unet(new)
-            mix_times.append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on a shared box
-        mix = statistics.median(mix_times)
+        print(f"base model: {base}; {args.experts} experts rank {args.rank}; {args.steps} steps")
+        compare(variants, baseline="base", repeats=args.repeats, title="per image: fused merged and unfused adapters vs base (target fused/base <= 1.02)",
+                builds={"first per-request mix (merge + fuse)": first_mix}).print()
+        unfused_vs_fused = {k: variants[k] for k in ("fused merged", f"unfused {args.experts} adapters")}
+        compare(unfused_vs_fused, baseline="fused merged", repeats=args.repeats, title="per image: unfused adapters vs fused").print()
+
+        counter = iter(range(1, 10**6))
+
+        def new_mix() -> None:  # different weights every call, so the merge cache misses
+            w = 1.0 + next(counter)
+            engine.mix_unet(MergeParams(experts=tuple(ExpertWeight(e.id, w / (i + 2)) for i, e in enumerate(experts))))
 
         # fuse-only cost (no merge): the deltas of an existing merge, applied to a UNet copy
         deltas = {n: torch.zeros_like(engine.base_unet.get_submodule(n).weight) for n in core.experts.get(experts[0].id).modules}
-        t = time.perf_counter()
-        fused_copy(engine.base_unet, deltas=deltas)
-        fuse_only = time.perf_counter() - t
 
-        print(f"base model: {base}; {args.experts} experts rank {args.rank}; {args.steps} steps; torch threads {args.threads}; {args.repeats} repeats")
-        for k, v in med.items():
-            print(f"  per image  {k:<22} median {v * 1000:8.1f} ms   min {best[k] * 1000:8.1f} ms")
-        print(f"  new per-request mix (merge + fuse)   {mix * 1000:8.1f} ms  (first one {first_mix * 1000:.1f} ms; fuse into a UNet copy alone {fuse_only * 1000:.1f} ms)")
-        print("ratios:")
-        un = f"unfused {args.experts} adapters"
-        print(f"  fused merged / base                  median {med['fused merged'] / med['base']:.3f}   min {best['fused merged'] / best['base']:.3f}   (target <= 1.02)")
-        print(f"  {un} / fused          median {med[un] / med['fused merged']:.3f}   min {best[un] / best['fused merged']:.3f}")
-        print(f"  new mix (merge + apply) / one image  {mix / med['base']:.3f}")
+        def fuse_only() -> None:
+            fused_copy(engine.base_unet, deltas=deltas)
+
+        compare({"one base image": variants["base"], "new per-request mix (merge + fuse)": new_mix,
+                 "fuse into a UNet copy alone": fuse_only},
+                baseline="one base image", repeats=args.repeats, title="cost of a new per-request mix relative to one image").print()
         core.shutdown()
 
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -91,6 +92,7 @@ def make_settings(tmp_path: Path) -> Callable[..., SelmaSettings]:
     def make(**overrides: Any) -> SelmaSettings:
         values: dict[str, Any] = dict(
             data_dir=tmp_path / "data",
+            cache_dir=tmp_path / "cache",  # models cached per test, as the data dir used to hold them
             storage_uri=(tmp_path / "storage").as_uri(),
             s3_endpoint="",
             s3_access_key="testing",
@@ -197,6 +199,20 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (the moto server's included)
+def pytest_configure(config: pytest.Config) -> None:
+    # Services and CLIs the suite starts share one model cache for the session, never the user's ~/.cache/selma.
+    if "SELMA_CACHE_DIR" not in os.environ:
+        os.environ["SELMA_CACHE_DIR"] = tempfile.mkdtemp(prefix="selma-test-cache-")
+        config._selma_cache_dir = os.environ["SELMA_CACHE_DIR"]  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = getattr(config, "_selma_cache_dir", "")
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("SELMA_CACHE_DIR", None)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a process the suite started outlived it (it is killed, by PID, and listed)."""
     lines = _processes.leak_report()

@@ -35,9 +35,12 @@ from dashboards import DASHBOARDS, to_grafana  # noqa: E402
 
 RELEASE = "selma"
 NAMESPACE = "selma"
-# Plain manifests cannot generate a random Secret: users create `selma-storage` first (README).
+# Plain manifests cannot generate a random Secret: users create `selma-storage`, the TLS Secret
+# `selma-tls` and the services' token Secret `selma-auth` first (README).
 MANIFEST_VALUES = {
     "storage": {"credentials": {"existingSecret": "selma-storage"}},
+    "tls": {"existingSecret": "selma-tls"},
+    "auth": {"internal": {"existingSecret": "selma-auth"}},
     "tests": {"enabled": False},
 }
 MONITORING_TEMPLATES = (
@@ -87,7 +90,7 @@ def render_plain() -> str:
         if d["kind"] not in CLUSTER_SCOPED:
             d["metadata"]["namespace"] = NAMESPACE
     ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "selma"}}}
-    return HEADER.format(what="default values, storage Secret selma-storage") + _dump([ns, *docs])
+    return HEADER.format(what="default values, Secrets selma-storage, selma-tls, selma-auth") + _dump([ns, *docs])
 
 
 def render_monitoring() -> tuple[str, str]:

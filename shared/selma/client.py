@@ -12,12 +12,18 @@ Every long-running job kind has the same five calls through :class:`JobClient`
 ``selma up`` writes, from ``SELMA_ENDPOINTS`` (``prompts=host:port,render=…``), or are given
 directly.  The EvaluationService is hosted by the training process unless an ``evaluation``
 endpoint says otherwise.
+
+Channels are TLS and carry a bearer token as :class:`selma.security.ClientSecurity` says: from
+``SELMA_TOKEN``/``SELMA_TLS_*`` (or the CLI's ``--token``/``--ca-cert``/``--client-cert``/``--client-key``),
+falling back to the CA file and token file an endpoints file of ``selma up --tls`` names.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -28,6 +34,8 @@ import grpc
 
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
+from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
+from selma.security import ClientSecurity, make_channel
 from selma.v1 import (
     common_pb2,
     evaluation_service_pb2_grpc,
@@ -67,7 +75,8 @@ class Endpoints:
     """gRPC addresses (``host:port``) of the services, plus their metrics URLs when known.
 
     ``evaluation`` is empty when the training process hosts the EvaluationService (the default):
-    :meth:`address` then answers with training's address.
+    :meth:`address` then answers with training's address.  ``ca_cert`` and ``token_file`` (paths,
+    written by ``selma up --tls``) are what a client uses when nothing else names a CA or a token.
     """
 
     prompts: str = ""
@@ -76,6 +85,8 @@ class Endpoints:
     serving: str = ""
     metrics: dict[str, str] | None = None
     evaluation: str = ""
+    ca_cert: str = ""
+    token_file: str = ""
 
     def address(self, service: str) -> str:
         """Where ``service`` (one of API_SERVICES) answers; "" if unknown."""
@@ -118,7 +129,46 @@ class Endpoints:
                 f"no endpoints file at {path}: start the local stack with `selma up`, or pass --endpoints / set SELMA_ENDPOINTS",
                 field="endpoints",
             ) from None
-        return cls(**{k: v for k, v in data.items() if k in {*API_SERVICES, "metrics"}})
+        return cls(**{k: v for k, v in data.items() if k in {*API_SERVICES, "metrics", "ca_cert", "token_file"}})
+
+    def default_security(self, security: ClientSecurity | None = None) -> ClientSecurity:
+        """``security`` (default: from ``SELMA_TOKEN``/``SELMA_TLS_*``) with this file's CA and token where it has none."""
+        security = ClientSecurity.from_settings() if security is None else security
+        token = "" if security.token or not self.token_file else read_token_file(self.token_file)
+        return security.with_defaults(token=token, ca_cert=self.ca_cert or None)
+
+
+def read_token_file(path: str | Path) -> str:
+    """A token a local stack stored (mode 0600); refused when other users may read it, like ssh keys."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the token file {path}: {e.strerror or e}; pass --token or set SELMA_TOKEN",
+                              field="token") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidArgument(f"the token file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); chmod 600 {path}",
+                              field="token")
+    return token
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CLI's connection flags, next to ``--endpoints``: token and TLS (each also an environment variable)."""
+    parser.add_argument("--token", default="", help="bearer token for the services (default SELMA_TOKEN, SELMA_TOKEN_FILE, "
+                                                    "or the token `selma up --tls` stored in <dir>/token)")
+    parser.add_argument("--ca-cert", default="", help="CA bundle that signed the services' certificates: use TLS "
+                                                      "(default SELMA_TLS_CA, or the CA of `selma up --tls`)")
+    parser.add_argument("--client-cert", default="", help="client certificate for mutual TLS (default SELMA_TLS_CLIENT_CERT)")
+    parser.add_argument("--client-key", default="", help="key of --client-cert (default SELMA_TLS_CLIENT_KEY)")
+
+
+def cli_security(args: argparse.Namespace, endpoints: Endpoints) -> ClientSecurity:
+    """Flags over ``SELMA_*`` variables over what the endpoints file names (see :func:`add_client_arguments`)."""
+    flags = ClientSecurity.from_settings().overridden(
+        token=getattr(args, "token", ""), ca_cert=getattr(args, "ca_cert", ""),
+        client_cert=getattr(args, "client_cert", ""), client_key=getattr(args, "client_key", ""))
+    return endpoints.default_security(flags)
 
 
 class JobClient:
@@ -164,9 +214,12 @@ class JobClient:
 class SelmaClient:
     """Channels and stubs for the services; use as a context manager."""
 
-    def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB) -> None:
+    def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB,
+                 security: ClientSecurity | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
+        # how the channels authenticate: given, else SELMA_TOKEN/SELMA_TLS_* with the endpoints file's CA and token
+        self.security = endpoints.default_security(security)
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
         self._channels: dict[str, grpc.Channel] = {}  # by address: a process hosting two services has one channel
         stubs = {
@@ -181,12 +234,18 @@ class SelmaClient:
             addr = endpoints.address(name)
             if addr:
                 if addr not in self._channels:
-                    self._channels[addr] = grpc.insecure_channel(addr, options=options)
+                    self._channels[addr] = make_channel(addr, self.security, options=options)
                 self._stubs[name] = stubs[name](self._channels[addr])
 
     @classmethod
     def from_endpoints(cls, endpoints: Endpoints | None = None, **kwargs: Any) -> SelmaClient:
         return cls(endpoints or Endpoints.load(), **kwargs)
+
+    @classmethod
+    def for_cli(cls, args: argparse.Namespace, **kwargs: Any) -> SelmaClient:
+        """What a CLI command uses: ``--endpoints``/``--dir`` and the connection flags of :func:`add_client_arguments`."""
+        endpoints = Endpoints.for_cli(getattr(args, "endpoints", ""), getattr(args, "dir", ".selma"))
+        return cls(endpoints, security=cli_security(args, endpoints), **kwargs)
 
     def __enter__(self) -> SelmaClient:
         return self
@@ -228,14 +287,14 @@ class SelmaClient:
             if not address:
                 raise InvalidArgument(f"no endpoint configured for the {name} service", field="endpoints")
             try:
-                wait_for_serving(address, SERVICE_NAMES[name], timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+                wait_for_serving(address, SERVICE_NAMES[name], timeout=min(2.0, max(deadline - time.monotonic(), 0.1)), security=self.security)
                 continue
             except TimeoutError:
                 pass
             if on_wait is not None:
                 on_wait(name, address, max(deadline - time.monotonic(), 0.0))
             try:
-                wait_for_serving(address, SERVICE_NAMES[name], timeout=max(deadline - time.monotonic(), 0.1))
+                wait_for_serving(address, SERVICE_NAMES[name], timeout=max(deadline - time.monotonic(), 0.1), security=self.security)
             except TimeoutError as e:
                 raise Unavailable(
                     f"the {name} service at {address} did not answer SERVING within {timeout:.0f} s ({e}); "
@@ -250,7 +309,7 @@ class SelmaClient:
         prompts: list[str],
         *,
         model_name: str = "",
-        experts: Mapping[str, float] | None = None,
+        experts: Mapping[str, float | None] | None = None,
         method: int = common_pb2.MERGE_METHOD_MEAN_DELTA,
         steps: int = 0,
         guidance_scale: float | None = None,
@@ -287,17 +346,25 @@ class SelmaClient:
 
     def resolve_artifact(self, ref: str) -> str:
         """The artifact id a user's name stands for: a registered model name (ListModels), a
-        ``<run>/<skill>`` expert reference (the newest, ListExperts), or else an artifact id as given."""
+        ``<run>/<skill>`` expert reference (the expert that run recorded: the output of its training
+        job ``<run>/<skill>/training``, never the newest artifact with its labels), or else an artifact id as given."""
         ref = ref.strip()
         if not ref:
             raise InvalidArgument("give a model name, a <run>/<skill> expert or an artifact id", field="artifact")
         serving = self.stub("serving")
         if "/" in ref:
             run, _, skill = ref.partition("/")
-            experts = serving.ListExperts(serving_service_pb2.ListExpertsRequest(run=run, skill=skill, page_size=1000), timeout=self.timeout).experts
-            if not experts:
-                raise NotFound(f"no expert for run {run!r} and skill {skill!r}; `selma status {run}` shows the run's stages", field="artifact")
-            return experts[0].expert_id  # newest first
+            key = run_stage_key(run, skill, "training")
+            try:
+                job = self.jobs("training").get(job_id_for(EXPERT_TRAINING_KIND, key))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                job = None
+            if job is None or job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED or not job.status.output.id:
+                raise NotFound(f"run {run!r} has recorded no expert for skill {skill!r} (its training job {key!r} has not succeeded); "
+                               f"`selma status {run}` shows the run's stages", field="artifact")
+            return job.status.output.id
         token = ""
         while True:
             resp = serving.ListModels(serving_service_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=self.timeout)
@@ -313,3 +380,19 @@ class SelmaClient:
     def lineage(self, artifact_id: str) -> list[common_pb2.ArtifactManifest]:
         req = serving_service_pb2.GetLineageRequest(artifact=common_pb2.ArtifactRef(id=artifact_id))
         return list(self.stub("serving").GetLineage(req, timeout=self.timeout).artifacts)
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def delete_model(self, model_name: str) -> serving_service_pb2.DeleteModelResponse:
+        """Unregister a model (its artifact becomes collectable unless something else references it)."""
+        return self.stub("serving").DeleteModel(serving_service_pb2.DeleteModelRequest(model_name=model_name), timeout=self.timeout)
+
+    def delete_run(self, run: str, *, dry_run: bool = False, timeout: float | None = None) -> serving_service_pb2.DeleteRunResponse:
+        """Delete a run's jobs and the artifacts nothing outside it depends on (``dry_run``: report only)."""
+        req = serving_service_pb2.DeleteRunRequest(run=run, dry_run=dry_run)
+        return self.stub("serving").DeleteRun(req, timeout=timeout or self.timeout)
+
+    def collect_garbage(self, *, dry_run: bool = False, timeout: float | None = None) -> serving_service_pb2.CollectGarbageResponse:
+        """Collect what nothing retained references (``dry_run``: report only)."""
+        req = serving_service_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return self.stub("serving").CollectGarbage(req, timeout=timeout or self.timeout)

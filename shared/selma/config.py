@@ -36,6 +36,20 @@ class SelmaSettings(BaseSettings):
     grpc_workers: int = Field(16, ge=1, description="Thread pool size of the gRPC server.")
     max_concurrent_rpcs: int = Field(64, ge=1, description="RPCs beyond this are refused with RESOURCE_EXHAUSTED.")
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight RPCs after SIGTERM.")
+    job_watchdog_seconds: float = Field(
+        60.0, ge=0, description="A PENDING/RUNNING job without a worker for this long is failed, naming why (0: never)."
+    )
+
+    # --- transport security and access control (selma.server, selma.auth)
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with tls_key_file the gRPC port serves TLS (re-read when it changes).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (re-read when it changes).")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: set = mutual TLS, client certificates required and verified against it.")
+    allow_plaintext: bool = Field(False, description="Serve plaintext gRPC on a non-loopback address (without TLS files only loopback binds are allowed).")
+    auth_tokens_file: str = Field("", description="Comma-separated YAML/JSON files of bearer tokens {tokens: [{name, sha256, scopes}]}; set = auth on.")
+    auth_jwks_file: Path | None = Field(None, description="JWKS file of the identity provider's keys: set = JWT bearer tokens accepted (auth on).")
+    auth_jwt_issuer: str = Field("", description="Required `iss` of JWT bearer tokens (needed with auth_jwks_file).")
+    auth_jwt_audience: str = Field("", description="Required `aud` of JWT bearer tokens (needed with auth_jwks_file).")
+    auth_open_health: bool = Field(True, description="grpc.health.v1 and server reflection answer without a token when auth is on.")
 
     # --- storage
     data_dir: Path = Field(Path(".selma"), description="Local working directory (embedded storage, caches).")
@@ -51,10 +65,24 @@ class SelmaSettings(BaseSettings):
     s3_part_size: int = Field(16 * MiB, ge=5 * MiB, description="Multipart part size for streamed uploads.")
 
     # --- models and devices
-    model_cache_dir: Path | None = Field(None, description="Hugging Face cache directory (a PVC on a cluster).")
+    cache_dir: Path | None = Field(
+        None, description="Per-user cache shared by every data directory (converted and mirrored models); "
+        "default $XDG_CACHE_HOME/selma, else ~/.cache/selma.")
+    model_cache_dir: Path | None = Field(
+        None, description="Model cache: Hugging Face downloads, mirrors, converted and tiny models (a PVC on a cluster); "
+        "default <cache_dir>/models, shared by every data directory.")
     hf_offline: bool = Field(False, description="Never reach a model hub; load from cache/local paths only.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU.")
+    model_allowed_dirs: str = Field(
+        "",
+        description="Comma-separated absolute directories a request may name as a local or file:// model, dataset or "
+        "adapter source (checked after resolving symlinks and '..'); empty = none. The service's own settings are not restricted.",
+    )
+    model_allowed_buckets: str = Field(
+        "",
+        description="Comma-separated S3 buckets a request may name s3:// sources in, besides the storage bucket; empty = the storage bucket only.",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -64,6 +92,34 @@ class SelmaSettings(BaseSettings):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got {v!r}")
         return v
 
+    @field_validator("model_allowed_dirs")
+    @classmethod
+    def _allowed_dirs(cls, v: str) -> str:
+        for item in _split_list(v):
+            if not Path(item).expanduser().is_absolute():
+                raise ValueError(f"model_allowed_dirs takes absolute directories; got {item!r}")
+        return v
+
+    @property
+    def allowed_model_dirs(self) -> tuple[Path, ...]:
+        """``model_allowed_dirs`` as resolved absolute paths (symlinks followed)."""
+        return tuple(Path(item).expanduser().resolve() for item in _split_list(self.model_allowed_dirs))
+
+    @property
+    def allowed_model_buckets(self) -> frozenset[str]:
+        """``model_allowed_buckets`` as a set of bucket names."""
+        return frozenset(_split_list(self.model_allowed_buckets))
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Both server certificate files are set: the gRPC port serves TLS."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """A tokens file or a JWKS file is configured: every RPC needs a bearer token (selma.auth)."""
+        return bool(self.auth_tokens_file.strip()) or self.auth_jwks_file is not None
+
     @property
     def resolved_storage_uri(self) -> str:
         """The artifact root URI, defaulting to ``file://<data_dir>/storage``."""
@@ -72,8 +128,20 @@ class SelmaSettings(BaseSettings):
         return (self.data_dir.resolve() / "storage").as_uri()
 
     @property
+    def resolved_cache_dir(self) -> Path:
+        """The per-user cache: ``cache_dir``, else ``$XDG_CACHE_HOME/selma``, else ``~/.cache/selma``."""
+        if self.cache_dir is not None:
+            return self.cache_dir.expanduser().resolve()
+        import os
+
+        xdg = os.environ.get("XDG_CACHE_HOME", "")  # the platform's setting, read where settings are read
+        return ((Path(xdg) if xdg else Path.home() / ".cache") / "selma").resolve()
+
+    @property
     def resolved_model_cache_dir(self) -> Path:
-        return (self.model_cache_dir or self.data_dir / "models").resolve()
+        """Where models are cached: ``model_cache_dir``, else ``<cache_dir>/models`` (one cache for every data directory,
+        so a second ``selma up`` elsewhere does not convert or download again)."""
+        return (self.model_cache_dir or self.resolved_cache_dir / "models").resolve()
 
     def safe_dump(self) -> dict[str, Any]:
         """Settings as a dict for logging: secrets masked."""
@@ -82,6 +150,28 @@ class SelmaSettings(BaseSettings):
             if isinstance(getattr(self, k), SecretStr):
                 out[k] = "**********" if v else ""
         return out
+
+
+def _split_list(value: str) -> list[str]:
+    """A comma-separated setting as its non-empty items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class ClientSettings(BaseSettings):
+    """How a client reaches the services: bearer token and TLS (``SELMA_TOKEN``, ``SELMA_TLS_CA``, ...).
+
+    Read by the CLI, :mod:`selma.client` and every service or worker that calls another service
+    (see :class:`selma.security.ClientSecurity`, which also takes the CLI's flags).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SELMA_", extra="ignore")
+
+    token: SecretStr = Field(SecretStr(""), description="Bearer token sent as `authorization: Bearer <token>` on every call.")
+    token_file: Path | None = Field(None, description="File holding the bearer token (a mounted Secret); used when SELMA_TOKEN is empty.")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle that signed the servers' certificates: set = TLS channels.")
+    tls_client_cert: Path | None = Field(None, description="PEM client certificate chain for mutual TLS.")
+    tls_client_key: Path | None = Field(None, description="PEM private key of tls_client_cert.")
+    tls_server_name: str = Field("", description="Name checked in the server certificate instead of the address's host.")
 
 
 DEFAULT_SECRET_KEY = "api-key"

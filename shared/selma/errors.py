@@ -20,6 +20,7 @@ class ErrorCode(str, Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     CANCELLED = "CANCELLED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     ABORTED = "ABORTED"
@@ -79,9 +80,15 @@ class Unavailable(SelmaError):
 
 
 class PermissionDenied(SelmaError):
-    """A dependency refused us (credentials, RBAC)."""
+    """Not allowed: a dependency refused us (credentials, RBAC), or the caller lacks the scope a call needs."""
 
     code = ErrorCode.PERMISSION_DENIED
+
+
+class Unauthenticated(SelmaError):
+    """The caller presented no credentials, or ones that do not verify (a missing or unknown token)."""
+
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class Cancelled(SelmaError):

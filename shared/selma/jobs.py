@@ -12,6 +12,15 @@ transport-neutral core behind them:
 * **Durable records.** Each job's record is a small JSON object in storage
   (``jobs/<kind>/<job_id>.json``), replaced atomically.  A restarted service reloads the
   records and re-queues every job that was PENDING or RUNNING, so no work is orphaned.
+* **Saved before it takes effect.** Every transition is built on a copy of the record, saved,
+  and only then swapped in (and only then is a worker started): a failed save leaves the job
+  exactly as it was and the caller gets the storage error, so the next Start retries cleanly.
+  The one exception is a job ending while its store is unreachable: it still ends in memory
+  (watchers must not wait forever) and says that its record could not be saved.
+* **No job waits on a worker that does not exist.** A watchdog fails a PENDING/RUNNING job whose
+  worker is gone or was never queued (after ``watchdog_seconds``), naming the cause; Start
+  restarts it.  A job whose store lost its contents while it ran (emptied bucket, deleted
+  prefix) fails with FAILED_PRECONDITION naming what vanished.
 * **Cancellation and shutdown.** Cancel sets the job's cancel event (the job function polls
   :meth:`JobContext.check_cancelled`); shutdown interrupts running jobs without marking them
   terminal, so the next process resumes them.
@@ -31,7 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -39,7 +48,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from selma.errors import AlreadyExists, Cancelled, ErrorCode, InvalidArgument, NotFound, SelmaError
+from selma.errors import AlreadyExists, Cancelled, ErrorCode, FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.metrics import JOB_DURATION, JOBS_ACTIVE, JOBS_FINISHED
 from selma.paging import next_page_token, page_window
 from selma.storage import Storage
@@ -143,6 +152,31 @@ def job_id_for(kind: str, idempotency_key: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# The kind of the TrainingService's expert jobs: a run's ``<run>/<skill>`` expert is their output.
+EXPERT_TRAINING_KIND = "expert_training"
+
+
+def run_stage_key(run: str, skill: str | None, stage: str) -> str:
+    """The idempotency key ``selma run`` gives a run's stage: ``<run>/<skill>/<stage>`` (``<run>/<stage>`` without a skill)."""
+    return f"{run}/{skill}/{stage}" if skill else f"{run}/{stage}"
+
+
+def recorded_expert(storage: Storage, run: str, skill: str) -> str | None:
+    """The expert id run ``run`` recorded for ``skill``: the output of its succeeded training job, else None.
+
+    This is what ``<run>/<skill>`` means; the newest expert carrying the run's labels is a different
+    question (a later artifact may carry the same labels), asked explicitly through ListExperts.
+    """
+    job_id = job_id_for(EXPERT_TRAINING_KIND, run_stage_key(run, skill, "training"))
+    try:
+        rec = JobRecord.model_validate_json(storage.get_bytes(f"jobs/{EXPERT_TRAINING_KIND}/{job_id}.json"))
+    except (NotFound, InvalidArgument):
+        return None
+    if rec.phase != JobPhase.SUCCEEDED or rec.output is None or not rec.output.id:
+        return None
+    return rec.output.id
 
 
 class JobContext:
@@ -262,6 +296,15 @@ JobFunction = Callable[[JobContext], JobResult]
 class _Live:
     cancel: threading.Event = field(default_factory=threading.Event)
     running: bool = False
+    # The queued/running worker of this job in this process (None: none could be queued).
+    future: Future[None] | None = None
+    # When the watchdog first saw this job without a worker (monotonic), None while it has one.
+    orphaned_since: float | None = None
+
+
+# Written next to the job records when a manager starts; its absence later means the store
+# lost its contents (emptied bucket, deleted prefix) under the running jobs.
+STORE_MARKER = "store.marker"
 
 
 class JobManager:
@@ -275,7 +318,9 @@ class JobManager:
         *,
         max_concurrent: int = 1,
         persist_interval: float = 1.0,
+        watchdog_seconds: float = 60.0,
     ) -> None:
+        """``watchdog_seconds``: how long a PENDING/RUNNING job may be without a worker before it is failed (0: never)."""
         self.storage = storage
         self.kind = kind
         self._run_fn = run_fn
@@ -284,15 +329,21 @@ class JobManager:
         self._live: dict[str, _Live] = {}
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"job-{kind}")
+        self._max_concurrent = max_concurrent
+        self._queued: list[str] = []  # submitted, not yet started, in submission order (the pool's FIFO)
         self._stopping = threading.Event()
         self._persist_interval = persist_interval
         self._last_persist: dict[str, float] = {}
+        self._watchdog_seconds = watchdog_seconds
+        self._watchdog: threading.Thread | None = None
+        self._marker_written = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
         """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids."""
         requeued: list[str] = []
+        self._write_marker()
         try:
             stored = self.storage.list(self._prefix)
         except NotFound:
@@ -322,6 +373,8 @@ class JobManager:
         with self._cond:
             self._cond.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout)
         if wait:
             deadline = time.monotonic() + timeout
             with self._cond:
@@ -349,7 +402,7 @@ class JobManager:
         digest = spec_digest(spec)
         job_id = job_id_for(self.kind, key)
         with self._cond:
-            existing = self._records.get(job_id) or self._load(job_id)
+            existing = self._known(job_id)
             if existing is not None:
                 if existing.spec_digest != digest:
                     raise AlreadyExists(
@@ -358,16 +411,19 @@ class JobManager:
                         field="idempotency_key",
                     )
                 if existing.phase in (JobPhase.FAILED, JobPhase.CANCELLED):
-                    existing.attempt += 1
-                    existing.launch = 0
-                    existing.phase = JobPhase.PENDING
-                    existing.error = None
-                    existing.finished_at = None
-                    existing.message = f"restarted (attempt {existing.attempt}); resuming from stored work"
-                    existing.updated_at = _now()
-                    self._persist(existing, force=True)
+                    restarted = existing.model_copy(deep=True)
+                    restarted.attempt += 1
+                    restarted.launch = 0
+                    restarted.phase = JobPhase.PENDING
+                    restarted.error = None
+                    restarted.finished_at = None
+                    restarted.message = f"restarted (attempt {restarted.attempt}); resuming from stored work"
+                    restarted.updated_at = _now()
+                    self._persist(restarted, force=True)  # raises, leaving the job as it was, if the save fails
+                    self._records[job_id] = restarted
+                    self._cond.notify_all()
                     self._submit(job_id)
-                    return existing.model_copy(deep=True), True
+                    return restarted.model_copy(deep=True), True
                 return existing.model_copy(deep=True), False
             now = _now()
             rec = JobRecord(
@@ -383,17 +439,18 @@ class JobManager:
                 labels=dict(labels or {}),
                 message="queued",
             )
+            self._persist(rec, force=True)  # a job exists only once its record is saved
             self._records[job_id] = rec
-            self._persist(rec, force=True)
+        self._write_marker()
         self._submit(job_id)
         log.info("%s: started job %s (key %s)", self.kind, job_id, key)
         return rec.model_copy(deep=True), True
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
-            rec = self._records.get(job_id) or self._load(job_id)
+            rec = self._known(job_id)
             if rec is None:
-                raise NotFound(f"no {self.kind} job {job_id!r}; list jobs to see the ids", field="job_id")
+                raise NotFound(f"no {self.kind} job {job_id!r}; `selma status <run>` (or `selma eval list`) shows the job ids", field="job_id")
             return rec.model_copy(deep=True)
 
     def watch(
@@ -446,12 +503,14 @@ class JobManager:
             live.cancel.set()
             why = f"cancel requested: {reason}" if reason else "cancel requested"
             if live.running:
-                rec.phase = JobPhase.CANCELLING
-                rec.message = why
-                rec.updated_at = _now()
-                self._persist(rec, force=True)
+                cancelling = rec.model_copy(deep=True)
+                cancelling.phase = JobPhase.CANCELLING
+                cancelling.message = why
+                cancelling.updated_at = _now()
+                self._persist(cancelling, force=True)
+                self._records[job_id] = cancelling
                 self._cond.notify_all()
-                return rec.model_copy(deep=True)
+                return cancelling.model_copy(deep=True)
         self._finish(job_id, JobPhase.CANCELLED, why.replace("cancel requested", "cancelled"))
         return self.get(job_id)
 
@@ -468,6 +527,7 @@ class JobManager:
     ) -> tuple[list[JobRecord], str]:
         """Jobs matching every given filter, newest first, paginated by the List rule of :mod:`selma.paging`."""
         offset, page_size = page_window(page_size, page_token)
+        self._forget_deleted()
         with self._cond:
             recs = [
                 r
@@ -486,6 +546,39 @@ class JobManager:
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}{job_id}.json"
+
+    def _known(self, job_id: str) -> JobRecord | None:
+        """The record of ``job_id`` (call under the lock): from memory unless it is finished and its stored
+        record was deleted since (its run was deleted: selma.retention), else from storage."""
+        rec = self._records.get(job_id)
+        # a record missing because the whole store vanished is not a deleted run: keep what memory knows
+        if rec is not None and rec.phase.terminal and not self._stored(job_id) and not self._store_lost():
+            self._records.pop(job_id, None)
+            self._live.pop(job_id, None)
+            rec = None
+        return rec or self._load(job_id)
+
+    def _stored(self, job_id: str) -> bool:
+        try:
+            return self.storage.exists(self._key(job_id))
+        except SelmaError:  # storage unreachable: trust memory rather than lose the job
+            return True
+
+    def _forget_deleted(self) -> None:
+        """Drop finished jobs whose stored records were deleted (a deleted run), so List does not show them."""
+        try:
+            stored = {info.key for info in self.storage.list(self._prefix)}
+        except NotFound:
+            stored = set()
+        except SelmaError:
+            return
+        if self._store_lost():
+            return  # nothing was deleted on purpose: the store itself is gone (jobs name it in their failure)
+        with self._cond:
+            for job_id, rec in list(self._records.items()):
+                if rec.phase.terminal and self._key(job_id) not in stored:
+                    self._records.pop(job_id, None)
+                    self._live.pop(job_id, None)
 
     def _load(self, job_id: str) -> JobRecord | None:
         """Load a record written by another process (a previous instance) if it exists."""
@@ -507,12 +600,39 @@ class JobManager:
         self.storage.put_bytes(self._key(rec.job_id), rec.model_dump_json().encode(), content_type="application/json")
 
     def _update(self, job_id: str, apply: Callable[[JobRecord], None], *, force: bool = False) -> None:
+        """Apply a change to a copy of the record, save it, then swap it in (a failed save changes nothing)."""
         with self._cond:
-            rec = self._records[job_id]
-            apply(rec)
-            rec.updated_at = _now()
-            self._persist(rec, force=force)
+            new = self._records[job_id].model_copy(deep=True)
+            apply(new)
+            new.updated_at = _now()
+            self._persist(new, force=force)
+            self._records[job_id] = new
             self._cond.notify_all()
+
+    def _write_marker(self) -> None:
+        """Mark the store as holding this kind's records (once per process); see :func:`_store_lost`."""
+        if self._marker_written:
+            return
+        try:
+            self.storage.put_bytes(f"{self._prefix}{STORE_MARKER}", b"selma job records live here\n", content_type="text/plain")
+        except SelmaError as e:
+            log.warning("%s: could not write the store marker: %s", self.kind, e)
+            return
+        self._marker_written = True
+
+    def _store_lost(self) -> str:
+        """What vanished if the store lost its contents since this manager started, else ''."""
+        if not self._marker_written:
+            return ""
+        key = f"{self._prefix}{STORE_MARKER}"
+        try:
+            if self.storage.exists(key):
+                return ""
+        except NotFound:
+            pass  # the bucket itself is gone
+        except SelmaError:
+            return ""  # unreachable is not lost: the original error stands
+        return f"the store {self.storage.uri} lost its contents under the running service ({self.storage.uri_for(key)}, written when it started, vanished)"
 
     def _submit(self, job_id: str, message: str | None = None) -> None:
         with self._cond:
@@ -520,28 +640,130 @@ class JobManager:
             live.cancel.clear()
             if message:
                 self._records[job_id].message = message
+            if job_id not in self._queued:
+                self._queued.append(job_id)
+            self._note_queue_locked()
         try:
-            self._pool.submit(self._execute, job_id)
+            future = self._pool.submit(self._execute, job_id)
         except RuntimeError:
-            log.info("%s: not queuing %s, shutting down", self.kind, job_id)
+            future = None
+            log.info("%s: not queuing %s: the worker pool is shut down", self.kind, job_id)
+        with self._cond:
+            live.future = future
+            live.orphaned_since = None
+        self._ensure_watchdog()
+
+    # -- the watchdog --------------------------------------------------------------------------
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog_seconds <= 0 or self._stopping.is_set():
+            return
+        with self._cond:
+            if self._watchdog is not None:
+                return
+            self._watchdog = threading.Thread(target=self._watch_workers, name=f"job-{self.kind}-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch_workers(self) -> None:
+        """Fail jobs that wait on a worker that is gone or was never queued (see ``watchdog_seconds``)."""
+        period = max(min(self._watchdog_seconds / 4, 5.0), 0.05)
+        while not self._stopping.wait(period):
+            try:
+                self.check_workers()
+            except Exception as e:  # noqa: BLE001 - the watchdog must outlive one bad round
+                log.error("%s: job watchdog round failed", self.kind, exc_info=e)
+
+    def check_workers(self) -> list[str]:
+        """One watchdog round: fail every job orphaned for ``watchdog_seconds``; returns their ids."""
+        now = time.monotonic()
+        stranded: list[tuple[str, str]] = []
+        with self._cond:
+            for job_id, live in self._live.items():
+                rec = self._records.get(job_id)
+                if rec is None or rec.phase.terminal or live.running:
+                    live.orphaned_since = None
+                    continue
+                if live.future is not None and not live.future.done():
+                    live.orphaned_since = None  # queued or running: it has a worker
+                    continue
+                if live.orphaned_since is None:
+                    live.orphaned_since = now
+                if now - live.orphaned_since >= self._watchdog_seconds:
+                    if live.future is None:
+                        cause = "its worker could not be queued (the worker pool is shut down)"
+                    elif live.future.cancelled():
+                        cause = "its queued worker was cancelled"
+                    elif live.future.exception() is not None:
+                        cause = f"its worker ended with {type(live.future.exception()).__name__}: {live.future.exception()}"
+                    else:
+                        cause = "its worker ended without finishing it"
+                    stranded.append((job_id, f"{rec.phase.value.lower()} for over {self._watchdog_seconds:g} s without a worker: {cause}"))
+        if self._stopping.is_set():
+            return []
+        for job_id, cause in stranded:
+            msg = f"{cause}; start the job again to restart it"
+            log.error("%s: job %s failed by the watchdog: %s", self.kind, job_id, msg)
+            self._finish(job_id, JobPhase.FAILED, msg, error=JobErrorInfo(code=ErrorCode.ABORTED.value, reason="WorkerLost", message=msg))
+        return [job_id for job_id, _ in stranded]
+
+    def _note_queue_locked(self) -> None:
+        """Tell every job still waiting for a worker its place: "queued: 2 ahead, 2 running (at most 2 at once)"."""
+        running = sum(1 for live in self._live.values() if live.running)
+        changed = False
+        ahead = -1
+        for jid in self._queued:
+            rec = self._records.get(jid)
+            if rec is None or rec.phase != JobPhase.PENDING:
+                continue  # cancelled while queued
+            ahead += 1
+            if not rec.message.startswith("queued"):
+                continue  # a restart or interruption note is more useful than the position
+            message = f"queued: {ahead} ahead, {running} running (at most {self._max_concurrent} at once)"
+            if rec.message != message:
+                updated = rec.model_copy(update={"message": message, "updated_at": _now()})
+                try:  # saved before it takes effect, like every transition; a failed save only loses the note
+                    self._persist(updated)
+                except SelmaError as e:
+                    log.debug("%s: job %s: queue position not saved: %s", self.kind, jid, e)
+                    continue
+                self._records[jid] = updated
+                changed = True
+        if changed:
+            self._cond.notify_all()
 
     def _execute(self, job_id: str) -> None:
+        save_error: SelmaError | None = None
         with self._cond:
             rec = self._records[job_id]
             live = self._live.setdefault(job_id, _Live())
+            if job_id in self._queued:
+                self._queued.remove(job_id)
             if rec.phase.terminal or self._stopping.is_set():
                 return
             if live.cancel.is_set():
                 pass  # cancelled while queued: fall through to _finish below
             else:
-                live.running = True
-                rec.phase = JobPhase.RUNNING
-                rec.started_at = rec.started_at or _now()
-                rec.updated_at = _now()
-                rec.message = "running" if not rec.message.startswith("resuming") else rec.message
-                self._persist(rec, force=True)
-                self._cond.notify_all()
-                ctx = JobContext(self, rec, live.cancel)
+                running = rec.model_copy(deep=True)
+                running.phase = JobPhase.RUNNING
+                running.started_at = running.started_at or _now()
+                running.updated_at = _now()
+                running.message = "running" if not running.message.startswith("resuming") else running.message
+                try:
+                    self._persist(running, force=True)
+                except SelmaError as e:
+                    save_error = e
+                else:
+                    live.running = True
+                    self._records[job_id] = rec = running
+                    self._note_queue_locked()
+                    self._cond.notify_all()
+                    ctx = JobContext(self, rec, live.cancel)
+        if save_error is not None and not live.cancel.is_set():
+            # The RUNNING record could not be saved: the job must not start, nor stay PENDING for ever.
+            msg = f"could not start: saving the job record failed: {save_error}"
+            log.warning("%s: job %s %s", self.kind, job_id, msg)
+            self._finish(job_id, JobPhase.FAILED, msg, error=JobErrorInfo(code=save_error.code.value, reason=type(save_error).__name__, message=msg))
+            return
         if live.cancel.is_set() and not live.running:
             self._finish(job_id, JobPhase.CANCELLED, "cancelled before it started")
             return
@@ -557,6 +779,8 @@ class JobManager:
             if live.cancel.is_set():
                 self._finish(job_id, JobPhase.CANCELLED, "cancelled")
             else:
+                if isinstance(e, NotFound) and (lost := self._store_lost()):
+                    e = FailedPrecondition(f"{lost}: {e}; restore the store (or point the service at the right one) and start the job again")
                 log.warning("%s: job %s failed: %s", self.kind, job_id, e)
                 self._finish(job_id, JobPhase.FAILED, str(e), error=JobErrorInfo(code=e.code.value, reason=type(e).__name__, message=str(e)))
         except Exception as e:  # noqa: BLE001 - a job must never die silently
@@ -574,6 +798,7 @@ class JobManager:
             JOB_DURATION.labels(self.kind).observe(time.monotonic() - t0)
             with self._cond:
                 live.running = False
+                self._note_queue_locked()
                 self._cond.notify_all()
 
     def _interrupt(self, job_id: str) -> None:
@@ -581,7 +806,10 @@ class JobManager:
             rec.phase = JobPhase.PENDING
             rec.message = "interrupted by a service shutdown; resumes when the service restarts"
 
-        self._update(job_id, apply, force=True)
+        try:
+            self._update(job_id, apply, force=True)
+        except SelmaError as e:  # the stored record still says it was unfinished: it resumes all the same
+            log.warning("%s: job %s interrupted; its record could not be saved: %s", self.kind, job_id, e)
 
     def _finish(
         self,
@@ -602,9 +830,22 @@ class JobManager:
                 rec.output = output
             if stats:
                 rec.stats.update(stats)
-            if phase == JobPhase.SUCCEEDED and rec.progress.total:
-                rec.progress.done = max(rec.progress.done, rec.progress.total)
+            if phase == JobPhase.SUCCEEDED:
+                # ``done`` stays what the job reported: a job that published 2 of 4 says 2/4.
                 rec.progress.eta_seconds = 0.0
 
-        self._update(job_id, apply, force=True)
+        try:
+            self._update(job_id, apply, force=True)
+        except SelmaError as e:
+            # The store is failing too: end the job in memory all the same, so nobody waits on it for
+            # ever; the stored record keeps its last saved phase, so a restarted service resumes it.
+            log.error("%s: job %s ended %s but its record could not be saved: %s", self.kind, job_id, phase.value, e)
+
+            with self._cond:
+                rec = self._records[job_id].model_copy(deep=True)
+                apply(rec)
+                rec.message = f"{message} (the job record could not be saved: {e})"
+                rec.updated_at = _now()
+                self._records[job_id] = rec
+                self._cond.notify_all()
         JOBS_FINISHED.labels(self.kind, phase.value).inc()

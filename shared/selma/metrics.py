@@ -38,10 +38,22 @@ RPC_IN_FLIGHT = Gauge(
     "RPCs being handled right now.",
     ["grpc_service"],
 )
+AUTH_CALLS = Counter(
+    "selma_grpc_server_auth_total",
+    "Calls checked by the auth interceptor, by token name (never the token; `anonymous` without a valid one), method and status code.",
+    ["token", "grpc_service", "grpc_method", "grpc_code"],
+)
 SERVICE_READY = Gauge(
     "selma_service_ready",
     "1 once the service reports SERVING on its health check, else 0.",
     ["service"],
+)
+STARTUP_PHASE_SECONDS = Gauge(
+    "selma_startup_phase_seconds",
+    "Seconds this process spent in a start-up phase before it could load a model: imports (diffusers, transformers), "
+    "model_materialize (mirroring a model into the cache, cumulative; also part of the model load that needed it). "
+    "Model loading is each service's *_model_load_seconds, which no longer includes the imports.",
+    ["phase"],
 )
 
 

@@ -4,6 +4,9 @@ One call builds a server with:
 - the standard ``grpc.health.v1`` health service, NOT_SERVING until the service says it is
   ready (e.g. its model is loaded) and again while draining;
 - server reflection (grpcurl and friends can list and describe the API);
+- transport security (:mod:`selma.security`): TLS or mutual TLS from certificate files that are
+  re-read when they change; a plaintext port only on a loopback address unless ``allow_plaintext``;
+- when auth is configured, :class:`selma.auth.AuthInterceptor`: bearer tokens and per-RPC scopes;
 - one interceptor that refuses requests the wire allows but the API does not (an unknown enum
   number, an out-of-range Duration/Timestamp: :func:`selma.api.check_request`, INVALID_ARGUMENT
   naming the field), maps :mod:`selma.errors` to gRPC status codes, turns anything
@@ -35,10 +38,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from selma import auth, security
 from selma.api import check_request
 from selma.config import SelmaSettings
 from selma.errors import SelmaError
 from selma.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS, RPC_STARTED, SERVICE_READY, MetricsServer
+from selma.security import ClientSecurity, make_channel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,6 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def wrapper(request, context):  # noqa: ANN001
             rec = _Recorder(service, method, kind)
             try:
-                _check(request)
                 response = fn(request, context)
             except Exception as e:  # noqa: BLE001 - every failure must be mapped and counted
                 _fail(e, context, rec)
@@ -105,7 +109,6 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def wrapper(request, context):  # noqa: ANN001
             rec = _Recorder(service, method, kind)
             try:
-                _check(request)
                 yield from fn(request, context)
             except GeneratorExit:
                 # The client went away or cancelled; gRPC closed the generator.
@@ -123,6 +126,34 @@ def _check(request: Any) -> None:
     (client-streaming requests, an iterator, are checked by their handler)."""
     if isinstance(request, Message):
         check_request(request)
+
+
+class RequestCheckInterceptor(grpc.ServerInterceptor):
+    """Refuses what the wire allows but the API does not (:func:`_check`), innermost: after
+    authentication, so an anonymous caller learns nothing about a request's validity; its errors
+    reach the client through :class:`ErrorAndMetricsInterceptor`."""
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001 (grpc API)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            fn = handler.unary_unary
+
+            def unary(request, context):  # noqa: ANN001
+                _check(request)
+                return fn(request, context)
+
+            return handler._replace(unary_unary=unary)
+        if handler.unary_stream:
+            sfn = handler.unary_stream
+
+            def stream(request, context):  # noqa: ANN001
+                _check(request)
+                yield from sfn(request, context)
+
+            return handler._replace(unary_stream=stream)
+        return handler
 
 
 class _Recorder:
@@ -193,6 +224,8 @@ class SelmaServer:
         self.settings = settings
         self.name = name
         self.services = list(services)
+        security.check_transport(settings)
+        credentials = security.server_credentials(settings)
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -200,7 +233,8 @@ class SelmaServer:
         ]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix=f"{name}-rpc"),
-            interceptors=[ErrorAndMetricsInterceptor()],
+            # the auth interceptor runs inside the error/metrics one, so its refusals are mapped and counted too
+            interceptors=[ErrorAndMetricsInterceptor(), *auth.interceptors(settings), RequestCheckInterceptor()],
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -215,7 +249,9 @@ class SelmaServer:
             [svc.name for svc in self.services] + [HEALTH_SERVICE, REFLECTION_SERVICE], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_port = self._server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        bind = f"{settings.host}:{settings.grpc_port}"
+        self.tls = credentials is not None
+        self.grpc_port = self._server.add_secure_port(bind, credentials) if credentials else self._server.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}; is it in use?")
         self.metrics: MetricsServer | None = None
@@ -227,7 +263,9 @@ class SelmaServer:
     def start(self) -> SelmaServer:
         self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
         self._server.start()
-        log.info("%s: gRPC on %s, metrics on %s", self.name, self.address, self.metrics.url)
+        log.info("%s: gRPC on %s (%s%s), metrics on %s", self.name, self.address,
+                 "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if self.tls else "plaintext",
+                 ", auth on" if self.settings.auth_enabled else "", self.metrics.url)
         return self
 
     @property
@@ -341,10 +379,13 @@ def serve_hosted(settings: SelmaSettings, hosted: Sequence[Hosted], *, name: str
             h.on_stop()
 
 
-def wait_for_serving(address: str, service: str = "", timeout: float = 30.0) -> None:
-    """Block until ``address`` answers SERVING for ``service`` on the health service (client helper)."""
+def wait_for_serving(address: str, service: str = "", timeout: float = 30.0, *, security: ClientSecurity | None = None) -> None:
+    """Block until ``address`` answers SERVING for ``service`` on the health service (client helper).
+
+    ``security``: how to reach it (TLS, token); None = from ``SELMA_TOKEN``/``SELMA_TLS_*``.
+    """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with make_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         last: str = "no answer"
         while time.monotonic() < deadline:

@@ -196,3 +196,45 @@ def test_service_down_mid_run_pauses_and_resumes_when_it_is_back(stack, llm, tmp
     with SelmaClient(endpoints) as client:
         renders = client.jobs("render").list(run="e2e-pause")
     assert len(renders) == 2 and all(j.status.attempt == 1 for j in renders)
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory):
+    """The same stack as `selma up --tls` starts it: TLS with a local CA, bearer tokens, services with their own token."""
+    root = tmp_path_factory.mktemp("tls-stack")
+    stack = LocalStack(root, tls=True)
+    try:
+        endpoints = stack.start(timeout=300)
+        for sp in stack.processes.values():
+            _processes.track(sp.proc.pid, f"local TLS stack service {sp.name}")
+        yield stack, endpoints
+    finally:
+        stack.stop()
+
+
+def test_a_skillset_runs_end_to_end_on_the_tls_stack_with_tokens(tls_stack, llm, tmp_path):
+    from dataclasses import replace
+
+    import grpc
+
+    stack, endpoints = tls_stack
+    assert endpoints.ca_cert and endpoints.token_file  # what the run driver's client finds in the endpoints file
+    result = _drive(endpoints, skillset_text("e2e-tls", llm.base_url, evaluation=True), tmp_path)
+    assert set(result["experts"]) == {"counting", "general"}
+    assert result["eval_report"].startswith("eval-report-")  # the evaluation worker rendered through serving with its token
+    # anonymous (the CA but no token) and plaintext clients are refused
+    with SelmaClient(replace(endpoints, token_file="")) as anonymous:
+        with pytest.raises(grpc.RpcError) as e:
+            anonymous.stub("serving").ListModels(serving_service_pb2.ListModelsRequest(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with SelmaClient(replace(endpoints, ca_cert="")) as plaintext:  # the admin token, but no TLS
+        with pytest.raises(grpc.RpcError) as e:
+            plaintext.stub("serving").ListModels(serving_service_pb2.ListModelsRequest(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    # the CLI in a clean environment: the CA and admin token through the stack's directory
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELMA_")}
+    out = tmp_path / "out.png"
+    proc = _processes.run([SELMA, "generate", "two red apples", "--model", "e2e-tls", "--dir", str(stack.data_dir), "--steps", "2",
+                           "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 64)

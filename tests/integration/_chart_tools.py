@@ -88,9 +88,15 @@ def template_args(values_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (
     return args
 
 
-def render(values_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (), values: dict[str, Any] | None = None) -> str:
-    """The chart rendered by `helm template` as one YAML stream."""
-    files = list(values_files)
+# Ad-hoc renders start from the default scenario: the chart's defaults plus the one value a default
+# install must be given (tls.existingSecret: TLS is on and needs a certificate).
+DEFAULT_SCENARIO = CHART / "ci" / "default-values.yaml"
+
+
+def render(values_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (), values: dict[str, Any] | None = None, *, bare: bool = False) -> str:
+    """The chart rendered by `helm template` as one YAML stream; without values files, on top of
+    ci/default-values.yaml unless ``bare`` (the chart's own defaults only)."""
+    files = list(values_files) or ([] if bare else [DEFAULT_SCENARIO])
     with tempfile.TemporaryDirectory() as tmp:
         if values is not None:
             extra = Path(tmp) / "values.yaml"

@@ -1,7 +1,8 @@
 """The Helm chart, checked with the real tools: helm lint/template (Helm 4 from .ci/install-tools.sh)
 and kubernetes-validate --strict (any WARN, e.g. an unknown kind, is a failure), plus the rules a
-schema cannot express: least-privilege RBAC, hardened containers, GPUs where they belong, native
-gRPC probes, settings that the services really read, no credentials in values, current manifests.
+schema cannot express: least-privilege RBAC, hardened containers, GPUs where they belong, gRPC
+health probes (native, or the health script over TLS), settings that the services really read, no
+credentials in values, current manifests. TLS and tokens: test_chart_security.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ pytestmark = pytest.mark.integration
 
 SCENARIO_IDS = [p.name.removesuffix("-values.yaml") for p in SCENARIOS]
 CRD_GROUP = "monitoring.coreos.com/"
+# Custom resources the chart may render: prometheus-operator's and cert-manager's Certificate.
+CRD_GROUPS = (CRD_GROUP, "cert-manager.io/")
 
 
 @functools.cache
@@ -52,7 +55,7 @@ def scenario_objects(scenario: str) -> list[dict[str, Any]]:
 
 
 def test_ci_scenarios_cover_the_issue() -> None:
-    assert {"default", "cpu-minimal", "gpu", "external-s3", "monitoring", "evaluation-separate"} <= set(SCENARIO_IDS)
+    assert {"default", "cpu-minimal", "gpu", "external-s3", "monitoring", "evaluation-separate", "cert-manager"} <= set(SCENARIO_IDS)
 
 
 # --- helm lint and the Kubernetes schema ---------------------------------------------------------
@@ -81,11 +84,12 @@ def _validate_strict(tmp_path: Path, docs: list[dict[str, Any]], name: str) -> N
 @pytest.mark.parametrize("scenario", SCENARIO_IDS)
 def test_rendered_objects_pass_kubernetes_validate_strict(scenario: str, tmp_path: Path) -> None:
     docs = scenario_objects(scenario)
-    core = [d for d in docs if not d["apiVersion"].startswith(CRD_GROUP)]
+    core = [d for d in docs if not d["apiVersion"].startswith(CRD_GROUPS)]
     assert core, "nothing rendered"
     _validate_strict(tmp_path, core, scenario)
-    # The only non-core kinds are the prometheus-operator ones, validated structurally below.
-    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    # The only non-core kinds are the prometheus-operator ones and cert-manager's Certificate,
+    # validated structurally below and in test_chart_security.py.
+    assert {d["kind"] for d in docs if d not in core} <= {"ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"}
 
 
 @pytest.mark.parametrize("kubernetes", ["1.29.0", "1.37.0"])
@@ -109,12 +113,24 @@ def test_the_validator_catches_typos_and_unknown_kinds(tmp_path: Path) -> None:
         _validate_strict(tmp_path, [{"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}], "unknown")
 
 
+def _install_notes(*args: str) -> str:
+    """NOTES.txt of a `helm install --dry-run=client` of the default scenario plus ``args``."""
+    proc = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "-f", str(CHART / "ci" / "default-values.yaml"), *args)
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
 def test_helm_install_dry_run_prints_how_to_reach_the_api() -> None:
-    proc = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    notes = _install_notes()
     for component in COMPONENTS:
         assert f"svc/selma-{component}" in notes
-    assert "helm test selma -n selma" in notes and "grpcurl -plaintext" in notes and "SELMA_ENDPOINTS=" in notes
+    assert "helm test selma -n selma" in notes and "SELMA_ENDPOINTS=" in notes
+    # TLS and tokens are on: the CA comes from the Secret, every call carries a token, and how to mint one
+    assert "grpcurl -plaintext" not in notes and "grpcurl -cacert selma-ca.crt -servername selma-serving" in notes
+    assert "get secret selma-tls -o jsonpath='{.data.ca\\.crt}'" in notes
+    assert '-H "authorization: Bearer $SELMA_TOKEN"' in notes and "selma auth token --name" in notes
+    assert "--set auth.existingSecret=" in notes
+    plaintext = _install_notes("--set", "tls.enabled=false")
+    assert "grpcurl -plaintext localhost:50054" in plaintext and "TLS is OFF" in plaintext
 
 
 def test_monitoring_objects_only_render_when_enabled() -> None:
@@ -276,20 +292,36 @@ def test_values_hold_only_references_to_secrets(values_file: Path) -> None:
             assert leaf in ("existingSecret", "secrets") or leaf.endswith("KeyKey"), f"{values_file.name}: {path} holds a credential"
 
 
+def _secret_reference(value: str, spec: dict[str, Any], container: dict[str, Any], secret_names: set[str]) -> bool:
+    """A setting that names a credential without holding it: a path inside a mounted Secret volume
+    (SELMA_TLS_KEY_FILE, SELMA_AUTH_TOKENS_FILE, ...) or the name of a Secret (SELMA_BATCH_TOKEN_SECRET)."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    secret_dirs = [m["mountPath"] for m in container.get("volumeMounts", []) if "secret" in volumes.get(m["name"], {})]
+    paths = value.split(",")
+    if all(any(path.startswith(d.rstrip("/") + "/") for d in secret_dirs) for path in paths):
+        return True
+    return value in secret_names
+
+
 @pytest.mark.parametrize("scenario", SCENARIO_IDS)
 def test_rendered_credentials_come_only_from_secrets(scenario: str) -> None:
     docs = scenario_objects(scenario)
     for cm in by_kind(docs, "ConfigMap").values():
         for key in cm.get("data") or {}:
-            assert not re.search(r"SECRET_KEY$|ACCESS_KEY$|API_KEY$|PASSWORD", key), f"{cm['metadata']['name']}: {key}"
-    for name, spec in pod_specs(docs):
+            assert not re.search(r"SECRET_KEY$|ACCESS_KEY$|API_KEY$|PASSWORD|TOKEN", key), f"{cm['metadata']['name']}: {key}"
+    specs = pod_specs(docs)
+    secret_names = set(by_kind(docs, "Secret")) | {v["secret"]["secretName"] for _, s in specs for v in s.get("volumes", []) if "secret" in v}
+    for name, spec in specs:
         for c in spec.get("containers", []) + spec.get("initContainers", []):
             for env in c.get("env", []):
                 if SECRETISH.search(env["name"].replace("_", "")) or env["name"].endswith("_KEY"):
+                    if "value" in env and _secret_reference(env["value"], spec, c, secret_names):
+                        continue
                     assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), f"{name}: {env['name']} must come from a Secret"
     secrets = by_kind(docs, "Secret")
     if scenario == "external-s3":
-        assert not secrets, "with existingSecret the chart must not create credentials"
+        # the storage and LLM credentials are the user's Secrets; the chart generates only the services' own token
+        assert set(secrets) == {"selma-auth"}, "with existingSecret the chart must not create credentials"
 
 
 # --- RBAC ----------------------------------------------------------------------------------------
@@ -442,10 +474,30 @@ def test_gpus_are_requested_where_expected() -> None:
     assert by_kind(objects(cpu), "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_LAUNCHER"] == "local"
 
 
-def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
+def _probe_target(probe: dict[str, Any]) -> dict[str, Any]:
+    """{port, service} a health probe asks: a native `grpc` probe, or files/grpc-health.py once
+    against the pod's own port (TLS; see test_chart_security.py)."""
+    if "grpc" in probe:
+        return probe["grpc"]
+    command = probe["exec"]["command"]
+    assert command[:3] == ["python", "/etc/selma/scripts/grpc-health.py", "--wait=0"], command
+    target, service = command[-1].split("=", 1)
+    host, port = target.rsplit(":", 1)
+    assert host == "127.0.0.1", "a probe checks its own pod"
+    return {"port": int(port), "service": service}
+
+
+def _test_container(pod: dict[str, Any], name: str = "grpc-health") -> dict[str, Any]:
+    """A container of the `helm test` pod by name (the health check is an init container when Generate follows)."""
+    (container,) = [c for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"] if c["name"] == name]
+    return container
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
+def test_services_run_their_entrypoint_with_grpc_health_probes(tls: bool) -> None:
     from selma.app.serve_cli import SERVICES
 
-    docs = scenario_objects("default")
+    docs = scenario_objects("default") if tls else objects(render(values={"tls": {"enabled": False}}))
     deployments = by_kind(docs, "Deployment")
     services = by_kind(docs, "Service")
     assert sorted(deployments) == sorted(f"selma-{c}" for c in COMPONENTS)
@@ -454,9 +506,11 @@ def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
         assert c["args"] == ["serve", component] and component in SERVICES
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": 50051, "metrics": 9400}
-        assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": GRPC_SERVICES[component]}
-        assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
-        assert c["startupProbe"]["grpc"]["port"] == 50051
+        # native gRPC probes speak no TLS: with it the probes run the health script
+        assert ("grpc" in c["readinessProbe"]) is (not tls) and ("exec" in c["readinessProbe"]) is tls
+        assert _probe_target(c["readinessProbe"]) == {"port": 50051, "service": GRPC_SERVICES[component]}
+        assert _probe_target(c["livenessProbe"]) == {"port": 50051, "service": ""}
+        assert _probe_target(c["startupProbe"])["port"] == 50051
         svc = services[f"selma-{component}"]
         assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "metrics": 9400}
         assert svc["spec"]["selector"] == deployments[f"selma-{component}"]["spec"]["selector"]["matchLabels"]
@@ -465,7 +519,7 @@ def test_services_run_their_entrypoint_with_native_grpc_probes() -> None:
     (test_pod,) = by_kind(docs, "Pod").values()
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     expected = [f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in COMPONENTS] + ["selma-training:50051=selma.v1.EvaluationService"]
-    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(expected)
+    assert sorted(_test_container(test_pod)["args"]) == sorted(expected)
 
 
 def _settings_fields(*components: str) -> set[str] | None:
@@ -550,10 +604,10 @@ def test_evaluation_separate_runs_its_own_deployment_and_service() -> None:
     assert ev["args"] == ["serve", "evaluation"] and "evaluation" in SERVICES
     assert ev["image"] == tr["image"] and ev["name"] == "evaluation"
     assert {p["name"]: p["containerPort"] for p in ev["ports"]} == {"grpc": 50051, "metrics": 9400}
-    assert ev["readinessProbe"]["grpc"] == {"port": 50051, "service": GRPC_SERVICES["evaluation"]} == {"port": 50051, "service": "selma.v1.EvaluationService"}
-    assert ev["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
-    assert ev["startupProbe"]["grpc"]["port"] == 50051 and ev["startupProbe"]["failureThreshold"] == 30
-    assert tr["readinessProbe"]["grpc"] == {"port": 50051, "service": "selma.v1.TrainingService"}
+    assert _probe_target(ev["readinessProbe"]) == {"port": 50051, "service": GRPC_SERVICES["evaluation"]} == {"port": 50051, "service": "selma.v1.EvaluationService"}
+    assert _probe_target(ev["livenessProbe"]) == {"port": 50051, "service": ""}
+    assert _probe_target(ev["startupProbe"])["port"] == 50051 and ev["startupProbe"]["failureThreshold"] == 30
+    assert _probe_target(tr["readinessProbe"]) == {"port": 50051, "service": "selma.v1.TrainingService"}
     assert ev["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
     # Hardened exactly as the training Deployment, under the same launcher account (it creates Jobs).
     pod = deployments["selma-evaluation"]["spec"]["template"]
@@ -579,7 +633,7 @@ def test_evaluation_separate_runs_its_own_deployment_and_service() -> None:
     assert pdb["spec"]["selector"] == deployments["selma-evaluation"]["spec"]["selector"]
     # `helm test` checks each Deployment for the services it hosts.
     (test_pod,) = by_kind(docs, "Pod").values()
-    assert sorted(test_pod["spec"]["containers"][0]["args"]) == sorted(f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in (*COMPONENTS, "evaluation"))
+    assert sorted(_test_container(test_pod)["args"]) == sorted(f"selma-{c}:50051={GRPC_SERVICES[c]}" for c in (*COMPONENTS, "evaluation"))
 
 
 def test_evaluation_separate_settings_split_between_the_two_deployments() -> None:
@@ -678,11 +732,10 @@ def test_evaluation_separate_is_monitored_and_listed() -> None:
     (rule,) = by_kind(docs, "PrometheusRule").values()
     absent = [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "SelmaServiceAbsent"]
     assert "selma-evaluation" in {r["labels"]["job"] for r in absent}
-    proc = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--set", "evaluation.separate=true")
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    notes = _install_notes("--set", "evaluation.separate=true")
     assert "selma-evaluation.selma.svc:50051  (selma.v1.EvaluationService)" in notes
     assert "svc/selma-evaluation 50055:50051" in notes and ",evaluation=localhost:50055" in notes
-    default_notes = run_helm("install", "selma", str(CHART), "--namespace", NAMESPACE, "--dry-run=client").stdout.split("NOTES:", 1)[1]
+    default_notes = _install_notes()
     assert "(selma.v1.TrainingService, selma.v1.EvaluationService)" in default_notes and "selma-evaluation" not in default_notes
 
 

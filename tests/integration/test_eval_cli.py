@@ -79,7 +79,7 @@ def test_run_from_flags_prints_scores_downloads_the_report_and_a_rerun_attaches(
     e1, e2 = (e.id for e in stack["experts"])
     out = tmp_path / "report"
     argv = ["eval", "run", "--endpoints", stack["endpoints"], "--benchmark", "dsg-1k", "--categories", "countbench",
-            "--max-prompts", "2", "--target", "base", "--target", f"mix=experts:{e1}:0.5,{e2}:0.5", "--vqa", "tiny:1",
+            "--max-prompts", "2", "--target", "base", "--target", f"mix=experts:{e1}=0.5,{e2}=0.5", "--vqa", "tiny:1",
             *TINY_RENDER, "--out", str(out)]
     code, stdout, stderr = selma(capsys, *argv)
     assert code == 0, stderr
@@ -131,9 +131,9 @@ def test_run_from_flags_prints_scores_downloads_the_report_and_a_rerun_attaches(
     assert code == 0 and status["status"]["output"]["id"] == report_id
     assert status["spec"]["categories"] == ["countbench"]
 
-    code, stdout, _ = selma(capsys, "eval", "list", "--endpoints", stack["endpoints"])
-    assert code == 0
-    line = next(ln for ln in stdout.splitlines() if ln.startswith(job_id))
+    code, stdout, _ = selma(capsys, "eval", "list", "--endpoints", stack["endpoints"], "--plain")
+    assert code == 0 and stdout.startswith("job\tphase\t")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(job_id + "\t"))
     assert "SUCCEEDED" in line and report_id in line
     code, stdout, _ = selma(capsys, "eval", "list", "--endpoints", stack["endpoints"], "--json")
     listed = {j["status"]["job_id"]: j for j in json.loads(stdout)}
@@ -229,7 +229,7 @@ def test_run_from_the_search_example_on_tiny_models_registers_the_winner(stack, 
         (["--vqa", "tiny:x"], "--vqa"),
         (["--search-weights", "a,b"], "--search-weights"),
         (["--search-experts", "e1,e2", "--search-weights", "a,b"], "--search-weights"),
-        (["--method", "ties", "--target", "m=experts:e1:x,e2"], "--target"),
+        (["--method", "ties", "--target", "m=experts:e1=x,e2"], "--target"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message_and_no_traceback(capsys, tmp_path, flags, needle):

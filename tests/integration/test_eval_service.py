@@ -149,19 +149,23 @@ def test_prompt_set_with_tifa_and_merge_search_registers_the_best_merge(stack):
 @pytest.mark.parametrize(
     "mutate, code, needle",
     [
-        (lambda s: s.ClearField("benchmark"), grpc.StatusCode.INVALID_ARGUMENT, "benchmark"),
-        (lambda s: s.categories.append("nosuchcategory"), grpc.StatusCode.INVALID_ARGUMENT, "nosuchcategory"),
-        (lambda s: s.metrics.append(pb.EVALUATION_METRIC_TIFA), grpc.StatusCode.INVALID_ARGUMENT, "TIFA"),
-        (lambda s: s.targets.add(label="base"), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
-        (lambda s: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="/nonexistent/vqa-model")), grpc.StatusCode.NOT_FOUND, "vqa"),
-        (lambda s: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="nobody/not-a-cached-model")), grpc.StatusCode.NOT_FOUND, "cache"),
-        (lambda s: setattr(s, "images_per_prompt", 99), grpc.StatusCode.INVALID_ARGUMENT, "images_per_prompt"),
+        (lambda s, _: s.ClearField("benchmark"), grpc.StatusCode.INVALID_ARGUMENT, "benchmark"),
+        (lambda s, _: s.categories.append("nosuchcategory"), grpc.StatusCode.INVALID_ARGUMENT, "nosuchcategory"),
+        (lambda s, _: s.metrics.append(pb.EVALUATION_METRIC_TIFA), grpc.StatusCode.INVALID_ARGUMENT, "TIFA"),
+        (lambda s, _: s.targets.add(label="base"), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+        # a path the service may read (its own file:// storage root) that holds no model; any other path is not the client's to name
+        (lambda s, st: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source=str(st["root"] / "storage" / "no-vqa-model"))),
+         grpc.StatusCode.NOT_FOUND, "vqa"),
+        (lambda s, _: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="/nonexistent/vqa-model")), grpc.StatusCode.PERMISSION_DENIED,
+         "SELMA_MODEL_ALLOWED_DIRS"),
+        (lambda s, _: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="nobody/not-a-cached-model")), grpc.StatusCode.NOT_FOUND, "cache"),
+        (lambda s, _: setattr(s, "images_per_prompt", 99), grpc.StatusCode.INVALID_ARGUMENT, "images_per_prompt"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_starts(stack, mutate, code, needle):
     spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_DSG_1K, max_prompts=2, targets=[pb.EvaluationTarget(label="base")],
                              vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()))
-    mutate(spec)
+    mutate(spec, stack)
     with pytest.raises(grpc.RpcError) as e:
         start(stack["stub"], f"bad/{needle}", spec)
     assert e.value.code() == code

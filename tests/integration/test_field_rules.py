@@ -137,9 +137,9 @@ def test_partial_expert_weights_are_refused_alike_through_grpc_skillset_and_cli(
     with pytest.raises(SkillSetError) as s:
         parse_skillset(skillset(merge=", weights: {counting: 0.7}"))
     assert_refused_once(str(s.value), message, "spec.merge.weights")
-    # CLI: `selma eval run --target LABEL=experts:ID:W,ID` is refused before anything is sent
+    # CLI: `selma eval run --target LABEL=experts:ID=W,ID` is refused before anything is sent
     capsys.readouterr()
-    code = selma_main(["eval", "run", "--target", f"mix=experts:{a.id}:0.7,{b.id}", "--endpoints", "/nonexistent/endpoints.json"])
+    code = selma_main(["eval", "run", "--target", f"mix=experts:{a.id}=0.7,{b.id}", "--endpoints", "/nonexistent/endpoints.json"])
     assert code == 2
     assert_refused_once(cli_error(capsys), message, "target")
 

@@ -43,7 +43,8 @@ def test_local_backend_renders_chat_template_prefilled_and_fits_a_short_context(
 
 
 def test_preview_on_the_tiny_lm_over_grpc(tiny_models, tmp_path):
-    settings = PromptSettings(data_dir=tmp_path / "d", storage_uri=(tmp_path / "s").as_uri(), llm_default_backend="tiny_test")
+    settings = PromptSettings(data_dir=tmp_path / "d", storage_uri=(tmp_path / "s").as_uri(), llm_default_backend="tiny_test",
+                              model_allowed_dirs=str(tiny_models.lm.parent))  # the request names the tiny LM by path
     server = build_server(settings).start()
     server.set_ready(True)
     try:

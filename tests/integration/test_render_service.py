@@ -64,11 +64,12 @@ def watch_to_end(stub: render_service_pb2_grpc.RenderServiceStub, job_id: str) -
 
 
 @pytest.fixture
-def s3_render(make_settings, s3_server, tiny_models) -> Iterator[tuple[render_service_pb2_grpc.RenderServiceStub, ArtifactStore, RenderSettings]]:
+def s3_render(make_settings, s3_server, tiny_models, tmp_path) -> Iterator[tuple[render_service_pb2_grpc.RenderServiceStub, ArtifactStore, RenderSettings]]:
     settings = render_settings(
         make_settings(storage_uri=f"s3://selma-render-{uuid.uuid4().hex[:12]}/root", s3_endpoint=f"http://{s3_server}"),
         render_default_model=str(tiny_models.sd),
         render_max_resolution=512,
+        model_allowed_dirs=f"{tiny_models.sd.parent},{tmp_path}",  # requests name the tiny models and test dirs by path
     )
     server = build_server(settings).start()
     server.core.warm_up()
@@ -261,13 +262,14 @@ class LineReader:
 
 
 def test_server_killed_mid_job_resumes_after_restart_without_rendering_twice(make_settings, tiny_models, tmp_path, monkeypatch):
-    settings = render_settings(make_settings())
+    settings = render_settings(make_settings(), model_allowed_dirs=str(tiny_models.sd.parent))
     store = ArtifactStore(open_storage(settings))
     ps = make_prompt_set(store, 6)
     spec = dataset_spec(tiny_models.sd, ps, images_per_prompt=2, batch_size=2)  # 12 images, 6 batches
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELMA_")}
-    env.update(SELMA_DATA_DIR=str(settings.data_dir), SELMA_STORAGE_URI=settings.storage_uri, OMP_NUM_THREADS="1", SELMA_LOG_LEVEL="WARNING")
+    env.update(SELMA_DATA_DIR=str(settings.data_dir), SELMA_STORAGE_URI=settings.storage_uri, OMP_NUM_THREADS="1", SELMA_LOG_LEVEL="WARNING",
+               SELMA_MODEL_ALLOWED_DIRS=settings.model_allowed_dirs)
     with (tmp_path / "child.log").open("wb") as log_file:
         proc = _processes.popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=log_file, env=env)
     reader = LineReader(proc)

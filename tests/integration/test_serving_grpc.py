@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from safetensors.torch import load as load_st
 
+from selma.jobs import EXPERT_TRAINING_KIND, JobManager, JobPhase, JobResult, OutputRef, run_stage_key
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
@@ -225,3 +226,38 @@ def test_metrics_are_exported(served):
         "selma_serving_model_load_seconds",
     ):
         assert name in text, name
+
+
+# The two below run last: they publish another expert, which the listing tests above do not expect.
+
+
+def test_register_model_refuses_an_artifact_uri_of_another_store_naming_it(served, tmp_path):
+    stub, expert = served["stub"], served["experts"][0]
+    for foreign in (f"s3://other-bucket/selma/artifacts/{expert.id}", (tmp_path / "elsewhere" / "artifacts" / expert.id).as_uri()):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.RegisterModel(pb.RegisterModelRequest(model_name="foreign", artifact=common_pb2.ArtifactRef(uri=foreign)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert foreign in e.value.details() and "not in this service's artifact store" in e.value.details()
+    own = stub.RegisterModel(pb.RegisterModelRequest(model_name="own-uri", artifact=common_pb2.ArtifactRef(uri=expert.uri)))
+    assert own.created and own.model.artifact.id == expert.id
+
+
+def test_a_run_skill_reference_is_the_expert_the_run_recorded_not_a_newer_one_with_its_labels(served, tiny_models):
+    core, stub, recorded = served["core"], served["stub"], served["experts"][0]  # run1 / skill1
+    # The run's training job (key run1/skill1/training) recorded this expert, as `selma run` does.
+    jobs = JobManager(core.store.storage, EXPERT_TRAINING_KIND, lambda ctx: JobResult(output=OutputRef(id=recorded.id, kind="expert")))
+    rec, _ = jobs.start(run_stage_key("run1", "skill1", "training"), {"skill": "skill1"}, run="run1", skill="skill1")
+    assert [r.phase for r in jobs.watch(rec.job_id)][-1] == JobPhase.SUCCEEDED
+    jobs.shutdown()
+    shadow = make_expert(core.store, str(tiny_models.sd), seed=7, rank=4, skill="skill1", run="run1")  # newer, same labels
+
+    info = next(iter(stub.ExportAdapter(pb.ExportAdapterRequest(expert_id="run1/skill1")))).info
+    assert info.file_name.startswith(recorded.id)
+    mixed = list(stub.Generate(pb.GenerateRequest(prompts=["x"], seed=1, diffusion=common_pb2.DiffusionSettings(steps=2),
+                                                  experts=common_pb2.MergeSpec(experts=[common_pb2.ExpertWeight(expert_id="run1/skill1")]))))
+    assert [e.expert_id for e in mixed[0].model.merge.experts] == [recorded.id]  # the merge as resolved
+    by_label = stub.ListExperts(pb.ListExpertsRequest(run="run1", skill="skill1")).experts  # labels: only when asked
+    assert {e.expert_id for e in by_label} == {recorded.id, shadow.id}
+    with pytest.raises(grpc.RpcError) as e:  # run1 recorded no expert for skill2, although one carries its labels
+        next(iter(stub.ExportAdapter(pb.ExportAdapterRequest(expert_id="run1/skill2"))))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "recorded no expert" in e.value.details()

@@ -20,10 +20,13 @@ from selma.app.runner import Reporter, RunDriver, RunState
 from selma.app.skillset import load_skillset
 from selma.client import Endpoints, SelmaClient
 from selma.errors import InvalidArgument, RunFailed
+from selma.jobs import EXPERT_TRAINING_KIND, job_id_for
 from selma.storage import S3Storage, open_storage
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
+from selma.v1 import training_service_pb2 as training_pb
+from selma.v1 import training_service_pb2_grpc as training_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 MERGED, EXPERT, PROMPTS = "merged-quickstart-1", "expert-run1-spatial-1", "prompt-set-1"
@@ -64,14 +67,25 @@ class FakeServing(pb_grpc.ServingServiceServicer):
         return pb.GetLineageResponse(artifacts=out)
 
 
+class FakeTraining(training_grpc.TrainingServiceServicer):
+    """Just what `<run>/<skill>` needs: the run's training job, whose output is the expert it recorded."""
+
+    def GetExpertTraining(self, request, context):  # noqa: N802
+        if request.job_id != job_id_for(EXPERT_TRAINING_KIND, "run1/spatial/training"):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id}")
+        status = common_pb2.JobStatus(job_id=request.job_id, phase=common_pb2.JOB_PHASE_SUCCEEDED, output=common_pb2.ArtifactRef(id=EXPERT))
+        return training_pb.GetExpertTrainingResponse(job=training_pb.ExpertTrainingJob(status=status))
+
+
 @pytest.fixture(scope="module")
 def serving_endpoints(tmp_path_factory):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_ServingServiceServicer_to_server(FakeServing(), server)
+    training_grpc.add_TrainingServiceServicer_to_server(FakeTraining(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     path = tmp_path_factory.mktemp("ep") / "endpoints.json"
-    Endpoints(serving=f"127.0.0.1:{port}").save(path)
+    Endpoints(serving=f"127.0.0.1:{port}", training=f"127.0.0.1:{port}").save(path)
     yield str(path), f"127.0.0.1:{port}"
     server.stop(0)
 
@@ -162,3 +176,10 @@ def test_selma_up_with_s3_storage_and_no_endpoint_fails_before_starting_anything
     assert main(["up", "--dir", str(tmp_path / "d"), "--storage", "s3://bucket/prefix"]) == 2
     err = capsys.readouterr().err
     assert "SELMA_S3_ENDPOINT" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_skill_reference_is_the_expert_the_run_recorded_not_one_found_by_labels(serving_endpoints, capsys):
+    path, _ = serving_endpoints
+    assert main(["lineage", "run1/counting", "--endpoints", path]) == 2  # run1 has no succeeded counting training job
+    err = capsys.readouterr().err
+    assert "recorded no expert" in err and "run1/counting/training" in err

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from selma import api
-from selma.errors import AlreadyExists, InvalidArgument, NotFound
-from selma.jobs import JobContext, JobManager, JobPhase, JobResult, OutputRef
+from selma.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from selma.jobs import JobContext, JobManager, JobPhase, JobRecord, JobResult, OutputRef
 from selma.storage import FileStorage
 from selma.v1 import common_pb2
 
@@ -224,3 +224,124 @@ def test_unknown_job_is_not_found(storage):
         mgr.get("x-0000")
     with pytest.raises(NotFound):
         mgr.cancel("x-0000")
+
+
+class FlakyStore(FileStorage):
+    """The real file store, whose next writes of keys containing ``fail_on`` raise Unavailable (``failures`` times)."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.fail_on = ""
+        self.failures = 0
+
+    def put_bytes(self, key: str, data: bytes, **kw):
+        if self.failures and self.fail_on and self.fail_on in key:
+            self.failures -= 1
+            raise Unavailable(f"injected: storage refused {key}")
+        return super().put_bytes(key, data, **kw)
+
+
+def test_a_failed_save_during_restart_leaves_the_job_as_it_was_and_the_next_start_restarts_it(tmp_path):
+    store = FlakyStore(tmp_path / "store")
+    attempts: list[int] = []
+
+    def fails_first(ctx: JobContext) -> JobResult:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise InvalidArgument("first attempt fails")
+        return JobResult(output=OutputRef(id="out"))
+
+    mgr = JobManager(store, "x", fails_first)
+    rec, _ = mgr.start("k", {})
+    assert _wait(mgr, rec.job_id) == JobPhase.FAILED
+    stored_before = store.get_bytes(f"jobs/x/{rec.job_id}.json")
+
+    store.fail_on, store.failures = rec.job_id, 1
+    with pytest.raises(Unavailable, match="injected"):
+        mgr.start("k", {})
+    after = mgr.get(rec.job_id)  # exactly as it was: FAILED, attempt 1, no worker started
+    assert after.phase == JobPhase.FAILED and after.attempt == 1 and after.error.message == "first attempt fails"
+    assert store.get_bytes(f"jobs/x/{rec.job_id}.json") == stored_before
+    assert attempts == [1]
+
+    again, created = mgr.start("k", {})  # the store works again: a clean restart
+    assert created and again.attempt == 2 and again.phase == JobPhase.PENDING
+    assert _wait(mgr, rec.job_id) == JobPhase.SUCCEEDED
+    assert attempts == [1, 2] and mgr.get(rec.job_id).output.id == "out"
+
+
+def test_a_new_job_whose_first_save_fails_does_not_exist(tmp_path):
+    store = FlakyStore(tmp_path / "store")
+    store.fail_on, store.failures = "jobs/x/", 1
+    mgr = JobManager(store, "x", _counting_job())
+    with pytest.raises(Unavailable):
+        mgr.start("k", {})
+    assert mgr.list()[0] == []
+    rec, created = mgr.start("k", {})
+    assert created and _wait(mgr, rec.job_id) == JobPhase.SUCCEEDED
+
+
+def test_a_job_whose_running_record_cannot_be_saved_fails_naming_the_save_instead_of_staying_pending(tmp_path):
+    store = FlakyStore(tmp_path / "store")
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def blocker(ctx: JobContext) -> JobResult:
+        gate.wait(10)
+        return JobResult()
+
+    # one worker slot: the second job is queued, then its RUNNING save fails when it gets the slot
+    mgr = JobManager(store, "x", lambda ctx: blocker(ctx) if ctx.spec["n"] == 1 else _counting_job(calls=calls)(ctx))
+    first, _ = mgr.start("a", {"n": 1})
+    second, _ = mgr.start("b", {"n": 2})
+    store.fail_on, store.failures = second.job_id, 1
+    gate.set()
+    assert _wait(mgr, second.job_id) == JobPhase.FAILED
+    failed = mgr.get(second.job_id)
+    assert failed.error.code == "UNAVAILABLE" and "saving the job record failed" in failed.message and "injected" in failed.message
+    assert calls == []
+    mgr.start("b", {"n": 2})
+    assert _wait(mgr, second.job_id) == JobPhase.SUCCEEDED and calls == [2]
+
+
+def test_the_watchdog_fails_a_job_whose_worker_was_never_started_and_start_restarts_it(storage):
+    mgr = JobManager(storage, "x", _counting_job(), watchdog_seconds=0.2)
+    mgr._pool.shutdown()  # the worker pool is gone (as if its threads died): nothing can run the job
+    rec, _ = mgr.start("k", {})
+    watched = list(mgr.watch(rec.job_id, heartbeat=0.5))  # ends: the watchdog ends the job
+    final = watched[-1]
+    assert final.phase == JobPhase.FAILED
+    assert final.error.reason == "WorkerLost" and "without a worker" in final.message and "could not be queued" in final.message
+    assert mgr.get(rec.job_id).phase == JobPhase.FAILED  # saved, not only in memory
+    assert JobRecord.model_validate_json(storage.get_bytes(f"jobs/x/{rec.job_id}.json")).phase == JobPhase.FAILED
+    mgr.shutdown()
+
+
+def test_the_watchdog_leaves_queued_and_running_jobs_alone(storage):
+    gate = threading.Event()
+
+    def blocker(ctx: JobContext) -> JobResult:
+        gate.wait(10)
+        return JobResult()
+
+    mgr = JobManager(storage, "x", blocker, watchdog_seconds=0.01)
+    running, _ = mgr.start("a", {"n": 1})
+    queued, _ = mgr.start("b", {"n": 2})
+    for _ in range(3):
+        assert mgr.check_workers() == []
+        time.sleep(0.02)
+    gate.set()
+    assert _wait(mgr, running.job_id) == JobPhase.SUCCEEDED and _wait(mgr, queued.job_id) == JobPhase.SUCCEEDED
+    mgr.shutdown()
+
+
+def test_a_succeeded_job_reports_what_it_did_not_what_was_asked(storage):
+    def short(ctx: JobContext) -> JobResult:
+        ctx.progress(2, 4, unit="prompts")
+        return JobResult(message="accepted 2 prompts")
+
+    mgr = JobManager(storage, "x", short)
+    rec, _ = mgr.start("k", {})
+    assert _wait(mgr, rec.job_id) == JobPhase.SUCCEEDED
+    p = mgr.get(rec.job_id).progress
+    assert (p.done, p.total) == (2, 4)

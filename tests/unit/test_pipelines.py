@@ -101,3 +101,23 @@ def test_tiny_scheme_builds_and_loads_the_offline_models(make_settings):
         load_pipeline(ModelSpec("tiny://flux"), settings)
     with pytest.raises(InvalidArgument, match="seed"):
         load_pipeline(ModelSpec("tiny://sd?steps=3"), settings)
+
+
+def test_imports_are_a_start_up_phase_not_part_of_a_model_load(tiny_models, make_settings, monkeypatch):
+    """Model-load metrics must measure loading: the first load used to include the diffusers imports.
+    A service calls import_libraries() before it starts its model-load timer; the imports are reported
+    once as selma_startup_phase_seconds{phase="imports"}, and a later load never imports again."""
+    from prometheus_client import REGISTRY
+
+    from selma import pipelines
+
+    pipelines.import_libraries()
+    imports = REGISTRY.get_sample_value("selma_startup_phase_seconds", {"phase": "imports"})
+    assert imports is not None and imports >= 0
+    calls: list[int] = []
+    monkeypatch.setattr(pipelines._imported, "set", lambda: calls.append(1))  # a second import pass would call it
+    pipelines.import_libraries()
+    load_pipeline(ModelSpec(str(tiny_models.sd)), make_settings())
+    assert calls == []
+    assert REGISTRY.get_sample_value("selma_startup_phase_seconds", {"phase": "imports"}) == imports
+    assert REGISTRY.get_sample_value("selma_startup_phase_seconds", {"phase": "model_materialize"}) is not None

@@ -230,6 +230,92 @@ def test_concurrent_requests_with_different_mixes_equal_their_sequential_results
     assert len({s[0] for s in sequential}) == len(requests)  # the mixes really differ
 
 
+def test_concurrent_requests_never_share_a_tokenizers_padding_state(env, monkeypatch):
+    """The race behind the flaky concurrent-mix test, forced: a fast tokenizer keeps its padding and
+    truncation settings between calls, and a pipeline calls it twice per prompt with different ones
+    (padded to max length, then ``padding="longest"``).  Request A sets its settings, then request B
+    makes both of its calls before A encodes; with a shared tokenizer A encodes with B's
+    ``longest`` padding and its image changes.  Each request must encode with its own settings."""
+    engine = env.core.engine
+    tok_cls = type(engine.pipe.tokenizer)
+    assert hasattr(tok_cls, "set_truncation_and_padding"), "the tiny model's tokenizer should be a fast tokenizer"
+    original = tok_cls.set_truncation_and_padding
+    from transformers.tokenization_utils_base import PaddingStrategy
+
+    a_padded, b_longest, a_next = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[str]] = {"A": [], "B": []}
+
+    def interleaving(self, *args, **kwargs):
+        who = threading.current_thread().name
+        if who not in seen:
+            return original(self, *args, **kwargs)
+        strategy = PaddingStrategy(kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD)).value
+        if who == "B" and not seen["B"]:
+            assert a_padded.wait(60)  # B starts once A has set max-length padding
+        if who == "A" and "max_length" in seen["A"]:
+            a_next.set()  # A's next call: it has encoded its prompt
+        out = original(self, *args, **kwargs)
+        seen[who].append(strategy)
+        if who == "A" and seen["A"].count("max_length") == 1 and strategy == "max_length":
+            a_padded.set()
+            assert b_longest.wait(60)  # A encodes only after B has set "longest" padding ...
+        if who == "B" and strategy == "longest" and seen["B"].count("longest") == 1:
+            b_longest.set()
+            assert a_next.wait(60)  # ... and before B sets anything again
+        return out
+
+    req_a = GenerationRequest(prompts=["red circle"], steps=2, seed=5)
+    req_b = GenerationRequest(prompts=["a much longer prompt about two blue squares"], steps=2, seed=6)
+    alone = [next(engine.generate(r)).png for r in (req_a, req_b)]
+    monkeypatch.setattr(tok_cls, "set_truncation_and_padding", interleaving)
+    results: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, req: GenerationRequest) -> None:
+        try:
+            results[name] = next(engine.generate(req)).png
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n, r), name=n) for n, r in (("A", req_a), ("B", req_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert a_padded.is_set() and b_longest.is_set() and a_next.is_set(), seen  # the forced interleaving happened
+    assert [results["A"], results["B"]] == alone
+
+
+def test_concurrent_generation_stress_equals_sequential(env):
+    """Many rounds of eight concurrent requests (base and two mixes) give the sequential bytes."""
+    core, ex = env.core, env.ex
+    requests = [
+        GenerationRequest(prompts=[p], steps=2, seed=s, merge=m)
+        for p, s, m in [
+            ("red", 1, None),
+            ("two blue squares left of a circle", 2, mix((ex["a"], 0.5), (ex["c"], 0.5))),
+            ("green", 3, mix((ex["b"], 1.0))),
+            ("a yellow triangle", 4, None),
+        ]
+        * 2
+    ]
+    sequential = [next(core.engine.generate(r)).png for r in requests]
+    def run(i: int, barrier: threading.Barrier, results: list[bytes | None]) -> None:
+        barrier.wait()
+        results[i] = next(core.engine.generate(requests[i])).png
+
+    for _ in range(3):
+        results: list[bytes | None] = [None] * len(requests)
+        barrier = threading.Barrier(len(requests))
+        threads = [threading.Thread(target=run, args=(i, barrier, results)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == sequential
+
+
 def test_cache_hits_for_the_same_mix(env):
     core, ex = env.core, env.ex
     core.engine.cache.clear()
@@ -279,7 +365,7 @@ def test_cancel_stops_denoising_and_deadline_is_honoured(env):
         ({"guidance_scale": float("inf")}, InvalidArgument, "guidance"),
         ({"scheduler": "nope"}, InvalidArgument, "scheduler"),
         ({"merge": MergeParams(experts=(ExpertWeight("expert-00000000000000000000"),))}, NotFound, "does not exist"),
-        ({"merge": MergeParams(experts=(ExpertWeight("nope/none"),))}, NotFound, "no expert for run"),
+        ({"merge": MergeParams(experts=(ExpertWeight("nope/none"),))}, NotFound, "recorded no expert"),
         ({"merge": MergeParams(experts=())}, InvalidArgument, "at least one expert"),
         ({"model_name": "not-registered"}, NotFound, "no model registered"),
     ],

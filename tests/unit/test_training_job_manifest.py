@@ -257,3 +257,24 @@ def test_worker_settings_skip_unset_values_and_keep_every_secret_out_of_jobs():
     assert "sk-" not in repr(job_env) and "*" not in repr(job_env)
     local_env = s.worker_env(secrets=True)  # a local worker shares the service's environment anyway
     assert local_env["SELMA_EVAL_API_KEYS"] == '{"openai": "sk-live"}' and local_env["SELMA_LLM_OPENAI_API_KEY"] == "sk-llm"
+
+
+def test_workers_get_their_token_and_client_tls_from_secrets_never_as_values():
+    """SELMA_BATCH_TOKEN_SECRET / SELMA_BATCH_TLS_SECRET: a secretKeyRef and a read-only mount, no secret in the manifest."""
+    plain = build_job(request(), settings())
+    (c,) = plain["spec"]["template"]["spec"]["containers"]
+    assert not {"SELMA_TOKEN", "SELMA_TLS_CA"} & {e["name"] for e in c["env"]}
+
+    job = build_job(request(), settings(batch_token_secret="selma-worker-token", batch_tls_secret="selma-client-tls"))
+    strict_validate(job)
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["SELMA_TOKEN"] == {"name": "SELMA_TOKEN", "valueFrom": {"secretKeyRef": {"name": "selma-worker-token", "key": "token"}}}
+    assert env["SELMA_TLS_CA"]["value"] == "/etc/selma/client-tls/ca.crt"
+    assert env["SELMA_TLS_CLIENT_CERT"]["value"] == "/etc/selma/client-tls/tls.crt"
+    assert env["SELMA_TLS_CLIENT_KEY"]["value"] == "/etc/selma/client-tls/tls.key"
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/selma/client-tls"]
+    assert mount["readOnly"] is True
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == "selma-client-tls"

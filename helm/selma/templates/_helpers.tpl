@@ -165,6 +165,7 @@ separate evaluation service), trainer and evaluation worker Jobs (no API access)
 {{- if and (eq .Values.ports.grpc .Values.ports.metrics) }}
 {{- $errors = append $errors "ports.grpc and ports.metrics must differ" }}
 {{- end }}
+{{- $errors = concat $errors (include "selma.securityErrors" . | fromJsonArray) }}
 {{- if $errors }}
 {{- fail (printf "\n\nselma: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
 {{- end }}

@@ -108,4 +108,5 @@ SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
 
 {{- define "selma.servingSettings" -}}
 SELMA_SERVING_BASE_MODEL: {{ .Values.model.base | quote }}
+SELMA_SERVING_GC_GRACE_SECONDS: {{ .Values.gc.gracePeriodSeconds | int64 | quote }}
 {{- end }}

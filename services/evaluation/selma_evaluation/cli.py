@@ -1,5 +1,6 @@
 """``selma eval …``: faithfulness evaluation from the command line.
 
+``selma eval dsg-score --template [--categories A,B] > answers.csv`` prints the answers file's skeleton;
 ``selma eval dsg-score --answers FILE`` scores yes/no answers produced elsewhere on DSG-1k: FILE is
 a UTF-8 CSV with the columns ``item_id,question_id,answer``, one row per DSG-1k question; as the DSG
 reference scorer, any answer other than yes (blank, "unanswerable", ...) fails its question, and
@@ -42,7 +43,10 @@ def _add_dsg_score(actions: argparse._SubParsersAction) -> None:
         "yes (case and spaces ignored) fails its question: blank and free-form answers (e.g. unanswerable) "
         "are scored as failed and counted per category.",
     )
-    p.add_argument("--answers", type=Path, required=True, metavar="FILE", help="answers CSV (item_id,question_id,answer)")
+    p.add_argument("--answers", type=Path, default=None, metavar="FILE", help="answers CSV (item_id,question_id,answer); required unless --template")
+    p.add_argument("--template", action="store_true",
+                   help="print the answers CSV skeleton instead (one row per question of the benchmark or --categories, "
+                   "answer left empty; the extra category/prompt/question columns are ignored when scoring)")
     p.add_argument("--categories", default="", metavar="A,B",
                    help="score only these DSG-1k categories (comma-separated; only their questions are required)")
     p.add_argument("--rule", choices=("transitive", "direct"), default="transitive",
@@ -63,6 +67,12 @@ def _dsg_score(args: argparse.Namespace) -> int:
         items = dsg.load_dsg1k(categories)
     except InvalidArgument as e:
         raise InvalidArgument(e.message, field="--categories") from None
+    if args.template:
+        sys.stdout.write(dsg.answers_template(items))
+        return 0
+    if args.answers is None:
+        raise InvalidArgument("give --answers FILE (a CSV with item_id,question_id,answer), or --template to print its skeleton",
+                              field="--answers")
     answers = dsg.read_answers_file(args.answers, items, all_items=dsg.load_dsg1k(), strict=args.strict)
     table = dsg.score_dsg(answers.samples, rule=args.rule)
     if args.json:

@@ -28,8 +28,9 @@ from typing import Any
 
 from selma import plugins
 from selma.api import enum_name
+from selma.cli_options import add_output_options, add_store_options, parse_expert_weights, print_rows, storage_uri
 from selma.errors import InvalidArgument
-from selma.specs import density, expert_weights
+from selma.specs import density
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     r.add_argument("--categories", default="", help="comma-separated DSG-1k categories, or skills of the prompt sets")
     r.add_argument("--max-prompts", type=int, default=0, help="evaluate the first N prompts only (0 = all)")
     r.add_argument("--target", action="append", default=[],
-                   help="LABEL (base model), LABEL=model:NAME (registered model) or LABEL=experts:ID[:W],ID[:W] (per-request mix); repeatable; default 'base'")
+                   help="LABEL (base model), LABEL=model:NAME (registered model) or LABEL=experts:ID=W,ID=W (per-request mix; ID,ID for 1/N each); "
+                        "repeatable; default 'base'")
     r.add_argument("--method", choices=_METHODS, default="mean_delta", help="merge method of experts targets (default mean_delta)")
     r.add_argument("--metric", action="append", choices=("dsg", "tifa"), default=[], help="metric (repeatable; default dsg)")
     r.add_argument("--vqa", default="", help="tiny[:SEED] | transformers:ID_OR_PATH | openai:MODEL@BASE_URL | a plugin's name, e.g. shapesworld (default: the service's eval_vqa_model)")
@@ -74,20 +76,20 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     r.add_argument("--key", default="", help="idempotency key (default: derived from the spec, so a re-run attaches)")
     r.add_argument("--detach", action="store_true", help="start and return without waiting")
     r.add_argument("--out", default="", help="download the finished report into this directory")
-    r.add_argument("--storage", default="", help="artifact storage URI for --out (default: the storage the report was published in)")
-    r.add_argument("--json", action="store_true", help="print the final job as JSON")
+    r.add_argument("--storage", default="", metavar="URI", help="artifact root for --out (default: the storage the report was published in)")
+    add_output_options(r)
     _common(r)
     r.set_defaults(func=_run)
 
     s = esub.add_parser("status", help="show an evaluation job")
     s.add_argument("job_id")
-    s.add_argument("--json", action="store_true")
+    add_output_options(s)
     _common(s)
     s.set_defaults(func=_status)
 
     ls = esub.add_parser("list", help="list evaluation jobs")
-    ls.add_argument("--run", default="")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--run", default="", help="only evaluations of this pipeline run")
+    add_output_options(ls)
     _common(ls)
     ls.set_defaults(func=_list)
 
@@ -100,8 +102,7 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     rep = esub.add_parser("report", help="print an evaluation report's tables; --out downloads it (index.html, charts, images)")
     rep.add_argument("report_id", help="eval_report artifact id (the job's output)")
     rep.add_argument("--out", default="", help="download every file of the report into this directory")
-    rep.add_argument("--storage", default="", help="artifact storage URI (default: SELMA_STORAGE_URI or <dir>/storage)")
-    rep.add_argument("--dir", default=".selma", help="local stack directory (default .selma)")
+    add_store_options(rep)
     rep.set_defaults(func=_report)
 
     x = esub.add_parser("execute", help="run one evaluation job document (the worker the launcher starts)")
@@ -110,8 +111,11 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from selma.client import add_client_arguments
+
     p.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
-    p.add_argument("--dir", default=".selma", help="local stack directory (default .selma)")
+    add_client_arguments(p)
+    add_store_options(p, storage=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def _method(name: str) -> str:
 
 
 def parse_target(text: str, method: str = "mean_delta") -> dict[str, Any]:
-    """``LABEL`` | ``LABEL=model:NAME`` | ``LABEL=experts:ID[:W],ID[:W]`` → proto-JSON EvaluationTarget."""
+    """``LABEL`` | ``LABEL=model:NAME`` | ``LABEL=experts:ID=W,ID=W`` (or ``ID,ID``: 1/N each) → proto-JSON EvaluationTarget."""
     label, sep, rest = text.partition("=")
     label = label.strip()
     if not label:
@@ -147,29 +151,11 @@ def parse_target(text: str, method: str = "mean_delta") -> dict[str, Any]:
     if kind == "model" and value:
         return {"label": label, "model_name": value}
     if kind == "experts" and value:
-        experts = []
-        ids = _csv(value)
-        for part in ids:
-            # expert ids (`expert-<hex>`, `<run>/<skill>`) have no colon: one means ID:WEIGHT
-            eid, colon, w = part.rpartition(":") if ":" in part else (part, "", "")
-            if colon and (not eid or not _is_number(w)):
-                raise InvalidArgument(f"--target {text!r}: {part!r} is not ID or ID:WEIGHT (a number)", field="target")
-            experts.append({"expert_id": eid, "weight": float(w) if colon else None})
-        if not experts:
-            raise InvalidArgument(f"--target {text!r} names no expert", field="target")
-        # the service's rule (selma.specs.expert_weights): every expert has a weight or none has; unset = 1/N there
-        expert_weights([e["weight"] for e in experts], fld="target")
-        experts = [{k: v for k, v in e.items() if v is not None} for e in experts]
+        # the CLI's one expert-weight grammar (selma.cli_options): ID=W,ID=W, or ID,ID for 1/N each
+        pairs = parse_expert_weights(value, "--target")
+        experts = [{"expert_id": eid} | ({"weight": w} if w is not None else {}) for eid, w in pairs]
         return {"label": label, "experts": {"method": _method(method), "experts": experts}}
-    raise InvalidArgument(f"--target {text!r} must be LABEL, LABEL=model:NAME or LABEL=experts:ID[:W],...", field="target")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    raise InvalidArgument(f"--target {text!r} must be LABEL, LABEL=model:NAME or LABEL=experts:ID=W,ID=W", field="target")
 
 
 def _backend(text: str, what: str) -> dict[str, Any]:
@@ -294,9 +280,9 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from selma.client import Endpoints, SelmaClient
+    from selma.client import SelmaClient
 
-    return SelmaClient(Endpoints.for_cli(args.endpoints, args.dir), timeout=60.0)
+    return SelmaClient.for_cli(args, timeout=60.0)
 
 
 def _rpc(fn: Any, *a: Any, **kw: Any) -> Any:
@@ -332,17 +318,28 @@ def _run(args: argparse.Namespace) -> int:
         if args.detach:
             sys.stdout.write(job.status.job_id + "\n")
             return 0
-        job = _follow(stub, job.status.job_id)
+        job = _follow(stub, job.status.job_id, plain=args.plain)
     return _finish(args, job)
 
 
-def _follow(stub: Any, job_id: str) -> Any:
+def _follow(stub: Any, job_id: str, *, plain: bool = False) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from selma.v1 import evaluation_service_pb2 as pb
 
     last = None
+    if plain:  # a line per change of phase or message, no live bar (logs, CI); a failed call is the CLI's one-line error
+        from selma.v1 import common_pb2
+
+        said = None
+        for resp in stub.WatchEvaluation(pb.WatchEvaluationRequest(job_id=job_id)):
+            st, last = resp.job.status, resp.job
+            if (st.phase, st.message) != said:
+                said = (st.phase, st.message)
+                count = f" {st.progress.done}/{st.progress.total}" if st.progress.total else ""
+                sys.stderr.write(f"{enum_name(common_pb2.JobPhase, st.phase)}{count} {st.message}".rstrip() + "\n")
+        return last or _rpc(stub.GetEvaluation, pb.GetEvaluationRequest(job_id=job_id), timeout=60).job
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
                   console=Console(stderr=True)) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -446,7 +443,12 @@ def _status(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(message_to_dict(job), indent=2) + "\n")
         return 0
     st = job.status
-    sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper()}  {st.progress.done}/{st.progress.total}  {st.message}\n")
+    count = f"{st.progress.done}/{st.progress.total}" if st.progress.total else "-"
+    if args.plain:
+        print_rows(args, ("job", "phase", "progress", "message"), [(st.job_id, enum_name(common_pb2.JobPhase, st.phase), count, st.message)])
+        sys.stdout.write(score_table(job) + "\n")
+        return 0
+    sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper()}  {count}  {st.message}\n")
     sys.stdout.write(score_table(job) + plumbing_note(job) + "\n")
     return 0
 
@@ -466,12 +468,8 @@ def _list(args: argparse.Namespace) -> int:
             token = resp.next_page_token
             if not token:
                 break
-    if args.json:
-        sys.stdout.write(json.dumps([message_to_dict(j) for j in jobs], indent=2) + "\n")
-        return 0
-    for j in jobs:
-        st = j.status
-        sys.stdout.write(f"{st.job_id}  {enum_name(common_pb2.JobPhase, st.phase).upper():10s}  {st.idempotency_key}  {st.output.id}\n")
+    rows = [(j.status.job_id, enum_name(common_pb2.JobPhase, j.status.phase).upper(), j.status.idempotency_key, j.status.output.id) for j in jobs]
+    print_rows(args, ("job", "phase", "key", "report"), rows, title="evaluations", records=[message_to_dict(j) for j in jobs])
     return 0
 
 
@@ -495,7 +493,7 @@ def _store(args: argparse.Namespace, artifact_uri: str = "", artifact_id: str = 
     settings = SelmaSettings()
     suffix = f"/{ARTIFACTS_PREFIX}/{artifact_id}"
     if getattr(args, "storage", ""):
-        uri = args.storage
+        uri = storage_uri(args, settings)  # a file:// root that does not exist is NOT_FOUND naming it
     elif artifact_id and artifact_uri.endswith(suffix):
         uri = artifact_uri[: -len(suffix)]
     else:

@@ -34,6 +34,7 @@ from selma_evaluation.runner import (
     validation_set_refs,
 )
 from selma_evaluation.settings import EvaluationSettings
+from selma_evaluation.targets import check_targets_exist
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class EvaluationCore:
         self.store = ArtifactStore(self.storage)
         # hosted beside training (the default), both share one set of launchers and so one local worker pool
         self.launchers = launchers or default_launchers(settings)
-        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs)
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
+                                  watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 
     # -- validation
@@ -176,6 +178,11 @@ class EvaluationCore:
                         raise InvalidArgument("expert_id is required", field=f"spec.targets[{i}].experts.experts[{j}].expert_id")
                 # the merge's own rule (selma.specs): finite weights, every expert has one or none has
                 expert_weights([e.get("weight") for e in merge["experts"]], f"spec.targets[{i}].experts.experts.weight")
+        if search and not search.get("expert_ids"):
+            raise InvalidArgument("merge_search needs at least one expert id", field="spec.merge_search.expert_ids")
+        serving_endpoint = self.serving_endpoint()
+        # through ServingService's API, which renders every target: an unknown model or expert is NOT_FOUND now, not a failed job later
+        check_targets_exist(serving_endpoint, targets, (search.get("expert_ids") or []) if search else [])
         if search:
             self._validate_search(search, test_texts)
 
@@ -194,7 +201,7 @@ class EvaluationCore:
             spec=spec,
             report_id=new_artifact_id(ArtifactKind.EVAL_REPORT, idempotency_key),
             work_prefix=f"evaluation/{job_id}",
-            serving_endpoint=self.serving_endpoint(),
+            serving_endpoint=serving_endpoint,
             vqa=vqa,
             metrics=metrics,
             labels=dict(spec.get("labels") or {}),
@@ -301,6 +308,9 @@ class EvaluationCore:
             raise FailedPrecondition(f"the evaluation worker exited cleanly but report {doc.report_id} is not published") from None
         progress = read_progress(self.storage, doc.progress_key) or {}
         stats = stats_from_progress(progress, name)
+        # The worker's final counts, not the last poll's: a finished job says what it did.
+        total = stats["images_total"] + stats["questions_total"]
+        ctx.progress(stats["images_rendered"] + stats["questions_answered"], total or None, unit="images+answers")
         stats["report_html_uri"] = manifest.file_uri("index.html")
         summary = manifest.parameters.get("summary", {})
         text = "; ".join(f"{label}: " + ", ".join(f"{m.upper()} {v:.1f}" for m, v in s.items()) for label, s in summary.items())

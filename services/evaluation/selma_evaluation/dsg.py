@@ -550,3 +550,15 @@ def format_table(table: ScoreTable) -> str:
 
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]]
     return "\n".join(lines) + "\n"
+
+
+def answers_template(items: Sequence[EvalItem]) -> str:
+    """The answers CSV skeleton for ``items``: one row per question with the ``answer`` cell empty,
+    plus ``category``, ``prompt`` and ``question`` columns for whoever fills it in (the scorer ignores them)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*ANSWER_COLUMNS, "category", "prompt", "question"])
+    for item in items:
+        for q in item.questions:
+            writer.writerow([item.id, q.id, "", item.category, item.prompt, q.text])
+    return out.getvalue()

@@ -271,18 +271,21 @@ def item_seed(base_seed: int, item_id: str) -> int:
 
 
 class ServingRenderer:
-    """Renders targets with ServingService.Generate; waits out a serving restart (bounded)."""
+    """Renders targets with ServingService.Generate; waits out a serving restart (bounded).
+
+    The channel authenticates as ``SELMA_TOKEN``/``SELMA_TLS_*`` say (the worker's own token and CA,
+    from the launching service's environment or, in a Kubernetes Job, its Secrets).
+    """
 
     def __init__(self, endpoint: str, *, timeout: float = 600.0, unavailable_wait: float = 300.0) -> None:
-        import grpc
-
+        from selma.security import make_channel
         from selma.v1 import serving_service_pb2_grpc
 
         self.endpoint = endpoint
         self.timeout = timeout
         self.unavailable_wait = unavailable_wait
         mib = 1024 * 1024
-        self._channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", 256 * mib)])
+        self._channel = make_channel(endpoint, options=[("grpc.max_receive_message_length", 256 * mib)])
         self._stub = serving_service_pb2_grpc.ServingServiceStub(self._channel)
 
     def close(self) -> None:

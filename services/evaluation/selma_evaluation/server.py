@@ -13,6 +13,7 @@ from selma.batch.launchers import Launcher
 from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.server import Hosted, SelmaServer, ServiceRegistration
+from selma.sources import check_request
 from selma.v1 import evaluation_service_pb2 as pb
 from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
 from selma_evaluation.core import EvaluationCore
@@ -39,6 +40,7 @@ class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
         JobRpcs(JOB_KINDS["evaluation"], to_job, core, start=self._start).bind(self)
 
     def _start(self, request: pb.StartEvaluationRequest) -> tuple[JobRecord | pb.EvaluationJob, bool]:
+        check_request(request, self.core.settings)  # before any model is resolved or prompt set read
         rec, created, _doc = self.core.start(request.idempotency_key, message_to_dict(request.spec), validate_only=request.validate_only)
         if rec is None:
             return pb.EvaluationJob(spec=request.spec), False

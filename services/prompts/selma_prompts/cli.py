@@ -21,6 +21,7 @@ import logging
 import sys
 from typing import Any
 
+from selma.cli_options import add_output_options, print_rows
 from selma.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sk = psub.add_parser("skills", help="list the built-in and configured skills")
     sk.add_argument("--skill-file", action="append", default=[], help="also load skills from this YAML file (repeatable)")
-    sk.add_argument("--json", action="store_true", help="print JSON")
+    add_output_options(sk)
     sk.set_defaults(func=_skills)
 
     g = psub.add_parser("generate", help="run the SELMA prompt loop for one skill")
@@ -79,19 +80,9 @@ def _settings(args: argparse.Namespace) -> Any:
 def _skills(args: argparse.Namespace) -> int:
     from selma_prompts.skills import SkillLibrary
 
-    library = SkillLibrary(_settings(args).prompts_skill_paths)
-    if args.json:
-        sys.stdout.write(json.dumps([s.to_dict() for s in library.all()], indent=2) + "\n")
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="skills")
-    for col in ("name", "description", "rules", "seeds"):
-        t.add_column(col)
-    for s in library.all():
-        t.add_row(s.name, s.description, str(len(s.rules)), str(len(s.seed_examples)))
-    Console().print(t)
+    skills = SkillLibrary(_settings(args).prompts_skill_paths).all()
+    rows = [(s.name, s.description, len(s.rules), len(s.seed_examples)) for s in skills]
+    print_rows(args, ("name", "description", "rules", "seeds"), rows, title="skills", records=[s.to_dict() for s in skills])
     return 0
 
 
@@ -150,6 +141,20 @@ def _write(records: list[dict[str, Any]], out: str) -> None:
         sys.stdout.write(data)
 
 
+def speed_hint(spec: Any) -> str:
+    """Why generation with a local model on a CPU is slow, and the flags that make it faster ("" otherwise)."""
+    backend = spec.backend
+    if backend.kind not in ("embedded", "local_causal_lm") or backend.device.startswith("cuda"):
+        return ""
+    model = "the embedded SmolLM2-135M" if backend.kind == "embedded" else f"the local model {backend.model}"
+    return (
+        f"note: {model} runs on this machine's CPU{'' if backend.device else ' (unless a GPU is found)'}: accepting {spec.count} prompts "
+        f"takes up to {spec.budget} LLM requests of {spec.prompts_per_request} prompts each, one after another, which can take "
+        "minutes per request on a busy machine. Faster: a served LLM (--backend openai --base-url URL --model NAME), "
+        "a GPU (--device cuda), or a smaller budget (--max-requests N)"
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
     from selma.artifacts import ArtifactStore
     from selma.jobs import job_id_for
@@ -165,6 +170,9 @@ def _generate(args: argparse.Namespace) -> int:
     library = SkillLibrary(settings.prompts_skill_paths)
     registry = ModelRegistry(settings)
     spec_dict = spec_from_args(args)
+    hint = speed_hint(resolve_spec(spec_dict, settings, library))
+    if hint:
+        sys.stderr.write(hint + "\n")
 
     def progress(done: int, total: int, message: str, stats: dict[str, Any]) -> None:
         log.info("%s", message)

@@ -22,6 +22,7 @@ from selma.llm.local import ModelRegistry
 from selma.llm.specs import resolve_backend
 from selma.logs import configure_logging
 from selma.server import SelmaServer, ServiceRegistration, serve
+from selma.sources import check_request
 from selma.storage import open_storage
 from selma.v1 import prompt_service_pb2 as pb
 from selma.v1 import prompt_service_pb2_grpc as pb_grpc
@@ -90,6 +91,7 @@ class PromptServicer(pb_grpc.PromptServiceServicer):
 
     def _start(self, request: pb.StartPromptGenerationRequest) -> tuple[JobRecord | pb.PromptGenerationJob, bool]:
         _check_key(request.idempotency_key)
+        check_request(request, self.settings)  # before any model is resolved or loaded
         spec_dict = message_to_dict(request.spec)
         spec = resolve_spec(spec_dict, self.settings, self.library)
         if request.validate_only:
@@ -105,6 +107,7 @@ class PromptServicer(pb_grpc.PromptServiceServicer):
         return pb.ListSkillsResponse(skills=[skill_to_proto(s) for s in self.library.all()])
 
     def PreviewPrompts(self, request: pb.PreviewPromptsRequest, context: grpc.ServicerContext) -> pb.PreviewPromptsResponse:
+        check_request(request, self.settings)
         spec = resolve_spec(
             message_to_dict(request.spec), self.settings, self.library, max_count=self.settings.prompts_preview_limit, preview=True
         )
@@ -177,7 +180,8 @@ def build_core(settings: PromptSettings) -> PromptCore:
     library = SkillLibrary(settings.prompts_skill_paths)
     registry = ModelRegistry(settings)
     runner = PromptJobRunner(settings, storage, registry, library)
-    jobs = JobManager(storage, JOB_KIND, runner, max_concurrent=settings.prompts_max_concurrent_jobs)
+    jobs = JobManager(storage, JOB_KIND, runner, max_concurrent=settings.prompts_max_concurrent_jobs,
+                      watchdog_seconds=settings.job_watchdog_seconds)
     return PromptCore(settings, jobs, library, registry, PromptServicer(settings, jobs, library, registry))
 
 

@@ -132,6 +132,7 @@ class RenderCore:
             JOB_KIND,
             DatasetRenderJob(settings, self.store, self.renderer),
             max_concurrent=settings.render_max_concurrent_jobs,
+            watchdog_seconds=settings.job_watchdog_seconds,
         )
         QUEUE_LENGTH.set_function(self.queue_length)
 

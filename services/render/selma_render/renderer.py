@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from selma.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SelmaError
-from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, make_scheduler
+from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, import_libraries, make_scheduler
 from selma_render.metrics import MODEL_LOAD_SECONDS
 from selma_render.settings import RenderSettings
 from selma_render.spec import RenderConfig
@@ -160,6 +160,7 @@ class Renderer:
         Any failure to load is FAILED_PRECONDITION with the reason (NotFound for a missing path,
         InvalidArgument for a bad device or precision pass through unchanged).
         """
+        import_libraries()  # start-up, not model loading (selma_startup_phase_seconds)
         t0 = time.perf_counter()
         try:
             pipe = self.cache.get(cfg.model, device=cfg.device, precision=cfg.precision)

@@ -16,6 +16,7 @@ from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.logs import configure_logging
 from selma.server import SelmaServer, ServiceRegistration, serve
+from selma.sources import check_request
 from selma.v1 import common_pb2, render_service_pb2, render_service_pb2_grpc
 from selma_render.core import RenderCore
 from selma_render.settings import RenderSettings
@@ -62,12 +63,14 @@ class RenderServicer(render_service_pb2_grpc.RenderServiceServicer):
         JobRpcs(JOB_KINDS["render"], job_to_proto, core.jobs, start=self._start, watch_interval=core.settings.render_watch_interval_seconds).bind(self)
 
     def _start(self, request: render_service_pb2.StartDatasetRenderRequest) -> tuple[JobRecord | render_service_pb2.DatasetRenderJob, bool]:
+        check_request(request, self.core.settings)  # before any model or prompt set is resolved
         rec, spec, created = self.core.start(request.idempotency_key, request.spec, validate_only=request.validate_only)
         if rec is None:
             return render_service_pb2.DatasetRenderJob(spec=spec), False
         return rec, created
 
     def Preview(self, request: render_service_pb2.PreviewRequest, context: grpc.ServicerContext) -> render_service_pb2.PreviewResponse:  # noqa: N802
+        check_request(request, self.core.settings)
         result = self.core.preview(list(request.prompts), request.settings)
         m = result.model.resolved
         out = render_service_pb2.PreviewResponse(

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from selma.api import enum_proto_name, output_ref
-from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
+from selma.artifacts import ARTIFACTS_PREFIX, ArtifactKind, ArtifactStore, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobContext, JobManager, JobResult
+from selma.retention import GcReport, RunDeletion, collect_garbage, delete_run
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma_serving import metrics
@@ -82,7 +85,9 @@ class ServingCore:
         self.experts = ExpertCache(self.store, settings.serving_expert_cache)
         self.engine = Engine(settings, self.experts)
         self.registry = ModelRegistry(self.store, self.engine)
-        self.jobs = JobManager(self.store.storage, MERGE_JOB_KIND, self._run_merge, max_concurrent=settings.serving_merge_workers)
+        self.jobs = JobManager(self.store.storage, MERGE_JOB_KIND, self._run_merge, max_concurrent=settings.serving_merge_workers,
+                               watchdog_seconds=settings.job_watchdog_seconds)
+        self._retention = threading.Lock()  # one deletion or collection at a time per replica
 
     def start(self) -> None:
         """Load the base model and resume unfinished merge jobs (call before reporting SERVING)."""
@@ -247,6 +252,13 @@ class ServingCore:
             raise InvalidArgument("artifact needs an id or a uri", field="artifact")
         if id and from_uri and id != from_uri:
             raise InvalidArgument(f"artifact id {id!r} and uri {uri!r} disagree", field="artifact")
+        if uri and uri.rstrip("/") != self.store.storage.uri_for(f"{ARTIFACTS_PREFIX}/{from_uri}"):
+            # Never resolve another store's artifact by its id here: same id, different bytes (or none).
+            raise InvalidArgument(
+                f"artifact uri {uri!r} is not in this service's artifact store ({self.store.uri}); "
+                "copy the artifact there, or pass the id of an artifact in this store",
+                field="artifact.uri",
+            )
         manifest = self.store.get(id or from_uri)
         if kind is not None and manifest.kind != kind:
             raise InvalidArgument(f"artifact {manifest.id} is a {manifest.kind.value}, not a {kind.value}", field="artifact.kind")
@@ -297,3 +309,19 @@ class ServingCore:
             out.append(m)
             queue.extend((p, depth + 1) for p in m.parents)
         return out
+
+    # --- retention
+
+    @property
+    def gc_grace(self) -> timedelta:
+        return timedelta(seconds=self.settings.serving_gc_grace_seconds)
+
+    def collect_garbage(self, *, dry_run: bool) -> GcReport:
+        """Remove what nothing retained references (selma.retention); ``dry_run`` removes nothing."""
+        with self._retention:
+            return collect_garbage(self.store, dry_run=dry_run, grace=self.gc_grace)
+
+    def delete_run(self, run: str, *, dry_run: bool) -> RunDeletion:
+        """Delete a run's job records, scratch and the artifacts nothing outside it depends on."""
+        with self._retention:
+            return delete_run(self.store, run, dry_run=dry_run)

@@ -4,9 +4,10 @@ Concurrency model.  The base pipeline is loaded once and never mutated: no adapt
 injected into it.  A merged model or a per-request mix is *fused* into a UNet copy that shares
 every untouched parameter with the base UNet and owns new tensors only for the adapted
 modules (zero LoRA overhead at inference, and memory proportional to the adapted weights).
-Each image runs through a fresh pipeline view (the base components, the request's UNet and a
-new scheduler), so concurrent requests share no mutable state and each produces exactly the
-image it would produce alone.  Fused mixes live in an LRU cache bounded by bytes and keyed by
+Each image runs through a fresh pipeline view (the base components, the request's UNet, a
+new scheduler and tokenizers no other request holds: fast tokenizers keep padding state between
+calls), so concurrent requests share no mutable state and each produces exactly the image it
+would produce alone.  Fused mixes live in an LRU cache bounded by bytes and keyed by
 the resolved merge (experts, weights, method, density, seed).
 
 Admission: at most ``serving_max_concurrent`` requests hold a generation slot and at most
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
-from selma.pipelines import ModelSpec, load_pipeline, make_scheduler
+from selma.pipelines import ModelSpec, TokenizerPool, import_libraries, load_pipeline, make_scheduler
 from selma.seeds import SeedPolicy, derive_seed
 from selma_serving import metrics
 from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet
@@ -238,6 +239,7 @@ class Engine:
         self.registry: ModelRegistry | None = None
         self._load_lock = threading.Lock()
         self._view_kwargs: dict[str, Any] = {}
+        self._tokenizers: TokenizerPool | None = None
 
     # --- base model
 
@@ -252,6 +254,7 @@ class Engine:
                 return
             if not self.base_id.source:
                 raise FailedPrecondition("no base model configured; set SELMA_SERVING_BASE_MODEL", field="serving_base_model")
+            import_libraries()  # start-up, not model loading (selma_startup_phase_seconds)
             t0 = time.perf_counter()
             pipe = load_pipeline(
                 ModelSpec(self.base_id.source, self.base_id.revision, self.base_id.variant, self.settings.serving_base_vae),
@@ -267,6 +270,7 @@ class Engine:
             self._view_kwargs = {k: pipe.config[k] for k in params if k not in pipe.components and k != "self" and k in pipe.config}
             if "requires_safety_checker" in params:
                 self._view_kwargs["requires_safety_checker"] = False
+            self._tokenizers = TokenizerPool(pipe.components)
             self.pipe = pipe
             metrics.MODEL_LOAD_SECONDS.labels("base").observe(time.perf_counter() - t0)
             log.info("base model %s ready", self.base_id)
@@ -373,12 +377,22 @@ class Engine:
             return unet, ServedInfo("", self.base_id, rm, rm.to_dict(), True, hit, "mix")
         return self.base_unet, ServedInfo("", self.base_id, None, None, False, False, "base")
 
-    def pipeline_view(self, unet: torch.nn.Module, scheduler: str) -> Any:
-        """A per-image pipeline: shared frozen components, this request's UNet, a fresh scheduler."""
+    def pipeline_view(self, unet: torch.nn.Module, scheduler: str, tokenizers: dict[str, Any] | None = None) -> Any:
+        """A per-image pipeline: shared frozen components, this request's UNet, a fresh scheduler
+        and, for concurrent use, tokenizers borrowed from :meth:`tokenizers` (fast tokenizers are stateful)."""
         pipe = self._require_pipe()
-        view = type(pipe)(**{**pipe.components, "unet": unet, "scheduler": make_scheduler(pipe, scheduler)}, **self._view_kwargs)
+        components = {**pipe.components, **(tokenizers or {}), "unet": unet, "scheduler": make_scheduler(pipe, scheduler)}
+        view = type(pipe)(**components, **self._view_kwargs)
         view.set_progress_bar_config(disable=True)
         return view
+
+    @contextmanager
+    def tokenizers(self) -> Iterator[dict[str, Any]]:
+        """Tokenizer copies no concurrent request holds (see :class:`selma.pipelines.TokenizerPool`)."""
+        self._require_pipe()
+        assert self._tokenizers is not None
+        with self._tokenizers.borrow() as held:
+            yield held
 
     def generate(
         self,
@@ -416,22 +430,22 @@ class Engine:
                     check()
                     seed = derive_seed(req.seed_policy, req.seed or 0, p_i, i_i, req.images_per_prompt)  # the same seeds as render
                     t0 = time.perf_counter()
-                    view = self.pipeline_view(unet, req.scheduler)
                     # a CPU generator, as render uses: the same seed gives the same noise on every device,
                     # so a dataset image (rendered anywhere) is reproduced by Generate (diffusers moves it)
                     gen = torch.Generator(device="cpu").manual_seed(seed)
-                    out = view(
-                        prompt=prompt,
-                        negative_prompt=req.negative_prompt or None,
-                        num_inference_steps=req.steps,
-                        guidance_scale=req.guidance_scale,
-                        width=req.width,
-                        height=req.height,
-                        num_images_per_prompt=1,
-                        generator=gen,
-                        output_type="pil",
-                        callback_on_step_end=on_step,
-                    )
+                    with self.tokenizers() as tokenizers:
+                        out = self.pipeline_view(unet, req.scheduler, tokenizers)(
+                            prompt=prompt,
+                            negative_prompt=req.negative_prompt or None,
+                            num_inference_steps=req.steps,
+                            guidance_scale=req.guidance_scale,
+                            width=req.width,
+                            height=req.height,
+                            num_images_per_prompt=1,
+                            generator=gen,
+                            output_type="pil",
+                            callback_on_step_end=on_step,
+                        )
                     buf = io.BytesIO()
                     out.images[0].convert("RGB").save(buf, format="PNG")
                     seconds = time.perf_counter() - t0

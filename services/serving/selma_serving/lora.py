@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
+from selma.jobs import recorded_expert, run_stage_key
 from selma.lora_format import check_format, fold_scale
 
 log = logging.getLogger(__name__)
@@ -181,21 +182,29 @@ class Adapter:
 
 
 def resolve_expert(store: ArtifactStore, ref: str, *, field_name: str = "expert_id") -> Manifest:
-    """An expert artifact by id or ``<run>/<skill>`` (the newest expert of that run and skill)."""
+    """An expert artifact by id or ``<run>/<skill>``: the expert that run recorded (its training job's output).
+
+    Labels never decide: a later artifact carrying the same run/skill labels does not shadow the
+    run's expert.  To choose among experts by labels, ask ListExperts and pass the id.
+    """
     if not ref:
         raise InvalidArgument("expert_id is empty; give an expert artifact id or <run>/<skill>", field=field_name)
     if "/" in ref:
         run, _, skill = ref.partition("/")
-        found = store.list(ArtifactKind.EXPERT, labels={"selma.dev/run": run, "selma.dev/skill": skill})
-        if not found:
-            raise NotFound(f"no expert for run {run!r} and skill {skill!r}; ListExperts shows what exists", field=field_name)
-        return found[-1]
+        expert_id = recorded_expert(store.storage, run, skill)
+        if expert_id is None:
+            raise NotFound(
+                f"run {run!r} has recorded no expert for skill {skill!r} (its training job {run_stage_key(run, skill, 'training')!r} "
+                "has not succeeded); `selma experts list` (ListExperts) lists experts by label; pass one by id",
+                field=field_name,
+            )
+        ref = expert_id
     try:
         manifest = store.get(ref)
     except InvalidArgument:
         raise InvalidArgument(f"expert id {ref!r} is neither an artifact id nor <run>/<skill>", field=field_name) from None
     except NotFound:
-        raise NotFound(f"expert {ref!r} does not exist; ListExperts shows what exists", field=field_name) from None
+        raise NotFound(f"expert {ref!r} does not exist; `selma experts list` (ListExperts) shows what exists", field=field_name) from None
     if manifest.kind != ArtifactKind.EXPERT:
         raise InvalidArgument(f"{ref} is a {manifest.kind.value} artifact, not an expert", field=field_name)
     return manifest

@@ -20,6 +20,7 @@ import torch
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
 from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SelmaError
+from selma.retention import active_jobs_using_model
 from selma_serving import metrics
 from selma_serving.engine import Engine, fused_copy
 from selma_serving.lora import (
@@ -126,7 +127,8 @@ class ModelRegistry:
         try:
             alias = self.store.get_alias(name)
         except NotFound:
-            raise NotFound(f"no model registered as {name!r}; ListModels shows the names", field="model_name") from None
+            self._drop(name)  # deleted through another replica: free what this one held
+            raise NotFound(f"no model registered as {name!r}; `selma models list` (ListModels) shows the names", field="model_name") from None
         manifest = self.store.get(alias.artifact_id)
         if manifest.kind not in _SERVABLE:
             raise NotFound(f"{name!r} names a {manifest.kind.value} artifact, not a model", field="model_name")
@@ -221,6 +223,24 @@ class ModelRegistry:
         self.get(name)  # NotFound for unknown names
         self._drop(name)
         return self.get(name)
+
+    def delete(self, name: str) -> tuple[ModelEntry, bool]:
+        """Unregister ``name`` and unload it; returns (the entry as it was, whether it was loaded).
+
+        The artifact stays: garbage collection removes it once nothing else references it.
+        """
+        entry = self.get(name)  # NotFound for unknown names
+        users = active_jobs_using_model(self.store.storage, name)
+        if users:
+            names = ", ".join(f"{j.job_id} ({j.phase.lower()})" for j in users[:5])
+            raise FailedPrecondition(f"model {name!r} is used by {len(users)} unfinished job(s): {names}; wait for them or cancel them, then delete it",
+                                     field="model_name")
+        self.store.delete_alias(name)
+        with self._lock:
+            was_loaded = self._loaded.pop(name, None) is not None
+            self._failed.pop(name, None)
+        log.info("deleted model %s (was %s)", name, entry.manifest.id)
+        return entry, was_loaded
 
     def unet(self, name: str) -> tuple[torch.nn.Module, ModelEntry]:
         """The fused UNet of a registered model, loading it on first use."""

@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from selma.api import (
     artifact_kind_from_proto,
+    artifact_kind_to_proto,
     artifact_ref,
     dict_to_message,
     enum_name,
@@ -29,7 +30,9 @@ from selma.jobs import JobRecord
 from selma.logs import configure_logging
 from selma.lora_format import trained_alpha
 from selma.paging import paginate
+from selma.retention import Removal
 from selma.server import SelmaServer, ServiceRegistration, serve
+from selma.sources import check_request
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
@@ -52,6 +55,15 @@ def _duration(seconds: float) -> Duration:
 
 def _model_ref(base: BaseModelId) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(source=base.source, revision=base.revision, variant=base.variant)
+
+
+_REMOVED_TYPES = {"artifact": pb.REMOVED_ITEM_TYPE_ARTIFACT, "staging": pb.REMOVED_ITEM_TYPE_STAGING, "scratch": pb.REMOVED_ITEM_TYPE_SCRATCH}
+MAX_LISTED_REMOVALS = 1000
+
+
+def _removed_item(r: Removal) -> pb.RemovedItem:
+    kind = artifact_kind_to_proto(r.kind) if r.kind else common_pb2.ARTIFACT_KIND_UNSPECIFIED
+    return pb.RemovedItem(type=_REMOVED_TYPES[r.what], key=r.key, kind=kind, size_bytes=r.size, reason=r.reason)
 
 
 def _merge_spec(d: dict[str, Any] | None) -> common_pb2.MergeSpec | None:
@@ -163,6 +175,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         )
 
     def RegisterModel(self, request: pb.RegisterModelRequest, context: grpc.ServicerContext) -> pb.RegisterModelResponse:
+        check_request(request, self.core.settings)
         ref = request.artifact
         if not (ref.id or ref.uri):
             raise InvalidArgument("artifact is required (an id or a uri)", field="artifact")
@@ -187,6 +200,41 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             models = [m for m in models if m.state in set(request.states)]
         chunk, token = paginate(models, request.page_size, request.page_token)
         return pb.ListModelsResponse(models=chunk, next_page_token=token)
+
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
+        if request.model_name == "base":
+            raise FailedPrecondition("the base model cannot be deleted", field="model_name")
+        if len(request.model_name) > 63:  # never echo an oversized name back
+            raise InvalidArgument(f"model_name must be at most 63 characters; got {len(request.model_name)}", field="model_name")
+        entry, was_loaded = self.core.registry.delete(request.model_name)
+        return pb.DeleteModelResponse(model_name=entry.name, artifact=artifact_ref(entry.manifest), was_loaded=was_loaded)
+
+    # --- retention
+
+    def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.ServicerContext) -> pb.DeleteRunResponse:
+        d = self.core.delete_run(request.run, dry_run=request.dry_run)
+        removed = [_removed_item(r) for r in d.artifacts]
+        removed += [pb.RemovedItem(type=pb.REMOVED_ITEM_TYPE_SCRATCH, key=p, reason=f"scratch of a job of run {d.run}") for p in d.scratch]
+        return pb.DeleteRunResponse(
+            run=d.run,
+            dry_run=d.dry_run,
+            job_ids=d.jobs,
+            removed=removed,
+            kept=[pb.KeptArtifact(artifact_id=a, dependant=why) for a, why in d.kept.items()],
+            bytes_freed=d.bytes_freed,
+        )
+
+    def CollectGarbage(self, request: pb.CollectGarbageRequest, context: grpc.ServicerContext) -> pb.CollectGarbageResponse:
+        report = self.core.collect_garbage(dry_run=request.dry_run)
+        return pb.CollectGarbageResponse(
+            dry_run=report.dry_run,
+            removed=[_removed_item(r) for r in report.removals[:MAX_LISTED_REMOVALS]],
+            removed_count=len(report.removals),
+            bytes_freed=report.bytes_freed,
+            retained_artifacts=report.retained,
+            skipped=report.skipped,
+            grace_period=_duration(self.core.gc_grace.total_seconds()),
+        )
 
     def _expert_info(self, m: Manifest) -> pb.ExpertInfo:
         info = self.core.expert_details(m)
@@ -232,6 +280,7 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             yield msg
 
     def GetLineage(self, request: pb.GetLineageRequest, context: grpc.ServicerContext) -> pb.GetLineageResponse:
+        check_request(request, self.core.settings)
         ref = request.artifact
         manifest = self.core.resolve_artifact(id=ref.id, uri=ref.uri, kind=artifact_kind_from_proto(ref.kind), sha256=ref.sha256)
         return pb.GetLineageResponse(artifacts=[manifest_to_proto(m) for m in self.core.lineage(manifest.id, request.max_depth)])

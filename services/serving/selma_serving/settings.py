@@ -26,3 +26,6 @@ class ServingSettings(SelmaSettings):
     serving_expert_cache: int = Field(32, ge=1, description="Expert adapters kept parsed in memory (LRU by count).")
     serving_default_density: float = Field(0.5, gt=0, le=1, description="Density of TIES/DARE/magnitude merges when a request gives 0.")
     serving_merge_workers: int = Field(1, ge=1, description="Merge jobs running at once.")
+    serving_gc_grace_seconds: float = Field(
+        3600.0, ge=0, description="CollectGarbage leaves unreferenced artifacts, staging leftovers and job scratch younger than this."
+    )

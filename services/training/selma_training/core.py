@@ -44,7 +44,16 @@ from selma.errors import (
     SelmaError,
     error_for_code,
 )
-from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
+from selma.jobs import (
+    EXPERT_TRAINING_KIND,
+    Interrupted,
+    JobContext,
+    JobManager,
+    JobRecord,
+    JobResult,
+    job_id_for,
+    spec_digest,
+)
 from selma.storage import Storage, open_storage
 from selma.v1 import common_pb2
 from selma_training import metrics
@@ -63,7 +72,7 @@ from selma_training.trainer import JOB_FILE
 
 log = logging.getLogger(__name__)
 
-KIND = "expert_training"
+KIND = EXPERT_TRAINING_KIND
 # Run and skill names are label values (letters, digits, '-', '_'); the Job name is derived
 # from them DNS-safely with a hash (kube.job_name), so underscores are fine here.
 _NAME = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$")
@@ -152,7 +161,8 @@ class TrainingCore:
         self.storage = storage or open_storage(settings)
         self.store = ArtifactStore(self.storage)
         self.launchers: dict[str, Launcher] = launchers or default_launchers(settings)
-        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs)
+        self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs,
+                                  watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 
     # -- validation

@@ -9,6 +9,7 @@ from selma.api import dict_to_message, enum_value, job_status, message_to_dict
 from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
 from selma.server import Hosted, SelmaServer, ServiceRegistration
+from selma.sources import check_request
 from selma.v1 import training_service_pb2 as pb
 from selma.v1 import training_service_pb2_grpc as pb_grpc
 from selma_training.core import TrainingCore
@@ -35,6 +36,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         JobRpcs(JOB_KINDS["training"], to_job, core, start=self._start).bind(self)
 
     def _start(self, request: pb.StartExpertTrainingRequest) -> tuple[JobRecord | pb.ExpertTrainingJob, bool]:
+        check_request(request, self.core.settings)  # before the base model is inspected or the dataset read
         rec, created, prepared = self.core.start(request.idempotency_key, message_to_dict(request.spec), validate_only=request.validate_only)
         if rec is None:
             job = pb.ExpertTrainingJob(spec=request.spec)

@@ -25,6 +25,8 @@ _COMMAND_MODULES = (
     "selma.app.demo",
     "selma.app.local_stack",
     "selma.app.runner",
+    "selma.app.cli_docs",
+    "selma.app.auth_cli",
 )
 # Per-service command modules (``services/<name>/selma_<name>/cli.py``); absent ones are skipped.
 # Plugins (testbeds) add theirs through selma.plugins.
@@ -80,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 _RPC_HINTS = {
     "UNAVAILABLE": "is `selma up` running there? Check the endpoints (--endpoints, --dir or SELMA_ENDPOINTS)",
     "DEADLINE_EXCEEDED": "the service did not answer in time; check that it is up and its log",
-    "NOT_FOUND": "check the name or id (`selma artifacts list`, `selma runs`)",
+    "NOT_FOUND": "check the name or id (`selma models list`, `selma experts list`, `selma artifacts list`, `selma runs`)",
     "INVALID_ARGUMENT": "fix the argument the message names",
     "UNIMPLEMENTED": "that address does not serve this selma API; check the endpoints",
-    "PERMISSION_DENIED": "check the credentials of the service",
-    "UNAUTHENTICATED": "check the credentials of the service",
+    "PERMISSION_DENIED": "when it names a scope, use a token that has it (--token or SELMA_TOKEN; `selma auth token` mints one); otherwise check the service's own credentials",
+    "UNAUTHENTICATED": "pass a valid token with --token or SELMA_TOKEN (`selma auth token` mints one; `selma up --tls` stores one in <dir>/token)",
 }
 
 
@@ -96,6 +98,8 @@ def describe_rpc_error(e: grpc.RpcError, command: str = "") -> str:
     service, address = last_target()
     where = f"the {service} service at {address}" if address else "the service"
     hint = _RPC_HINTS.get(name, "see the service's log (`selma up` keeps them in <dir>/logs)")
+    if name == "UNAVAILABLE" and any(w in str(details or "") for w in ("SSL", "ssl", "certificate", "handshake", "TLS")):
+        hint = "the TLS handshake failed: check --ca-cert / SELMA_TLS_CA (the CA that signed the service's certificate) and, for mutual TLS, --client-cert/--client-key"
     what = f"`selma {command}` failed: " if command else ""
     return f"{what}{where} answered {name}: {' '.join(str(details or '').split())}; {hint}"
 

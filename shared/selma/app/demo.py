@@ -26,7 +26,7 @@ from selma.errors import InvalidArgument
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="start the local stack, run the quickstart SkillSet, generate an image, stop")
-    p.add_argument("--dir", default=".selma/demo", help="working directory: storage, models, logs (default .selma/demo)")
+    p.add_argument("--dir", default=".selma/demo", help="working directory: storage, logs (default .selma/demo; models live in the shared per-user cache)")
     p.add_argument("--skillset", default="examples/quickstart.yaml", help="SkillSet to run (default examples/quickstart.yaml)")
     p.add_argument("--prompt", default="two red apples next to a blue cup", help="prompt for the final image")
     p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
@@ -55,7 +55,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.dir).resolve()
     stack = LocalStack(root)
-    console.print(f"starting the local stack in {root} (first start builds the tiny models and converts the bundled LLM)")
+    from selma.app.models_cli import ensure_smollm2
+    from selma.config import SelmaSettings
+
+    ensure_smollm2(SelmaSettings(data_dir=root).resolved_model_cache_dir, console)  # once per user, with a live line
+    console.print(f"starting the local stack in {root} (the first start builds the tiny models into the shared model cache)")
     endpoints = stack.start()
     try:
         for name in SERVICES:

@@ -8,6 +8,16 @@ reports SERVING, prints the endpoints (gRPC as ``127.0.0.1:PORT``, metrics as
 ``http://127.0.0.1:PORT/metrics``), writes them to ``<data_dir>/endpoints.json`` for
 ``selma run``/``selma generate``, and on Ctrl-C (or SIGTERM) drains and stops every
 service by PID.
+
+``selma up --tls`` turns on transport security and auth (:mod:`selma.app.local_tls`): a local CA
+and server certificate under ``<dir>/tls/``, fresh tokens (the admin one in ``<dir>/token``, 0600),
+and an endpoints file naming the CA and token file, so CLI commands on that directory use them.
+
+While it runs, ``selma up`` supervises (:meth:`LocalStack.supervise`): a service that exits is
+started again on the same ports after a bounded exponential back-off (so the endpoints file stays
+valid and a running ``selma run`` reconnects), the others keep running; a service that fails
+``max_failures`` times within ``window`` seconds stops the whole stack with an error naming it and
+the end of its log.
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from selma.client import SERVICE_NAMES, SERVICES, Endpoints
 from selma.errors import Aborted, FailedPrecondition, Unavailable
+from selma.security import ClientSecurity
 from selma.server import wait_for_serving
 from selma.storage import require_s3_endpoint
 
@@ -40,6 +52,23 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
     "training": {"SELMA_BATCH_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
     "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},
 }
+
+
+def _local_model_dir(source: str) -> Path | None:
+    """The directory ``source`` loads from when it is a local path or a plugin's scheme; None for hub ids, tiny://, s3://."""
+    from selma import plugins
+    from selma.errors import SelmaError
+
+    if not source or source.startswith(("tiny://", "s3://")):
+        return None
+    resolver = plugins.registry().model_scheme(source)
+    if resolver is not None:
+        try:
+            return Path(resolver(source)).resolve()
+        except SelmaError:
+            return None  # the service reports it when it loads the model
+    path = Path(source.removeprefix("file://")).expanduser()
+    return path.resolve() if path.is_absolute() or source.startswith(".") else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,6 +182,39 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``selma up`` restarts a service that exited: bounded exponential back-off, bounded failures."""
+
+    max_failures: int = 5  # this many exits within ``window`` seconds: give up and stop the stack
+    window: float = 300.0
+    initial_backoff: float = 1.0  # before the first restart; doubles with each failure in the window
+    max_backoff: float = 30.0
+    start_timeout: float = 300.0  # a restarted service not SERVING by then counts as a failure
+
+    def backoff(self, failures: int) -> float:
+        """The wait before restarting after the ``failures``-th failure in the window (1-based)."""
+        return min(self.initial_backoff * 2.0 ** min(max(failures - 1, 0), 60), self.max_backoff)
+
+
+@dataclass
+class _Supervised:
+    """The supervisor's view of one service: its recent failures and what it is waiting for."""
+
+    failures: list[float] = field(default_factory=list)  # monotonic times of exits within the window
+    restart_at: float | None = None  # waiting out the back-off until then
+    starting_until: float | None = None  # restarted; must be SERVING by then
+    last_exit: str = ""
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 @dataclass
 class LocalStack:
     """Starts, watches and stops the four service processes."""
@@ -162,9 +224,12 @@ class LocalStack:
     launcher: str = "local"
     extra_env: dict[str, str] = field(default_factory=dict)
     base_model: str = ""  # "" = the embedded tiny://sd
+    allow_model_dirs: tuple[str, ...] = ()  # directories requests may name local model/data sources in (SELMA_MODEL_ALLOWED_DIRS)
     services: tuple[str, ...] = SERVICES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     lock: StackLock | None = field(default=None, repr=False)
+    tls: bool = False  # TLS + tokens (selma up --tls); credentials are made by start()
+    credentials: Any = field(default=None, repr=False)  # selma.app.local_tls.LocalCredentials when tls
     _endpoints_written: str = field(default="", repr=False)  # the endpoints.json we wrote; the only one stop() removes
 
     def env_for(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
@@ -189,8 +254,33 @@ class LocalStack:
         env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
         if name == "training":
             env["SELMA_BATCH_LAUNCHER"] = self.launcher
+        if self.credentials is not None:
+            env.pop("SELMA_TOKEN", None)  # the services call each other with their own token (SELMA_TOKEN_FILE)
+            env.update(self.credentials.server_env())
         env.update(self.extra_env)
+        allowed = self.allowed_model_dirs(os.environ.get("SELMA_MODEL_ALLOWED_DIRS", ""), self.extra_env.get("SELMA_MODEL_ALLOWED_DIRS", ""))
+        if allowed:
+            env["SELMA_MODEL_ALLOWED_DIRS"] = ",".join(allowed)
         return env
+
+    def client_security(self) -> ClientSecurity:
+        """How this process reaches its services: the stack's CA and admin token when TLS is on."""
+        if self.credentials is None:
+            return ClientSecurity()
+        return ClientSecurity(token=self.credentials.admin_token, ca_cert=self.credentials.ca_cert)
+
+    def allowed_model_dirs(self, *configured: str) -> list[str]:
+        """SELMA_MODEL_ALLOWED_DIRS for the services: the caller's, ``--allow-model-dir`` and the base model's own directory.
+
+        A request may then name the model the stack serves by its path (the ShapesWorld loop does);
+        anything else on this machine stays out of reach of requests unless allowlisted.
+        """
+        dirs = [d.strip() for value in configured for d in value.split(",") if d.strip()]
+        dirs += [str(Path(d).expanduser().resolve()) for d in self.allow_model_dirs]
+        base = _local_model_dir(self.base_model)
+        if base is not None:
+            dirs.append(str(base))
+        return list(dict.fromkeys(dirs))
 
     def acquire_lock(self) -> None:
         """Refuse to start a second stack on this data directory (see :class:`StackLock`)."""
@@ -209,6 +299,10 @@ class LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.acquire_lock()
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        if self.tls and self.credentials is None:
+            from selma.app.local_tls import prepare
+
+            self.credentials = prepare(self.data_dir)
         # Ports first: the training service must know serving's address (evaluations render through it).
         ports = {name: (free_port(), free_port()) for name in self.services}
         if "serving" in ports:
@@ -259,7 +353,8 @@ class LocalStack:
                 tail = sp.log_path.read_text(errors="replace")[-2000:]
                 raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
             try:
-                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
+                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)),
+                                 security=self.client_security())
                 return
             except TimeoutError as e:
                 if time.monotonic() > deadline:
@@ -267,10 +362,66 @@ class LocalStack:
                     raise Unavailable(f"the {name} service did not become SERVING within {timeout:.0f} s ({e}); see {sp.log_path}") from None
 
     def endpoints(self) -> Endpoints:
+        creds = self.credentials
         return Endpoints(
             **{name: sp.address for name, sp in self.processes.items()},
             metrics={name: sp.metrics_url for name, sp in self.processes.items()},
+            ca_cert=str(creds.ca_cert) if creds else "",
+            token_file=str(creds.admin_token_file) if creds else "",
         )
+
+    def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), tick: float = 0.5) -> None:
+        """Keep every service up until ``stop`` is set: restart one that exits, on its own ports.
+
+        Returns when ``stop`` is set (the caller stops the stack).  A service that fails
+        ``policy.max_failures`` times within ``policy.window`` s stops every service and raises
+        :class:`FailedPrecondition` naming it, with the end of its log.
+        """
+        state = {name: _Supervised() for name in self.processes}
+        while not stop.wait(tick):
+            now = time.monotonic()
+            for name, sp in list(self.processes.items()):
+                st = state[name]
+                code = sp.proc.poll()
+                if st.restart_at is None and code is None and st.starting_until is not None:
+                    if self._serving(sp):
+                        st.starting_until = None
+                        log.warning("the %s service is SERVING again on %s (pid %d)", name, sp.address, sp.proc.pid)
+                        continue
+                    if now < st.starting_until:
+                        continue
+                    log.warning("the %s service (pid %d) did not become SERVING within %.0f s; restarting it", name, sp.proc.pid, policy.start_timeout)
+                    sp.proc.kill()
+                    sp.proc.wait()
+                    code = sp.proc.returncode
+                    st.last_exit = f"was not SERVING within {policy.start_timeout:.0f} s of a restart"
+                elif code is not None and st.restart_at is None:
+                    st.last_exit = f"exited with code {code}"
+                if st.restart_at is None and code is not None:
+                    st.starting_until = None
+                    st.failures = [t for t in st.failures if now - t < policy.window] + [now]
+                    if len(st.failures) >= policy.max_failures:
+                        self.stop()
+                        raise FailedPrecondition(
+                            f"the {name} service failed {len(st.failures)} times within {policy.window:.0f} s "
+                            f"(last: {st.last_exit}); stopped the stack. Its log ({sp.log_path}) ends with:\n{log_tail(sp.log_path)}"
+                        )
+                    delay = policy.backoff(len(st.failures))
+                    st.restart_at = now + delay
+                    log.warning("the %s service (pid %d) %s; restarting it on %s in %.1f s (failure %d; the stack stops at %d within %.0f s); log %s",
+                                name, sp.proc.pid, st.last_exit, sp.address, delay, len(st.failures), policy.max_failures,
+                                policy.window, sp.log_path)
+                if st.restart_at is not None and now >= st.restart_at:
+                    st.restart_at = None
+                    st.starting_until = now + policy.start_timeout
+                    self._spawn(name, sp.grpc_port, sp.metrics_port)
+
+    def _serving(self, sp: ServiceProcess) -> bool:
+        try:
+            wait_for_serving(sp.address, SERVICE_NAMES[sp.name], timeout=0.5)
+        except TimeoutError:
+            return False
+        return True
 
     def poll(self) -> str | None:
         """The name of a service that exited, if any."""
@@ -306,22 +457,37 @@ class LocalStack:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the four services on localhost with embedded defaults")
-    p.add_argument("--dir", default=".selma", help="data directory: storage, model cache, logs, endpoints.json (default .selma)")
+    p.add_argument("--dir", default=".selma", help="data directory: storage, logs, endpoints.json (default .selma; models live in the shared per-user cache, SELMA_CACHE_DIR)")
     p.add_argument("--storage", default="", help="artifact storage URI (default file://<dir>/storage; s3://bucket/prefix with SELMA_S3_* settings)")
     p.add_argument("--launcher", choices=("local", "kubernetes"), default="local", help="training launcher (default local)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
     p.add_argument("--base-model", default="", help="text-to-image model every service defaults to (default tiny://sd; e.g. shapesworld://base)")
+    p.add_argument("--tls", action="store_true", help="TLS with a generated local CA and bearer-token auth; prints an admin and a "
+                                                      "generate-only token once and stores the admin one in <dir>/token (mode 0600)")
+    p.add_argument("--max-failures", type=int, default=RestartPolicy.max_failures,
+                   help=f"a service that exits this many times within --failure-window stops the stack (default {RestartPolicy.max_failures})")
+    p.add_argument("--failure-window", type=float, default=RestartPolicy.window,
+                   help=f"seconds over which a service's exits are counted (default {RestartPolicy.window:.0f})")
+    p.add_argument("--allow-model-dir", action="append", default=[], metavar="DIR",
+                   help="a directory requests may name local models and data in (repeatable; SELMA_MODEL_ALLOWED_DIRS); "
+                        "the base model's own directory is always allowed")
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model)
+    stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
+                       tls=args.tls, allow_model_dirs=tuple(args.allow_model_dir))
     stack.check_storage()
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from selma.app.models_cli import ensure_smollm2
+    from selma.config import SelmaSettings
+
+    # The prompt service loads the embedded LLM before it is SERVING; a first conversion would be minutes of silence.
+    ensure_smollm2(SelmaSettings(data_dir=stack.data_dir).resolved_model_cache_dir)
     sys.stdout.write("starting prompts, render, training and serving ...\n")
     sys.stdout.flush()
     try:
@@ -334,16 +500,22 @@ def _up(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")
     sys.stdout.write(f"storage {stack.storage_uri or (stack.data_dir / 'storage').as_uri()}\n")
     sys.stdout.write(f"endpoints written to {stack.data_dir / 'endpoints.json'}; logs in {stack.data_dir / 'logs'}\n")
-    sys.stdout.write("all services SERVING; Ctrl-C stops them\n")
+    creds = stack.credentials
+    if creds is not None:
+        sys.stdout.write(
+            f"TLS and auth on: CA {creds.ca_cert}; CLI commands with --dir {stack.data_dir} use it and the admin token in {creds.admin_token_file}\n"
+            f"admin token (shown once; stored mode 0600 in {creds.admin_token_file}): {creds.admin_token}\n"
+            f"generate-only token for applications (shown once, not stored): {creds.generate_token}\n"
+        )
+    sys.stdout.write("all services SERVING; a service that exits is restarted on its port; Ctrl-C stops them\n")
     sys.stdout.flush()
     del endpoints
+    policy = RestartPolicy(max_failures=max(args.max_failures, 1), window=args.failure_window, start_timeout=args.timeout)
     try:
-        while not stop.wait(1.0):
-            dead = stack.poll()
-            if dead:
-                sys.stderr.write(f"selma up: the {dead} service exited (code {stack.processes[dead].proc.returncode}); stopping the stack. See {stack.processes[dead].log_path}\n")
-                stack.stop()
-                return 1
+        stack.supervise(stop, policy)
+    except FailedPrecondition as e:
+        sys.stderr.write(f"selma up: {e}\n")
+        return 1
     finally:
         if stack.poll() is None or any(sp.proc.poll() is None for sp in stack.processes.values()):
             sys.stdout.write("stopping ...\n")

@@ -29,14 +29,15 @@ from typing import Any
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.tree import Tree
 
 from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
-from selma.client import Endpoints, SelmaClient
+from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
+from selma.client import SelmaClient, add_client_arguments
 from selma.errors import Aborted, InvalidArgument, RunFailed
+from selma.jobs import run_stage_key
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
 from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, training_service_pb2
 
@@ -49,7 +50,8 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def stage_key(run: str, skill: str | None, stage: str) -> str:
-    return f"{run}/{skill}/{stage}" if skill else f"{run}/{stage}"
+    """A stage's idempotency key; ``<run>/<skill>`` references resolve through the training stage's (selma.jobs)."""
+    return run_stage_key(run, skill, stage)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -176,7 +178,7 @@ class Reporter:
             self._progress = Progress(
                 TextColumn("{task.description:<32}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                TextColumn("{task.fields[count]:>9}"),  # never "0/?" or "0/0": "-" until the total is known
                 TextColumn("{task.fields[unit]:<7} {task.fields[phase]:<10}"),
                 TimeRemainingColumn(),
                 console=self.console,
@@ -189,13 +191,15 @@ class Reporter:
             self._progress.__exit__(*exc)
 
     def update(self, label: str, status: common_pb2.JobStatus, note: str = "") -> None:
-        phase = note or PHASE_NAMES.get(status.phase, "?")
+        phase, count = job_progress(status)
+        phase = note or phase
         done, total = status.progress.done, status.progress.total
         with self._lock:
             if self._progress is not None:
+                fields = {"unit": status.progress.unit if total else "", "phase": phase, "count": count}
                 if label not in self._tasks:
-                    self._tasks[label] = self._progress.add_task(label, total=total or None, unit=status.progress.unit, phase=phase)
-                self._progress.update(self._tasks[label], completed=done, total=total or None, unit=status.progress.unit, phase=phase)
+                    self._tasks[label] = self._progress.add_task(label, total=total or None, **fields)
+                self._progress.update(self._tasks[label], completed=done, total=total or None, **fields)
                 return
             # Plain lines: on phase changes and every 10 % of progress.
             decile = int(10 * done / total) if total else 0
@@ -203,11 +207,29 @@ class Reporter:
             if self._last.get(label) != key:
                 self._last[label] = key
                 eta = f", eta {status.progress.eta.seconds}s" if status.progress.HasField("eta") and status.phase == common_pb2.JOB_PHASE_RUNNING else ""
-                msg = f" - {status.message}" if status.message and phase in ("failed", "cancelled") else ""
-                self.console.print(f"{label}: {phase} {done}/{total} {status.progress.unit}{eta}{msg}", highlight=False)
+                # A stage that did less than was asked (2 of 4 prompts published) says why, on success too.
+                short = phase == "succeeded" and total and done < total
+                msg = f" - {status.message}" if status.message and (phase in ("failed", "cancelled") or short) else ""
+                counted = f" {count} {status.progress.unit}" if total else ""
+                self.console.print(f"{label}: {phase}{counted}{eta}{msg}", highlight=False)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)  # "[paused]" is text, not a rich style
+
+
+def job_progress(status: common_pb2.JobStatus) -> tuple[str, str]:
+    """(phase, count) as a person should read them: a job waiting for a worker is "queued" with its
+    place (not "pending 0/0"), a running job whose total is not known yet says what it is doing
+    (e.g. loading its model) instead of "0/?", and counts appear only once the total is known."""
+    done, total = status.progress.done, status.progress.total
+    count = f"{done}/{total}" if total else "-"
+    if status.phase == common_pb2.JOB_PHASE_PENDING:
+        where = status.message.partition(":")[2].partition(",")[0].strip() if status.message.startswith("queued:") else ""
+        return ("queued" + (f" ({where})" if where else "")), count
+    phase = PHASE_NAMES.get(status.phase, "?")
+    if status.phase == common_pb2.JOB_PHASE_RUNNING and not total and status.message and status.message != "running":
+        return f"{phase}: {status.message}"[:60], count
+    return phase, count
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -339,6 +361,21 @@ class RunDriver:
         if errors:
             self.state.set(phase="failed", message="; ".join(str(e) for e in errors))
             raise errors[0]
+        try:
+            result = self._merge_and_evaluate(experts)
+        except Exception as e:
+            # a refused or failed merge/evaluation ends the run: `selma runs` must not keep showing it as running
+            self.state.set(phase="failed", message=str(e))
+            raise
+        if self._stop.is_set():
+            self.state.set(phase="interrupted", message="stopped by the user; run again to resume")
+            raise KeyboardInterrupt
+        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=result["merged_model"], experts=experts,
+                       finished_at=_now(), **{k: result[k] for k in ("eval_report", "scores") if k in result})
+        return result
+
+    def _merge_and_evaluate(self, experts: dict[str, str]) -> dict[str, Any]:
+        ss = self.skillset
         job = self.drive("merge", None, merge_job_spec(ss, experts))
         merged = job.status.output.id
         result: dict[str, Any] = {"model_name": ss.model_name, "merged_model": merged, "experts": experts}
@@ -347,8 +384,6 @@ class RunDriver:
             result["eval_report"] = job.status.output.id
             result["scores"] = {f"{s.target_label}/{enum_name(evaluation_service_pb2.EvaluationMetric, s.metric)}": round(s.score_percent, 2)
                                 for s in job.stats.scores if not s.category and not s.skill}
-        self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=merged, experts=experts, finished_at=_now(),
-                       **{k: result[k] for k in ("eval_report", "scores") if k in result})
         return result
 
 
@@ -370,6 +405,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", default=".selma", help="state directory: runs/, endpoints.json (default .selma)")
     common.add_argument("--endpoints", default="", help="endpoints file (default <dir>/endpoints.json or SELMA_ENDPOINTS)")
+    add_client_arguments(common)
 
     p = sub.add_parser("run", parents=[common], help="run a SkillSet end to end through the services (resumable)")
     p.add_argument("skillset", help="SkillSet YAML file, e.g. examples/quickstart.yaml")
@@ -378,22 +414,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-outage", type=float, default=600.0, help="seconds a stage waits for a service that went away before the run fails (default 600)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("runs", parents=[common], help="list runs and their phase")
+    p = sub.add_parser("runs", parents=[common], help="list runs and their phase; `selma runs delete RUN` deletes one")
+    add_output_options(p)
     p.set_defaults(func=_runs)
+    rsub = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    d = rsub.add_parser("delete", parents=[common], help="delete a run: its jobs and the artifacts nothing outside it depends on",
+                        description="Delete a run through the serving service: every service's job records and scratch of the run, "
+                        "and its artifacts except those a registered model or another run depends on (kept and listed). Refused "
+                        "while one of its jobs is pending or running. Also removes the local run state <dir>/runs/RUN.json.")
+    d.add_argument("run", help="run name (the SkillSet's metadata.name)")
+    d.add_argument("--dry-run", action="store_true", help="list what would be deleted and kept; delete nothing")
+    d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the deletion (default 600)")
+    d.set_defaults(func=_delete_run)
 
     p = sub.add_parser("status", parents=[common], help="show one run's stages")
     p.add_argument("run", help="run name (the SkillSet's metadata.name)")
+    add_output_options(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("lineage", parents=[common], help="the tree from an artifact (e.g. a merged model) back to its prompts")
     p.add_argument("artifact", help="a registered model name, a <run>/<skill> expert, or an artifact id")
+    add_output_options(p)
     p.set_defaults(func=_lineage)
 
     p = sub.add_parser("generate", parents=[common], help="generate images with a served model")
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts allowed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default="", help="registered model name (default: the base model)")
-    g.add_argument("--experts", default="", help="per-request expert weights: id=w,id=w (ids or <run>/<skill>)")
+    g.add_argument("--experts", default="", help=f"per-request expert weights: {EXPERT_WEIGHTS_SYNTAX}")
     p.add_argument("-o", "--out", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (0 = server default)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: server default)")
@@ -405,6 +453,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how each image's seed derives from the base seed (default derived); "
                         "fixed: every image uses the base seed, so a printed per-image seed re-renders that image")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    add_output_options(p)
     p.set_defaults(func=_generate)
 
 
@@ -418,17 +467,13 @@ def _seed_arg(text: str) -> int:
     return value
 
 
-def _endpoints(args: argparse.Namespace) -> Endpoints:
-    return Endpoints.for_cli(args.endpoints, args.dir)
-
-
 def _run(args: argparse.Namespace) -> int:
     skillset = load_skillset(args.skillset)  # validate before anything starts
     console = Console(soft_wrap=True)  # long paths and URLs stay on one line in logs
     runs_dir = Path(args.dir) / "runs"
     with RunLock(runs_dir / f"{skillset.name}.lock"):
         state = RunState.open(runs_dir, skillset)
-        with SelmaClient(_endpoints(args)) as client, Reporter(console, live=False if args.plain else None) as reporter:
+        with SelmaClient.for_cli(args) as client, Reporter(console, live=False if args.plain else None) as reporter:
             def waiting(service: str, address: str, left: float) -> None:
                 reporter.note(f"waiting for the {service} service at {address} to be SERVING (up to {left:.0f} s more) ...")
 
@@ -450,30 +495,62 @@ def _run(args: argparse.Namespace) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     runs_dir = Path(args.dir) / "runs"
-    table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "phase", "updated", "model", "skillset"):
-        table.add_column(col)
-    for path in sorted(runs_dir.glob("*.json")) if runs_dir.exists() else []:
-        d = json.loads(path.read_text())
-        table.add_row(d.get("name", path.stem), d.get("phase", "?"), d.get("updated_at", ""), d.get("model_name", ""), d.get("skillset", ""))
-    Console().print(table)
+    records = [json.loads(path.read_text()) for path in sorted(runs_dir.glob("*.json"))] if runs_dir.exists() else []
+    rows = [(d.get("name", ""), d.get("phase", "?"), d.get("updated_at", ""), d.get("model_name", ""), d.get("skillset", "")) for d in records]
+    print_rows(args, ("run", "phase", "updated", "model", "skillset"), rows, title=f"runs in {runs_dir}", records=records)
+    return 0
+
+
+def stage_progress(st: dict[str, Any]) -> str:
+    """A stage's progress cell: "-" until its total is known (never 0/0), "queued" while it waits for a worker."""
+    if st.get("phase") == "pending" and st.get("job_id"):
+        return "queued"
+    done, total = st.get("done", 0), st.get("total", 0)
+    return f"{done}/{total}" if total else "-"
+
+
+def _delete_run(args: argparse.Namespace) -> int:
+    from selma.app.artifacts_cli import print_removed
+
+    console = Console(soft_wrap=True)
+    runs_dir = Path(args.dir) / "runs"
+    local = runs_dir / f"{args.run}.json"
+    with RunLock(runs_dir / f"{args.run}.lock"), SelmaClient.for_cli(args) as client:  # not while `selma run` drives it
+        try:
+            resp = client.delete_run(args.run, dry_run=args.dry_run, timeout=args.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND or not local.exists():
+                raise
+            # the services know nothing of it (never started, or deleted already): only the local state is left
+            if not args.dry_run:
+                local.unlink(missing_ok=True)
+            console.print(f"run {args.run}: the services hold nothing of it; {'would remove' if args.dry_run else 'removed'} its local state {local}",
+                          highlight=False)
+            return 0
+        if not resp.dry_run:
+            local.unlink(missing_ok=True)
+    verb = "would delete" if resp.dry_run else "deleted"
+    print_removed(console, resp.removed, verb)
+    for k in resp.kept:
+        console.print(f"kept {k.artifact_id}: {k.dependant} depends on it", highlight=False)
+    console.print(f"run {resp.run}{' (dry run)' if resp.dry_run else ''}: {verb} {len(resp.job_ids)} job record(s) and "
+                  f"{len(resp.removed)} artifact/scratch item(s), {resp.bytes_freed} bytes; kept {len(resp.kept)} artifact(s) others depend on",
+                  highlight=False)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     state = RunState.load(Path(args.dir) / "runs", args.run)
     d = state.data
-    table = Table(title=f"run {d['name']}: {d.get('phase')}" + (f" ({d['message']})" if d.get("message") else ""))
-    for col in ("skill", "stage", "phase", "progress", "job", "output"):
-        table.add_column(col)
-    for st in d["stages"].values():
-        table.add_row(st.get("skill") or "-", st["stage"], st.get("phase", ""), f"{st.get('done', 0)}/{st.get('total', 0)}", st.get("job_id", ""), (st.get("output") or {}).get("id", ""))
-    Console().print(table)
+    rows = [(st.get("skill") or "-", st["stage"], st.get("phase", ""), stage_progress(st), st.get("job_id", ""), (st.get("output") or {}).get("id", ""))
+            for st in d["stages"].values()]
+    title = f"run {d['name']}: {d.get('phase')}" + (f" ({d['message']})" if d.get("message") else "")
+    print_rows(args, ("skill", "stage", "phase", "progress", "job", "output"), rows, title=title, records=d)
     return 0
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    with SelmaClient(_endpoints(args)) as client:
+    with SelmaClient.for_cli(args) as client:
         artifact_id = client.resolve_artifact(args.artifact)  # a model name, <run>/<skill>, or an id
         manifests = client.lineage(artifact_id)
     by_id = {m.id: m for m in manifests}
@@ -495,6 +572,10 @@ def _lineage(args: argparse.Namespace) -> int:
         for parent in m.parent_ids:
             add(branch, parent)
 
+    if args.json or args.plain:
+        rows = [(m.id, kinds.get(m.kind, "?"), m.skill, ", ".join(m.parent_ids)) for m in manifests]
+        print_rows(args, ("id", "kind", "skill", "parents"), rows, records=[message_to_dict(m) for m in manifests])
+        return 0
     root = Tree(f"lineage of {args.artifact}" + (f" ({artifact_id})" if artifact_id != args.artifact else ""))
     add(root, artifact_id)
     Console().print(root)
@@ -502,21 +583,15 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    experts: dict[str, float] = {}
-    if args.experts:
-        for part in args.experts.split(","):
-            name, _, w = part.partition("=")
-            try:
-                experts[name.strip()] = float(w)
-            except ValueError:
-                raise InvalidArgument(f"--experts entry {part!r} is not id=weight", field="experts") from None
+    # the CLI's one expert-weight grammar (selma.cli_options); no weights = 1/N each (the service's rule)
+    experts: dict[str, float | None] = dict(parse_expert_weights(args.experts, "--experts")) if args.experts else {}
     out = Path(args.out)
     written = []
     # The base seed is chosen here, not by the service, so that it can be printed: with the policy it
     # reproduces every image of this call (the service reports only each image's derived seed).
     base_seed = secrets.randbits(63) if args.seed is None else args.seed
     policy = seed_policy(args.seed_policy)
-    with SelmaClient(_endpoints(args)) as client:
+    with SelmaClient.for_cli(args) as client:
         try:
             responses = list(
                 client.generate(
@@ -526,12 +601,17 @@ def _generate(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
-    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    images = []
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
-        model = resp.model.model_name or ("per-request expert mix" if experts else "base")
-        sys.stdout.write(f"{path}  seed={resp.image.seed}  model={model}  (this image alone: --seed {resp.image.seed} --seed-policy fixed)\n")
+        images.append({"path": str(path), "seed": resp.image.seed, "model": resp.model.model_name or ("per-request expert mix" if experts else "base")})
+    if args.json:
+        sys.stdout.write(json.dumps({"base_seed": base_seed, "seed_policy": policy.value, "images": images}, indent=2) + "\n")
+        return 0
+    sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    for im in images:
+        sys.stdout.write(f"{im['path']}  seed={im['seed']}  model={im['model']}  (this image alone: --seed {im['seed']} --seed-policy fixed)\n")
     return 0

@@ -59,6 +59,7 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 TRAINER_UID = 10001
 DATA_DIR = "/var/lib/selma"
 MODEL_CACHE_DIR = "/models"
+CLIENT_TLS_DIR = "/etc/selma/client-tls"  # SELMA_BATCH_TLS_SECRET, mounted read-only
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[mkMGTPE]|u|n)?$")
@@ -229,6 +230,17 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         {"name": "tmp", "emptyDir": {}},
         {"name": "data", "emptyDir": {}},
     ]
+    mounts: list[dict[str, Any]] = []
+    # Workers that call other services (evaluation -> serving) authenticate with the chart's worker token
+    # and verify the services with its CA: both from Secrets, never a value in the manifest or job record.
+    if settings.batch_token_secret:
+        env.append({"name": "SELMA_TOKEN", "valueFrom": {"secretKeyRef": {"name": settings.batch_token_secret, "key": "token"}}})
+    if settings.batch_tls_secret:
+        volumes.append({"name": "client-tls", "secret": {"secretName": settings.batch_tls_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "client-tls", "mountPath": CLIENT_TLS_DIR, "readOnly": True})
+        env += [{"name": "SELMA_TLS_CA", "value": f"{CLIENT_TLS_DIR}/ca.crt"},
+                {"name": "SELMA_TLS_CLIENT_CERT", "value": f"{CLIENT_TLS_DIR}/tls.crt"},
+                {"name": "SELMA_TLS_CLIENT_KEY", "value": f"{CLIENT_TLS_DIR}/tls.key"}]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.batch_image,
@@ -242,6 +254,7 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "data", "mountPath": DATA_DIR},
+            *mounts,
         ],
         "securityContext": {
             "runAsNonRoot": True,

@@ -38,6 +38,8 @@ class BatchSettings(SelmaSettings):
     batch_storage_secret: str = Field("", description="Secret holding the S3 credentials for worker pods; empty = none (file storage / IRSA).")
     batch_storage_secret_access_key_key: str = Field("access-key", description="Key of the access key in that Secret.")
     batch_storage_secret_secret_key_key: str = Field("secret-key", description="Key of the secret key in that Secret.")
+    batch_token_secret: str = Field("", description="Secret whose key `token` worker pods get as SELMA_TOKEN (calls to other services); empty = none.")
+    batch_tls_secret: str = Field("", description="Secret with ca.crt, tls.crt and tls.key mounted at /etc/selma/client-tls in worker pods (TLS/mTLS to the services); empty = none.")
     batch_model_cache_pvc: str = Field("", description="PVC mounted at /models as the Hugging Face cache; empty = emptyDir.")
     batch_backoff_limit: int = Field(3, ge=0, le=20, description="Pod retries for genuine failures (pre-emption does not count).")
     batch_active_deadline_seconds: int = Field(2 * 24 * 3600, ge=60, description="Wall-clock limit per Job.")

