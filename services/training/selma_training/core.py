@@ -52,6 +52,7 @@ from selma_training.config import (
     PRESET_DESCRIPTIONS,
     PRESETS_NAMES,
     TrainingJob,
+    check_limits,
     from_proto_dict,
     parse_config,
     preset_config,
@@ -171,6 +172,7 @@ class TrainingCore:
         if not dataset_id:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")
         config, _info = from_proto_dict(spec.get("config") or {}, default_model=self.settings.training_default_model)
+        check_limits(config, self.settings)
         dataset, _examples = load_dataset(self.store, dataset_id)
         want = (spec.get("dataset") or {}).get("sha256", "")
         if want and want != dataset.digest:
