@@ -147,3 +147,25 @@ def test_jobs_without_a_queue_get_the_policy_default_queue():
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
     req.placement["queue_name"] = "gpu"
     assert build_job(req, BatchSettings(batch_policy_default_queue="team-a"))["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+
+
+@pytest.mark.parametrize(
+    ("settings_msg", "field", "setting"),
+    [
+        ({"diffusion": {"negative_prompt": "n" * 5000}}, "settings.diffusion.negative_prompt", "SELMA_MAX_PROMPT_CHARS=4096"),
+        ({"images_per_prompt": 17}, "settings.images_per_prompt", "SELMA_RENDER_MAX_IMAGES_PER_PROMPT=16"),
+        ({"batch_size": 257}, "settings.batch_size", "SELMA_RENDER_MAX_BATCH_SIZE=256"),
+        ({"diffusion": {"steps": 151}}, "settings.diffusion.steps", "SELMA_RENDER_MAX_STEPS=150"),
+        ({"diffusion": {"width": 4096}}, "settings.diffusion.width", "SELMA_RENDER_MAX_RESOLUTION=2048"),
+    ],
+)
+def test_render_settings_over_the_service_limits_name_the_setting(settings_msg, field, setting):
+    from selma.api import dict_to_message
+    from selma.v1 import render_service_pb2
+    from selma_render.settings import RenderSettings
+    from selma_render.spec import parse_render_settings
+
+    msg = dict_to_message({"model": {"source": "tiny://sd"}, **settings_msg}, render_service_pb2.RenderSettings)
+    with pytest.raises(InvalidArgument) as e:
+        parse_render_settings(msg, RenderSettings())
+    assert e.value.field == field and setting in str(e.value)
