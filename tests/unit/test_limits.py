@@ -169,3 +169,29 @@ def test_render_settings_over_the_service_limits_name_the_setting(settings_msg, 
     with pytest.raises(InvalidArgument) as e:
         parse_render_settings(msg, RenderSettings())
     assert e.value.field == field and setting in str(e.value)
+
+
+def test_every_limit_in_the_readme_is_a_setting_with_that_default():
+    from pathlib import Path
+
+    from selma_prompts.settings import PromptSettings
+    from selma_render.settings import RenderSettings
+    from selma_serving.settings import ServingSettings
+    from selma_training.settings import TrainingSettings
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("### Limits", 1)[1].split("\n## ", 1)[0]
+    fields = {}
+    for cls in (PromptSettings, RenderSettings, ServingSettings, TrainingSettings):
+        for name, info in cls.model_fields.items():
+            fields[f"SELMA_{name.upper()}"] = info
+    rows = [line for line in section.splitlines() if line.startswith("| `SELMA_")]
+    assert len(rows) >= 20
+    for row in rows:
+        names = re.findall(r"`(SELMA_[A-Z_]+)`", row.split("|")[1])
+        assert names and all(n in fields for n in names), row
+        first = fields[names[0]]
+        default = first.default if first.default_factory is None else first.default_factory()
+        shown = row.split("|")[2].split(",")[0].strip()
+        if isinstance(default, int) and not isinstance(default, bool) and "MiB" not in shown:
+            assert shown == str(default), (names[0], shown, default)
