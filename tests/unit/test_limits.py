@@ -195,3 +195,11 @@ def test_every_limit_in_the_readme_is_a_setting_with_that_default():
         shown = row.split("|")[2].split(",")[0].strip()
         if isinstance(default, int) and not isinstance(default, bool) and "MiB" not in shown:
             assert shown == str(default), (names[0], shown, default)
+
+
+def test_a_quantity_only_the_launcher_pattern_accepts_is_a_clear_error_not_a_crash():
+    placement = {"resources": {"memory_limit": "5K"}}
+    validate_placement(placement)  # the launcher's own pattern lets it through
+    with pytest.raises(InvalidArgument) as e:
+        check_policy(placement, BatchSettings())
+    assert e.value.field == "spec.placement.resources.memory_limit"

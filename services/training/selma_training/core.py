@@ -43,6 +43,7 @@ from selma.errors import (
     NotFound,
     SelmaError,
     error_for_code,
+    quote,
 )
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.storage import Storage, open_storage
@@ -167,7 +168,7 @@ class TrainingCore:
             if not value:
                 raise InvalidArgument(f"{name} is required", field=f"spec.{name}")
             if len(value) > 63 or not _NAME.match(value):
-                raise InvalidArgument(f"{name} {value!r} must be lowercase letters, digits, '-' or '_', at most 63 characters (it labels the Kubernetes Job)", field=f"spec.{name}")
+                raise InvalidArgument(f"{name} {quote(value)} must be lowercase letters, digits, '-' or '_', at most 63 characters (it labels the Kubernetes Job)", field=f"spec.{name}")
         dataset_id = (spec.get("dataset") or {}).get("id", "")
         if not dataset_id:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")

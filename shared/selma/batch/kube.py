@@ -168,6 +168,13 @@ def _covers(allowed: dict[str, Any], t: dict[str, Any]) -> bool:
     return not a_effect or _EFFECTS.get(t.get("effect", ""), "") == a_effect
 
 
+def _quantity(value: Any, fld: str) -> Any:
+    try:
+        return parse_quantity(str(value))
+    except ValueError as e:
+        raise InvalidArgument(str(e), field=fld) from None
+
+
 def check_policy(p: dict[str, Any], settings: BatchSettings) -> None:
     """The operator's placement policy (``SELMA_BATCH_POLICY_*``, the chart's ``placementPolicy``), before any Job is created.
 
@@ -207,7 +214,7 @@ def check_policy(p: dict[str, Any], settings: BatchSettings) -> None:
     for key, setting in (("cpu_request", "batch_policy_max_cpu"), ("cpu_limit", "batch_policy_max_cpu"),
                          ("memory_request", "batch_policy_max_memory"), ("memory_limit", "batch_policy_max_memory"),
                          ("shm_size", "batch_policy_max_memory")):
-        if res.get(key) and parse_quantity(str(res[key])) > parse_quantity(getattr(settings, setting)):
+        if res.get(key) and _quantity(res[key], f"{f}.resources.{key}") > parse_quantity(getattr(settings, setting)):
             raise InvalidArgument(f"{key} {quote(res[key])} is over the placement policy's maximum "
                                   f"{setting_name(setting)}={getattr(settings, setting)}", field=f"{f}.resources.{key}")
     deadline = _duration_seconds(p.get("active_deadline"))
