@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 
+from selma.artifacts import ArtifactKind
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
@@ -140,6 +141,20 @@ def test_a_mix_whose_merged_deltas_are_out_of_bounds_is_refused_before_it_is_ser
     assert image.model.fused
     err = refused(lambda: list(stub.Generate(small_request(experts=mix((loud, 100.0))))))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "merged weight deltas" in err.details()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_merge_whose_result_is_out_of_bounds_fails_and_publishes_nothing(served, fuse):
+    stub, core, loud = served["stub"], served["core"], served["experts"]["loud"].id
+    merge = mix((loud, 100.0))
+    merge.fuse = fuse
+    spec = pb.MergeJobSpec(model_name=f"loud-{int(fuse)}", merge=merge)
+    started = stub.StartMerge(pb.StartMergeRequest(idempotency_key=f"loud/{fuse}", spec=spec))
+    job = list(stub.WatchMerge(pb.WatchMergeRequest(job_id=started.job.status.job_id), timeout=300))[-1].job
+    assert job.status.phase == common_pb2.JOB_PHASE_FAILED
+    assert job.status.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "SELMA_SERVING_MAX_ADAPTER_VALUE" in job.status.error.message
+    assert not [m for m in core.store.list(ArtifactKind.MERGED_MODEL) if loud in m.parents], "a garbage merge was published"
+    assert f"loud-{int(fuse)}" not in [m.model_name for m in stub.ListModels(pb.ListModelsRequest()).models]
 
 
 class _StepProbe:

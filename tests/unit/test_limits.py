@@ -174,6 +174,7 @@ def test_render_settings_over_the_service_limits_name_the_setting(settings_msg, 
 def test_every_limit_in_the_readme_is_a_setting_with_that_default():
     from pathlib import Path
 
+    from selma_evaluation.settings import EvaluationSettings
     from selma_prompts.settings import PromptSettings
     from selma_render.settings import RenderSettings
     from selma_serving.settings import ServingSettings
@@ -182,7 +183,7 @@ def test_every_limit_in_the_readme_is_a_setting_with_that_default():
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("### Limits", 1)[1].split("\n## ", 1)[0]
     fields = {}
-    for cls in (PromptSettings, RenderSettings, ServingSettings, TrainingSettings):
+    for cls in (EvaluationSettings, PromptSettings, RenderSettings, ServingSettings, TrainingSettings):
         for name, info in cls.model_fields.items():
             fields[f"SELMA_{name.upper()}"] = info
     rows = [line for line in section.splitlines() if line.startswith("| `SELMA_")]
