@@ -25,7 +25,7 @@ KiB = 1024
 
 def _settings(root, tiny_models, **kw) -> ServingSettings:
     return ServingSettings(data_dir=root / "data", storage_uri=(root / "storage").as_uri(), serving_base_model=str(tiny_models.sd),
-                           serving_max_steps=20, serving_max_resolution=128, serving_max_concurrent=1, serving_max_queue=2,
+                           serving_max_steps=20, serving_max_concurrent=1, serving_max_queue=2,
                            grpc_workers=8, log_level="WARNING", **kw)
 
 
@@ -78,6 +78,17 @@ def test_a_4mb_prompt_is_refused_naming_the_limit_and_the_server_keeps_serving(s
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "SELMA_SERVING_MAX_PROMPT_TOKENS=512" in err.details()
     (image,) = list(stub.Generate(small_request()))
     assert image.image.png.startswith(b"\x89PNG")
+
+
+def test_sizes_over_the_models_own_maximum_are_refused_before_any_step(served):
+    """The tiny model's native side is 64: 2x (SELMA_SERVING_MAX_SIZE_FACTOR) is its maximum, far under SELMA_SERVING_MAX_RESOLUTION."""
+    stub = served["stub"]
+    big = pb.GenerateRequest(prompts=["x"], diffusion=common_pb2.DiffusionSettings(steps=2, width=512, height=64))
+    err = refused(lambda: list(stub.Generate(big)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "diffusion.width" in err.details()
+    assert "SELMA_SERVING_MAX_SIZE_FACTOR=2" in err.details() and "maximum 128" in err.details()
+    (image,) = list(stub.Generate(pb.GenerateRequest(prompts=["x"], seed=1, diffusion=common_pb2.DiffusionSettings(steps=2, width=128, height=64))))
+    assert image.image.width == 128 and image.image.height == 64
 
 
 @pytest.mark.parametrize(
@@ -158,14 +169,20 @@ def test_a_merge_whose_result_is_out_of_bounds_fails_and_publishes_nothing(serve
 
 
 class _StepProbe:
-    """Records the denoising steps of the request whose prompt is ``big``, holding it at step 2
-    until the server has seen its RPC end (the engine's cancel callback woke the admission)."""
+    """Records the denoising steps of the request whose prompt is ``big``, holding it at step 2 until
+    the server has seen that RPC end: the cancel event the servicer hands the engine for it is set
+    (by the RPC's done callback: client cancel, deadline or disconnect)."""
 
     def __init__(self, engine, monkeypatch) -> None:
         self.steps: list[tuple[int, bool]] = []  # (step, whether the server had already seen the RPC end)
         self.at_step_2 = threading.Event()
-        self.rpc_ended = threading.Event()
-        view, wake = engine.pipeline_view, engine.admission.wake
+        self.rpc_ended = threading.Event()  # replaced by the big request's own cancel event
+        view, generate = engine.pipeline_view, engine.generate
+
+        def engine_generate(req, *, cancel=None, **kw):
+            if req.prompts == ["big"] and cancel is not None:
+                self.rpc_ended = cancel
+            return generate(req, cancel=cancel, **kw)
 
         def pipeline_view(unet, scheduler):
             pipe = view(unet, scheduler)
@@ -185,12 +202,8 @@ class _StepProbe:
 
             return run
 
-        def ended() -> None:
-            self.rpc_ended.set()
-            wake()
-
+        monkeypatch.setattr(engine, "generate", engine_generate)
         monkeypatch.setattr(engine, "pipeline_view", pipeline_view)
-        monkeypatch.setattr(engine.admission, "wake", ended)
 
 
 def _consume(call, out: dict) -> None:

@@ -358,12 +358,20 @@ class Engine:
         if not math.isfinite(guidance) or not 0 <= guidance <= 30:
             raise InvalidArgument(f"diffusion.guidance_scale must be in [0, 30]; got {req.guidance_scale}", field="diffusion.guidance_scale")
         native = self.native_size()
+        # the model's own maximum: a denoising step costs ~size² (attention more), and cancellation is checked per step
+        model_max = int(s.serving_max_size_factor * native) // 8 * 8
         size = {}
         for name in ("width", "height"):
             v = getattr(req, name) or native
             if v < 8 or v % 8 or v > s.serving_max_resolution:
                 raise InvalidArgument(
                     f"diffusion.{name} must be a multiple of 8 up to SELMA_SERVING_MAX_RESOLUTION={s.serving_max_resolution}; got {getattr(req, name)}",
+                    field=f"diffusion.{name}",
+                )
+            if v > model_max:
+                raise InvalidArgument(
+                    f"diffusion.{name} {v} is over this model's maximum {model_max} "
+                    f"(SELMA_SERVING_MAX_SIZE_FACTOR={s.serving_max_size_factor:g} x its native {native})",
                     field=f"diffusion.{name}",
                 )
             size[name] = v

@@ -22,6 +22,9 @@ class ServingSettings(SelmaSettings):
     serving_max_images_per_prompt: int = Field(8, ge=1, description="Images per prompt per Generate request.")
     serving_max_steps: int = Field(150, ge=1, description="Largest denoising step count a request may ask for.")
     serving_max_resolution: int = Field(1024, ge=8, description="Largest image width or height in pixels.")
+    serving_max_size_factor: float = Field(
+        2.0, ge=1, description="Per-model maximum: width and height at most this multiple of the base model's native size (a step's cost grows with its square)."
+    )
     serving_max_prompt_tokens: int = Field(
         512, ge=1, description="Most tokenizer tokens in one prompt (the text encoder reads its first 77; the rest is dropped with a warning)."
     )
