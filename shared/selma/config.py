@@ -51,6 +51,15 @@ class SelmaSettings(BaseSettings):
     auth_jwt_audience: str = Field("", description="Required `aud` of JWT bearer tokens (needed with auth_jwks_file).")
     auth_open_health: bool = Field(True, description="grpc.health.v1 and server reflection answer without a token when auth is on.")
 
+    # --- limits: every request is held to these at the API boundary (selma.limits); over one is INVALID_ARGUMENT naming it
+    max_receive_message_bytes: int = Field(
+        8 * MiB, ge=64 * 1024, description="Largest request message a server accepts; larger ones are refused by gRPC (RESOURCE_EXHAUSTED)."
+    )
+    max_id_chars: int = Field(1024, ge=64, description="Longest id, name, key, URI or other short string field of a request.")
+    max_prompt_chars: int = Field(4096, ge=16, description="Longest prompt (positive, negative or example) a request may carry.")
+    max_text_chars: int = Field(16384, ge=64, description="Longest free-text field of a request (skill rules, descriptions, reasons).")
+    max_repeated_items: int = Field(10000, ge=16, description="Most entries of one repeated or map field of a request.")
+
     # --- storage
     data_dir: Path = Field(Path(".selma"), description="Local working directory (embedded storage, caches).")
     storage_uri: str = Field("", description="Artifact root: s3://bucket/prefix or file:///dir; default <data_dir>/storage.")

@@ -9,6 +9,31 @@ from __future__ import annotations
 
 from enum import Enum
 
+# A status message travels in a gRPC trailer (clients refuse metadata beyond ~8 KiB) and lands in logs
+# and job records: every message is cut to this many characters, so a huge request value echoed by
+# some check can never make the answer itself fail.
+MAX_MESSAGE_CHARS = 900
+# How much of a user's value a message quotes (see :func:`quote`).
+QUOTE_CHARS = 64
+_FIELD_CHARS = 128
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` if it is at most ``limit`` characters, else its head and tail with the cut length said."""
+    if len(text) <= limit:
+        return text
+    tail = min(80, limit // 8)
+    head = max(limit - tail - 40, 0)  # 40: room for the note
+    return f"{text[:head]} …[{len(text) - head - tail} characters cut]… {text[-tail:] if tail else ''}"
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A user value for an error message: its repr, or only a short prefix and its length when it is long."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
 
 class ErrorCode(str, Enum):
     """Transport-neutral error codes; names match gRPC status codes one to one."""
@@ -33,13 +58,14 @@ class SelmaError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = shorten(field, _FIELD_CHARS) if field else field
+        message = shorten(str(message), MAX_MESSAGE_CHARS - _FIELD_CHARS - 2)  # room to prefix the field name
         super().__init__(message)
         self.message = message
-        self.field = field
 
     def __str__(self) -> str:
         if self.field and self.field not in self.message:  # name the field once
-            return f"{self.field}: {self.message}"
+            return shorten(f"{self.field}: {self.message}")
         return self.message
 
 

@@ -13,8 +13,9 @@ One call builds a server with:
   unexpected into INTERNAL (logged with its traceback here, never sent to the client) and
   records RPC metrics (count, latency, in-flight) by service, method and code;
 - Prometheus ``/metrics`` on its own HTTP port;
-- message-size limits sized for PNG batches and a bound on concurrent RPCs
-  (beyond it gRPC answers RESOURCE_EXHAUSTED);
+- message-size limits sized for PNG batches (answers) and requests, a bound on concurrent RPCs
+  (beyond it gRPC answers RESOURCE_EXHAUSTED), and every request checked against the
+  ``SELMA_MAX_*`` limits (:mod:`selma.limits`) before its servicer runs;
 - graceful drain on SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused and
   in-flight ones get ``drain_seconds`` to finish.
 
@@ -42,6 +43,7 @@ from selma import auth, security
 from selma.api import check_request
 from selma.config import SelmaSettings
 from selma.errors import SelmaError
+from selma.limits import Limits, RequestLimitsInterceptor
 from selma.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS, RPC_STARTED, SERVICE_READY, MetricsServer
 from selma.security import ClientSecurity, make_channel
 
@@ -228,13 +230,15 @@ class SelmaServer:
         credentials = security.server_credentials(settings)
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", min(settings.max_receive_message_bytes, settings.max_message_bytes)),
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix=f"{name}-rpc"),
-            # the auth interceptor runs inside the error/metrics one, so its refusals are mapped and counted too
-            interceptors=[ErrorAndMetricsInterceptor(), *auth.interceptors(settings), RequestCheckInterceptor()],
+            # auth runs inside the error/metrics interceptor (its refusals are mapped and counted), and the
+            # request checks (limits, then the API's value rules) run after auth: an anonymous caller learns nothing
+            interceptors=[ErrorAndMetricsInterceptor(), *auth.interceptors(settings), RequestLimitsInterceptor(Limits.from_settings(settings)),
+                          RequestCheckInterceptor()],
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )

@@ -103,15 +103,30 @@ def rouge_l_threshold(value: Any, fld: str = "spec.rouge_l_threshold") -> float:
     return unit_interval(value, fld, default=DEFAULT_ROUGE_L_THRESHOLD)
 
 
-def expert_weights(weights: list[Any], fld: str = "experts.weight") -> list[float]:
-    """Merge weights, one per expert (None = not set): every expert sets a finite weight or none does (then each gets 1/N)."""
+def expert_weights(weights: list[Any], fld: str = "experts.weight", *, max_abs: float | None = None, setting: str = "") -> list[float]:
+    """Merge weights, one per expert (None = not set): every expert sets a finite weight or none does (then each gets 1/N).
+
+    ``max_abs`` bounds |weight| (the service's ``setting``, e.g. ``serving_max_merge_weight``): a weight
+    like 1e30 is finite but turns every image into noise or NaN.
+    """
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         raise InvalidArgument("either every expert sets a weight or none does (then each gets 1/N)", field=fld)
     if not all(given):
         return [1.0 / len(weights)] * len(weights) if weights else []
-    out = [parse_float(w, fld) for w in weights]
-    return [float(w) for w in out if w is not None]
+    out = [float(w) for w in (parse_float(w, fld) for w in weights) if w is not None]
+    if max_abs is not None:
+        for w in out:
+            bounded_weight(w, fld, max_abs, setting)
+    return out
+
+
+def bounded_weight(w: float, fld: str, max_abs: float, setting: str) -> float:
+    """``w`` if |w| <= ``max_abs``; INVALID_ARGUMENT naming the limit's setting otherwise."""
+    if not abs(w) <= max_abs:
+        name = f"SELMA_{setting.upper()}=" if setting else ""
+        raise InvalidArgument(f"|weight| must be at most {name}{max_abs:g}; got {w:g}", field=fld)
+    return w
 
 
 def density(value: Any, fld: str = "density") -> float:

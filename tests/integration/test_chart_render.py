@@ -1047,3 +1047,42 @@ def test_example_skillset_is_valid_for_the_cluster() -> None:
     mounts = {m["mountPath"]: m for m in deployment["containers"][0]["volumeMounts"]}
     assert mounts[f"/var/run/secrets/selma/{secret}"]["readOnly"] is True
     assert by_kind(scenario_objects("external-s3"), "ConfigMap")["selma-prompts"]["data"]["SELMA_LLM_SECRETS_DIR"] == "/var/run/secrets/selma"
+
+
+# --- the placement policy of worker Jobs (issue #18) ----------------------------------------------
+
+
+def test_placement_policy_values_become_the_launchers_policy(tmp_path: Path) -> None:
+    """placementPolicy reaches the training (and a separate evaluation) service as SELMA_BATCH_POLICY_*
+    settings that parse into the policy the Kubernetes launcher enforces; the schema refuses malformed values."""
+    from selma.batch.kube import check_policy
+    from selma.errors import InvalidArgument, PermissionDenied
+    from selma_training.settings import TrainingSettings
+
+    policy = {"priorityClasses": ["batch-low"], "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+              "nodeSelectors": {"nvidia.com/gpu.product": ["NVIDIA-L40S"]}, "maxGpus": 4, "maxMemory": "256Gi", "defaultQueue": "gpu-queue"}
+    docs = objects(render(values={"placementPolicy": policy, "evaluation": {"separate": True}}))
+    for name in ("selma-training", "selma-evaluation"):
+        data = by_kind(docs, "ConfigMap")[name]["data"]
+        settings = TrainingSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in data.items() if k.startswith("SELMA_BATCH_")})
+        assert settings.batch_policy_priority_classes == ["batch-low"] and settings.batch_policy_max_gpus == 4
+        assert settings.batch_policy_node_selectors == {"nvidia.com/gpu.product": ["NVIDIA-L40S"]}
+        assert settings.batch_policy_default_queue == "gpu-queue" and settings.batch_policy_max_memory == "256Gi"
+        check_policy({"gpus": 4, "priority_class_name": "batch-low", "node_selector": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "TOLERATION_OPERATOR_EXISTS", "effect": "TAINT_EFFECT_NO_SCHEDULE"}]},
+                     settings)
+        with pytest.raises(PermissionDenied):
+            check_policy({"priority_class_name": "system-cluster-critical"}, settings)
+        with pytest.raises(InvalidArgument):
+            check_policy({"gpus": 8}, settings)
+    # the defaults: nothing beyond the cluster defaults, one GPU
+    default = by_kind(scenario_objects("default"), "ConfigMap")["selma-training"]["data"]
+    assert default["SELMA_BATCH_POLICY_PRIORITY_CLASSES"] == "[]" and default["SELMA_BATCH_POLICY_TOLERATIONS"] == "[]"
+    assert default["SELMA_BATCH_POLICY_MAX_GPUS"] == "1"
+    for bad, where in (({"maxGpus": -1}, "/placementPolicy/maxGpus"), ({"maxMemory": "lots"}, "/placementPolicy/maxMemory"),
+                       ({"tolerations": [{"key": "a", "operator": "Sometimes"}]}, "/placementPolicy/tolerations/0/operator"),
+                       ({"allowEverything": True}, "allowEverything")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"placementPolicy": bad}))
+        proc = run_helm("template", "selma", str(CHART), "-f", str(path), check=False)
+        assert proc.returncode != 0 and where in proc.stderr, (bad, proc.stderr)

@@ -160,6 +160,8 @@ def test_prompt_set_with_tifa_and_merge_search_registers_the_best_merge(stack):
          "SELMA_MODEL_ALLOWED_DIRS"),
         (lambda s, _: s.vqa.transformers.model.CopyFrom(common_pb2.ModelRef(source="nobody/not-a-cached-model")), grpc.StatusCode.NOT_FOUND, "cache"),
         (lambda s, _: setattr(s, "images_per_prompt", 99), grpc.StatusCode.INVALID_ARGUMENT, "images_per_prompt"),
+        (lambda s, _: s.targets.add(label="loud", experts=common_pb2.MergeSpec(experts=[common_pb2.ExpertWeight(expert_id="expert-x", weight=1e30)])),
+         grpc.StatusCode.INVALID_ARGUMENT, "SELMA_EVAL_MAX_MERGE_WEIGHT=100"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_starts(stack, mutate, code, needle):

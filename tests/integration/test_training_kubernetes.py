@@ -8,9 +8,9 @@ import pytest
 from fake_kube_api import FakeKubeApi, complete
 from kubernetes import client
 
-from selma.artifacts import ArtifactStore
+from selma.artifacts import ArtifactKind, ArtifactStore
 from selma.batch.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
-from selma.errors import PermissionDenied, Unavailable
+from selma.errors import InvalidArgument, PermissionDenied, Unavailable
 from selma.jobs import JobPhase
 from selma.storage import open_storage
 from selma_training.core import TrainingCore
@@ -172,3 +172,72 @@ def test_an_expired_watch_resource_version_is_recovered(make_core, fake, dataset
     fake.set_job_status(NS, job["metadata"]["name"], complete(False))
     assert wait_phase(core, rec.job_id, {JobPhase.FAILED, JobPhase.SUCCEEDED}).phase == JobPhase.FAILED
     assert caplog.text.count("restarted from a fresh resourceVersion") >= 1
+
+
+# --- limits and the operator's placement policy (issue #18): refused before anything is stored or created
+
+
+def _no_job_was_started(core: TrainingCore, fake: FakeKubeApi) -> None:
+    assert fake.count("POST") == 0 and not fake.jobs, "a Job was created"
+    assert core.list()[0] == [], "a job record was stored"
+    assert not ArtifactStore(core.storage).list(ArtifactKind.TRAINING_CONFIG), "a job document was published"
+
+
+@pytest.mark.parametrize(
+    ("config", "setting"),
+    [
+        ({"resolution": 100000}, "SELMA_TRAINING_MAX_RESOLUTION=2048"),
+        ({"batch_size": 1000000}, "SELMA_TRAINING_MAX_BATCH_SIZE=256"),
+        ({"max_steps": 10**9}, "SELMA_TRAINING_MAX_STEPS=200000"),
+        ({"gradient_accumulation_steps": 100000}, "SELMA_TRAINING_MAX_GRADIENT_ACCUMULATION_STEPS=256"),
+    ],
+)
+def test_training_sizes_over_the_limits_are_refused_before_any_job_launches(make_core, fake, dataset, config, setting):
+    core = make_core()
+    body = spec(dataset.id)
+    body["config"].update(config)
+    with pytest.raises(InvalidArgument) as e:
+        core.start("run-1/train/spatial", body)
+    assert setting in str(e.value) and e.value.field == f"config.{next(iter(config))}"
+    _no_job_was_started(core, fake)
+
+
+@pytest.mark.parametrize(
+    ("placement", "error", "setting"),
+    [
+        ({"tolerations": [{"operator": "TOLERATION_OPERATOR_EXISTS"}]}, PermissionDenied, "SELMA_BATCH_POLICY_TOLERATIONS"),
+        ({"priority_class_name": "system-cluster-critical"}, PermissionDenied, "SELMA_BATCH_POLICY_PRIORITY_CLASSES"),
+        ({"gpus": 8}, InvalidArgument, "SELMA_BATCH_POLICY_MAX_GPUS=1"),
+        ({"resources": {"memory_limit": "1Ti"}}, InvalidArgument, "SELMA_BATCH_POLICY_MAX_MEMORY=64Gi"),
+    ],
+)
+def test_placement_outside_the_operator_policy_is_refused_before_any_job(make_core, fake, dataset, placement, error, setting):
+    core = make_core()
+    body = spec(dataset.id)
+    body["placement"] = placement
+    with pytest.raises(error) as e:
+        core.start("run-1/train/spatial", body)
+    assert setting in str(e.value) and str(e.value).startswith("spec.placement.")
+    _no_job_was_started(core, fake)
+
+
+@pytest.mark.slow
+def test_an_operator_policy_lets_its_placements_through_to_the_job(settings, fake, dataset):
+    policy = settings.model_copy(update={"batch_policy_priority_classes": ["batch-low"], "batch_policy_max_gpus": 2,
+                                         "batch_policy_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                                         "batch_policy_default_queue": "team-a"})
+    core = TrainingCore(policy, launchers={"kubernetes": KubernetesLauncher(policy, api_client=api_client(fake.url))})
+    try:
+        body = spec(dataset.id)
+        body["placement"] = {"gpus": 2, "priority_class_name": "batch-low",
+                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "TOLERATION_OPERATOR_EXISTS",
+                                              "effect": "TAINT_EFFECT_NO_SCHEDULE"}]}
+        rec = core.start("run-1/train/spatial", body)[0]
+        job = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+        pod = job["spec"]["template"]["spec"]
+        assert pod["priorityClassName"] == "batch-low" and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        core.cancel(rec.job_id)
+        wait_phase(core, rec.job_id, {JobPhase.CANCELLED, JobPhase.FAILED})
+    finally:
+        core.shutdown()

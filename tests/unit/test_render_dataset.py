@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selma.artifacts import ArtifactStore
-from selma.errors import NotFound
+from selma.errors import InvalidArgument, NotFound
 from selma.jobs import JobPhase, JobRecord
 from selma.v1 import common_pb2, render_service_pb2
 from selma_render.core import RenderCore
@@ -291,3 +291,15 @@ def test_any_dataset_image_can_be_re_rendered_exactly(core, settings, tiny_model
 
     assert main(["render", "reproduce", rec.output.id, "images/000000-1.png"]) == 0
     assert "identical" in capsys.readouterr().out
+
+
+def test_sizes_over_the_models_own_maximum_are_refused_before_rendering(core, tiny_models):
+    """The tiny model is 64 px native: 2x (SELMA_RENDER_MAX_SIZE_FACTOR) is its maximum, under SELMA_RENDER_MAX_RESOLUTION=256."""
+    settings = render_service_pb2.RenderSettings(model=common_pb2.ModelRef(source=str(tiny_models.sd)),
+                                                 diffusion=common_pb2.DiffusionSettings(steps=STEPS, width=256, height=64))
+    with pytest.raises(InvalidArgument) as e:
+        core.preview(["a red cube"], settings)
+    assert e.value.field == "settings.diffusion.width" and "SELMA_RENDER_MAX_SIZE_FACTOR=2" in str(e.value)
+    settings.diffusion.width = 128
+    (image,) = core.preview(["a red cube"], settings).images
+    assert (image.width, image.height) == (128, 64)

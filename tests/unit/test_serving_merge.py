@@ -276,7 +276,6 @@ def test_adapter_files_round_trip_at_scale_one():
         ({"lora_unet_down.lora_down.weight": torch.zeros(1, 1)}, "kohya"),
         ({"text_encoder.x.lora.down.weight": torch.zeros(1, 1)}, "text encoder"),
         ({"unet.m.lora.down.weight": torch.zeros(2, 3)}, "only its down"),
-        ({"unet.m.lora.down.weight": torch.full((2, 3), float("inf")), "unet.m.lora.up.weight": torch.zeros(4, 2)}, "non-finite"),
         ({"unet.m.lora.down.weight": torch.zeros(2, 3), "unet.m.lora.up.weight": torch.zeros(4, 5)}, "incompatible shapes"),
         ({"unet.m.weird": torch.zeros(1)}, "unexpected tensor"),
     ],
@@ -286,6 +285,21 @@ def test_bad_adapter_files_are_refused(sd, text):
         parse_state_dict(sd, what="expert x")
     with pytest.raises(InvalidArgument, match="not a readable safetensors"):
         read_safetensors(b"\x80\x04pickle", what="expert x")
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(float("inf"), "non-finite"), (float("nan"), "non-finite"), (1e30, "SELMA_SERVING_MAX_ADAPTER_VALUE=10000")],
+)
+def test_adapter_tensors_must_be_finite_and_bounded_naming_the_tensor(value, text):
+    up = torch.zeros(4, 2)
+    up[1, 1] = value
+    sd = {"unet.m.lora.down.weight": torch.zeros(2, 3), "unet.m.lora.up.weight": up}
+    with pytest.raises(FailedPrecondition, match=text) as e:
+        parse_state_dict(sd, what="expert x", max_abs=1e4)
+    assert "expert x" in str(e.value) and "unet.m.lora.up.weight" in str(e.value)
+    up[1, 1] = 1e4  # at the bound
+    assert parse_state_dict(sd, what="expert x", max_abs=1e4)["m"].B[1, 1] == 1e4
 
 
 def test_seed_policies():

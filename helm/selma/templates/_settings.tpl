@@ -77,6 +77,25 @@ SELMA_BATCH_SHM_SIZE: {{ $j.shmSize | quote }}
 SELMA_BATCH_BACKOFF_LIMIT: {{ $j.backoffLimit | quote }}
 SELMA_BATCH_ACTIVE_DEADLINE_SECONDS: {{ $j.activeDeadlineSeconds | quote }}
 SELMA_BATCH_TTL_SECONDS_AFTER_FINISHED: {{ $j.ttlSecondsAfterFinished | quote }}
+{{ include "selma.placementPolicySettings" . }}
+{{- end }}
+
+{{- /* The operator's placement policy of worker Jobs (placementPolicy → SELMA_BATCH_POLICY_*; lists and maps as JSON). */}}
+{{- define "selma.placementPolicySettings" -}}
+{{- $p := .Values.placementPolicy }}
+SELMA_BATCH_POLICY_PRIORITY_CLASSES: {{ $p.priorityClasses | default list | toJson | quote }}
+SELMA_BATCH_POLICY_TOLERATIONS: {{ $p.tolerations | default list | toJson | quote }}
+SELMA_BATCH_POLICY_NODE_SELECTORS: {{ $p.nodeSelectors | default dict | toJson | quote }}
+SELMA_BATCH_POLICY_RUNTIME_CLASSES: {{ $p.runtimeClasses | default list | toJson | quote }}
+SELMA_BATCH_POLICY_ALLOW_AFFINITY: {{ $p.allowAffinity | toString | quote }}
+{{- with $p.gpuResourceNames }}
+SELMA_BATCH_POLICY_GPU_RESOURCE_NAMES: {{ . | toJson | quote }}
+{{- end }}
+SELMA_BATCH_POLICY_MAX_GPUS: {{ $p.maxGpus | quote }}
+SELMA_BATCH_POLICY_MAX_CPU: {{ $p.maxCpu | quote }}
+SELMA_BATCH_POLICY_MAX_MEMORY: {{ $p.maxMemory | quote }}
+SELMA_BATCH_POLICY_MAX_ACTIVE_DEADLINE_SECONDS: {{ $p.maxActiveDeadlineSeconds | int64 | quote }}
+SELMA_BATCH_POLICY_DEFAULT_QUEUE: {{ $p.defaultQueue | quote }}
 {{- end }}
 
 {{- /* The EvaluationService's own (selma_evaluation.settings.EvaluationSettings): evaluations render

@@ -21,7 +21,7 @@ from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
 from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError, error_for_code
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
-from selma.specs import density, expert_weights, parse_float
+from selma.specs import bounded_weight, density, expert_weights, parse_float
 from selma.storage import Storage, open_storage
 from selma.v1 import common_pb2
 from selma_evaluation.runner import (
@@ -177,7 +177,8 @@ class EvaluationCore:
                     if not e.get("expert_id"):
                         raise InvalidArgument("expert_id is required", field=f"spec.targets[{i}].experts.experts[{j}].expert_id")
                 # the merge's own rule (selma.specs): finite weights, every expert has one or none has
-                expert_weights([e.get("weight") for e in merge["experts"]], f"spec.targets[{i}].experts.experts.weight")
+                expert_weights([e.get("weight") for e in merge["experts"]], f"spec.targets[{i}].experts.experts.weight",
+                               max_abs=self.settings.eval_max_merge_weight, setting="eval_max_merge_weight")
         if search and not search.get("expert_ids"):
             raise InvalidArgument("merge_search needs at least one expert id", field="spec.merge_search.expert_ids")
         serving_endpoint = self.serving_endpoint()
@@ -215,7 +216,9 @@ class EvaluationCore:
         if not vrefs:
             raise InvalidArgument("merge_search needs validation_prompt_set: held-out prompts, never the test prompts", field=f"{f}.validation_prompt_set")
         for i, v in enumerate(search.get("weight_values") or []):
-            parse_float(v, f"{f}.weight_values[{i}]")
+            w = parse_float(v, f"{f}.weight_values[{i}]")
+            if w is not None:
+                bounded_weight(w, f"{f}.weight_values[{i}]", self.settings.eval_max_merge_weight, "eval_max_merge_weight")
         for i, d in enumerate(search.get("densities") or []):
             density(d, f"{f}.densities[{i}]")  # the merge's own rule (selma.specs)
         max_trials = int(search.get("max_trials") or 0)

@@ -62,6 +62,9 @@ class EvaluationSettings(BatchSettings, LlmSettings):
         "", description="host:port of ServingService, which renders every evaluation target; empty = SELMA_ENDPOINTS / .selma/endpoints.json."
     )
     eval_max_prompts: int = Field(5000, ge=1, description="Largest number of prompts one evaluation may render.")
+    eval_max_merge_weight: float = Field(
+        100.0, gt=0, description="Largest |weight| of an expert in an experts target (keep it at the serving service's SELMA_SERVING_MAX_MERGE_WEIGHT)."
+    )
     eval_max_trials: int = Field(64, ge=1, le=10_000, description="Default upper bound on merge-search trials.")
     eval_default_steps: int = Field(0, ge=0, description="Denoising steps for evaluation renders; 0 = the serving model's default.")
 

@@ -134,7 +134,7 @@ def resolve_spec(
     if max_count is not None:
         count = min(count, max_count)
     elif count > settings.prompts_max_count:
-        raise InvalidArgument(f"count must be at most {settings.prompts_max_count} (the service maximum); got {count}", field="spec.count")
+        raise InvalidArgument(f"count must be at most SELMA_PROMPTS_MAX_COUNT={settings.prompts_max_count}; got {count}", field="spec.count")
     threshold = rouge_l_threshold(d.get("rouge_l_threshold"))
     embedding = None
     if "embedding_filter" in d:

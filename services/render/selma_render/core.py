@@ -23,6 +23,7 @@ from selma import plugins
 from selma.artifacts import ArtifactStore
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobManager, JobPhase, JobRecord
+from selma.limits import check_chars
 from selma.pipelines import TINY_SCHEME, ModelSpec
 from selma.seeds import derive_seed
 from selma.storage import open_storage
@@ -39,7 +40,7 @@ from selma_render.renderer import (
     is_out_of_memory,
 )
 from selma_render.settings import RenderSettings
-from selma_render.spec import MAX_PROMPT_CHARS, normalized_settings, parse_dataset_spec, parse_render_settings
+from selma_render.spec import normalized_settings, parse_dataset_spec, parse_render_settings
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,16 @@ class RenderCore:
         if not prompts:
             raise InvalidArgument("prompts must hold at least one prompt", field="prompts")
         if len(prompts) > limit:
-            raise InvalidArgument(f"at most {limit} prompts per preview; got {len(prompts)}", field="prompts")
+            raise InvalidArgument(f"at most SELMA_RENDER_PREVIEW_MAX_PROMPTS={limit} prompts per preview; got {len(prompts)}", field="prompts")
         for i, p in enumerate(prompts):
+            check_chars(p, f"prompts[{i}]", self.settings.max_prompt_chars, "max_prompt_chars")
             if not p.strip():
                 raise InvalidArgument(f"prompt {i} is empty", field=f"prompts[{i}]")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise InvalidArgument(f"prompt {i} is longer than {MAX_PROMPT_CHARS} characters", field=f"prompts[{i}]")
         cfg = parse_render_settings(settings_msg, self.settings, prefix="settings", batch_size_used=False)
         n_images = len(prompts) * cfg.images_per_prompt
         if n_images > self.settings.render_preview_max_images:
             raise InvalidArgument(
-                f"a preview may return at most {self.settings.render_preview_max_images} images; "
+                f"a preview may return at most SELMA_RENDER_PREVIEW_MAX_IMAGES={self.settings.render_preview_max_images} images; "
                 f"{len(prompts)} prompts x {cfg.images_per_prompt} images per prompt = {n_images}",
                 field="settings.images_per_prompt",
             )

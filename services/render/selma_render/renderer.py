@@ -200,11 +200,18 @@ class Renderer:
             guidance = float(default) if isinstance(default, int | float) else None
         side = native_size(pipe)
         width, height = cfg.width or side, cfg.height or side
+        model_max = int(self.settings.render_max_size_factor * side) // 8 * 8
         for name, value in (("width", width), ("height", height)):
             if value > self.settings.render_max_resolution:
                 raise InvalidArgument(
-                    f"the model's native {name} {value} is above this service's maximum of "
-                    f"{self.settings.render_max_resolution}; ask for a smaller {name}",
+                    f"the model's native {name} {value} is above this service's maximum "
+                    f"SELMA_RENDER_MAX_RESOLUTION={self.settings.render_max_resolution}; ask for a smaller {name}",
+                    field=f"{prefix}.diffusion.{name}",
+                )
+            if value > model_max:
+                raise InvalidArgument(
+                    f"{name} {value} is over this model's maximum {model_max} "
+                    f"(SELMA_RENDER_MAX_SIZE_FACTOR={self.settings.render_max_size_factor:g} x its native {side})",
                     field=f"{prefix}.diffusion.{name}",
                 )
         return ResolvedRender(

@@ -22,8 +22,13 @@ class RenderSettings(SelmaSettings):
         True, description="Load the default model before reporting SERVING, so the first job does not pay for it."
     )
     render_max_resolution: int = Field(2048, ge=8, description="Largest width or height a request may ask for, in pixels.")
+    render_max_size_factor: float = Field(
+        2.0, ge=1, description="Per-model maximum: width and height at most this multiple of the model's native size."
+    )
     render_max_steps: int = Field(150, ge=1, le=10000, description="Most denoising steps a request may ask for.")
     render_default_batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call when a request says 0.")
+    render_max_batch_size: int = Field(256, ge=1, description="Largest batch_size (images per pipeline call) a request may ask for.")
+    render_max_images_per_prompt: int = Field(16, ge=1, description="Most images per prompt a request may ask for.")
     render_preview_max_prompts: int = Field(4, ge=1, le=64, description="Most prompts one Preview call may carry.")
     render_preview_max_images: int = Field(8, ge=1, le=256, description="Most images one Preview call may return.")
     render_max_concurrent_jobs: int = Field(1, ge=1, le=64, description="Dataset renders running at once (one per accelerator).")

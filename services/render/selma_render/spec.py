@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from selma.api import enum_name, enum_value, message_to_dict
 from selma.errors import InvalidArgument
+from selma.limits import check_chars
 from selma.pipelines import SCHEDULERS, ModelSpec
 from selma.seeds import SEED_MODULUS, SeedPolicy
 from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
@@ -23,9 +24,6 @@ from selma_render.settings import RenderSettings
 
 DEFAULT_STEPS = 50
 MAX_GUIDANCE = 30.0
-MAX_BATCH_SIZE = 256
-MAX_IMAGES_PER_PROMPT = 16
-MAX_PROMPT_CHARS = 10_000
 
 def scheduler_enum(name: str) -> int:
     """A :data:`selma.pipelines.SCHEDULERS` key as a ``Scheduler`` value; other names (a custom model scheduler) → UNSPECIFIED."""
@@ -107,7 +105,7 @@ def parse_render_settings(
     requested_steps = parse_int(d.get("steps"), f("diffusion.steps"))
     steps = requested_steps or DEFAULT_STEPS
     if not 1 <= steps <= settings.render_max_steps:
-        raise InvalidArgument(f"steps must be 1..{settings.render_max_steps} (0 = {DEFAULT_STEPS}); got {requested_steps}", field=f("diffusion.steps"))
+        raise InvalidArgument(f"steps must be 1..SELMA_RENDER_MAX_STEPS={settings.render_max_steps} (0 = {DEFAULT_STEPS}); got {requested_steps}", field=f("diffusion.steps"))
 
     guidance = parse_float(d.get("guidance_scale"), f("diffusion.guidance_scale"))  # None = the model's own
     if guidance is not None and not 0.0 <= guidance <= MAX_GUIDANCE:
@@ -120,17 +118,17 @@ def parse_render_settings(
             raise InvalidArgument(f"{name} must be a positive multiple of 8 (0 = the model's native size); got {value}", field=f(f"diffusion.{name}"))
         if value > settings.render_max_resolution:
             raise InvalidArgument(
-                f"{name} {value} is above this service's maximum of {settings.render_max_resolution} pixels",
+                f"{name} {value} is above this service's maximum SELMA_RENDER_MAX_RESOLUTION={settings.render_max_resolution} pixels",
                 field=f(f"diffusion.{name}"),
             )
-    negative_prompt = d.get("negative_prompt") or ""
-    if len(negative_prompt) > MAX_PROMPT_CHARS:
-        raise InvalidArgument(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters", field=f("diffusion.negative_prompt"))
+    negative_prompt = check_chars(parse_str(d.get("negative_prompt"), f("diffusion.negative_prompt")), f("diffusion.negative_prompt"),
+                                  settings.max_prompt_chars, "max_prompt_chars")
 
     requested_ipp = parse_int(body.get("images_per_prompt"), f("images_per_prompt"))
     ipp = requested_ipp or 1
-    if not 1 <= ipp <= MAX_IMAGES_PER_PROMPT:
-        raise InvalidArgument(f"images_per_prompt must be 1..{MAX_IMAGES_PER_PROMPT} (0 = 1); got {requested_ipp}", field=f("images_per_prompt"))
+    if not 1 <= ipp <= settings.render_max_images_per_prompt:
+        raise InvalidArgument(f"images_per_prompt must be 1..SELMA_RENDER_MAX_IMAGES_PER_PROMPT={settings.render_max_images_per_prompt} (0 = 1); "
+                              f"got {requested_ipp}", field=f("images_per_prompt"))
 
     base_seed = parse_int(body.get("base_seed"), f("base_seed"))
     if not 0 <= base_seed < SEED_MODULUS:
@@ -140,8 +138,8 @@ def parse_render_settings(
     batch_size = settings.render_default_batch_size
     if batch_size_used and "batch_size" in body:
         requested_batch = parse_int(body["batch_size"], f("batch_size"))
-        if not 1 <= requested_batch <= MAX_BATCH_SIZE:
-            raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (leave it unset for the service default {settings.render_default_batch_size}); got {requested_batch}", field=f("batch_size"))
+        if not 1 <= requested_batch <= settings.render_max_batch_size:
+            raise InvalidArgument(f"batch_size must be 1..SELMA_RENDER_MAX_BATCH_SIZE={settings.render_max_batch_size} (leave it unset for the service default {settings.render_default_batch_size}); got {requested_batch}", field=f("batch_size"))
         batch_size = requested_batch
 
     device, precision = device_options(body.get("device"), f("device"))

@@ -34,6 +34,7 @@ from selma_serving.lora import (
     ExpertCache,
     adapter_file,
     check_model_name,
+    check_tensor_values,
     expert_info,
     safetensors_bytes,
     to_diffusers,
@@ -82,7 +83,7 @@ class ServingCore:
     def __init__(self, settings: ServingSettings, *, store: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.store = store or ArtifactStore(open_storage(settings))
-        self.experts = ExpertCache(self.store, settings.serving_expert_cache)
+        self.experts = ExpertCache(self.store, settings.serving_expert_cache, max_abs=settings.serving_max_adapter_value)
         self.engine = Engine(settings, self.experts)
         self.registry = ModelRegistry(self.store, self.engine)
         self.jobs = JobManager(self.store.storage, MERGE_JOB_KIND, self._run_merge, max_concurrent=settings.serving_merge_workers,
@@ -119,7 +120,8 @@ class ServingCore:
     def prepare_merge(self, params: MergeParams, *, for_serving: bool) -> tuple[list[Adapter], ResolvedMerge]:
         """Load and validate the experts of a merge (errors name the expert); fill every default."""
         adapters = [self.experts.get(e.ref, field_name=f"merge.experts[{i}].expert_id") for i, e in enumerate(params.experts)]
-        rm = resolve(params, adapters, default_density=self.settings.serving_default_density)
+        rm = resolve(params, adapters, default_density=self.settings.serving_default_density,
+                     max_weight=self.settings.serving_max_merge_weight)
         if for_serving:
             for a in adapters:
                 self.engine.check_base(a.base_model, f"expert {a.id}")
@@ -146,6 +148,14 @@ class ServingCore:
         result = merge(adapters, rm, **kwargs)
         metrics.MERGE_SECONDS.labels("job").observe(time.perf_counter() - t0)
         return result
+
+    def check_result(self, result: MergeResult) -> None:
+        """The probe of a merge before it is published: its deltas (fused) or LoRA factors finite and
+        within ``serving_max_adapter_value`` (FAILED_PRECONDITION naming the tensor)."""
+        tensors = dict(result.deltas or {})
+        for name, (a, b) in (result.lora or {}).items():
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, b
+        check_tensor_values(tensors, what=f"the merge of {', '.join(result.merge.expert_ids)}", max_abs=self.settings.serving_max_adapter_value)
 
     def merged_files(self, adapters: list[Adapter], result: MergeResult) -> dict[str, bytes]:
         """The merged-model artifact's files: the LoRA (or fused weights) and merge.json."""
@@ -210,6 +220,7 @@ class ServingCore:
                 ctx.progress(done, total, unit="modules", stats={"modules_merged": done})
 
             result = self.run_merge(adapters, rm, progress=progress, check_cancelled=ctx.check_cancelled)
+            self.check_result(result)
             files = self.merged_files(adapters, result)
             ctx.check_cancelled()
             labels = {"selma.dev/run": spec.get("run", "")} if spec.get("run") else {}
@@ -274,7 +285,7 @@ class ServingCore:
             raise InvalidArgument("give exactly one of model_name or expert_id", field="source")
         if model_name:
             entry = self.registry.get(model_name)
-            adapter = load_adapter(self.store, entry.manifest)
+            adapter = load_adapter(self.store, entry.manifest, max_abs=self.settings.serving_max_adapter_value)
             stem = model_name
         else:
             adapter = self.experts.get(expert_id)

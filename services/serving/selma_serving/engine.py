@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selma.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
+from selma.limits import check_chars, check_items
 from selma.pipelines import ModelSpec, TokenizerPool, import_libraries, load_pipeline, make_scheduler
 from selma.seeds import SeedPolicy, derive_seed
 from selma_serving import metrics
-from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet
+from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet, check_tensor_values
 from selma_serving.merge import MergeParams, ResolvedMerge, merge, resolve
 from selma_serving.settings import ServingSettings
 
@@ -55,13 +56,22 @@ def fused_copy(
     base_unet: torch.nn.Module,
     deltas: dict[str, torch.Tensor] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    *,
+    max_abs: float = math.inf,
+    what: str = "the adapter",
 ) -> tuple[torch.nn.Module, int]:
     """A UNet equal to ``base_unet`` with ``deltas`` added (fp32, then cast) or ``weights`` replacing
     the named modules' weights.  Untouched parameters and buffers are shared, never copied; the
-    base is not modified.  Returns (unet, bytes of the new tensors)."""
+    base is not modified.  Returns (unet, bytes of the new tensors).
+
+    The probe before anything is built: every delta finite and at most ``max_abs`` in magnitude,
+    every replacement weight finite (FAILED_PRECONDITION naming ``what`` and the tensor); a model
+    that would only ever produce NaN/black images is refused rather than served."""
     deltas = deltas or {}
     weights = weights or {}
-    check_against_unet({n: tuple(d.shape) for n, d in itertools.chain(deltas.items(), weights.items())}, base_unet, what="the adapter")
+    check_against_unet({n: tuple(d.shape) for n, d in itertools.chain(deltas.items(), weights.items())}, base_unet, what=what)
+    check_tensor_values(deltas, what=f"{what} (merged weight deltas)", max_abs=max_abs)
+    check_tensor_values(weights, what=f"{what} (fused weights)")
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(base_unet.parameters(), base_unet.buffers())}
     unet = copy.deepcopy(base_unet, memo)
     nbytes = 0
@@ -294,7 +304,8 @@ class Engine:
     def mix_unet(self, params: MergeParams) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
         """The fused UNet for a per-request expert mix: (unet, resolved merge, cache hit)."""
         adapters = [self.experts.get(e.ref, field_name=f"experts[{i}].expert_id") for i, e in enumerate(params.experts)]
-        rm = resolve(params, adapters, default_density=self.settings.serving_default_density)
+        rm = resolve(params, adapters, default_density=self.settings.serving_default_density,
+                     max_weight=self.settings.serving_max_merge_weight)
         for a in adapters:
             self.check_base(a.base_model, f"expert {a.id}")
         if rm.method == "mean_delta" and rm.output_rank == 0:
@@ -305,7 +316,8 @@ class Engine:
         def build() -> tuple[torch.nn.Module, int]:
             t0 = time.perf_counter()
             result = merge(adapters, rm)
-            unet, nbytes = fused_copy(base_unet, deltas=result.effective_deltas())
+            unet, nbytes = fused_copy(base_unet, deltas=result.effective_deltas(), max_abs=self.settings.serving_max_adapter_value,
+                                      what=f"the mix of {', '.join(rm.expert_ids)}")
             metrics.MERGE_SECONDS.labels("request").observe(time.perf_counter() - t0)
             return unet, nbytes
 
@@ -326,27 +338,45 @@ class Engine:
         s = self.settings
         if not req.prompts:
             raise InvalidArgument("give at least one prompt", field="prompts")
-        if len(req.prompts) > s.serving_max_prompts:
-            raise InvalidArgument(f"at most {s.serving_max_prompts} prompts per request; got {len(req.prompts)}", field="prompts")
+        check_items(len(req.prompts), "prompts", s.serving_max_prompts, "serving_max_prompts", "prompts")
+        # characters first (cheap), then tokens: nothing unbounded ever reaches the tokenizer
         for i, p in enumerate(req.prompts):
+            check_chars(p, f"prompts[{i}]", s.max_prompt_chars, "max_prompt_chars")
             if not p or not p.strip():
                 raise InvalidArgument(f"prompts[{i}] is empty", field=f"prompts[{i}]")
+        check_chars(req.negative_prompt, "diffusion.negative_prompt", s.max_prompt_chars, "max_prompt_chars")
+        for i, p in enumerate(req.prompts):
+            self.check_prompt_tokens(p, f"prompts[{i}]")
+        if req.negative_prompt:
+            self.check_prompt_tokens(req.negative_prompt, "diffusion.negative_prompt")
         ipp = req.images_per_prompt or 1
         if not 1 <= ipp <= s.serving_max_images_per_prompt:
-            raise InvalidArgument(f"images_per_prompt must be 1..{s.serving_max_images_per_prompt}; got {req.images_per_prompt}", field="images_per_prompt")
+            raise InvalidArgument(
+                f"images_per_prompt must be 1..SELMA_SERVING_MAX_IMAGES_PER_PROMPT={s.serving_max_images_per_prompt}; got {req.images_per_prompt}",
+                field="images_per_prompt",
+            )
         steps = req.steps or min(50, s.serving_max_steps)  # 0 = 50, within a lower configured limit
         if not 1 <= steps <= s.serving_max_steps:
-            raise InvalidArgument(f"diffusion.steps must be 1..{s.serving_max_steps}; got {req.steps}", field="diffusion.steps")
+            raise InvalidArgument(f"diffusion.steps must be 1..SELMA_SERVING_MAX_STEPS={s.serving_max_steps}; got {req.steps}", field="diffusion.steps")
         guidance = self.default_guidance() if req.guidance_scale is None else req.guidance_scale
         if not math.isfinite(guidance) or not 0 <= guidance <= 30:
             raise InvalidArgument(f"diffusion.guidance_scale must be in [0, 30]; got {req.guidance_scale}", field="diffusion.guidance_scale")
         native = self.native_size()
+        # the model's own maximum: a denoising step costs ~size² (attention more), and cancellation is checked per step
+        model_max = int(s.serving_max_size_factor * native) // 8 * 8
         size = {}
         for name in ("width", "height"):
             v = getattr(req, name) or native
             if v < 8 or v % 8 or v > s.serving_max_resolution:
                 raise InvalidArgument(
-                    f"diffusion.{name} must be a multiple of 8 up to {s.serving_max_resolution}; got {getattr(req, name)}", field=f"diffusion.{name}"
+                    f"diffusion.{name} must be a multiple of 8 up to SELMA_SERVING_MAX_RESOLUTION={s.serving_max_resolution}; got {getattr(req, name)}",
+                    field=f"diffusion.{name}",
+                )
+            if v > model_max:
+                raise InvalidArgument(
+                    f"diffusion.{name} {v} is over this model's maximum {model_max} "
+                    f"(SELMA_SERVING_MAX_SIZE_FACTOR={s.serving_max_size_factor:g} x its native {native})",
+                    field=f"diffusion.{name}",
                 )
             size[name] = v
         if req.seed_policy not in SEED_POLICIES:
@@ -365,6 +395,14 @@ class Engine:
             height=size["height"],
             seed=secrets.randbits(63) if req.seed is None else req.seed,
         )
+
+    def check_prompt_tokens(self, prompt: str, fld: str) -> None:
+        """At most ``serving_max_prompt_tokens`` tokens of the base pipeline's (first) tokenizer."""
+        tokenizer = getattr(self._require_pipe(), "tokenizer", None)
+        if tokenizer is None:
+            return
+        n = len(tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+        check_items(n, fld, self.settings.serving_max_prompt_tokens, "serving_max_prompt_tokens", "tokens")
 
     def resolve_model(self, req: GenerationRequest) -> tuple[torch.nn.Module, ServedInfo]:
         if req.model_name and req.model_name != "base":

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest
-from selma.errors import FailedPrecondition, InvalidArgument, NotFound
+from selma.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from selma.jobs import recorded_expert, run_stage_key
 from selma.lora_format import check_format, fold_scale
 
@@ -89,11 +89,37 @@ def block_of(module: str) -> str | None:
     return None
 
 
-def parse_state_dict(sd: Mapping[str, torch.Tensor], *, what: str) -> dict[str, LoraModule]:
+MAX_VALUE_SETTING = "serving_max_adapter_value"
+
+
+def check_tensor_values(tensors: Mapping[str, torch.Tensor], *, what: str, max_abs: float = math.inf) -> None:
+    """Every tensor finite and at most ``max_abs`` in magnitude (the ``serving_max_adapter_value`` setting).
+
+    An adapter or merge with values like 1e30 is not wrong in shape but turns every image black:
+    FAILED_PRECONDITION naming ``what`` (the expert or model) and the first bad tensor.
+    """
+    for key, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        t = tensor.detach()
+        if not bool(torch.isfinite(t).all()):
+            raise FailedPrecondition(f"{what}: tensor {quote(key, 200)} has non-finite values (NaN or inf)", field="experts")
+        if math.isfinite(max_abs):
+            peak = float(t.abs().max())
+            if peak > max_abs:
+                raise FailedPrecondition(
+                    f"{what}: tensor {quote(key, 200)} has values up to {peak:g} in magnitude, over "
+                    f"SELMA_{MAX_VALUE_SETTING.upper()}={max_abs:g}; the adapter is broken (retrain it)",
+                    field="experts",
+                )
+
+
+def parse_state_dict(sd: Mapping[str, torch.Tensor], *, what: str, max_abs: float = math.inf) -> dict[str, LoraModule]:
     """UNet LoRA tensors (diffusers ``unet.….lora.down/up.weight`` or PEFT ``lora_A/lora_B``) → modules.
 
     A module's alpha is its ``….alpha`` tensor if the file has one, else its rank (scale 1, the
-    convention of :mod:`selma.lora_format` and diffusers' default).
+    convention of :mod:`selma.lora_format` and diffusers' default).  Every A and B is finite and at
+    most ``max_abs`` in magnitude (:func:`check_tensor_values`).
     """
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -114,6 +140,7 @@ def parse_state_dict(sd: Mapping[str, torch.Tensor], *, what: str) -> dict[str, 
             raise InvalidArgument(f"{what} has an unexpected tensor {key!r}; expected diffusers LoRA keys (….lora.down.weight / ….lora.up.weight)", field="experts")
     if not parts:
         raise InvalidArgument(f"{what} holds no LoRA tensors", field="experts")
+    check_tensor_values({k: v for k, v in sd.items() if not k.endswith(_ALPHA_SUFFIX)}, what=what, max_abs=max_abs)
     out: dict[str, LoraModule] = {}
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
@@ -121,8 +148,6 @@ def parse_state_dict(sd: Mapping[str, torch.Tensor], *, what: str) -> dict[str, 
         A, B = p["A"], p["B"]
         if A.dim() not in (2, 4) or B.dim() != A.dim() or B.shape[1] != A.shape[0] or (B.dim() == 4 and tuple(B.shape[2:]) != (1, 1)):
             raise InvalidArgument(f"{what}: module {module} has incompatible shapes down {tuple(A.shape)} / up {tuple(B.shape)}", field="experts")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise InvalidArgument(f"{what}: module {module} has non-finite weights", field="experts")
         a = alphas.get(module, float(A.shape[0]))
         if not math.isfinite(a) or a <= 0:
             raise InvalidArgument(f"{what}: alpha must be a positive number; got {a}", field="experts")
@@ -222,8 +247,8 @@ def expert_info(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
     return info
 
 
-def load_expert(store: ArtifactStore, manifest: Manifest) -> Adapter:
-    """Read and validate one expert artifact's diffusers LoRA."""
+def load_expert(store: ArtifactStore, manifest: Manifest, *, max_abs: float = math.inf) -> Adapter:
+    """Read and validate one expert artifact's diffusers LoRA (values finite and at most ``max_abs``)."""
     info = expert_info(store, manifest)
     what = f"expert {manifest.id}"
     try:
@@ -231,7 +256,7 @@ def load_expert(store: ArtifactStore, manifest: Manifest) -> Adapter:
     except NotFound:
         raise FailedPrecondition(f"{what} has no {DIFFUSERS_FILE}; it may be unfinished or in another format") from None
     check_format(info, what=what)  # every format reads the same way: the file carries the scale
-    modules = parse_state_dict(read_safetensors(data, what=what), what=what)
+    modules = parse_state_dict(read_safetensors(data, what=what), what=what, max_abs=max_abs)
     base = BaseModelId.from_dict(info.get("base_model"))
     if not base.source:
         raise FailedPrecondition(f"{what} does not say which base model it was trained on (expert.json base_model.source)")
@@ -241,9 +266,10 @@ def load_expert(store: ArtifactStore, manifest: Manifest) -> Adapter:
 class ExpertCache:
     """Parsed experts by artifact id (artifacts are immutable, so entries never go stale)."""
 
-    def __init__(self, store: ArtifactStore, max_entries: int = 32) -> None:
+    def __init__(self, store: ArtifactStore, max_entries: int = 32, *, max_abs: float = math.inf) -> None:
         self.store = store
         self.max_entries = max_entries
+        self.max_abs = max_abs  # largest |value| an expert's tensors may hold (serving_max_adapter_value)
         self._items: OrderedDict[str, Adapter] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -253,7 +279,7 @@ class ExpertCache:
             if manifest.id in self._items:
                 self._items.move_to_end(manifest.id)
                 return self._items[manifest.id]
-        adapter = load_expert(self.store, manifest)
+        adapter = load_expert(self.store, manifest, max_abs=self.max_abs)
         with self._lock:
             self._items[manifest.id] = adapter
             while len(self._items) > self.max_entries:

@@ -40,7 +40,7 @@ import torch
 from selma import specs
 from selma.api import enum_name
 from selma.errors import FailedPrecondition, InvalidArgument
-from selma.specs import expert_weights
+from selma.specs import bounded_weight, expert_weights
 from selma.v1 import common_pb2
 from selma_serving.lora import Adapter, LoraModule, block_of, validate_compatible
 
@@ -120,16 +120,22 @@ class ResolvedMerge:
         }
 
 
-def _finite(x: float | None, what: str) -> float | None:
+def _finite(x: float | None, what: str, max_abs: float = math.inf) -> float | None:
     if x is None:
         return None
     if not isinstance(x, int | float) or not math.isfinite(x):
         raise InvalidArgument(f"{what} must be a finite number; got {x!r}", field=what)
-    return float(x)
+    return bounded_weight(float(x), what, max_abs, MAX_WEIGHT_SETTING) if math.isfinite(max_abs) else float(x)
 
 
-def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density: float = 0.5) -> ResolvedMerge:
-    """Check a merge's parameters against its (already loaded) experts and fill in every default."""
+MAX_WEIGHT_SETTING = "serving_max_merge_weight"
+
+
+def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density: float = 0.5, max_weight: float = math.inf) -> ResolvedMerge:
+    """Check a merge's parameters against its (already loaded) experts and fill in every default.
+
+    Weights and block weights are finite and at most ``max_weight`` in magnitude (the service's
+    ``serving_max_merge_weight``)."""
     if not params.experts:
         raise InvalidArgument("give at least one expert to merge", field="experts")
     if len(adapters) != len(params.experts):
@@ -145,9 +151,10 @@ def resolve(params: MergeParams, adapters: Sequence[Adapter], *, default_density
     if dupes:
         raise InvalidArgument(f"expert {dupes[0]} is listed twice; give each expert once with its weight", field="experts")
     validate_compatible(list(adapters))
-    weights = tuple(expert_weights([e.weight for e in params.experts]))
+    weights = tuple(expert_weights([e.weight for e in params.experts], max_abs=max_weight, setting=MAX_WEIGHT_SETTING))
     blocks = tuple(
-        (_finite(e.down, "experts.block_weights.down"), _finite(e.mid, "experts.block_weights.mid"), _finite(e.up, "experts.block_weights.up"))
+        (_finite(e.down, "experts.block_weights.down", max_weight), _finite(e.mid, "experts.block_weights.mid", max_weight),
+         _finite(e.up, "experts.block_weights.up", max_weight))
         for e in params.experts
     )
     if params.method in _TIES_METHODS and any(w < 0 for w in weights + tuple(x for b in blocks for x in b if x is not None)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -75,15 +76,16 @@ def read_merge_json(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
         raise FailedPrecondition(f"merged model {manifest.id} has an unreadable {MERGE_JSON}: {e}") from None
 
 
-def load_adapter(store: ArtifactStore, manifest: Manifest) -> Adapter:
-    """The LoRA of a merged model (scale 1, alpha = rank) or an expert; FailedPrecondition if stored fused only."""
+def load_adapter(store: ArtifactStore, manifest: Manifest, *, max_abs: float = math.inf) -> Adapter:
+    """The LoRA of a merged model (scale 1, alpha = rank) or an expert; FailedPrecondition if stored fused only
+    or if a tensor is not finite or over ``max_abs`` in magnitude."""
     if manifest.kind == ArtifactKind.EXPERT:
-        return load_expert(store, manifest)
+        return load_expert(store, manifest, max_abs=max_abs)
     info = read_merge_json(store, manifest)
     if info.get("fused"):
         raise FailedPrecondition(f"merged model {manifest.id} is stored as fused weights only; it has no adapter to export")
     data = store.read_bytes(manifest, DIFFUSERS_FILE)
-    modules = parse_state_dict(read_safetensors(data, what=f"merged model {manifest.id}"), what=f"merged model {manifest.id}")
+    modules = parse_state_dict(read_safetensors(data, what=f"merged model {manifest.id}"), what=f"merged model {manifest.id}", max_abs=max_abs)
     return Adapter(id=manifest.id, base_model=BaseModelId.from_dict(info.get("base_model")), modules=modules, manifest=manifest, info=info)
 
 
@@ -214,10 +216,11 @@ class ModelRegistry:
             what = f"merged model {manifest.id}"
             weights = read_safetensors(self.store.read_bytes(manifest, FUSED_FILE), what=what)
             prefix = "unet."
-            return fused_copy(base_unet, weights={k.removeprefix(prefix).removesuffix(".weight"): v for k, v in weights.items()})
-        adapter = load_adapter(self.store, manifest)
+            return fused_copy(base_unet, weights={k.removeprefix(prefix).removesuffix(".weight"): v for k, v in weights.items()}, what=what)
+        max_abs = self.engine.settings.serving_max_adapter_value
+        adapter = load_adapter(self.store, manifest, max_abs=max_abs)
         self.engine.check_base(adapter.base_model, f"artifact {manifest.id}")
-        return fused_copy(base_unet, deltas=adapter_deltas(adapter))
+        return fused_copy(base_unet, deltas=adapter_deltas(adapter), max_abs=max_abs, what=f"artifact {manifest.id}")
 
     def unload(self, name: str) -> ModelEntry:
         self.get(name)  # NotFound for unknown names

@@ -22,6 +22,16 @@ class ServingSettings(SelmaSettings):
     serving_max_images_per_prompt: int = Field(8, ge=1, description="Images per prompt per Generate request.")
     serving_max_steps: int = Field(150, ge=1, description="Largest denoising step count a request may ask for.")
     serving_max_resolution: int = Field(1024, ge=8, description="Largest image width or height in pixels.")
+    serving_max_size_factor: float = Field(
+        2.0, ge=1, description="Per-model maximum: width and height at most this multiple of the base model's native size (a step's cost grows with its square)."
+    )
+    serving_max_prompt_tokens: int = Field(
+        512, ge=1, description="Most tokenizer tokens in one prompt (the text encoder reads its first 77; the rest is dropped with a warning)."
+    )
+    serving_max_merge_weight: float = Field(100.0, gt=0, description="Largest |weight| of an expert in a merge or per-request mix.")
+    serving_max_adapter_value: float = Field(
+        1e4, gt=0, description="Largest |value| in an expert's or merged model's LoRA tensors (and merged deltas); larger ones are refused."
+    )
     serving_merge_cache_bytes: int = Field(2 * GiB, ge=0, description="Memory for fused per-request expert mixes (LRU by bytes).")
     serving_expert_cache: int = Field(32, ge=1, description="Expert adapters kept parsed in memory (LRU by count).")
     serving_default_density: float = Field(0.5, gt=0, le=1, description="Density of TIES/DARE/magnitude merges when a request gives 0.")

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selma.api import enum_name, enum_proto_name
 from selma.errors import InvalidArgument
+from selma.limits import check_at_most
 from selma.specs import parse_bool, parse_float, parse_int, parse_mapping, parse_str
 from selma.v1 import common_pb2
 from selma.v1 import training_service_pb2 as pb
@@ -409,6 +410,18 @@ def validate_config(c: TrainingConfig, info: ModelInfo | None = None) -> None:
         bad("adam_epsilon", f"adam_epsilon must be > 0; got {c.adam_epsilon}")
     if not c.max_grad_norm > 0:
         bad("max_grad_norm", f"max_grad_norm must be > 0; got {c.max_grad_norm}")
+
+
+def check_limits(c: TrainingConfig, settings: Any) -> None:
+    """The service's maxima (``SELMA_TRAINING_MAX_*``): INVALID_ARGUMENT naming the limit, before any job is stored or launched."""
+    for fld, value, setting in (
+        ("resolution", c.resolution, "training_max_resolution"),
+        ("batch_size", c.batch_size, "training_max_batch_size"),
+        ("gradient_accumulation_steps", c.gradient_accumulation_steps, "training_max_gradient_accumulation_steps"),
+        ("max_steps", c.max_steps, "training_max_steps"),
+        ("lora.rank", c.rank, "training_max_rank"),
+    ):
+        check_at_most(value, f"config.{fld}", getattr(settings, setting), setting, fld.rsplit(".", 1)[-1])
 
 
 # --- the stored job document -----------------------------------------------------------------

@@ -43,6 +43,7 @@ from selma.errors import (
     NotFound,
     SelmaError,
     error_for_code,
+    quote,
 )
 from selma.jobs import (
     EXPERT_TRAINING_KIND,
@@ -61,6 +62,7 @@ from selma_training.config import (
     PRESET_DESCRIPTIONS,
     PRESETS_NAMES,
     TrainingJob,
+    check_limits,
     from_proto_dict,
     parse_config,
     preset_config,
@@ -176,11 +178,12 @@ class TrainingCore:
             if not value:
                 raise InvalidArgument(f"{name} is required", field=f"spec.{name}")
             if len(value) > 63 or not _NAME.match(value):
-                raise InvalidArgument(f"{name} {value!r} must be lowercase letters, digits, '-' or '_', at most 63 characters (it labels the Kubernetes Job)", field=f"spec.{name}")
+                raise InvalidArgument(f"{name} {quote(value)} must be lowercase letters, digits, '-' or '_', at most 63 characters (it labels the Kubernetes Job)", field=f"spec.{name}")
         dataset_id = (spec.get("dataset") or {}).get("id", "")
         if not dataset_id:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")
         config, _info = from_proto_dict(spec.get("config") or {}, default_model=self.settings.training_default_model)
+        check_limits(config, self.settings)
         dataset, _examples = load_dataset(self.store, dataset_id)
         want = (spec.get("dataset") or {}).get("sha256", "")
         if want and want != dataset.digest:

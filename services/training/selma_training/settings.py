@@ -16,3 +16,9 @@ class TrainingSettings(BatchSettings):
 
     training_default_model: str = Field("", description="Base model used when a request names none.")
     training_max_jobs: int = Field(64, ge=1, description="Training jobs the service follows at once (Kubernetes Jobs are only watched).")
+    # --- request limits (a config over one is INVALID_ARGUMENT naming the setting, before anything is stored or launched)
+    training_max_resolution: int = Field(2048, ge=8, description="Largest training resolution (pixels) a request may ask for.")
+    training_max_batch_size: int = Field(256, ge=1, description="Largest batch size a request may ask for.")
+    training_max_gradient_accumulation_steps: int = Field(256, ge=1, description="Most gradient-accumulation steps a request may ask for.")
+    training_max_steps: int = Field(200_000, ge=1, description="Most optimizer steps a request may ask for.")
+    training_max_rank: int = Field(1024, ge=1, description="Largest LoRA rank a request may ask for.")

@@ -9,7 +9,8 @@
   the Job at once on exit code 2 (bad input: retrying cannot help), ``activeDeadlineSeconds``,
   ``ttlSecondsAfterFinished``, image and service account from settings, storage credentials
   from a Secret (``valueFrom.secretKeyRef``, never inline), GPU limits, node selector,
-  tolerations, affinity, priority class, runtime class, the optional Kueue queue label, the
+  tolerations, affinity, priority class, runtime class, the optional Kueue queue label (the
+  policy's default queue when a request names none), the
   model-cache volume (a PVC) and a memory-backed ``/dev/shm``.  Pods are hardened like the
   chart's services: non-root as the image's user (10001), read-only root filesystem with
   writable emptyDirs where the trainer writes (``/tmp``, which is also ``HOME`` and the
@@ -20,6 +21,10 @@
   ``metrics`` (:data:`METRICS_PORT_NAME`, ``batch_metrics_port``, bound on 0.0.0.0), which the
   chart's PodMonitor scrapes; the service's ``selma_training_*{skill}`` gauges carry the same
   progress from the progress object.
+* :func:`check_policy` holds every request's placement to the operator's policy
+  (``SELMA_BATCH_POLICY_*``, the chart's ``placementPolicy``): allowed priority classes,
+  tolerations, node selectors, runtime classes, GPU resource names, affinity, and maxima of GPUs,
+  CPU, memory and deadline; :meth:`KubernetesLauncher.validate` runs it before any Job exists.
 * :class:`KubernetesLauncher` creates it idempotently (409 → adopt the existing Job if it
   carries our job id), follows it with a watch (``resourceVersion`` + server-side
   ``timeoutSeconds``, re-listing on 410 Gone; no sleep-polling), cancels by deleting with
@@ -38,8 +43,17 @@ from typing import Any
 
 from selma.batch import metrics
 from selma.batch.launchers import EXIT_BAD_INPUT, Launcher, LaunchRequest, Monitor, Outcome
-from selma.batch.settings import BatchSettings
-from selma.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, SelmaError, Unavailable
+from selma.batch.settings import BatchSettings, parse_quantity
+from selma.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    SelmaError,
+    Unavailable,
+    quote,
+)
+from selma.limits import check_at_most, setting_name
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +148,82 @@ def validate_placement(p: dict[str, Any]) -> None:
     _duration_seconds(p.get("active_deadline"))
 
 
+# --- the operator's placement policy --------------------------------------------------------------
+
+
+def _allowed(value: str, allowed: list[str], fld: str, what: str, setting: str) -> None:
+    if value and value not in allowed:
+        offer = f"allowed: {', '.join(sorted(allowed))}" if allowed else "none is allowed beyond the cluster default"
+        raise PermissionDenied(f"{what} {quote(value)} is not allowed by the placement policy ({offer}; {setting_name(setting)})", field=fld)
+
+
+def _covers(allowed: dict[str, Any], t: dict[str, Any]) -> bool:
+    """Whether an allowed toleration (Kubernetes form) tolerates at least everything requested toleration ``t`` (proto form) does."""
+    op = _OPERATORS.get(t.get("operator", ""), "Equal")
+    a_op = str(allowed.get("operator") or "Equal")
+    a_key, a_effect = str(allowed.get("key") or ""), str(allowed.get("effect") or "")
+    if a_key and t.get("key", "") != a_key:  # an empty allowed key (with Exists) covers every key
+        return False
+    if a_op == "Equal" and (op != "Equal" or t.get("value", "") != str(allowed.get("value") or "") or not a_key):
+        return False
+    return not a_effect or _EFFECTS.get(t.get("effect", ""), "") == a_effect
+
+
+def _quantity(value: Any, fld: str) -> Any:
+    try:
+        return parse_quantity(str(value))
+    except ValueError as e:
+        raise InvalidArgument(str(e), field=fld) from None
+
+
+def check_policy(p: dict[str, Any], settings: BatchSettings) -> None:
+    """The operator's placement policy (``SELMA_BATCH_POLICY_*``, the chart's ``placementPolicy``), before any Job is created.
+
+    Asking for what the policy does not allow (a priority class, toleration, node selector, runtime
+    class, GPU resource or affinity) is PERMISSION_DENIED; asking for more than a maximum (GPUs, CPU,
+    memory, deadline) is INVALID_ARGUMENT.  Both name the setting that would allow it.
+    """
+    f = "spec.placement"
+    _allowed(p.get("priority_class_name", ""), settings.batch_policy_priority_classes, f"{f}.priority_class_name", "priority class",
+             "batch_policy_priority_classes")
+    _allowed(p.get("runtime_class_name", ""), settings.batch_policy_runtime_classes, f"{f}.runtime_class_name", "runtime class",
+             "batch_policy_runtime_classes")
+    _allowed(p.get("gpu_resource_name", ""), settings.batch_policy_gpu_resource_names, f"{f}.gpu_resource_name", "GPU resource",
+             "batch_policy_gpu_resource_names")
+    for i, t in enumerate(p.get("tolerations") or []):
+        if not any(_covers(a, t) for a in settings.batch_policy_tolerations):
+            shown = _tolerations([t])[0]
+            raise PermissionDenied(
+                f"toleration {quote(json.dumps(shown, sort_keys=True), 160)} is not allowed by the placement policy "
+                f"({'; '.join(json.dumps(a, sort_keys=True) for a in settings.batch_policy_tolerations)[:400] or 'no toleration is allowed'}; "
+                f"{setting_name('batch_policy_tolerations')})",
+                field=f"{f}.tolerations[{i}]",
+            )
+    for k, v in (p.get("node_selector") or {}).items():
+        values = settings.batch_policy_node_selectors.get(k)
+        if values is None or (values and v not in values):
+            raise PermissionDenied(
+                f"node_selector {quote(f'{k}={v}')} is not allowed by the placement policy (allowed keys: "
+                f"{', '.join(sorted(settings.batch_policy_node_selectors)) or 'none'}; {setting_name('batch_policy_node_selectors')})",
+                field=f"{f}.node_selector",
+            )
+    if p.get("affinity") and not settings.batch_policy_allow_affinity:
+        raise PermissionDenied(f"affinity is not allowed by the placement policy ({setting_name('batch_policy_allow_affinity')})",
+                               field=f"{f}.affinity")
+    check_at_most(int(p.get("gpus", 0) or 0), f"{f}.gpus", settings.batch_policy_max_gpus, "batch_policy_max_gpus", "gpus")
+    res = p.get("resources") or {}
+    for key, setting in (("cpu_request", "batch_policy_max_cpu"), ("cpu_limit", "batch_policy_max_cpu"),
+                         ("memory_request", "batch_policy_max_memory"), ("memory_limit", "batch_policy_max_memory"),
+                         ("shm_size", "batch_policy_max_memory")):
+        if res.get(key) and _quantity(res[key], f"{f}.resources.{key}") > parse_quantity(getattr(settings, setting)):
+            raise InvalidArgument(f"{key} {quote(res[key])} is over the placement policy's maximum "
+                                  f"{setting_name(setting)}={getattr(settings, setting)}", field=f"{f}.resources.{key}")
+    deadline = _duration_seconds(p.get("active_deadline"))
+    if deadline is not None:
+        check_at_most(deadline, f"{f}.active_deadline", settings.batch_policy_max_active_deadline_seconds,
+                      "batch_policy_max_active_deadline_seconds", "active_deadline (s)")
+
+
 def _tolerations(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for t in items:
@@ -169,7 +259,7 @@ def job_labels(req: LaunchRequest, settings: BatchSettings | None = None) -> dic
     labels.pop(INSTANCE_LABEL, None)
     if settings is not None and settings.batch_instance:
         labels[INSTANCE_LABEL] = settings.batch_instance
-    queue = req.placement.get("queue_name", "")
+    queue = req.placement.get("queue_name", "") or (settings.batch_policy_default_queue if settings is not None else "")
     if queue:
         labels[KUEUE_LABEL] = queue
     return labels
@@ -416,6 +506,7 @@ class KubernetesLauncher(Launcher):
 
     def validate(self, placement: dict[str, Any]) -> None:
         validate_placement(placement)
+        check_policy(placement, self.settings)
 
     def preflight(self) -> None:
         """List our Jobs (limit 1): proves the API answers and we may read jobs here."""

@@ -8,9 +8,12 @@ worker they start, locally or as a Kubernetes Job.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import json
+import re
+from decimal import Decimal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from selma.config import SelmaSettings
 
@@ -51,10 +54,49 @@ class BatchSettings(SelmaSettings):
     batch_metrics_port: int = Field(9400, ge=1, le=65535, description="Prometheus /metrics port of worker pods (container port `metrics`; the PodMonitor scrapes it).")
     batch_watch_timeout_seconds: int = Field(30, ge=1, description="Server-side timeout of one Job watch; progress is re-read at least this often.")
     batch_api_retries: int = Field(3, ge=0, le=10, description="Retries of a Kubernetes API call on connection errors.")
+    # --- placement policy (operator-owned; the chart's placementPolicy): what a request's placement may ask of a Kubernetes Job.
+    # A request outside it is refused before any Job is created (selma.batch.kube.check_policy).
+    batch_policy_priority_classes: list[str] = Field(
+        default_factory=list, description="PriorityClass names a request may set (JSON list); [] = none, only the cluster default."
+    )
+    batch_policy_tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Tolerations a request may set, in Kubernetes form [{key, operator, value, effect}] (JSON); each requested "
+        "toleration must be covered by one of them (same key; Exists covers any value; no effect covers every effect). [] = none.",
+    )
+    batch_policy_node_selectors: dict[str, list[str]] = Field(
+        default_factory=dict, description="Node label keys a request's node_selector may use, each with its allowed values ([] = any value), as JSON; {} = none."
+    )
+    batch_policy_runtime_classes: list[str] = Field(
+        default_factory=list, description="RuntimeClass names a request may set (JSON list); [] = none, only the cluster default."
+    )
+    batch_policy_allow_affinity: bool = Field(False, description="Whether a request may set a pod affinity (it can pin pods to any node).")
+    batch_policy_gpu_resource_names: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu"], description="Extended resource names a request may ask GPUs as (JSON list)."
+    )
+    batch_policy_max_gpus: int = Field(1, ge=0, le=64, description="Most GPUs one worker pod may ask for.")
+    batch_policy_max_cpu: str = Field("16", description="Largest CPU request or limit of a worker pod (Kubernetes quantity).")
+    batch_policy_max_memory: str = Field("64Gi", description="Largest memory request, limit or /dev/shm size of a worker pod (Kubernetes quantity).")
+    batch_policy_max_active_deadline_seconds: int = Field(7 * 24 * 3600, ge=60, description="Longest active_deadline a request may set.")
+    batch_policy_default_queue: str = Field("", description="Kueue LocalQueue of Jobs whose request names none; '' = no queue label.")
     # --- facts about the worker's own pod (downward API), shown in job details
     batch_pod_name: str = Field("", description="Set in worker pods from metadata.name.")
     batch_node_name: str = Field("", description="Set in worker pods from spec.nodeName.")
     batch_parent_pid: int = Field(0, ge=0, description="Set by the local launcher: the worker stops (checkpointing) when this process dies.")
+
+    @field_validator("batch_policy_priority_classes", "batch_policy_tolerations", "batch_policy_node_selectors",
+                     "batch_policy_runtime_classes", "batch_policy_gpu_resource_names", mode="before")
+    @classmethod
+    def _json(cls, v: Any) -> Any:
+        # the environment gives these as JSON (pydantic-settings decodes it); other sources (a ConfigMap's
+        # data read as values) may hand over the same JSON text
+        return json.loads(v) if isinstance(v, str) else v
+
+    @field_validator("batch_policy_max_cpu", "batch_policy_max_memory")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        parse_quantity(v)  # ValueError names the value
+        return v
 
     def worker_env(self, *, secrets: bool) -> dict[str, str]:
         """``SELMA_*`` variables of the service's own settings its workers inherit (WORKER_SETTING_PREFIXES).
@@ -62,7 +104,6 @@ class BatchSettings(SelmaSettings):
         ``secrets``: also secret values (local workers, which share the service's environment anyway);
         a Kubernetes Job never carries them: its pods read them from the service's Secret.
         """
-        import json
 
         out: dict[str, str] = {}
         for name in type(self).model_fields:
@@ -78,6 +119,22 @@ class BatchSettings(SelmaSettings):
             text = json.dumps(value, default=str) if isinstance(value, list | dict) else (str(value).lower() if isinstance(value, bool) else str(value))
             out[f"SELMA_{name.upper()}"] = text
         return out
+
+
+_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE]|u|n)?$")
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": Decimal("1e-9"), "u": Decimal("1e-6"),
+           "m": Decimal("1e-3"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes quantity ("500m", "16Gi", "1e3") as a number of base units (cores, bytes)."""
+    m = _QUANTITY.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{str(text)[:64]!r} is not a Kubernetes quantity (e.g. '4', '500m', '16Gi')")
+    number, suffix = Decimal(m.group(1)), m.group(2) or ""
+    if suffix[:1] in ("e", "E") and suffix not in _SUFFIX:
+        return number * Decimal(10) ** int(suffix[1:])
+    return number * Decimal(_SUFFIX.get(suffix, 1))
 
 
 def _is_secret(value: object) -> bool:
