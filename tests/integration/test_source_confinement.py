@@ -125,8 +125,9 @@ def stack(tmp_path_factory, tiny_models):
     (root / "allowed" / "escape").symlink_to(outside, target_is_directory=True)
 
     def common(name: str) -> dict:
-        return dict(data_dir=root / name, storage_uri=(root / "storage").as_uri(), log_level="WARNING", device="cpu", hf_offline=True,
-                    model_allowed_dirs=f"{root / 'allowed'},{tiny_models.sd.parent}")
+        # each service's own model cache (not the per-user one), so the test sees exactly what each wrote
+        return dict(data_dir=root / name, model_cache_dir=root / name / "models", storage_uri=(root / "storage").as_uri(), log_level="WARNING",
+                    device="cpu", hf_offline=True, model_allowed_dirs=f"{root / 'allowed'},{tiny_models.sd.parent}")
 
     servers = {
         "PromptService": build_prompts(PromptSettings(**common("prompts"), llm_default_backend="tiny_test",
