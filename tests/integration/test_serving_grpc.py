@@ -236,7 +236,8 @@ def test_register_model_refuses_an_artifact_uri_of_another_store_naming_it(serve
     for foreign in (f"s3://other-bucket/selma/artifacts/{expert.id}", (tmp_path / "elsewhere" / "artifacts" / expert.id).as_uri()):
         with pytest.raises(grpc.RpcError) as e:
             stub.RegisterModel(pb.RegisterModelRequest(model_name="foreign", artifact=common_pb2.ArtifactRef(uri=foreign)))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # refused at the API boundary by the source rule (#17): a request may not name another store at all
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert foreign in e.value.details() and "not in this service's artifact store" in e.value.details()
     own = stub.RegisterModel(pb.RegisterModelRequest(model_name="own-uri", artifact=common_pb2.ArtifactRef(uri=expert.uri)))
     assert own.created and own.model.artifact.id == expert.id

@@ -207,12 +207,21 @@ class _Supervised:
     last_exit: str = ""
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
+def log_tail(path: Path, lines: int = 20, chars: int = 600) -> str:
+    """The last ``lines`` lines of a log file, at most ``chars`` characters of them ('' if it cannot be read).
+
+    Whole lines from the end: the last one (a traceback's exception line) is what says why, and an
+    error message quoting the tail must stay within selma.errors' message bound without losing it."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return ""
+    kept: list[str] = []
+    for line in reversed(tail):
+        if kept and sum(len(x) + 1 for x in kept) + len(line) > chars:
+            break
+        kept.append(line[-chars:])
+    return "\n".join(reversed(kept))
 
 
 @dataclass
