@@ -4,16 +4,23 @@ Concurrency model.  The base pipeline is loaded once and never mutated: no adapt
 injected into it.  A merged model or a per-request mix is *fused* into a UNet copy that shares
 every untouched parameter with the base UNet and owns new tensors only for the adapted
 modules (zero LoRA overhead at inference, and memory proportional to the adapted weights).
-Each image runs through a fresh pipeline view (the base components, the request's UNet, a
-new scheduler and tokenizers no other request holds: fast tokenizers keep padding state between
-calls), so concurrent requests share no mutable state and each produces exactly the image it
-would produce alone.  Fused mixes live in an LRU cache bounded by bytes and keyed by
-the resolved merge (experts, weights, method, density, seed).
+Each pipeline call runs through a fresh pipeline view (the base components, the request's UNet, a
+new scheduler and tokenizers no other call holds: fast tokenizers keep padding state between
+calls), so concurrent calls share no mutable state.  Fused mixes live in an LRU cache bounded
+by bytes and keyed by the resolved merge (experts, weights, method, density, seed).
 
-Admission: at most ``serving_max_concurrent`` requests hold a generation slot and at most
-``serving_max_queue`` wait for one; beyond that a request is refused (ResourceExhausted).
-Waiting honours the request's deadline and cancellation, and so does denoising (checked
-after every step).
+Dynamic batching: requests for the same fused UNet with the same call-wide settings (size,
+steps, scheduler, guidance, negative prompt or none) run as one batched pipeline call of up to
+``serving_max_batch_size`` images, each with its own generator (its own seed) and prompts
+(:class:`_Batch`).  A batched image equals the solo one within a pixel or two of rounding
+(tests/unit/test_serving_batching.py states the tolerance); with batching off (size 1) it is
+byte-identical.
+
+Admission (:class:`Admission`): at most ``serving_max_concurrent`` batches hold a generation
+slot and at most ``serving_max_queue`` requests wait; beyond that a request is refused
+(ResourceExhausted with a ``retry-after-ms`` trailer).  The line is fair: by priority, then
+round robin over clients.  Waiting honours the request's deadline and cancellation, and so
+does denoising (checked after every step).
 """
 
 from __future__ import annotations
@@ -238,6 +245,7 @@ class Admission:
                 for batch in self._open.get(t.key, ()):
                     if batch.admit(t):
                         t.batch = batch
+                        metrics.QUEUE_WAIT.observe(0.0)
                         self._cond.notify_all()
                         return
             if self.running < self.max_concurrent and not self.waiting:
@@ -437,6 +445,7 @@ class _Member:
         self.done = False  # answered in full or gone: no more rows run for it
         self.sent = 0
         self.stepped = False
+        self.announced = False
         self.served: ServedInfo | None = None
 
     def gone(self) -> SelmaError | None:
@@ -535,14 +544,15 @@ class _Batch:
 
     def _pick(self) -> list[tuple[_Member, _Row]]:
         rows: list[tuple[_Member, _Row]] = []
-        live = [m for m in self.members if not m.done and m.rows]
-        while live and len(rows) < self.policy.max_size:
-            for m in list(live):
-                if len(rows) >= self.policy.max_size:
-                    break
-                rows.append((m, m.rows.popleft()))
-                if not m.rows:
-                    live.remove(m)
+        with self.adm._cond:  # a member's own thread may drop its rows (cancelled) meanwhile
+            live = [m for m in self.members if not m.done and m.rows]
+            while live and len(rows) < self.policy.max_size:
+                for m in list(live):
+                    if len(rows) >= self.policy.max_size:
+                        break
+                    rows.append((m, m.rows.popleft()))
+                    if not m.rows:
+                        live.remove(m)
         return rows
 
     def step(self, *, gather: bool, first: bool) -> bool:
@@ -579,7 +589,8 @@ class _Batch:
         kind = self.served.kind
         metrics.BATCH_SIZE.labels(kind).observe(len(rows))
         for m in owners.values():
-            if m.progress:
+            if m.progress and not m.announced:
+                m.announced = True
                 self._deliver(m, QueueProgress(0, self.adm.waiting, len(rows)))
 
         def on_step(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
