@@ -299,3 +299,11 @@ def test_high_priority_needs_the_admin_scope_and_clients_are_tokens_or_hosts():
     assert client_identity(user, "ipv4:10.0.0.1:5000") == "token:u"
     assert client_identity(None, "ipv4:10.0.0.1:5000") == client_identity(None, "ipv4:10.0.0.1:6000") == "peer:ipv4:10.0.0.1"
     assert client_identity(None, "ipv6:[::1]:5000") == "peer:ipv6:[::1]"
+
+
+def test_batching_defaults_per_device_and_settings_override_them():
+    from selma_serving.engine import batch_policy
+
+    assert batch_policy(ServingSettings(), "cuda") == BatchPolicy(8, 0.005)
+    assert batch_policy(ServingSettings(), "cpu") == BatchPolicy(1, 0.0)  # solo calls: byte-identical re-renders
+    assert batch_policy(ServingSettings(serving_max_batch_size=16, serving_batch_wait_ms=50), "cpu") == BatchPolicy(16, 0.05)
