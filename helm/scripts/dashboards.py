@@ -342,6 +342,55 @@ PIPELINE = Dashboard(
                 ),
             ),
         ),
+        Row(
+            "Stage 4: serving, batching and admission",
+            (
+                Panel(
+                    "Batch size (images per pipeline call) by model kind",
+                    (
+                        *_quantiles("selma_serving_batch_size", "model", NS, (0.5, 0.95)),
+                        Q(
+                            f"sum by (model) (rate(selma_serving_batch_size_sum{{{NS}}}[{RI}])) / "
+                            f"sum by (model) (rate(selma_serving_batch_size_count{{{NS}}}[{RI}]))",
+                            "mean {{model}}",
+                        ),
+                    ),
+                    description="Requests for the same model and settings share one batched call (SELMA_SERVING_MAX_BATCH_SIZE).",
+                    width=8,
+                ),
+                Panel(
+                    "Queue wait (arrival to a slot or a batch)",
+                    _quantiles("selma_serving_queue_wait_seconds", "", NS),
+                    unit="s",
+                    width=8,
+                ),
+                Panel(
+                    "Time to first denoising step by model kind",
+                    _quantiles("selma_serving_time_to_first_step_seconds", "model", NS, (0.5, 0.95)),
+                    unit="s",
+                    width=8,
+                ),
+                Panel(
+                    "Images/s per replica and model kind",
+                    (Q(f"sum by (pod, model) (rate(selma_serving_images_generated_total{{{NS}}}[{RI}]))", "{{pod}} {{model}}"),),
+                    unit="ops",
+                    width=12,
+                ),
+                Panel(
+                    "Merge cache hit ratio per replica",
+                    (
+                        Q(
+                            f"sum by (pod) (rate(selma_serving_merge_cache_hits_total{{{NS}}}[{RI}])) / "
+                            f"(sum by (pod) (rate(selma_serving_merge_cache_hits_total{{{NS}}}[{RI}])) + "
+                            f"sum by (pod) (rate(selma_serving_merge_cache_misses_total{{{NS}}}[{RI}])))",
+                            "{{pod}}",
+                        ),
+                    ),
+                    unit="percentunit",
+                    width=12,
+                ),
+            ),
+        ),
     ),
 )
 

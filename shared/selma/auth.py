@@ -15,6 +15,7 @@ the method and the outcome, and counted in ``selma_grpc_server_auth_total``.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import json
@@ -23,7 +24,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,14 +408,25 @@ def _outcome(e: BaseException | None, context: Any) -> str:
     return "INTERNAL" if e is not None else "OK"
 
 
+_CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("selma_caller", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The authenticated caller of the RPC this thread is handling; None when auth is off."""
+    return _CALLER.get()
+
+
 def _wrap_unary(fn, check, method: str):  # noqa: ANN001
     def wrapper(request, context):  # noqa: ANN001
         principal = check()
+        token = _CALLER.set(principal)
         try:
             response = fn(request, context)
         except BaseException as e:
             _record(principal.name, method, _outcome(e, context))
             raise
+        finally:
+            _CALLER.reset(token)
         _record(principal.name, method, _outcome(None, context))
         return response
 
@@ -425,7 +437,7 @@ def _wrap_stream(fn, check, method: str):  # noqa: ANN001
     def wrapper(request, context):  # noqa: ANN001
         principal = check()
         try:
-            yield from fn(request, context)
+            yield from _with_caller(principal, fn(request, context))
         except GeneratorExit:
             _record(principal.name, method, "CANCELLED")
             raise
@@ -435,6 +447,24 @@ def _wrap_stream(fn, check, method: str):  # noqa: ANN001
         _record(principal.name, method, _outcome(None, context))
 
     return wrapper
+
+
+def _with_caller(principal: Principal, it: Iterator[Any]) -> Iterator[Any]:
+    """``it``'s items, with the caller set around each step only (the thread serves other RPCs between)."""
+    try:
+        while True:
+            token = _CALLER.set(principal)
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                _CALLER.reset(token)
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def interceptors(settings: SelmaSettings) -> list[grpc.ServerInterceptor]:

@@ -57,8 +57,9 @@ class SelmaError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         self.field = shorten(field, _FIELD_CHARS) if field else field
+        self.trailers = trailers  # gRPC trailing metadata sent with the status (e.g. retry-after-ms)
         message = shorten(str(message), MAX_MESSAGE_CHARS - _FIELD_CHARS - 2)  # room to prefix the field name
         super().__init__(message)
         self.message = message

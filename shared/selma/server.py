@@ -210,6 +210,8 @@ def _fail(e: Exception, context: grpc.ServicerContext, rec: _Recorder) -> None:
     service, method, _ = rec.labels
     if isinstance(e, SelmaError):
         code, details = _status_code(e), bounded_details(str(e))
+        if getattr(e, "trailers", ()):
+            context.set_trailing_metadata(e.trailers)
         log.info("%s/%s -> %s: %s", service, method, code.name, details)
     else:
         ref = uuid.uuid4().hex[:12]

@@ -106,7 +106,7 @@ def secured(tmp_path_factory, signing_key):
     server.set_ready(True)
     channel = grpc.insecure_channel(server.address)
     try:
-        yield {"server": server, "channel": channel, "tokens": tokens, "root": root}
+        yield {"server": server, "channel": channel, "tokens": tokens, "root": root, "serving": serving}
     finally:
         channel.close()
         server.stop(0)
@@ -211,6 +211,24 @@ def test_a_tokens_file_rewritten_on_disk_is_used_without_a_restart(secured):
         tmp.write_text(original)
         tmp.replace(path)
     assert call(channel, "/selma.v1.ServingService/ListModels", False, newcomer) == grpc.StatusCode.UNAUTHENTICATED  # revoked
+
+
+def test_generate_is_queued_as_its_token_and_high_priority_needs_admin(secured, monkeypatch):
+    """Fair admission rotates over token names, and a non-admin's HIGH priority is served at NORMAL."""
+    from selma.v1 import serving_service_pb2 as serving_pb
+
+    seen: list[tuple[str, str]] = []
+
+    def generate(req, **kw):
+        seen.append((kw["client"], kw["priority"]))
+        return iter(())
+
+    monkeypatch.setattr(secured["serving"].engine, "generate", generate)
+    request = serving_pb.GenerateRequest(prompts=["x"], priority=serving_pb.GENERATION_PRIORITY_HIGH).SerializeToString()
+    for scope in ("generate", "admin"):
+        metadata = [("authorization", f"Bearer {secured['tokens'][scope]}")]
+        assert list(secured["channel"].unary_stream("/selma.v1.ServingService/Generate")(request, metadata=metadata, timeout=60)) == []
+    assert seen == [("token:generate-client", "normal"), ("token:admin-client", "high")]
 
 
 def test_the_client_channel_sends_its_token(secured):

@@ -184,8 +184,8 @@ class _StepProbe:
                 self.rpc_ended = cancel
             return generate(req, cancel=cancel, **kw)
 
-        def pipeline_view(unet, scheduler, tokenizers=None):
-            pipe = view(unet, scheduler, tokenizers)
+        def pipeline_view(unet, scheduler, *rest):
+            pipe = view(unet, scheduler, *rest)
 
             def run(**kw):
                 inner = kw["callback_on_step_end"]

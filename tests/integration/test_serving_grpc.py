@@ -201,6 +201,8 @@ def test_full_queue_is_resource_exhausted_and_the_server_keeps_serving(served):
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(pb.GenerateRequest(prompts=["x"], diffusion=common_pb2.DiffusionSettings(steps=2))))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        hint = dict(e.value.trailing_metadata())["retry-after-ms"]  # what the SDK backs off by
+        assert hint.isdigit() and int(hint) >= 100 and f"retry in about {hint} ms" in e.value.details()
     saved, engine.admission = engine.admission, Admission(max_concurrent=1, max_queue=1)
     try:
         with engine.admission.slot():  # queued behind it, the deadline passes
@@ -211,6 +213,23 @@ def test_full_queue_is_resource_exhausted_and_the_server_keeps_serving(served):
         engine.admission = saved
     ok = list(stub.Generate(pb.GenerateRequest(prompts=["x"], seed=1, diffusion=common_pb2.DiffusionSettings(steps=2))))
     assert len(ok) == 1 and ok[0].model.model_name == "" and not ok[0].model.fused
+
+
+def test_progress_streams_the_place_in_line_then_the_image(served):
+    stub, engine = served["stub"], served["core"].engine
+    saved, engine.admission = engine.admission, Admission(max_concurrent=1, max_queue=2)
+    try:
+        with engine.admission.slot():
+            call = stub.Generate(pb.GenerateRequest(prompts=["x"], seed=1, stream_progress=True,
+                                                    priority=pb.GENERATION_PRIORITY_HIGH, diffusion=common_pb2.DiffusionSettings(steps=2)))
+            first = next(call)
+            assert first.HasField("progress") and not first.HasField("image")
+            assert (first.progress.queue_position, first.progress.queue_length) == (1, 1)
+        rest = list(call)
+    finally:
+        engine.admission = saved
+    assert rest[0].progress.queue_position == 0 and rest[0].progress.batch_size == 1
+    assert len(rest) == 2 and rest[1].image.png.startswith(b"\x89PNG") and not rest[1].HasField("progress")
 
 
 def test_metrics_are_exported(served):
@@ -224,6 +243,9 @@ def test_metrics_are_exported(served):
         "selma_serving_merge_cache_misses_total",
         "selma_serving_merge_seconds",
         "selma_serving_model_load_seconds",
+        "selma_serving_batch_size",
+        "selma_serving_queue_wait_seconds",
+        "selma_serving_time_to_first_step_seconds",
     ):
         assert name in text, name
 

@@ -41,6 +41,9 @@ def env(tiny_models, tmp_path_factory):
         serving_max_resolution=128,
         serving_max_concurrent=4,
         serving_max_queue=8,
+        # batching off: these tests hold concurrent requests to the bytes of sequential ones
+        # (batched images match solo ones within a pixel tolerance: tests/unit/test_serving_batching.py)
+        serving_max_batch_size=1,
     )
     core = ServingCore(settings)
     core.start()

@@ -38,3 +38,20 @@ MODEL_LOAD_SECONDS = Histogram(
     ["kind"],  # "base" or "registered"
     buckets=RPC_BUCKETS,
 )
+BATCH_SIZE = Histogram(
+    "selma_serving_batch_size",
+    "Images in one batched pipeline call, by kind of model.",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+QUEUE_WAIT = Histogram(
+    "selma_serving_queue_wait_seconds",
+    "Time a Generate request waited in line for a slot or a batch (0 when one was free).",
+    buckets=RPC_BUCKETS,
+)
+FIRST_STEP_SECONDS = Histogram(
+    "selma_serving_time_to_first_step_seconds",
+    "From a Generate request's arrival to the end of its first denoising step, by kind of model.",
+    ["model"],
+    buckets=RPC_BUCKETS,
+)

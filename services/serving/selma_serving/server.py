@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from selma.api import (
     timestamp,
 )
 from selma.artifacts import ArtifactKind, Manifest
+from selma.auth import ADMIN, Principal, current_principal
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.job_rpcs import JOB_KINDS, JobRpcs
 from selma.jobs import JobRecord
@@ -37,11 +39,13 @@ from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
 from selma_serving.core import ServingCore, spec_json_from_dict
-from selma_serving.engine import GeneratedImage, GenerationRequest
+from selma_serving.engine import GeneratedImage, GenerationRequest, QueueProgress
 from selma_serving.lora import BaseModelId
 from selma_serving.merge import params_from_dict
 from selma_serving.registry import ModelEntry
 from selma_serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "selma.v1.ServingService"
 KiB, MiB = 1024, 1024 * 1024
@@ -68,6 +72,23 @@ def _removed_item(r: Removal) -> pb.RemovedItem:
 
 def _merge_spec(d: dict[str, Any] | None) -> common_pb2.MergeSpec | None:
     return dict_to_message(spec_json_from_dict(d), common_pb2.MergeSpec) if d else None
+
+
+def client_identity(principal: Principal | None, peer: str) -> str:
+    """Whom fair admission rotates over: the token's name with auth on, else the peer's host
+    (its connections share one turn: a client gains nothing by opening more channels)."""
+    if principal is not None:
+        return f"token:{principal.name}"
+    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 or peer.startswith("ipv4:") else peer
+    return f"peer:{host}"
+
+
+def cap_priority(requested: str, principal: Principal | None) -> str:
+    """The priority a request is served at: "high" only for admin callers (or with auth off)."""
+    if requested == "high" and principal is not None and ADMIN not in principal.scopes:
+        log.info("priority high asked by %s without the admin scope: served at normal", principal.name)
+        return "normal"
+    return requested or "normal"
 
 
 class ServingServicer(pb_grpc.ServingServiceServicer):
@@ -134,7 +155,16 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
         context.add_callback(on_done)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        for img in self.core.engine.generate(req, cancel=cancel, is_active=context.is_active, deadline=deadline):
+        principal = current_principal()
+        priority = cap_priority(enum_name(pb.GenerationPriority, request.priority, field="priority"), principal)
+        items = self.core.engine.generate(req, cancel=cancel, is_active=context.is_active, deadline=deadline,
+                                          client=client_identity(principal, context.peer()), priority=priority,
+                                          progress=request.stream_progress)
+        for img in items:
+            if isinstance(img, QueueProgress):
+                yield pb.GenerateResponse(progress=pb.GenerateProgress(
+                    queue_position=img.position, queue_length=img.queue_length, batch_size=img.batch_size))
+                continue
             yield pb.GenerateResponse(
                 image=generated_image(img),
                 model=self._served(img),

@@ -18,6 +18,13 @@ class ServingSettings(SelmaSettings):
     serving_base_vae: str = Field("", description="Optional replacement VAE for the base model.")
     serving_max_concurrent: int = Field(1, ge=1, description="Generations denoising at once (1 per GPU is typical).")
     serving_max_queue: int = Field(8, ge=0, description="Generate requests allowed to wait for a slot; more are RESOURCE_EXHAUSTED.")
+    serving_max_batch_size: int = Field(
+        0, ge=0, description="Most images in one batched pipeline call (requests for the same model and settings share it); "
+        "1 = no batching, 0 = the device's default (8 on an accelerator, 1 on CPU: byte-identical re-renders of one seed)."
+    )
+    serving_batch_wait_ms: float | None = Field(
+        None, ge=0, description="How long a new batch waits for companions before its first call; unset = the device's default (5 ms accelerator, 20 ms CPU)."
+    )
     serving_max_prompts: int = Field(16, ge=1, description="Prompts per Generate request.")
     serving_max_images_per_prompt: int = Field(8, ge=1, description="Images per prompt per Generate request.")
     serving_max_steps: int = Field(150, ge=1, description="Largest denoising step count a request may ask for.")
