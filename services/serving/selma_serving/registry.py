@@ -245,6 +245,11 @@ class ModelRegistry:
         log.info("deleted model %s (was %s)", name, entry.manifest.id)
         return entry, was_loaded
 
+    def holds(self, name: str) -> bool:
+        """Whether this replica holds ``name`` fused in memory (a Generate for it needs no load)."""
+        with self._lock:
+            return name in self._loaded
+
     def unet(self, name: str) -> tuple[torch.nn.Module, ModelEntry]:
         """The fused UNet of a registered model, loading it on first use."""
         entry, _ = self.load(name)
