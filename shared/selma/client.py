@@ -184,6 +184,14 @@ def cli_security(args: argparse.Namespace, endpoints: Endpoints) -> ClientSecuri
     return endpoints.default_security(flags)
 
 
+def generate_routing_key(request: serving_service_pb2.GenerateRequest) -> str:
+    """The routing key of a GenerateRequest: its registered model, its canonical expert mix, or "base"."""
+    from selma.api import message_to_dict
+
+    which = request.WhichOneof("model")
+    return routing_key(request.model_name if which == "model_name" else "", message_to_dict(request.experts) if which == "experts" else None)
+
+
 class JobClient:
     """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`)."""
 
@@ -417,11 +425,7 @@ class SelmaClient:
         has arrived an error is raised as it is (the images already yielded stay valid).
         """
         global _last_target
-        from selma.api import message_to_dict
-
-        which = request.WhichOneof("model")
-        key = routing_key(request.model_name if which == "model_name" else "",
-                          message_to_dict(request.experts) if which == "experts" else None)
+        key = generate_routing_key(request)
         started = time.monotonic()
         calls = 0
         while True:
@@ -445,7 +449,7 @@ class SelmaClient:
             wait = next_wait(self.retry, error, calls, started)
             if wait is None:
                 raise error
-            log.info("Generate: %s (%s); retry %d in %.2f s", error.code().name, error.details(), calls, wait)
+            log.debug("Generate: %s (%s); retry %d in %.2f s", error.code().name, error.details(), calls, wait)
             self.retry.sleep(wait)
 
     def resolve_artifact(self, ref: str) -> str:

@@ -99,12 +99,12 @@ class RetryPolicy:
     seconds after the first call.  ``max_attempts=1`` turns retrying off.
     """
 
-    max_attempts: int = 6
-    initial_backoff: float = 0.5
+    max_attempts: int = 5
+    initial_backoff: float = 0.25
     max_backoff: float = 10.0
     multiplier: float = 2.0
     jitter: float = 0.5
-    max_total: float = 120.0
+    max_total: float = 60.0
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +150,7 @@ def call_with_retry(policy: RetryPolicy, attempt: Callable[[], Any], what: str =
             wait = next_wait(policy, e, calls, started)
             if wait is None:
                 raise
-            log.info("%s: %s (%s); retry %d in %.2f s", what, e.code().name, e.details(), calls, wait)
+            log.debug("%s: %s (%s); retry %d in %.2f s", what, e.code().name, e.details(), calls, wait)
             policy.sleep(wait)
 
 

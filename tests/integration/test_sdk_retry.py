@@ -8,8 +8,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from selma.client import Endpoints, SelmaClient
-from selma.routing import RetryPolicy, rank, routing_key
+from selma.client import Endpoints, SelmaClient, generate_routing_key
+from selma.routing import RetryPolicy, rank
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
@@ -115,14 +115,16 @@ def test_other_errors_are_not_retried(start_server):
 def test_an_unavailable_replica_falls_through_to_the_next_in_hash_order_without_waiting(start_server):
     a, serv_a = start_server([(grpc.StatusCode.UNAVAILABLE,)] * 5)
     b, serv_b = start_server([])
-    key = routing_key("", {"experts": [{"expert_id": "e1", "weight": 1.0}]})
-    first, second = rank(key, [a, b])
+    request = pb.GenerateRequest(prompts=["a cat"], experts=common_pb2.MergeSpec(
+        method=common_pb2.MERGE_METHOD_MEAN_DELTA, experts=[common_pb2.ExpertWeight(expert_id="e1", weight=1.0)]))
+    first, second = rank(generate_routing_key(request), [a, b])
     policy, waits = _recording_policy()
     by_address = {a: serv_a, b: serv_b}
     # make the scripted-unavailable server the preferred one for this key
     if first != a:
         by_address[first].script, by_address[second].script = [(grpc.StatusCode.UNAVAILABLE,)] * 5, []
     with SelmaClient(Endpoints(serving=f"{a}|{b}"), retry=policy) as client:
+        assert [address for address, _ in client.serving_stubs(generate_routing_key(request))] == [first, second]
         images = [r.image.png for r in client.generate(["a cat"], experts={"e1": 1.0})]
     assert images == [b"png-0", b"png-1"]
     assert by_address[first].calls == 1 and by_address[second].calls == 1 and waits == []

@@ -15,9 +15,8 @@ import pytest
 from selma.app.cli import main
 from selma.app.local_stack import LocalStack
 from selma.artifacts import ArtifactStore
-from selma.client import SelmaClient, last_target
+from selma.client import SelmaClient, generate_routing_key, last_target
 from selma.config import SelmaSettings
-from selma.routing import routing_key
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
@@ -81,8 +80,8 @@ def test_the_same_mix_goes_to_the_same_replica_and_moves_when_it_goes_away(repli
     mix = {experts[0]: 0.6, experts[1]: 0.4}
     procs = _by_address(stack)
     with SelmaClient(stack.endpoints()) as client:
-        key = routing_key("", {"experts": [{"expert_id": k, "weight": v} for k, v in mix.items()],
-                               "method": "MERGE_METHOD_MEAN_DELTA"})
+        key = generate_routing_key(pb.GenerateRequest(prompts=["x"], experts=common_pb2.MergeSpec(
+            method=common_pb2.MERGE_METHOD_MEAN_DELTA, experts=[common_pb2.ExpertWeight(expert_id=k, weight=v) for k, v in mix.items()])))
         first, second = [address for address, _ in client.serving_stubs(key)]
         misses_before = {a: _metric(sp.metrics_url, "selma_serving_merge_cache_misses_total") for a, sp in procs.items()}
 
