@@ -72,7 +72,16 @@ def test_a_model_registered_through_one_replica_is_served_by_the_other(replicas)
         req = pb.GenerateRequest(prompts=["a cat"], model_name="via-a", seed=1,
                                  diffusion=common_pb2.DiffusionSettings(steps=2, width=64, height=64))
         resps = list(stub_b.Generate(req, timeout=300))
-        assert len(resps) == 1 and resps[0].model.model_name == "via-a"
+        assert len(resps) == 1 and resps[0].model.model_name == "via-a" and not resps[0].model.merge_cache_hit
+        before_on_b = resps[0].image.png
+        assert next(iter(stub_b.Generate(req, timeout=300))).model.merge_cache_hit  # loaded once, held
+
+        # re-pointed through A while B holds the old weights fused: B serves the new target
+        ref = common_pb2.ArtifactRef(id=experts[0], kind=common_pb2.ARTIFACT_KIND_EXPERT)
+        stub_a.RegisterModel(pb.RegisterModelRequest(model_name="via-a", artifact=ref, replace=True), timeout=60)
+        on_a = next(iter(stub_a.Generate(req, timeout=300))).image.png
+        on_b = next(iter(stub_b.Generate(req, timeout=300)))
+        assert on_b.image.png == on_a != before_on_b and not on_b.model.merge_cache_hit  # fused anew for the new target
 
 
 def test_the_same_mix_goes_to_the_same_replica_and_moves_when_it_goes_away(replicas):
