@@ -143,3 +143,13 @@ def test_an_endpoints_file_lists_replicas_as_a_list_or_with_bars(tmp_path):
     f.write_text('{"serving": ["127.0.0.1:1", "127.0.0.1:2"]}')
     assert Endpoints.load(f).serving == "127.0.0.1:1|127.0.0.1:2"
     assert Endpoints.load(env={"SELMA_ENDPOINTS": "prompts=p:1,serving=127.0.0.1:1|127.0.0.1:2"}).serving == "127.0.0.1:1|127.0.0.1:2"
+
+
+def test_a_dns_endpoint_reaches_the_replicas_its_name_resolves_to(start_server):
+    address, servicer = start_server([])
+    port = address.rpartition(":")[2]
+    with SelmaClient(Endpoints(serving=f"dns:///localhost:{port}"), retry=RetryPolicy.off()) as client:
+        replicas = [a for a, _ in client.serving_stubs("base")]
+        assert address in replicas  # localhost's addresses (::1 too, where it resolves; nothing listens there)
+        images = [r.image.png for r in client.generate(["a cat"])]
+    assert images == [b"png-0", b"png-1"] and servicer.calls == 1
