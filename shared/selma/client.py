@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from selma.config import ClientSettings
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
@@ -236,10 +237,14 @@ class SelmaClient:
     """Channels and stubs for the services; use as a context manager."""
 
     def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB,
-                 security: ClientSecurity | None = None, retry: RetryPolicy | None = None, resolve_interval: float = 30.0) -> None:
+                 security: ClientSecurity | None = None, retry: RetryPolicy | None = None, resolve_interval: float | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
-        self.retry = RetryPolicy() if retry is None else retry
+        settings = ClientSettings()
+        # how refused/unreachable serving calls are retried: given, else SELMA_RETRY_* (5 attempts within 60 s)
+        self.retry = RetryPolicy.from_settings(settings) if retry is None else retry
+        if resolve_interval is None:  # how often a dns:/// serving endpoint is resolved again (SELMA_SERVING_RESOLVE_SECONDS)
+            resolve_interval = settings.serving_resolve_seconds
         # how the channels authenticate: given, else SELMA_TOKEN/SELMA_TLS_* with the endpoints file's CA and token
         self.security = endpoints.default_security(security)
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]

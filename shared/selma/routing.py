@@ -42,6 +42,7 @@ from typing import Any
 
 import grpc
 
+from selma.config import ClientSettings
 from selma.errors import InvalidArgument
 from selma.security import ClientSecurity, make_channel
 
@@ -121,6 +122,13 @@ class RetryPolicy:
     @classmethod
     def off(cls) -> RetryPolicy:
         return cls(max_attempts=1)
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings | None = None) -> RetryPolicy:
+        """From ``SELMA_RETRY_MAX_ATTEMPTS``, ``SELMA_RETRY_MAX_SECONDS``, ``SELMA_RETRY_*_BACKOFF_SECONDS``."""
+        s = ClientSettings() if settings is None else settings
+        return cls(max_attempts=s.retry_max_attempts, max_total=s.retry_max_seconds,
+                   initial_backoff=s.retry_initial_backoff_seconds, max_backoff=s.retry_max_backoff_seconds)
 
 
 def retry_after(error: grpc.RpcError) -> float | None:

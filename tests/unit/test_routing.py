@@ -65,3 +65,12 @@ def test_a_replica_found_through_dns_is_verified_against_the_dns_name(tmp_path):
     assert replicas.security_for("").server_name == ""
     named = ReplicaSet("a:1", ClientSecurity(ca_cert=ca, server_name="selma.example"))
     assert named.security_for("selma-serving-replicas").server_name == "selma.example"  # an explicit override wins
+
+
+def test_the_retry_policy_comes_from_the_client_settings():
+    from selma.config import ClientSettings
+    from selma.routing import RetryPolicy
+
+    policy = RetryPolicy.from_settings(ClientSettings(retry_max_attempts=1, retry_max_seconds=5))
+    assert policy.max_attempts == 1 and policy.max_total == 5
+    assert RetryPolicy.from_settings(ClientSettings()) == RetryPolicy()  # the defaults agree
