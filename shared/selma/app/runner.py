@@ -602,6 +602,7 @@ def _generate(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
         replica = last_target()[1]  # the serving replica the request was routed to
+    responses = [r for r in responses if r.HasField("image")]  # progress-only messages (queue position) carry no image
     images = []
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
