@@ -13,6 +13,12 @@ Every long-running job kind has the same five calls through :class:`JobClient`
 directly.  The EvaluationService is hosted by the training process unless an ``evaluation``
 endpoint says otherwise.
 
+The serving endpoint may name several replicas (``serving=a:1|b:2``, or ``dns:///name:port`` for
+every address of a headless Service): each Generate goes to the replica its model or mix hashes to
+(:mod:`selma.routing`), falling back to the next one in hash order when one is UNAVAILABLE, and
+RESOURCE_EXHAUSTED / UNAVAILABLE are retried with jittered back-off (``retry=``, honouring the
+server's ``retry-after-ms``) as long as no image has arrived.
+
 Channels are TLS and carry a bearer token as :class:`selma.security.ClientSecurity` says: from
 ``SELMA_TOKEN``/``SELMA_TLS_*`` (or the CLI's ``--token``/``--ca-cert``/``--client-cert``/``--client-key``),
 falling back to the CA file and token file an endpoints file of ``selma up --tls`` names.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import stat
 import time
@@ -32,9 +39,11 @@ from typing import Any
 
 import grpc
 
+from selma.config import ClientSettings
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
+from selma.routing import RETRYABLE, SEPARATOR, ReplicaSet, RetryPolicy, call_with_retry, next_wait, routing_key
 from selma.security import ClientSecurity, make_channel
 from selma.v1 import (
     common_pb2,
@@ -46,6 +55,7 @@ from selma.v1 import (
     training_service_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 # The service processes (what `selma up` starts, one Deployment each in the chart) ...
 SERVICES = ("prompts", "render", "training", "serving")
@@ -74,6 +84,8 @@ def last_target() -> tuple[str, str]:
 class Endpoints:
     """gRPC addresses (``host:port``) of the services, plus their metrics URLs when known.
 
+    ``serving`` may name several replicas: ``a:1|b:2`` (a JSON list in an endpoints file is the same)
+    or ``dns:///name:port`` (every address of a headless Service), see :mod:`selma.routing`.
     ``evaluation`` is empty when the training process hosts the EvaluationService (the default):
     :meth:`address` then answers with training's address.  ``ca_cert`` and ``token_file`` (paths,
     written by ``selma up --tls``) are what a client uses when nothing else names a CA or a token.
@@ -129,6 +141,8 @@ class Endpoints:
                 f"no endpoints file at {path}: start the local stack with `selma up`, or pass --endpoints / set SELMA_ENDPOINTS",
                 field="endpoints",
             ) from None
+        if isinstance(data.get("serving"), list):  # replicas as a list: the same as "a:1|b:2"
+            data["serving"] = SEPARATOR.join(str(a) for a in data["serving"])
         return cls(**{k: v for k, v in data.items() if k in {*API_SERVICES, "metrics", "ca_cert", "token_file"}})
 
     def default_security(self, security: ClientSecurity | None = None) -> ClientSecurity:
@@ -169,6 +183,14 @@ def cli_security(args: argparse.Namespace, endpoints: Endpoints) -> ClientSecuri
         token=getattr(args, "token", ""), ca_cert=getattr(args, "ca_cert", ""),
         client_cert=getattr(args, "client_cert", ""), client_key=getattr(args, "client_key", ""))
     return endpoints.default_security(flags)
+
+
+def generate_routing_key(request: serving_service_pb2.GenerateRequest) -> str:
+    """The routing key of a GenerateRequest: its registered model, its canonical expert mix, or "base"."""
+    from selma.api import message_to_dict
+
+    which = request.WhichOneof("model")
+    return routing_key(request.model_name if which == "model_name" else "", message_to_dict(request.experts) if which == "experts" else None)
 
 
 class JobClient:
@@ -215,9 +237,14 @@ class SelmaClient:
     """Channels and stubs for the services; use as a context manager."""
 
     def __init__(self, endpoints: Endpoints, *, timeout: float = 30.0, max_message_bytes: int = 64 * MiB,
-                 security: ClientSecurity | None = None) -> None:
+                 security: ClientSecurity | None = None, retry: RetryPolicy | None = None, resolve_interval: float | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
+        settings = ClientSettings()
+        # how refused/unreachable serving calls are retried: given, else SELMA_RETRY_* (5 attempts within 60 s)
+        self.retry = RetryPolicy.from_settings(settings) if retry is None else retry
+        if resolve_interval is None:  # how often a dns:/// serving endpoint is resolved again (SELMA_SERVING_RESOLVE_SECONDS)
+            resolve_interval = settings.serving_resolve_seconds
         # how the channels authenticate: given, else SELMA_TOKEN/SELMA_TLS_* with the endpoints file's CA and token
         self.security = endpoints.default_security(security)
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
@@ -230,8 +257,14 @@ class SelmaClient:
             "evaluation": evaluation_service_pb2_grpc.EvaluationServiceStub,
         }
         self._stubs: dict[str, Any] = {}
+        self._serving_stubs: dict[str, Any] = {}  # by replica address
+        self._serving: ReplicaSet | None = None
+        if endpoints.serving:
+            self._serving = ReplicaSet(endpoints.serving, self.security, options=options, resolve_interval=resolve_interval)
         for name in API_SERVICES:
             addr = endpoints.address(name)
+            if name == "serving" and self._serving is not None:
+                continue  # per replica: serving_stubs()
             if addr:
                 if addr not in self._channels:
                     self._channels[addr] = make_channel(addr, self.security, options=options)
@@ -256,13 +289,52 @@ class SelmaClient:
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
+        if self._serving is not None:
+            self._serving.close()
 
     def stub(self, service: str) -> Any:
+        """The stub of ``service`` (for serving: the replica that base-model requests go to)."""
         global _last_target
+        if service == "serving" and self._serving is not None:
+            address, stub = self.serving_stubs("base")[0]
+            _last_target = (service, address)
+            return stub
         if service not in self._stubs:
             raise InvalidArgument(f"no endpoint configured for the {service} service", field="endpoints")
         _last_target = (service, self.endpoints.address(service))
         return self._stubs[service]
+
+    def serving_stubs(self, key: str = "base") -> list[tuple[str, Any]]:
+        """(address, stub) of every serving replica, in the order a request with routing ``key`` tries them."""
+        if self._serving is None:
+            raise InvalidArgument("no endpoint configured for the serving service", field="endpoints")
+        out = []
+        for r in self._serving.ranked(key):
+            if r.address not in self._serving_stubs or self._serving_stubs[r.address][0] is not r.channel:
+                self._serving_stubs[r.address] = (r.channel, serving_service_pb2_grpc.ServingServiceStub(r.channel))
+            out.append((r.address, self._serving_stubs[r.address][1]))
+        return out
+
+    def serving_call(self, method: str, request: Any, *, key: str = "base", timeout: float | None = None) -> Any:
+        """An idempotent unary ServingService call: the replicas in ``key``'s order (the next one on
+        UNAVAILABLE), retried with back-off on RESOURCE_EXHAUSTED / UNAVAILABLE as :attr:`retry` says."""
+        global _last_target
+
+        def attempt() -> Any:
+            global _last_target
+            error: grpc.RpcError | None = None
+            for address, stub in self.serving_stubs(key):
+                _last_target = ("serving", address)
+                try:
+                    return getattr(stub, method)(request, timeout=timeout or self.timeout)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    error = e
+            assert error is not None
+            raise error
+
+        return call_with_retry(self.retry, attempt, f"ServingService/{method}")
 
     def jobs(self, kind: str) -> JobClient:
         """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``."""
@@ -282,8 +354,13 @@ class SelmaClient:
         from selma.server import wait_for_serving
 
         deadline = time.monotonic() + timeout
+        targets = []
         for name in services:
-            address = self.endpoints.address(name)
+            if name == "serving" and self._serving is not None:
+                targets += [(name, r.address) for r in self._serving.replicas()]
+            else:
+                targets.append((name, self.endpoints.address(name)))
+        for name, address in targets:
             if not address:
                 raise InvalidArgument(f"no endpoint configured for the {name} service", field="endpoints")
             try:
@@ -342,7 +419,43 @@ class SelmaClient:
             req.model_name = model_name
         elif experts:
             req.experts.CopyFrom(common_pb2.MergeSpec(method=method, experts=[common_pb2.ExpertWeight(expert_id=k, weight=v) for k, v in experts.items()]))
-        yield from self.stub("serving").Generate(req, timeout=timeout)
+        yield from self.generate_request(req, timeout=timeout)
+
+    def generate_request(self, request: serving_service_pb2.GenerateRequest, *,
+                         timeout: float | None = 600.0) -> Iterator[serving_service_pb2.GenerateResponse]:
+        """Stream a GenerateRequest from the replica its model or mix routes to (see :mod:`selma.routing`).
+
+        Until the first image arrives, UNAVAILABLE moves on to the next replica in hash order, and
+        RESOURCE_EXHAUSTED (or every replica UNAVAILABLE) is retried after a back-off; once an image
+        has arrived an error is raised as it is (the images already yielded stay valid).
+        """
+        global _last_target
+        key = generate_routing_key(request)
+        started = time.monotonic()
+        calls = 0
+        while True:
+            error: grpc.RpcError | None = None
+            for address, stub in self.serving_stubs(key):
+                _last_target = ("serving", address)
+                received = False
+                try:
+                    for resp in stub.Generate(request, timeout=timeout):
+                        received = received or resp.HasField("image")
+                        yield resp
+                    return
+                except grpc.RpcError as e:
+                    if received or e.code() not in RETRYABLE:
+                        raise
+                    error = e
+                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                        break  # refused for load: back off, then ask the same replica again (its cache is warm)
+            assert error is not None
+            calls += 1
+            wait = next_wait(self.retry, error, calls, started)
+            if wait is None:
+                raise error
+            log.debug("Generate: %s (%s); retry %d in %.2f s", error.code().name, error.details(), calls, wait)
+            self.retry.sleep(wait)
 
     def resolve_artifact(self, ref: str) -> str:
         """The artifact id a user's name stands for: a registered model name (ListModels), a
@@ -351,7 +464,6 @@ class SelmaClient:
         ref = ref.strip()
         if not ref:
             raise InvalidArgument("give a model name, a <run>/<skill> expert or an artifact id", field="artifact")
-        serving = self.stub("serving")
         if "/" in ref:
             run, _, skill = ref.partition("/")
             key = run_stage_key(run, skill, "training")
@@ -367,7 +479,7 @@ class SelmaClient:
             return job.status.output.id
         token = ""
         while True:
-            resp = serving.ListModels(serving_service_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=self.timeout)
+            resp = self.serving_call("ListModels", serving_service_pb2.ListModelsRequest(page_size=1000, page_token=token))
             for m in resp.models:
                 if m.model_name == ref:
                     if not m.artifact.id:
@@ -379,7 +491,7 @@ class SelmaClient:
 
     def lineage(self, artifact_id: str) -> list[common_pb2.ArtifactManifest]:
         req = serving_service_pb2.GetLineageRequest(artifact=common_pb2.ArtifactRef(id=artifact_id))
-        return list(self.stub("serving").GetLineage(req, timeout=self.timeout).artifacts)
+        return list(self.serving_call("GetLineage", req).artifacts)
 
     # -- retention -----------------------------------------------------------------------------
 

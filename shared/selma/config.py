@@ -181,6 +181,11 @@ class ClientSettings(BaseSettings):
     tls_client_cert: Path | None = Field(None, description="PEM client certificate chain for mutual TLS.")
     tls_client_key: Path | None = Field(None, description="PEM private key of tls_client_cert.")
     tls_server_name: str = Field("", description="Name checked in the server certificate instead of the address's host.")
+    retry_max_attempts: int = Field(5, ge=1, description="Calls of a serving request refused RESOURCE_EXHAUSTED or UNAVAILABLE before it fails; 1 = no retry.")
+    retry_max_seconds: float = Field(60.0, ge=0, description="No retry starts whose wait would end later than this after the first call.")
+    retry_initial_backoff_seconds: float = Field(0.25, ge=0, description="First back-off without a server hint; doubles per retry, jittered.")
+    retry_max_backoff_seconds: float = Field(10.0, ge=0, description="Longest back-off without a server hint (retry-after-ms is honoured as sent).")
+    serving_resolve_seconds: float = Field(30.0, ge=0, description="How often a dns:/// serving endpoint is resolved again (replicas come and go).")
 
 
 DEFAULT_SECRET_KEY = "api-key"

@@ -583,7 +583,7 @@ def test_evaluation_is_hosted_by_the_training_deployment_by_default() -> None:
     training = _containers(docs)["selma-training"]
     assert training["args"] == ["serve", "training"] and "--only" not in training["args"]
     data = by_kind(docs, "ConfigMap")["selma-training"]["data"]
-    assert data["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051"
+    assert data["SELMA_EVAL_SERVING_ENDPOINT"] == "dns:///selma-serving-replicas:50051"
     assert data["SELMA_EVAL_VQA_MODEL"] == "Salesforce/blip-vqa-base" and data["SELMA_EVAL_VQA_BATCH_SIZE"] == "16"
     svc = by_kind(docs, "Service")["selma-training"]
     assert svc["metadata"]["annotations"]["selma.dev/grpc-service"] == "selma.v1.TrainingService,selma.v1.EvaluationService"
@@ -645,7 +645,7 @@ def test_evaluation_separate_settings_split_between_the_two_deployments() -> Non
     common = config_maps["selma-config"]["data"]
     training, evaluation = config_maps["selma-training"]["data"], config_maps["selma-evaluation"]["data"]
     assert not [k for k in training if k.startswith("SELMA_EVAL_")], "`serve training --only` reads no SELMA_EVAL_*"
-    assert evaluation["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051"
+    assert evaluation["SELMA_EVAL_SERVING_ENDPOINT"] == "dns:///selma-serving-replicas:50051"
     assert evaluation["SELMA_EVAL_VQA_MODEL"] == "Salesforce/blip-vqa-base" and evaluation["SELMA_EVAL_VQA_BATCH_SIZE"] == "32"
     assert evaluation["SELMA_EVAL_MAX_JOBS"] == "16", "evaluation.settings reach the evaluation service"
     # The same batch launcher settings as training (it launches Jobs the same way), but for its own override.
@@ -705,7 +705,7 @@ def test_evaluation_separate_rbac_network_and_workers(tmp_path: Path) -> None:
     assert container["image"] == _containers(docs)["selma-evaluation"]["image"]
     assert container["resources"]["requests"]["memory"] == "12Gi", "evaluation.settings override the workers' SELMA_BATCH_*"
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["SELMA_EVAL_SERVING_ENDPOINT"] == "selma-serving:50051" and env["SELMA_EVAL_VQA_BATCH_SIZE"] == "32"
+    assert env["SELMA_EVAL_SERVING_ENDPOINT"] == "dns:///selma-serving-replicas:50051" and env["SELMA_EVAL_VQA_BATCH_SIZE"] == "32"
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     assert pod_labels["selma.dev/task"] == "eval" and pod_labels["app.kubernetes.io/instance"] == "selma"
     assert [n for n, p in policies.items() if _matches(p["spec"]["podSelector"], pod_labels)] == ["selma-trainer"]

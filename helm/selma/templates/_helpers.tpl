@@ -156,8 +156,8 @@ separate evaluation service), trainer and evaluation worker Jobs (no API access)
 {{- if and .Values.serving.autoscaling.enabled (lt (int .Values.serving.autoscaling.maxReplicas) (int .Values.serving.autoscaling.minReplicas)) }}
 {{- $errors = append $errors "serving.autoscaling.maxReplicas must be >= serving.autoscaling.minReplicas" }}
 {{- end }}
-{{- if and .Values.serving.autoscaling.enabled (eq (int .Values.serving.autoscaling.targetCPUUtilizationPercentage) 0) (not .Values.serving.autoscaling.metrics) }}
-{{- $errors = append $errors "serving.autoscaling needs targetCPUUtilizationPercentage > 0 or at least one entry in serving.autoscaling.metrics" }}
+{{- if and .Values.serving.autoscaling.enabled (eq (int .Values.serving.autoscaling.targetCPUUtilizationPercentage) 0) (not .Values.serving.autoscaling.queueDepth.enabled) (not .Values.serving.autoscaling.metrics) }}
+{{- $errors = append $errors "serving.autoscaling needs targetCPUUtilizationPercentage > 0, queueDepth.enabled or at least one entry in serving.autoscaling.metrics" }}
 {{- end }}
 {{- if and (eq .Values.training.jobs.launcher "kubernetes") (not .Values.training.rbac.create) (not .Values.serviceAccount.create) }}
 {{- $errors = append $errors "training.jobs.launcher=kubernetes needs the training ServiceAccount and its Role: keep serviceAccount.create and training.rbac.create true" }}
@@ -227,4 +227,19 @@ separate evaluation service), trainer and evaluation worker Jobs (no API access)
 {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .gpu)) (default dict $res.requests)) }}
 {{- end }}
 {{- toYaml $res }}
+{{- end }}
+
+{{/* The headless Service over the serving pods (serving.routing). */}}
+{{- define "selma.servingReplicasName" -}}
+{{- printf "%s-replicas" (include "selma.componentName" (dict "root" . "component" "serving")) }}
+{{- end }}
+
+{{/* Where in-cluster clients reach ServingService: every pod through the headless Service (routed by
+model/mix, re-resolved) with serving.routing, else the normal Service. */}}
+{{- define "selma.servingEndpoint" -}}
+{{- if .Values.serving.routing.enabled }}
+{{- printf "dns:///%s:%v" (include "selma.servingReplicasName" .) .Values.ports.grpc }}
+{{- else }}
+{{- printf "%s:%v" (include "selma.componentName" (dict "root" . "component" "serving")) .Values.ports.grpc }}
+{{- end }}
 {{- end }}

@@ -35,6 +35,11 @@ Secrets are mounted as whole volumes (no subPath), so a renewed certificate reac
 {{- $ns := $.Release.Namespace }}
 {{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $.Values.certManager.clusterDomain)) }}
 {{- end }}
+{{- if and .Values.serving.enabled .Values.serving.routing.enabled }}
+{{- $svc := include "selma.servingReplicasName" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.certManager.clusterDomain)) }}
+{{- end }}
 {{- toJson (concat $names .Values.certManager.extraDnsNames | uniq) }}
 {{- end }}
 

@@ -102,7 +102,7 @@ SELMA_BATCH_POLICY_DEFAULT_QUEUE: {{ $p.defaultQueue | quote }}
 through ServingService and answer with a VQA model in worker Jobs (trainer-style, selma.dev/task=eval). */}}
 {{- define "selma.evalSettings" -}}
 {{- if .Values.serving.enabled }}
-SELMA_EVAL_SERVING_ENDPOINT: {{ printf "%s:%v" (include "selma.componentName" (dict "root" . "component" "serving")) .Values.ports.grpc | quote }}
+SELMA_EVAL_SERVING_ENDPOINT: {{ include "selma.servingEndpoint" . | quote }}
 {{- end }}
 SELMA_EVAL_VQA_MODEL: {{ .Values.evaluation.vqaModel | quote }}
 SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}

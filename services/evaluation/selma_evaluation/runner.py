@@ -273,23 +273,26 @@ def item_seed(base_seed: int, item_id: str) -> int:
 class ServingRenderer:
     """Renders targets with ServingService.Generate; waits out a serving restart (bounded).
 
-    The channel authenticates as ``SELMA_TOKEN``/``SELMA_TLS_*`` say (the worker's own token and CA,
-    from the launching service's environment or, in a Kubernetes Job, its Secrets).
+    The channels authenticate as ``SELMA_TOKEN``/``SELMA_TLS_*`` say (the worker's own token and CA,
+    from the launching service's environment or, in a Kubernetes Job, its Secrets).  A replicated
+    endpoint (``a:1|b:2``, ``dns:///headless-service:port``) routes each target to the replica its
+    model or mix hashes to (:mod:`selma.routing`), so the replicas' merge caches stay warm.
     """
 
     def __init__(self, endpoint: str, *, timeout: float = 600.0, unavailable_wait: float = 300.0) -> None:
-        from selma.security import make_channel
-        from selma.v1 import serving_service_pb2_grpc
+        from selma.client import Endpoints, SelmaClient
+        from selma.routing import RetryPolicy
 
         self.endpoint = endpoint
         self.timeout = timeout
         self.unavailable_wait = unavailable_wait
         mib = 1024 * 1024
-        self._channel = make_channel(endpoint, options=[("grpc.max_receive_message_length", 256 * mib)])
-        self._stub = serving_service_pb2_grpc.ServingServiceStub(self._channel)
+        # no SDK back-off: _call below waits out an unavailable service, bounded by unavailable_wait
+        self._client = SelmaClient(Endpoints(serving=endpoint), max_message_bytes=256 * mib, retry=RetryPolicy.off())
+        self._stub = self._client.stub("serving")
 
     def close(self) -> None:
-        self._channel.close()
+        self._client.close()
 
     def _call(self, what: str, fn: Callable[[], Any], should_stop: Callable[[], bool]) -> Any:
         import grpc
@@ -327,7 +330,7 @@ class ServingRenderer:
             req.experts.CopyFrom(dict_to_message(target.merge, common_pb2.MergeSpec))
 
         def call() -> list[tuple[bytes, int]]:
-            return [(r.image.png, r.image.seed) for r in self._stub.Generate(req, timeout=self.timeout)]
+            return [(r.image.png, r.image.seed) for r in self._client.generate_request(req, timeout=self.timeout)]
 
         return self._call("Generate", call, should_stop)
 

@@ -29,16 +29,17 @@ def check_targets_exist(endpoint: str, targets: Sequence[dict[str, Any]], search
         return
     import grpc
 
-    from selma.security import make_channel
+    from selma.client import Endpoints, SelmaClient
+    from selma.routing import RetryPolicy
     from selma.v1 import serving_service_pb2 as spb
-    from selma.v1 import serving_service_pb2_grpc as spb_grpc
 
-    channel = make_channel(endpoint)  # TLS and the service's own token when configured (SELMA_TLS_CA, SELMA_TOKEN)
+    # TLS and the service's own token when configured (SELMA_TLS_CA, SELMA_TOKEN); every replica of a
+    # replicated endpoint in turn while one is UNAVAILABLE, no back-off (an unanswered check is skipped)
+    client = SelmaClient(Endpoints(serving=endpoint), retry=RetryPolicy.off())
     try:
-        stub = spb_grpc.ServingServiceStub(channel)
         if wanted_models:
-            names = {m.model_name for m in _pages(lambda token: stub.ListModels(
-                spb.ListModelsRequest(page_size=1000, page_token=token), timeout=timeout), "models")}
+            names = {m.model_name for m in _pages(lambda token: client.serving_call(
+                "ListModels", spb.ListModelsRequest(page_size=1000, page_token=token), timeout=timeout), "models")}
             for i, name in wanted_models:
                 if name not in names:
                     label = targets[i].get("label", "")
@@ -46,8 +47,8 @@ def check_targets_exist(endpoint: str, targets: Sequence[dict[str, Any]], search
                     raise NotFound(f"target {label!r}: the serving service at {endpoint} has no model named {name!r} "
                                    f"(it serves: {known}); `selma models list` shows them", field=f"spec.targets[{i}].model_name")
         if wanted_experts:
-            ids = {e.expert_id: (e.run, e.skill) for e in _pages(lambda token: stub.ListExperts(
-                spb.ListExpertsRequest(page_size=1000, page_token=token), timeout=timeout), "experts")}
+            ids = {e.expert_id: (e.run, e.skill) for e in _pages(lambda token: client.serving_call(
+                "ListExperts", spb.ListExpertsRequest(page_size=1000, page_token=token), timeout=timeout), "experts")}
             refs = {f"{run}/{skill}" for run, skill in ids.values()}
             for fld, eid in wanted_experts:
                 if eid not in ids and eid not in refs:
@@ -58,7 +59,7 @@ def check_targets_exist(endpoint: str, targets: Sequence[dict[str, Any]], search
         log.warning("could not check the evaluation targets: the serving service at %s answered %s; the job starts and waits for it",
                     endpoint, code)
     finally:
-        channel.close()
+        client.close()
 
 
 def _pages(call: Any, field: str) -> list[Any]:

@@ -857,8 +857,8 @@ class Engine:
         if req.model_name and req.model_name != "base":
             if self.registry is None:
                 raise FailedPrecondition("no model registry configured")
-            unet, entry = self.registry.unet(req.model_name)
-            return unet, ServedInfo(req.model_name, self.base_id, None, entry.merge, True, False, "registered")
+            unet, entry, held = self.registry.unet_and_hit(req.model_name)  # held: the "cache hit" of a registered model
+            return unet, ServedInfo(req.model_name, self.base_id, None, entry.merge, True, held, "registered")
         if req.merge is not None:
             unet, rm, hit = self.mix_unet(req.merge)
             return unet, ServedInfo("", self.base_id, rm, rm.to_dict(), True, hit, "mix")

@@ -247,11 +247,16 @@ class ModelRegistry:
 
     def unet(self, name: str) -> tuple[torch.nn.Module, ModelEntry]:
         """The fused UNet of a registered model, loading it on first use."""
-        entry, _ = self.load(name)
+        unet, entry, _ = self.unet_and_hit(name)
+        return unet, entry
+
+    def unet_and_hit(self, name: str) -> tuple[torch.nn.Module, ModelEntry, bool]:
+        """(UNet, entry, hit): hit when this replica already held the model's current artifact fused."""
+        entry, seconds = self.load(name)
         with self._lock:
             loaded = self._loaded.get(name)
         if loaded is None:  # unloaded between load() and here: load again
-            entry, _ = self.load(name)
+            entry, seconds = self.load(name)
             with self._lock:
                 loaded = self._loaded[name]
-        return loaded.unet, entry
+        return loaded.unet, entry, seconds == 0.0

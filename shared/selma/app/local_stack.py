@@ -38,6 +38,7 @@ from typing import Any
 
 from selma.client import SERVICE_NAMES, SERVICES, Endpoints
 from selma.errors import Aborted, FailedPrecondition, Unavailable
+from selma.routing import SEPARATOR
 from selma.security import ClientSecurity
 from selma.server import wait_for_serving
 from selma.storage import require_s3_endpoint
@@ -165,9 +166,14 @@ def _describe(endpoints: object) -> str:
     return "serving " + ", ".join(f"{k} {v}" for k, v in endpoints.items())
 
 
+def service_of(name: str) -> str:
+    """The service a process runs: ``serving-2`` (a second serving replica) runs ``serving``."""
+    return name.partition("-")[0]
+
+
 @dataclass
 class ServiceProcess:
-    name: str
+    name: str  # the service, or <service>-<n> for its n-th replica (n >= 2)
     grpc_port: int
     metrics_port: int
     proc: subprocess.Popen
@@ -235,6 +241,7 @@ class LocalStack:
     base_model: str = ""  # "" = the embedded tiny://sd
     allow_model_dirs: tuple[str, ...] = ()  # directories requests may name local model/data sources in (SELMA_MODEL_ALLOWED_DIRS)
     services: tuple[str, ...] = SERVICES
+    serving_replicas: int = 1  # serving processes (selma up --serving-replicas); clients route over all of them
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     lock: StackLock | None = field(default=None, repr=False)
     tls: bool = False  # TLS + tokens (selma up --tls); credentials are made by start()
@@ -255,13 +262,13 @@ class LocalStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        env.update(EMBEDDED_DEFAULTS.get(name, {}))
+        env.update(EMBEDDED_DEFAULTS.get(service_of(name), {}))
         if self.base_model:
             env.update({"SELMA_RENDER_DEFAULT_MODEL": self.base_model, "SELMA_TRAINING_DEFAULT_MODEL": self.base_model,
                         "SELMA_SERVING_BASE_MODEL": self.base_model})
         # The caller's own SELMA_* settings (S3 endpoint, credentials, a model of their choice) win over the defaults.
         env.update({k: v for k, v in os.environ.items() if k.startswith("SELMA_") and k not in ("SELMA_GRPC_PORT", "SELMA_METRICS_PORT", "SELMA_HOST", "SELMA_ENDPOINTS")})
-        if name == "training":
+        if service_of(name) == "training":
             env["SELMA_BATCH_LAUNCHER"] = self.launcher
         if self.credentials is not None:
             env.pop("SELMA_TOKEN", None)  # the services call each other with their own token (SELMA_TOKEN_FILE)
@@ -312,11 +319,12 @@ class LocalStack:
             from selma.app.local_tls import prepare
 
             self.credentials = prepare(self.data_dir)
-        # Ports first: the training service must know serving's address (evaluations render through it).
-        ports = {name: (free_port(), free_port()) for name in self.services}
-        if "serving" in ports:
-            self.extra_env.setdefault("SELMA_EVAL_SERVING_ENDPOINT", f"127.0.0.1:{ports['serving'][0]}")
-        for name in self.services:
+        # Ports first: the training service must know serving's addresses (evaluations render through them).
+        ports = {name: (free_port(), free_port()) for name in self.process_names()}
+        serving = [f"127.0.0.1:{ports[name][0]}" for name in ports if service_of(name) == "serving"]
+        if serving:
+            self.extra_env.setdefault("SELMA_EVAL_SERVING_ENDPOINT", SEPARATOR.join(serving))
+        for name in ports:
             self._spawn(name, *ports[name])
         for name in self.processes:
             self._wait_serving(name, timeout)
@@ -328,11 +336,20 @@ class LocalStack:
         self.lock.record(endpoints)
         return endpoints
 
+    def process_names(self) -> list[str]:
+        """The processes to start: each service once, serving ``serving_replicas`` times (serving, serving-2, ...)."""
+        out = []
+        for name in self.services:
+            out.append(name)
+            if name == "serving":
+                out += [f"serving-{i}" for i in range(2, self.serving_replicas + 1)]
+        return out
+
     def _spawn(self, name: str, grpc_port: int, metrics_port: int) -> ServiceProcess:
         log_path = self.data_dir / "logs" / f"{name}.log"
         out = log_path.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "selma.app.cli", "serve", name],
+            [sys.executable, "-m", "selma.app.cli", "serve", service_of(name)],
             env=self.env_for(name, grpc_port, metrics_port),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -362,7 +379,7 @@ class LocalStack:
                 tail = sp.log_path.read_text(errors="replace")[-2000:]
                 raise FailedPrecondition(f"the {name} service exited with code {sp.proc.returncode} while starting; its log ({sp.log_path}) ends with:\n{tail}")
             try:
-                wait_for_serving(sp.address, SERVICE_NAMES[name], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)),
+                wait_for_serving(sp.address, SERVICE_NAMES[service_of(name)], timeout=min(5.0, max(deadline - time.monotonic(), 0.1)),
                                  security=self.client_security())
                 return
             except TimeoutError as e:
@@ -372,8 +389,11 @@ class LocalStack:
 
     def endpoints(self) -> Endpoints:
         creds = self.credentials
+        addresses: dict[str, list[str]] = {}
+        for name, sp in self.processes.items():
+            addresses.setdefault(service_of(name), []).append(sp.address)
         return Endpoints(
-            **{name: sp.address for name, sp in self.processes.items()},
+            **{service: SEPARATOR.join(a) for service, a in addresses.items()},
             metrics={name: sp.metrics_url for name, sp in self.processes.items()},
             ca_cert=str(creds.ca_cert) if creds else "",
             token_file=str(creds.admin_token_file) if creds else "",
@@ -427,7 +447,7 @@ class LocalStack:
 
     def _serving(self, sp: ServiceProcess) -> bool:
         try:
-            wait_for_serving(sp.address, SERVICE_NAMES[sp.name], timeout=0.5)
+            wait_for_serving(sp.address, SERVICE_NAMES[service_of(sp.name)], timeout=0.5)
         except TimeoutError:
             return False
         return True
@@ -477,15 +497,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"a service that exits this many times within --failure-window stops the stack (default {RestartPolicy.max_failures})")
     p.add_argument("--failure-window", type=float, default=RestartPolicy.window,
                    help=f"seconds over which a service's exits are counted (default {RestartPolicy.window:.0f})")
+    p.add_argument("--serving-replicas", type=_replicas, default=1, metavar="N",
+                   help="serving processes to start (default 1); the endpoints file lists them all (serving: a|b) and "
+                        "clients route each model or expert mix to one of them, so their merge caches stay warm")
     p.add_argument("--allow-model-dir", action="append", default=[], metavar="DIR",
                    help="a directory requests may name local models and data in (repeatable; SELMA_MODEL_ALLOWED_DIRS); "
                         "the base model's own directory is always allowed")
     p.set_defaults(func=_up)
 
 
+def _replicas(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= n <= 16:
+        raise argparse.ArgumentTypeError(f"must be 1..16; got {n}")
+    return n
+
+
 def _up(args: argparse.Namespace) -> int:
     stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
-                       tls=args.tls, allow_model_dirs=tuple(args.allow_model_dir))
+                       tls=args.tls, allow_model_dirs=tuple(args.allow_model_dir), serving_replicas=args.serving_replicas)
     stack.check_storage()
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     stack.acquire_lock()  # a second `selma up` on this directory stops here, touching nothing
@@ -504,9 +537,9 @@ def _up(args: argparse.Namespace) -> int:
     except BaseException:
         stack.stop()  # what it started, and its lock
         raise
-    for name in SERVICES:
-        sp = stack.processes[name]
-        sys.stdout.write(f"{SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")
+    for name, sp in stack.processes.items():
+        label = SERVICE_NAMES[service_of(name)] + (f" ({name})" if name != service_of(name) else "")
+        sys.stdout.write(f"{label:<26} grpc {sp.address}  metrics {sp.metrics_url}  (pid {sp.proc.pid})\n")
     sys.stdout.write(f"storage {stack.storage_uri or (stack.data_dir / 'storage').as_uri()}\n")
     sys.stdout.write(f"endpoints written to {stack.data_dir / 'endpoints.json'}; logs in {stack.data_dir / 'logs'}\n")
     creds = stack.credentials

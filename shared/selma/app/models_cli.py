@@ -81,7 +81,7 @@ def _list_served(args: argparse.Namespace) -> int:
     models, token = [], ""
     with SelmaClient.for_cli(args) as client:
         while True:
-            resp = client.stub("serving").ListModels(spb.ListModelsRequest(page_size=1000, page_token=token), timeout=client.timeout)
+            resp = client.serving_call("ListModels", spb.ListModelsRequest(page_size=1000, page_token=token))
             models += list(resp.models)
             token = resp.next_page_token
             if not token:
@@ -100,7 +100,7 @@ def _list_experts(args: argparse.Namespace) -> int:
     with SelmaClient.for_cli(args) as client:
         while True:
             req = spb.ListExpertsRequest(run=args.run, skill=args.skill, page_size=1000, page_token=token)
-            resp = client.stub("serving").ListExperts(req, timeout=client.timeout)
+            resp = client.serving_call("ListExperts", req)
             experts += list(resp.experts)
             token = resp.next_page_token
             if not token:

@@ -35,7 +35,7 @@ from rich.tree import Tree
 from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
-from selma.client import SelmaClient, add_client_arguments
+from selma.client import SelmaClient, add_client_arguments, last_target
 from selma.errors import Aborted, InvalidArgument, RunFailed
 from selma.jobs import run_stage_key
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
@@ -601,17 +601,23 @@ def _generate(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
+        replica = last_target()[1]  # the serving replica the request was routed to
+    responses = [r for r in responses if r.HasField("image")]  # progress-only messages (queue position) carry no image
     images = []
     for i, resp in enumerate(responses):
         path = out if len(responses) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.image.png)
         written.append(path)
-        images.append({"path": str(path), "seed": resp.image.seed, "model": resp.model.model_name or ("per-request expert mix" if experts else "base")})
+        images.append({"path": str(path), "seed": resp.image.seed, "model": resp.model.model_name or ("per-request expert mix" if experts else "base"),
+                       "replica": replica, "merge_cache_hit": resp.model.merge_cache_hit})
     if args.json:
         sys.stdout.write(json.dumps({"base_seed": base_seed, "seed_policy": policy.value, "images": images}, indent=2) + "\n")
         return 0
     sys.stdout.write(f"base seed={base_seed}  seed policy={policy.value}  (reproduce all: --seed {base_seed} --seed-policy {policy.value})\n")
+    if args.model or experts:  # the base model has nothing to merge or load
+        hit = responses[0].model.merge_cache_hit if responses else False
+        sys.stdout.write(f"served by {replica}: {'cache hit (already fused there)' if hit else 'cache miss (merged/loaded for this request)'}\n")
     for im in images:
         sys.stdout.write(f"{im['path']}  seed={im['seed']}  model={im['model']}  (this image alone: --seed {im['seed']} --seed-policy fixed)\n")
     return 0
