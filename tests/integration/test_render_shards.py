@@ -228,3 +228,36 @@ def test_indexed_job_manifest_policy_and_publish_after_all_indexes(make_core, se
     finally:
         core.shutdown(wait=True, timeout=60)
 
+
+
+def test_a_restarted_coordinator_attaches_to_the_running_indexed_job(settings, fake):
+    kube_settings = settings.model_copy(update={"batch_launcher": "kubernetes"})
+
+    def new_core() -> RenderCore:
+        return RenderCore(kube_settings, launchers={"kubernetes": KubernetesLauncher(kube_settings, api_client=api_client(fake.url))})
+
+    first = new_core()
+    ps = make_prompt_set(first.store, 4)
+    rec, _, _ = first.start("run-1/render/adopt", spec(ps, 2, 2))
+    job = fake.wait_for_job(NS)
+    first.shutdown(wait=True, timeout=60)  # the service stops; the Job keeps running
+    assert not first.jobs.get(rec.job_id).phase.terminal
+
+    second = new_core()
+    try:
+        assert second.recover() == [rec.job_id]
+        for _ in second.jobs.watch(rec.job_id, heartbeat=1.0):
+            if second.jobs.get(rec.job_id).details.get("kubernetes.job"):
+                break
+        jobs = fake.list(NS, "")["items"]
+        assert [j["metadata"]["uid"] for j in jobs] == [job["metadata"]["uid"]]  # attached, nothing new created
+        work_uri = job["spec"]["template"]["spec"]["containers"][0]["command"][4]
+        for i in range(2):
+            render_shard(settings, work_uri, i)
+        fake.set_job_status(NS, job["metadata"]["name"], complete())
+        done = wait_done(second, rec.job_id)
+        assert done.phase == JobPhase.SUCCEEDED, done.message
+        assert second.store.exists(done.output.id)
+        assert len(fake.list(NS, "")["items"]) == 1
+    finally:
+        second.shutdown(wait=True, timeout=60)
