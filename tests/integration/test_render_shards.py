@@ -207,7 +207,7 @@ def test_indexed_job_manifest_policy_and_publish_after_all_indexes(make_core, se
         assert env["SELMA_BATCH_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
             "metadata.annotations['batch.kubernetes.io/job-completion-index']"
         assert env["SELMA_DEVICE"]["value"] == "cuda"
-        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "renderer"
+        assert job["metadata"]["labels"]["selma.dev/task"] == "render"
         assert "do-not-leak-this-secret" not in json.dumps(job)
 
         # play the pods: each completion index renders its shard (here, in-process, on the CPU)

@@ -298,7 +298,7 @@ def test_a_sharded_render_is_one_schema_valid_indexed_job_and_a_new_attempt_gets
     assert env["SELMA_RENDER_DEFAULT_MODEL"]["value"] == "org/model" and env["SELMA_RENDER_MAX_SHARDS"]["value"] == "8"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["metadata"]["name"].startswith("selma-render-run-1-count-")
-    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "renderer"
+    assert job["metadata"]["labels"]["selma.dev/task"] == "render"
     # a restarted service adopts the same Job (same attempt); a client's re-start of a failed render is a new Job
     assert build_job(req, settings())["metadata"]["name"] == job["metadata"]["name"]
     req.attempt = 1

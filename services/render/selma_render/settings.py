@@ -43,4 +43,4 @@ class RenderSettings(BatchSettings):
         0, ge=0, le=256,
         description="Shard workers of a dataset render whose request says shards=0; 0 = render in the service's own process (no workers).",
     )
-    render_max_shards: int = Field(16, ge=1, le=256, description="Most shard workers one dataset render may ask for.")
+    render_max_shards: int = Field(16, ge=0, le=256, description="Most shard workers one dataset render may ask for; 0 = sharded renders are refused.")

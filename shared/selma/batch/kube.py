@@ -247,7 +247,7 @@ def job_labels(req: LaunchRequest, settings: BatchSettings | None = None) -> dic
     labels = {k: v for k, v in req.labels.items() if _LABEL_KEY.match(k) and _LABEL_VALUE.match(v) and len(v) <= 63}
     labels.update({
         "app.kubernetes.io/name": "selma",
-        "app.kubernetes.io/component": "renderer" if req.task == "render" else "trainer",
+        "app.kubernetes.io/component": "trainer",  # every batch worker (selma.dev/task tells them apart): the chart's NetworkPolicy selects them so
         "app.kubernetes.io/part-of": "selma",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_JOB_ID: req.job_id,
