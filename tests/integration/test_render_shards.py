@@ -261,3 +261,19 @@ def test_a_restarted_coordinator_attaches_to_the_running_indexed_job(settings, f
         assert len(fake.list(NS, "")["items"]) == 1
     finally:
         second.shutdown(wait=True, timeout=60)
+
+
+def test_shard_worker_rejects_a_missing_work_document_as_bad_input(settings, tmp_path):
+    import sys
+
+    import _processes
+
+    env = {**os.environ, "SELMA_STORAGE_URI": settings.resolved_storage_uri, "SELMA_DATA_DIR": str(tmp_path / "data"), "SELMA_METRICS_PORT": "0"}
+    missing = f"{settings.resolved_storage_uri}/render/dataset_render-x/work.json"
+    proc = _processes.run([sys.executable, "-m", "selma.app.cli", "render", "shard", "--config", missing, "--shard", "0"],
+                          timeout=120, what="selma render shard", env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no render work document" in proc.stdout + proc.stderr
+    proc = _processes.run([sys.executable, "-m", "selma.app.cli", "render", "shard", "--config", missing],
+                          timeout=120, what="selma render shard", env={k: v for k, v in env.items() if k != "SELMA_BATCH_COMPLETION_INDEX"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no shard index" in proc.stdout + proc.stderr

@@ -51,11 +51,22 @@ def _shard(args: argparse.Namespace) -> int:
     if index < 0:
         log.error("no shard index: pass --shard N, or run in an Indexed Job (SELMA_BATCH_COMPLETION_INDEX)")
         return EXIT_BAD_INPUT
+    metrics_server = None
+    if settings.metrics_port:  # worker pods: selma_render_* on the port the PodMonitor scrapes (local workers get 0)
+        from selma.metrics import MetricsServer
+
+        try:
+            metrics_server = MetricsServer(settings.host, settings.metrics_port)
+        except OSError as e:  # metrics are best effort: rendering must not die of a taken port
+            log.warning("no shard metrics: cannot serve on %s:%d: %s", settings.host, settings.metrics_port, e)
     try:
         render_shard(settings, args.config, index)
     except (InvalidArgument, FailedPrecondition, NotFound) as e:
         log.error("error: shard %d cannot run: %s", index, e)
         return EXIT_BAD_INPUT
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
     return 0
 
 
