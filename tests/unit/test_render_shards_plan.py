@@ -51,3 +51,12 @@ def test_adopted_files_become_the_artifact_only_when_it_is_published(tmp_path, m
     assert store.read_bytes(m, "images/000001-0.png") == b"png1"
     with pytest.raises(AlreadyExists):
         store.put_staged_bytes("image-dataset-abc", "images/000000-0.png", b"other")
+
+
+def test_per_shard_progress_reaches_the_api():
+    from selma_render.server import stats_to_proto
+    from selma_render.shards import shard_progress
+
+    doc = {"files": [{"path": "images/000000-0.png"}], "attempts": [{"rendered": 1}, {"rendered": 0}], "complete": False}
+    out = stats_to_proto({"images_total": 4, "images_done": 1, "shards": [shard_progress(doc, 0, 2), shard_progress(None, 1, 2)]})
+    assert [(s.index, s.images_total, s.images_done, s.attempts, s.complete) for s in out.shards] == [(0, 2, 1, 2, False), (1, 2, 0, 0, False)]

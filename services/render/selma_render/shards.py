@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -279,10 +280,17 @@ class _ShardMonitor(ContextMonitor):
         self.n_prompts = n_prompts
         self.details: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._read_at = float("-inf")
 
     def poll(self, details: dict[str, str], message: str | None = None, attempt: int | None = None) -> None:
         with self._lock:
+            fresh = {k: v for k, v in details.items() if self.details.get(k) != v}
             self.details.update(details)
+            # every local shard's follower polls: read the N journals at most once per poll interval unless something changed
+            now = time.monotonic()
+            if not fresh and message is None and now - self._read_at < self.coord.settings.batch_poll_seconds:
+                return
+            self._read_at = now
             stats = self.coord._stats(self.coord._journals(self.ctx.job_id, self.shards), self.totals, self.n_prompts)
             complete = sum(1 for p in stats["shards"] if p["complete"])
             text = message or f"{complete} of {self.shards} shards complete"
