@@ -337,6 +337,19 @@ class ArtifactStore:
             checkpoint_every=checkpoint_every,
         )
 
+    def put_staged_bytes(self, artifact_id: str, path: str, data: bytes) -> FileEntry:
+        """Upload one file of an *unpublished* artifact from a helper process (a render shard worker).
+
+        The file is invisible to readers until the artifact's one writer adopts it
+        (:meth:`ArtifactWriter.adopt`) and publishes; helpers keep their own journal of what they uploaded.
+        """
+        check_id(artifact_id)
+        check_key(path, field="path")
+        if self.exists(artifact_id):
+            raise AlreadyExists(f"artifact {artifact_id} is already published; its files cannot change")
+        info = self.storage.put_bytes(self._file_key(artifact_id, path), data)
+        return FileEntry(path=path, size=info.size, sha256=info.sha256 or "")
+
     # --- reading
 
     def get(self, artifact_id: str) -> Manifest:
@@ -640,6 +653,25 @@ class ArtifactWriter:
             rel = file.relative_to(local_dir).as_posix()
             out.append(self.put_file(f"{prefix}/{rel}" if prefix else rel, file))
         return out
+
+    def adopt(self, entries: Iterable[FileEntry]) -> None:
+        """Make files that helper processes uploaded (:meth:`ArtifactStore.put_staged_bytes`) part of this artifact.
+
+        Each must be in storage with its recorded size (FailedPrecondition otherwise); ``publish`` checks again.
+        """
+        self._check_open()
+        entries = list(entries)
+        if self._published is not None:
+            for e in entries:
+                if self._entries.get(e.path) != e:
+                    raise AlreadyExists(f"artifact {self.id} is already published and its file {e.path!r} differs or does not exist")
+            return
+        present = self._present()
+        for e in entries:
+            if present.get(e.path) != e.size:
+                raise FailedPrecondition(f"file {e.path!r} of artifact {self.id} is missing or changed in storage; render it again")
+        with self._lock:
+            self._entries.update({e.path: e for e in entries})
 
     def discard(self, path: str) -> None:
         """Leave ``path`` out of the artifact (e.g. a file carried over from an earlier attempt)."""

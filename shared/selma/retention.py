@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 JOBS_PREFIX = "jobs/"
 # Where jobs keep scratch, one folder per job id (training/evaluation work prefixes, prompt state).
-SCRATCH_PREFIXES = ("training/", "evaluation/", "prompts/state/")
+SCRATCH_PREFIXES = ("training/", "evaluation/", "prompts/state/", "render/")  # render/: sharded renders' work docs and shard journals
 ACTIVE_PHASES = frozenset({"PENDING", "RUNNING", "CANCELLING"})
 RUN_LABEL = "selma.dev/run"
 

@@ -237,6 +237,9 @@ INVALID_COMBINATIONS = {
     "external S3 without Secret": ({"minio": {"enabled": False}, "storage": {"s3": {"endpoint": "s3.example.com"}}}, "storage.credentials.existingSecret is required"),
     "HPA max below min": ({"serving": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}}, "maxReplicas must be >= "),
     "same port twice": ({"ports": {"grpc": 9400, "metrics": 9400}}, "must differ"),
+    "render workers default over max": ({"render": {"workers": {"default": 4, "max": 2}}}, "render.workers.default must be <= render.workers.max"),
+    "render workers without Jobs": ({"render": {"workers": {"max": 2}}, "training": {"jobs": {"launcher": "local"}}},
+                                    "set training.jobs.launcher=kubernetes"),
 }
 
 
@@ -391,7 +394,8 @@ def test_training_rbac_is_namespaced_and_least_privilege() -> None:
 
 
 # Where the Job launchers of the training and evaluation services live (selma.batch) and the services themselves.
-LAUNCHER_SOURCES = (ROOT / "shared" / "selma" / "batch", ROOT / "services" / "training", ROOT / "services" / "evaluation")
+LAUNCHER_SOURCES = (ROOT / "shared" / "selma" / "batch", ROOT / "services" / "training", ROOT / "services" / "evaluation",
+                    ROOT / "services" / "render")
 
 
 def test_rbac_grants_exactly_the_calls_the_training_service_makes() -> None:
@@ -407,6 +411,22 @@ def test_rbac_grants_exactly_the_calls_the_training_service_makes() -> None:
     assert granted - used <= {("", "pods", "watch"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get")}, (
         f"granted but never used: {sorted(granted - used)}"
     )
+
+
+def test_sharded_renders_give_the_render_service_the_launcher_account_only_when_enabled() -> None:
+    gpu = scenario_objects("gpu")  # render.workers: {default: 4, max: 8}
+    specs = dict(pod_specs(gpu))
+    render = specs["Deployment/selma-render"]
+    assert render["serviceAccountName"] == "selma-training" and render["automountServiceAccountToken"] is True
+    config = by_kind(gpu, "ConfigMap")["selma-render"]["data"]
+    assert (config["SELMA_RENDER_SHARDS"], config["SELMA_RENDER_MAX_SHARDS"]) == ("4", "8")
+    assert config["SELMA_BATCH_NAMESPACE"] == NAMESPACE and config["SELMA_BATCH_SERVICE_ACCOUNT"] == "selma-trainer"
+    assert config["SELMA_BATCH_POLICY_MAX_GPUS"] == by_kind(gpu, "ConfigMap")["selma-training"]["data"]["SELMA_BATCH_POLICY_MAX_GPUS"]
+    default = scenario_objects("default")  # render.workers.max: 0: renders in its own pod, no Kubernetes access
+    render = dict(pod_specs(default))["Deployment/selma-render"]
+    assert render["automountServiceAccountToken"] is False and render["serviceAccountName"] != "selma-training"
+    config = by_kind(default, "ConfigMap")["selma-render"]["data"]
+    assert config["SELMA_RENDER_MAX_SHARDS"] == "0" and not any(k.startswith("SELMA_BATCH_") for k in config)
 
 
 def test_local_launcher_gets_no_kubernetes_access() -> None:

@@ -97,3 +97,14 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
         load_skillset(tmp_path / "nope.yaml")
     with pytest.raises(SkillSetError, match="not valid YAML"):
         parse_skillset("spec: [unclosed")
+
+
+def test_render_section_takes_shards_and_their_placement():
+    old = "diffusion: {scheduler: dpm_solver_multistep, steps: 4}"
+    text = GOOD.replace(old, old + "\n    shards: 3\n    placement: {launcher: kubernetes, gpus: 1}")
+    assert text != GOOD
+    ss = parse_skillset(text)
+    assert ss.render_shards == 3 and ss.render_placement.gpus == 1 and ss.render.diffusion.steps == 4
+    assert parse_skillset(GOOD).render_shards == 0
+    with pytest.raises(SkillSetError, match="spec.render.shards"):
+        parse_skillset(text.replace("shards: 3", "shards: many"))

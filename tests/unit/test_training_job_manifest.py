@@ -278,3 +278,30 @@ def test_workers_get_their_token_and_client_tls_from_secrets_never_as_values():
     assert mount["readOnly"] is True
     (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert vol["secret"]["secretName"] == "selma-client-tls"
+
+
+def test_a_sharded_render_is_one_schema_valid_indexed_job_and_a_new_attempt_gets_a_new_name():
+    from selma_render.settings import RenderSettings
+
+    render = RenderSettings(storage_uri="s3://selma/root", render_default_model="org/model", render_max_shards=8)
+    req = LaunchRequest(job_id="dataset_render-0123456789abcdef", idempotency_key="run-1/render/count", run="run-1", skill="count",
+                        config_uri="s3://selma/root/render/dataset_render-0123456789abcdef/work.json", expert_id="image_dataset-x",
+                        placement={"gpus": 1, "max_retries": 2}, task="render", completions=4, service_settings=render)
+    job = build_job(req, settings())
+    strict_validate(job)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == ("Indexed", 4, 4, 2)
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == ["selma", "render", "shard", "--config", req.config_uri]  # the pod's index picks the shard
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SELMA_BATCH_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    assert env["SELMA_RENDER_DEFAULT_MODEL"]["value"] == "org/model" and env["SELMA_RENDER_MAX_SHARDS"]["value"] == "8"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["metadata"]["name"].startswith("selma-render-run-1-count-")
+    assert job["metadata"]["labels"]["selma.dev/task"] == "render"
+    # a restarted service adopts the same Job (same attempt); a client's re-start of a failed render is a new Job
+    assert build_job(req, settings())["metadata"]["name"] == job["metadata"]["name"]
+    req.attempt = 1
+    assert build_job(req, settings())["metadata"]["name"] != job["metadata"]["name"]
+    # a plain (training) Job is not indexed
+    assert "completionMode" not in build_job(request(), settings())["spec"]

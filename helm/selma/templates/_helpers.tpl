@@ -89,12 +89,14 @@ service whose EvaluationService runs in its own Deployment. Pass (dict "root" $ 
 separate evaluation service): it runs under the launcher ServiceAccount bound to the Role in
 rbac.yaml. Pass (dict "root" $ "component" "training"). */}}
 {{- define "selma.launchesJobs" -}}
-{{- if and (has .component (list "training" "evaluation")) (eq .root.Values.training.jobs.launcher "kubernetes") }}true{{ end }}
+{{- $render := and (eq .component "render") (gt (int .root.Values.render.workers.max) 0) }}
+{{- if and (or (has .component (list "training" "evaluation")) $render) (eq .root.Values.training.jobs.launcher "kubernetes") }}true{{ end }}
 {{- end }}
 
 {{/* "true" when some Deployment of this release launches Kubernetes Jobs (the launcher account and Role are needed). */}}
 {{- define "selma.kubernetesLauncher" -}}
-{{- if and (or .Values.training.enabled .Values.evaluation.separate) (eq .Values.training.jobs.launcher "kubernetes") }}true{{ end }}
+{{- $render := and .Values.render.enabled (gt (int .Values.render.workers.max) 0) }}
+{{- if and (or .Values.training.enabled .Values.evaluation.separate $render) (eq .Values.training.jobs.launcher "kubernetes") }}true{{ end }}
 {{- end }}
 
 {{- define "selma.image" -}}
@@ -161,6 +163,12 @@ separate evaluation service), trainer and evaluation worker Jobs (no API access)
 {{- end }}
 {{- if and (eq .Values.training.jobs.launcher "kubernetes") (not .Values.training.rbac.create) (not .Values.serviceAccount.create) }}
 {{- $errors = append $errors "training.jobs.launcher=kubernetes needs the training ServiceAccount and its Role: keep serviceAccount.create and training.rbac.create true" }}
+{{- end }}
+{{- if gt (int .Values.render.workers.default) (int .Values.render.workers.max) }}
+{{- $errors = append $errors "render.workers.default must be <= render.workers.max (a render cannot default to more shard workers than a request may ask for)" }}
+{{- end }}
+{{- if and (gt (int .Values.render.workers.max) 0) (ne .Values.training.jobs.launcher "kubernetes") }}
+{{- $errors = append $errors "render.workers.max > 0 runs shard workers as Kubernetes Jobs: set training.jobs.launcher=kubernetes (local workers would share the render pod's GPU)" }}
 {{- end }}
 {{- if and (eq .Values.ports.grpc .Values.ports.metrics) }}
 {{- $errors = append $errors "ports.grpc and ports.metrics must differ" }}

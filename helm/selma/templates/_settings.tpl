@@ -47,8 +47,14 @@ SELMA_LLM_SECRETS_DIR: "/var/run/secrets/selma"
 {{ include "selma.llmSettings" . }}
 {{- end }}
 
+{{- /* The RenderService; with render.workers.max > 0 it launches shard workers (`selma render shard`) like training does. */}}
 {{- define "selma.renderSettings" -}}
 SELMA_RENDER_DEFAULT_MODEL: {{ .Values.model.base | quote }}
+SELMA_RENDER_SHARDS: {{ .Values.render.workers.default | quote }}
+SELMA_RENDER_MAX_SHARDS: {{ .Values.render.workers.max | quote }}
+{{- if gt (int .Values.render.workers.max) 0 }}
+{{ include "selma.batchSettings" . }}
+{{- end }}
 {{- end }}
 
 {{- /* The batch platform (selma.batch.settings.BatchSettings): how the training service and the

@@ -21,6 +21,8 @@ from google.protobuf import json_format
 
 from selma import plugins
 from selma.artifacts import ArtifactStore
+from selma.batch.kube import validate_placement
+from selma.batch.launchers import Launcher, default_launchers
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobManager, JobPhase, JobRecord
 from selma.limits import check_chars
@@ -40,6 +42,7 @@ from selma_render.renderer import (
     is_out_of_memory,
 )
 from selma_render.settings import RenderSettings
+from selma_render.shards import ShardedRender
 from selma_render.spec import normalized_settings, parse_dataset_spec, parse_render_settings
 
 log = logging.getLogger(__name__)
@@ -124,14 +127,26 @@ def check_model_reference(model: ModelSpec, settings: RenderSettings, *, field: 
 class RenderCore:
     """Dataset renders as jobs, and synchronous previews."""
 
-    def __init__(self, settings: RenderSettings, *, store: ArtifactStore | None = None, renderer: Renderer | None = None) -> None:
+    def __init__(
+        self,
+        settings: RenderSettings,
+        *,
+        store: ArtifactStore | None = None,
+        renderer: Renderer | None = None,
+        launchers: dict[str, Launcher] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store or ArtifactStore(open_storage(settings))
         self.renderer = renderer or Renderer(settings)
+        # local shard workers of one render run side by side: as many local slots as a render may have shards
+        self.launchers = launchers or default_launchers(
+            settings.model_copy(update={"batch_max_local_jobs": max(settings.batch_max_local_jobs, settings.render_max_shards)})
+        )
+        self.sharded = ShardedRender(settings, self.store, self.launchers)
         self.jobs = JobManager(
             self.store.storage,
             JOB_KIND,
-            DatasetRenderJob(settings, self.store, self.renderer),
+            DatasetRenderJob(settings, self.store, self.renderer, sharded=self.sharded),
             max_concurrent=settings.render_max_concurrent_jobs,
             watchdog_seconds=settings.job_watchdog_seconds,
         )
@@ -176,6 +191,14 @@ class RenderCore:
         out.skill = skill
         out.prompt_set.CopyFrom(common_pb2.ArtifactRef(id=manifest.id, kind=common_pb2.ARTIFACT_KIND_PROMPT_SET, sha256=spec.prompt_set.sha256))
         out.settings.CopyFrom(normalized_settings(spec.config))
+        out.shards = spec.shards
+        if spec.shards:
+            placement = json_format.MessageToDict(spec_msg.placement, preserving_proto_field_name=True)
+            launcher = self.sharded.launcher_name(placement)
+            validate_placement(placement)  # the proto's ranges hold for every launcher
+            self.launchers[launcher].validate(placement)  # Kubernetes: the operator's placement policy
+        else:
+            out.ClearField("placement")
         return out, skill
 
     def start(

@@ -56,7 +56,7 @@ from selma_render.settings import RenderSettings
 from selma_render.spec import PromptSetRef, RenderConfig, parse_dataset_spec, scheduler_enum
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from PIL.Image import Image
 
@@ -167,7 +167,26 @@ def plan_items(prompts: list[Prompt], cfg: RenderConfig) -> list[Item]:
     ]
 
 
-def metadata_jsonl(items: list[Item], model: LoadedModel, r: ResolvedRender, skill: str) -> bytes:
+def resolved_record(model: LoadedModel, r: ResolvedRender) -> dict[str, Any]:
+    """How a render resolved (model, scheduler, size...): what ``metadata.jsonl`` and the manifest record.
+
+    Plain JSON, so shard workers can hand it to the coordinating service in their journals.
+    """
+    return {
+        "source": model.resolved.source,
+        "model": model_ref_dict(model),
+        "scheduler": r.scheduler,
+        "scheduler_requested": r.scheduler_key,
+        "steps": r.steps,
+        "guidance_scale": r.guidance_scale,
+        "width": r.width,
+        "height": r.height,
+        "negative_prompt": r.negative_prompt,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def metadata_jsonl(items: list[Item], resolved: dict[str, Any], skill: str) -> bytes:
     """``metadata.jsonl``: imagefolder's ``file_name`` + ``text`` and the lineage of every image."""
     lines = []
     for it in items:
@@ -178,18 +197,52 @@ def metadata_jsonl(items: list[Item], model: LoadedModel, r: ResolvedRender, ski
             "prompt_index": it.prompt.index,
             "image_index": it.image_index,
             "seed": it.seed,
-            "model": model.resolved.source,
-            "scheduler": r.scheduler,
-            "scheduler_requested": r.scheduler_key,
-            "steps": r.steps,
-            "guidance_scale": r.guidance_scale,
-            "width": r.width,
-            "height": r.height,
-            "negative_prompt": r.negative_prompt,
+            "model": resolved["source"],
+            "scheduler": resolved["scheduler"],
+            "scheduler_requested": resolved["scheduler_requested"],
+            "steps": resolved["steps"],
+            "guidance_scale": resolved["guidance_scale"],
+            "width": resolved["width"],
+            "height": resolved["height"],
+            "negative_prompt": resolved["negative_prompt"],
             "skill": skill,
         }
         lines.append(json.dumps(rec, ensure_ascii=False, separators=(",", ":")))
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def dataset_parameters(prompt_set_id: str, n_prompts: int, items: list[Item], cfg: RenderConfig, resolved: dict[str, Any], run: str, skill: str) -> dict[str, Any]:
+    """The image dataset manifest's parameters (what :func:`reproduce_image` re-plans a batch from)."""
+    return {
+        "prompt_set": prompt_set_id,
+        "prompts": n_prompts,
+        "images": len(items),
+        "images_per_prompt": cfg.images_per_prompt,
+        "model": resolved["model"],
+        "scheduler": resolved["scheduler"],
+        "steps": resolved["steps"],
+        "guidance_scale": resolved["guidance_scale"],
+        "width": resolved["width"],
+        "height": resolved["height"],
+        "negative_prompt": resolved["negative_prompt"],
+        "seed_policy": cfg.seed_policy.value,
+        "base_seed": cfg.base_seed,
+        "batch_size": cfg.batch_size,
+        "dtype": resolved["dtype"],
+        "run": run,
+        "skill": skill,
+        "format": "imagefolder",
+    }
+
+
+def dataset_labels(spec_labels: dict[str, str], run: str, skill: str) -> dict[str, str]:
+    """The dataset's labels: the job's, plus ``selma.dev/run`` and ``selma.dev/skill``."""
+    labels = dict(spec_labels)
+    if run:
+        labels["selma.dev/run"] = run
+    if skill:
+        labels["selma.dev/skill"] = skill
+    return labels
 
 
 def model_ref_dict(model: LoadedModel) -> dict[str, str]:
@@ -214,13 +267,18 @@ class _Attempt:
 class DatasetRenderJob:
     """The job function behind StartDatasetRender (see the module docstring)."""
 
-    def __init__(self, settings: RenderSettings, store: ArtifactStore, renderer: Renderer) -> None:
+    def __init__(
+        self, settings: RenderSettings, store: ArtifactStore, renderer: Renderer, *, sharded: Callable[[JobContext, str], JobResult] | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.renderer = renderer
+        self.sharded = sharded  # the coordinator of renders with shards > 0 (selma_render.shards)
 
     def __call__(self, ctx: JobContext) -> JobResult:
         spec = parse_dataset_spec(json_format.ParseDict(ctx.spec, render_service_pb2.DatasetRenderSpec(), ignore_unknown_fields=True), self.settings)
+        if spec.shards and self.sharded is not None:
+            return self.sharded(ctx, new_artifact_id(ArtifactKind.IMAGE_DATASET, ctx.idempotency_key))
         cfg = spec.config
         prompt_set = resolve_prompt_set(self.store, spec.prompt_set)
         prompts = load_prompts(self.store, prompt_set, spec.max_prompts)
@@ -246,31 +304,9 @@ class DatasetRenderJob:
             "scheduler_resolved": _scheduler_enum_name(r.scheduler),
         }
 
-        labels = dict(spec.labels)
-        if spec.run:
-            labels["selma.dev/run"] = spec.run
-        if skill:
-            labels["selma.dev/skill"] = skill
-        parameters = {
-            "prompt_set": prompt_set.id,
-            "prompts": len(prompts),
-            "images": total,
-            "images_per_prompt": cfg.images_per_prompt,
-            "model": model_ref_dict(model),
-            "scheduler": r.scheduler,
-            "steps": r.steps,
-            "guidance_scale": r.guidance_scale,
-            "width": r.width,
-            "height": r.height,
-            "negative_prompt": r.negative_prompt,
-            "seed_policy": cfg.seed_policy.value,
-            "base_seed": cfg.base_seed,
-            "batch_size": cfg.batch_size,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "run": spec.run,
-            "skill": skill,
-            "format": "imagefolder",
-        }
+        resolved = resolved_record(model, r)
+        labels = dataset_labels(dict(spec.labels), spec.run, skill)
+        parameters = dataset_parameters(prompt_set.id, len(prompts), items, cfg, resolved, spec.run, skill)
 
         writer = self.store.writer(
             ArtifactKind.IMAGE_DATASET,
@@ -316,7 +352,7 @@ class DatasetRenderJob:
                 done += len(todo)
                 ctx.progress(done, total, message=f"rendered batch {b + 1}/{n_batches}", stats=stats())
             ctx.update(message="writing metadata.jsonl and publishing")
-            w.put_bytes(METADATA_FILE, metadata_jsonl(items, model, r, skill))
+            w.put_bytes(METADATA_FILE, metadata_jsonl(items, resolved, skill))
         manifest = w.manifest
         assert manifest is not None  # the writer published on a clean exit
         final = stats()

@@ -44,6 +44,9 @@ def stats_to_proto(stats: dict[str, Any]) -> render_service_pb2.DatasetRenderSta
     name = stats.get("scheduler_resolved")
     if name in common_pb2.Scheduler.keys():
         out.scheduler_resolved = common_pb2.Scheduler.Value(name)
+    for shard in stats.get("shards") or []:
+        out.shards.add(index=int(shard["index"]), images_total=int(shard["images_total"]), images_done=int(shard["images_done"]),
+                       attempts=int(shard["attempts"]), complete=bool(shard["complete"]))
     return out
 
 

@@ -6,13 +6,18 @@ injects ``SELMA_RENDER_PORT`` and friends for a Service called ``selma-render``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
-from selma.config import SelmaSettings
+from selma.batch.settings import BatchSettings
 
 
-class RenderSettings(SelmaSettings):
-    """Render service settings: default model, request limits, concurrency."""
+class RenderSettings(BatchSettings):
+    """Render service settings: default model, request limits, concurrency, and sharded renders (``SELMA_BATCH_*``: where shard workers run)."""
+
+    # shard workers see the render limits and defaults the service validated the spec against
+    WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("render_",)
 
     render_default_model: str = Field(
         "",
@@ -34,3 +39,8 @@ class RenderSettings(SelmaSettings):
     render_max_concurrent_jobs: int = Field(1, ge=1, le=64, description="Dataset renders running at once (one per accelerator).")
     render_max_models: int = Field(2, ge=1, le=16, description="Loaded pipelines kept in memory (LRU).")
     render_watch_interval_seconds: float = Field(1.0, ge=0, description="Default minimum time between Watch updates.")
+    render_shards: int = Field(
+        0, ge=0, le=256,
+        description="Shard workers of a dataset render whose request says shards=0; 0 = render in the service's own process (no workers).",
+    )
+    render_max_shards: int = Field(16, ge=0, le=256, description="Most shard workers one dataset render may ask for; 0 = sharded renders are refused.")

@@ -70,6 +70,8 @@ class DatasetSpec:
     skill: str = ""
     max_prompts: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    # shard workers (0 = render in the service's own process); the request's value, or the service default
+    shards: int = 0
 
 
 def parse_render_settings(
@@ -202,6 +204,12 @@ def parse_dataset_spec(msg: render_service_pb2.DatasetRenderSpec, settings: Rend
     for k, v in msg.labels.items():
         if not k or len(k) > 253 or len(v) > 253:
             raise InvalidArgument(f"label {k!r} is empty or too long (keys and values up to 253 characters)", field=f"{prefix}.labels")
+    shards = msg.shards or settings.render_shards
+    if not 0 <= shards <= settings.render_max_shards:
+        raise InvalidArgument(
+            f"shards must be in 0..SELMA_RENDER_MAX_SHARDS={settings.render_max_shards} (0 = the service default); got {shards}",
+            field=f"{prefix}.shards",
+        )
     return DatasetSpec(
         prompt_set=PromptSetRef(id=ref.id.strip(), uri=ref.uri.strip(), kind=ref.kind, sha256=ref.sha256.strip().lower()),
         config=parse_render_settings(msg.settings, settings, prefix=f"{prefix}.settings"),
@@ -209,4 +217,5 @@ def parse_dataset_spec(msg: render_service_pb2.DatasetRenderSpec, settings: Rend
         skill=msg.skill.strip(),
         max_prompts=msg.max_prompts,
         labels=dict(msg.labels),
+        shards=shards,
     )

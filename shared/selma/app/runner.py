@@ -330,7 +330,8 @@ class RunDriver:
         ss = self.skillset
         job = self.drive("prompts", skill.name, ss.prompt_spec(skill))
         prompt_set = job.status.output
-        render_spec = render_service_pb2.DatasetRenderSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, settings=ss.render)
+        render_spec = render_service_pb2.DatasetRenderSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, settings=ss.render,
+                                                           shards=ss.render_shards, placement=ss.render_placement)
         job = self.drive("render", skill.name, render_spec)
         dataset = job.status.output
         train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config, placement=ss.placement)

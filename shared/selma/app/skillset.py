@@ -88,6 +88,9 @@ class SkillSet:
     merge_fuse: bool
     model_name: str
     evaluation: evaluation_service_pb2.EvaluationSpec | None = None
+    # spec.render.shards / spec.render.placement: a sharded render (shard workers, each placed like a worker Job); 0 = the service default
+    render_shards: int = 0
+    render_placement: common_pb2.Placement | None = None
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -165,7 +168,12 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         raise lines.error(("spec", "training", "config", "baseModel"), "baseModel.source is required (a hub id, a path, an s3:// prefix or tiny://sd)")
     placement = _proto(training.get("placement", {}), common_pb2.Placement, ("spec", "training", "placement"), lines)
 
-    render = _proto(spec.get("render", {}), render_service_pb2.RenderSettings, ("spec", "render"), lines)
+    render_section = dict(_mapping(spec.get("render", {}), ("spec", "render"), lines))
+    render_shards = render_section.pop("shards", 0)
+    if isinstance(render_shards, bool) or not isinstance(render_shards, int) or not 0 <= render_shards <= 256:
+        raise lines.error(("spec", "render", "shards"), f"must be a whole number of shard workers in 0..256 (0 = the service default); got {render_shards!r}")
+    render_placement = _proto(render_section.pop("placement", {}), common_pb2.Placement, ("spec", "render", "placement"), lines)
+    render = _proto(render_section, render_service_pb2.RenderSettings, ("spec", "render"), lines)
     if not render.model.source:
         render.model.CopyFrom(config.base_model)  # render with the model being fine-tuned unless told otherwise
 
@@ -207,6 +215,8 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         merge_fuse=bool(merge.get("fuse", False)),
         model_name=model_name,
         evaluation=evaluation,
+        render_shards=render_shards,
+        render_placement=render_placement,
         source=source,
         raw=data,
     )

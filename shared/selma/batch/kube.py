@@ -68,6 +68,7 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANN_KEY = "selma.dev/idempotency-key"
 ANN_CONFIG = "selma.dev/config-uri"
 ANN_EXPERT = "selma.dev/expert-id"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 # The image's user and group (Dockerfile ARG SELMA_UID); the chart's podSecurityContext uses the same.
 TRAINER_UID = 10001
@@ -93,9 +94,9 @@ def _label_value(text: str) -> str:
     return text if len(text) <= 63 and _LABEL_VALUE.match(text) else dns_part(text)[:63]
 
 
-def job_name(run: str, skill: str, job_id: str, task: str = "train") -> str:
-    """``selma-<task>-<run>-<skill>-<hash>``, at most 63 characters, stable for a job id."""
-    h = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+def job_name(run: str, skill: str, job_id: str, task: str = "train", attempt: int = 0) -> str:
+    """``selma-<task>-<run>-<skill>-<hash>``, at most 63 characters, stable for a job id (and ``attempt``, when > 0)."""
+    h = hashlib.sha256((f"{job_id}#{attempt}" if attempt else job_id).encode()).hexdigest()[:8]
     base = dns_part(f"selma-{task}-{run}-{skill}")[: 63 - 9].strip("-")
     return f"{base}-{h}"
 
@@ -246,7 +247,7 @@ def job_labels(req: LaunchRequest, settings: BatchSettings | None = None) -> dic
     labels = {k: v for k, v in req.labels.items() if _LABEL_KEY.match(k) and _LABEL_VALUE.match(v) and len(v) <= 63}
     labels.update({
         "app.kubernetes.io/name": "selma",
-        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/component": "trainer",  # every batch worker (selma.dev/task tells them apart): the chart's NetworkPolicy selects them so
         "app.kubernetes.io/part-of": "selma",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_JOB_ID: req.job_id,
@@ -268,7 +269,7 @@ def job_labels(req: LaunchRequest, settings: BatchSettings | None = None) -> dic
 def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest that runs ``selma train --config <uri>`` (pure: no API calls)."""
     p = req.placement
-    name = job_name(req.run, req.skill, req.job_id, req.task)
+    name = job_name(req.run, req.skill, req.job_id, req.task, req.attempt)
     labels = job_labels(req, settings)
     annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id}
     res = p.get("resources") or {}
@@ -294,6 +295,8 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         {"name": "SELMA_METRICS_PORT", "value": str(settings.batch_metrics_port)},
         {"name": "SELMA_BATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELMA_BATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        *([{"name": "SELMA_BATCH_COMPLETION_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}] if req.completions else []),
         {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
         # The root filesystem is read-only: libraries that cache under $HOME or XDG dirs
         # (torch inductor/triton, matplotlib, fontconfig) write to the /tmp emptyDir instead.
@@ -388,12 +391,19 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     deadline = _duration_seconds(p.get("active_deadline")) or settings.batch_active_deadline_seconds
     retries = int(p["max_retries"]) if p.get("max_retries") is not None else settings.batch_backoff_limit
     pod_labels = {k: v for k, v in labels.items() if k != KUEUE_LABEL}
+    # An Indexed Job: one pod per shard (completion index), all at once; a failed index is retried on its own,
+    # up to the retries per index, while the others go on.
+    indexed: dict[str, Any] = (
+        {"completionMode": "Indexed", "completions": req.completions, "parallelism": req.completions, "backoffLimitPerIndex": retries}
+        if req.completions else {}
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": name, "namespace": settings.batch_namespace, "labels": labels, "annotations": annotations},
         "spec": {
-            "backoffLimit": retries,
+            **indexed,
+            "backoffLimit": retries * req.completions if req.completions else retries,
             "activeDeadlineSeconds": deadline,
             "ttlSecondsAfterFinished": settings.batch_ttl_seconds_after_finished,
             "podFailurePolicy": {
@@ -647,7 +657,7 @@ class KubernetesLauncher(Launcher):
             pass  # already gone
 
     def cancel(self, req: LaunchRequest) -> None:
-        self.cancel_by_name(job_name(req.run, req.skill, req.job_id, req.task))
+        self.cancel_by_name(job_name(req.run, req.skill, req.job_id, req.task, req.attempt))
 
 
 def _status_message(e: Any) -> str:

@@ -52,8 +52,15 @@ class LaunchRequest:
     placement: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     # What the worker does: "train" runs ``selma train --config URI``; "eval" runs
-    # ``selma eval execute --config URI`` (evaluations are batch work launched the same way).
+    # ``selma eval execute --config URI`` (evaluations are batch work launched the same way);
+    # "render" runs ``selma render shard --config URI`` (one shard of a dataset render).
     task: str = "train"
+    # > 0: a Kubernetes Indexed Job of this many completions (completion index = shard), all run at once.
+    completions: int = 0
+    # The shard a local worker runs (``--shard N``); None = the whole task, or the completion index.
+    shard: int | None = None
+    # The service's attempt of the job: a new attempt (a client re-started a failed job) gets a new Job name.
+    attempt: int = 0
     # The launching service's settings: its own (WORKER_SETTING_PREFIXES) settings travel to the worker.
     # None = the launcher's; set when several services share one launcher (training and evaluation).
     service_settings: BatchSettings | None = None
@@ -63,6 +70,8 @@ class LaunchRequest:
         """The ``selma`` subcommand and arguments the worker runs."""
         if self.task == "eval":
             return ["eval", "execute", "--config", self.config_uri]
+        if self.task == "render":
+            return ["render", "shard", "--config", self.config_uri, *(["--shard", str(self.shard)] if self.shard is not None else [])]
         return ["train", "--config", self.config_uri]
 
 

@@ -83,6 +83,7 @@ class BatchSettings(SelmaSettings):
     batch_pod_name: str = Field("", description="Set in worker pods from metadata.name.")
     batch_node_name: str = Field("", description="Set in worker pods from spec.nodeName.")
     batch_parent_pid: int = Field(0, ge=0, description="Set by the local launcher: the worker stops (checkpointing) when this process dies.")
+    batch_completion_index: int = Field(-1, ge=-1, description="Set in Indexed Job pods from the completion-index annotation; -1 = not an Indexed Job.")
 
     @field_validator("batch_policy_priority_classes", "batch_policy_tolerations", "batch_policy_node_selectors",
                      "batch_policy_runtime_classes", "batch_policy_gpu_resource_names", mode="before")
