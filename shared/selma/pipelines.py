@@ -118,7 +118,10 @@ def tiny_model_path(source: str, settings: SelmaSettings) -> Path:
         seed = int(value)
     if name not in TINY_COMPONENTS:
         raise InvalidArgument(f"unknown tiny model {name!r}; use tiny://sd, tiny://sdxl or tiny://lm", field="model.source")
-    models = build_tiny(settings.resolved_model_cache_dir / "tiny" / f"seed-{seed}", seed=seed)
+    from selma.models._hf import no_progress_bars
+
+    with no_progress_bars():  # builds models: under the process's model-loading lock
+        models = build_tiny(settings.resolved_model_cache_dir / "tiny" / f"seed-{seed}", seed=seed)
     return getattr(models, name)
 
 

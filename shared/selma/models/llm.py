@@ -108,12 +108,15 @@ def _save_plain(lm: CausalLM, out_dir: Path) -> None:
     config = lm.model.config.__class__.from_dict(lm.model.config.to_dict())
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    with torch.device("meta"):
-        plain = LlamaForCausalLM(config)
-    plain.load_state_dict(lm.model.state_dict(), assign=True, strict=True)
-    plain.tie_weights()
-    plain.generation_config = lm.model.generation_config
-    with no_progress_bars():
+    with no_progress_bars():  # holds the model-loading lock: no other thread builds a model meanwhile
+        with torch.device("meta"):
+            plain = LlamaForCausalLM(config)
+        plain.load_state_dict(lm.model.state_dict(), assign=True, strict=True)
+        plain.tie_weights()
+        plain.generation_config = lm.model.generation_config
+        on_meta = [n for n, p in plain.named_parameters() if p.device.type == "meta"]
+        if on_meta:
+            raise RuntimeError(f"converting SmolLM2 left parameters without data: {', '.join(on_meta[:5])}")
         plain.save_pretrained(out_dir)
     lm.tokenizer.save_pretrained(out_dir)
 
@@ -194,10 +197,11 @@ def load_causal_lm(
     if str(name_or_path) in SMOLLM2_ALIASES:
         return load_smollm2(cache_dir, dtype=dtype)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, cache_dir=cache_dir, dtype=dtype or torch.float32, use_safetensors=True
-    )
+    with no_progress_bars():  # one model load at a time per process
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, cache_dir=cache_dir, dtype=dtype or torch.float32, use_safetensors=True
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
