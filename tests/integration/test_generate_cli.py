@@ -12,7 +12,7 @@ import pytest
 
 from selma.app.cli import main
 from selma.client import Endpoints
-from selma_serving.server import build_server
+from selma_serving.server import hosted
 from selma_serving.settings import ServingSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,16 +32,15 @@ def endpoints_file(tiny_models, tmp_path_factory):
         serving_max_queue=0,
         grpc_workers=4,
     )
-    server = build_server(settings).start()
+    service = hosted(settings)
+    server = service.start_server(settings, name="serving")  # base loaded, SERVING
     try:
-        server.core.engine.load_base()
-        server.set_ready(True)
         path = root / "endpoints.json"
         Endpoints(serving=server.address).save(path)
         yield str(path)
     finally:
         server.stop(0)
-        server.core.shutdown()
+        service.on_stop()
 
 
 def generate(capsys, endpoints: str, out, *argv: str) -> str:

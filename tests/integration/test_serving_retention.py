@@ -17,7 +17,7 @@ from selma.jobs import JobContext, JobManager, JobResult
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
 from selma.v1 import serving_service_pb2_grpc as pb_grpc
-from selma_serving.server import build_server
+from selma_serving.server import hosted
 from selma_serving.settings import ServingSettings
 from selma_serving.testing import make_expert
 
@@ -36,17 +36,16 @@ def served(tiny_models, tmp_path_factory):
         serving_gc_grace_seconds=0,
         grpc_workers=4,
     )
-    server = build_server(settings).start()
+    service = hosted(settings)
+    server = service.start_server(settings, name="serving")  # base loaded, SERVING
     core = server.core
-    core.engine.load_base()
-    server.set_ready(True)
     channel = grpc.insecure_channel(server.address)
     endpoints = root / "endpoints.json"
     Endpoints(serving=server.address).save(endpoints)
     yield {"core": core, "store": core.store, "stub": pb_grpc.ServingServiceStub(channel), "endpoints": endpoints, "sd": str(tiny_models.sd)}
     channel.close()
     server.stop(0)
-    core.shutdown()
+    service.on_stop()
 
 
 def merge(stub, run: str, experts, name: str) -> str:

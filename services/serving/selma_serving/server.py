@@ -33,7 +33,7 @@ from selma.logs import configure_logging
 from selma.lora_format import trained_alpha
 from selma.paging import paginate
 from selma.retention import Removal
-from selma.server import SelmaServer, ServiceRegistration, serve
+from selma.server import Hosted, SelmaServer, ServiceRegistration, serve_hosted
 from selma.sources import check_request
 from selma.v1 import common_pb2
 from selma.v1 import serving_service_pb2 as pb
@@ -320,6 +320,15 @@ def registration(core: ServingCore) -> ServiceRegistration:
     return ServiceRegistration(name=SERVICE_NAME, servicer=ServingServicer(core), add_fn=pb_grpc.add_ServingServiceServicer_to_server)
 
 
+def hosted(settings: ServingSettings, *, core: ServingCore | None = None) -> Hosted:
+    """The service as a process hosts it: merge jobs resumed now, the base model loaded once the ports
+    are open (SERVING only after that), the core shut down on the way out.  ``hosted(s).start_server(s,
+    name="serving")`` is a started, ready server (tests, benchmarks)."""
+    core = core or ServingCore(settings)
+    core.jobs.recover()
+    return Hosted(registration=registration(core), on_start=core.engine.load_base, on_stop=core.shutdown, core=core)
+
+
 def build_server(settings: ServingSettings, *, core: ServingCore | None = None) -> SelmaServer:
     """A server with the ServingService (not started, not ready): resumes merge jobs; load the base model, then set_ready."""
     core = core or ServingCore(settings)
@@ -332,10 +341,4 @@ def build_server(settings: ServingSettings, *, core: ServingCore | None = None) 
 def main() -> None:
     settings = ServingSettings()
     configure_logging(settings.log_level, settings.log_format)
-    core = ServingCore(settings)
-    core.jobs.recover()
-    try:
-        # SERVING only after the base pipeline is loaded (serve() sets ready when on_start returns).
-        serve(settings, [registration(core)], name="serving", on_start=lambda _server: core.engine.load_base())
-    finally:
-        core.shutdown()
+    serve_hosted(settings, [hosted(settings)], name="serving")

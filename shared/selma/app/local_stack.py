@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selma.app.runner import pid_alive
 from selma.client import SERVICE_NAMES, SERVICES, Endpoints
 from selma.errors import Aborted, FailedPrecondition, Unavailable
 from selma.routing import SEPARATOR
@@ -79,16 +80,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 LOCK_FILE = "up.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StackLock:
@@ -136,7 +127,7 @@ class StackLock:
             if data is None:
                 continue  # released between our attempt and the read
             pid = data.get("pid") if isinstance(data.get("pid"), int) else 0
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 raise Aborted(f"{self.path.parent} is already served by `selma up` (pid {pid}; {_describe(data.get('endpoints'))}); "
                               f"use that stack, stop it first (Ctrl-C there, or kill {pid}), or pass another --dir", field="dir")
             log.warning("taking over the stale lock %s of `selma up` pid %s, which is no longer running", self.path, pid or "?")

@@ -129,7 +129,7 @@ class RunLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and _alive(pid):
+                if pid and pid_alive(pid):
                     raise Aborted(f"run {self.path.stem!r} is already being driven by `selma run` (pid {pid}); wait for it or stop it first", field="run") from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
@@ -145,7 +145,8 @@ class RunLock:
             self.held = False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (also one of another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
