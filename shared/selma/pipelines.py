@@ -280,7 +280,6 @@ class TokenizerPool:
         self._originals = {k: v for k, v in components.items() if k.startswith("tokenizer") and v is not None}
         self._free: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self.copies = 0  # sets of copies made so far (tests, metrics)
 
     @contextmanager
     def borrow(self) -> Iterator[dict[str, Any]]:
@@ -292,7 +291,6 @@ class TokenizerPool:
             if held is None:
                 # deepcopy under the lock: copying reads the originals' state, which nobody else mutates
                 held = {k: copy.deepcopy(v) for k, v in self._originals.items()}
-                self.copies += 1
         try:
             yield held
         finally:
