@@ -193,6 +193,18 @@ def generate_routing_key(request: serving_service_pb2.GenerateRequest) -> str:
     return routing_key(request.model_name if which == "model_name" else "", message_to_dict(request.experts) if which == "experts" else None)
 
 
+PRIORITY_NAMES = ("low", "normal", "high")  # GenerateRequest.priority as the CLI and SDK spell it
+
+
+def generation_priority(name: str) -> int:
+    """``low``/``normal``/``high`` ("" = unset, served as normal) as a ``GenerationPriority`` value."""
+    if not name:
+        return serving_service_pb2.GENERATION_PRIORITY_UNSPECIFIED
+    if name.lower() not in PRIORITY_NAMES:
+        raise InvalidArgument(f"priority must be one of {', '.join(PRIORITY_NAMES)}; got {name!r}", field="priority")
+    return serving_service_pb2.GenerationPriority.Value("GENERATION_PRIORITY_" + name.upper())
+
+
 class JobClient:
     """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`)."""
 
@@ -397,11 +409,16 @@ class SelmaClient:
         negative_prompt: str = "",
         timeout: float | None = 600.0,
         seed_policy: str | int | None = None,
+        priority: str = "",
+        stream_progress: bool = False,
     ) -> Iterator[serving_service_pb2.GenerateResponse]:
         """Stream generated images: a registered model, the base with per-request expert weights, or the base.
 
         ``seed`` is the base seed (unset: the service picks one at random) and ``seed_policy`` how each
         image's seed derives from it (any spelling :func:`selma.seeds.seed_policy` takes; unset = derived).
+        ``priority`` is ``low``, ``normal`` or ``high`` ("" = normal; the service serves ``high`` only
+        to admin callers); ``stream_progress`` asks for GenerateProgress messages (place in line,
+        start of generation) before the images.
         """
         from selma.seeds import seed_policy as _seed_policy
 
@@ -410,7 +427,8 @@ class SelmaClient:
         diffusion = common_pb2.DiffusionSettings(steps=steps, width=width, height=height, negative_prompt=negative_prompt)
         if guidance_scale is not None:
             diffusion.guidance_scale = guidance_scale
-        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt)
+        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt,
+                                                  priority=generation_priority(priority), stream_progress=stream_progress)
         if seed is not None:
             req.seed = seed
         if seed_policy is not None:
