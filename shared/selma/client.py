@@ -15,8 +15,8 @@ endpoint says otherwise.
 
 The serving endpoint may name several replicas (``serving=a:1|b:2``, or ``dns:///name:port`` for
 every address of a headless Service): each Generate goes to the replica its model or mix hashes to
-(:mod:`selma.routing`), falling back to the next one in hash order when one is UNAVAILABLE, and
-RESOURCE_EXHAUSTED / UNAVAILABLE are retried with jittered back-off (``retry=``, honouring the
+(:mod:`selma.routing`), spilling over to the next one in hash order when one is busy
+(RESOURCE_EXHAUSTED) or UNAVAILABLE; when all are, the round is retried with jittered back-off (``retry=``, honouring the
 server's ``retry-after-ms``) as long as no image has arrived.
 
 Channels are TLS and carry a bearer token as :class:`selma.security.ClientSecurity` says: from
@@ -43,7 +43,16 @@ from selma.config import ClientSettings
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
-from selma.routing import RETRYABLE, SEPARATOR, ReplicaSet, RetryPolicy, call_with_retry, next_wait, routing_key
+from selma.routing import (
+    RETRYABLE,
+    SEPARATOR,
+    ReplicaSet,
+    RetryPolicy,
+    call_with_retry,
+    next_wait,
+    round_error,
+    routing_key,
+)
 from selma.security import ClientSecurity, make_channel
 from selma.v1 import (
     common_pb2,
@@ -329,22 +338,21 @@ class SelmaClient:
 
     def serving_call(self, method: str, request: Any, *, key: str = "base", timeout: float | None = None) -> Any:
         """An idempotent unary ServingService call: the replicas in ``key``'s order (the next one on
-        UNAVAILABLE), retried with back-off on RESOURCE_EXHAUSTED / UNAVAILABLE as :attr:`retry` says."""
+        RESOURCE_EXHAUSTED or UNAVAILABLE), the whole round retried with back-off as :attr:`retry` says."""
         global _last_target
 
         def attempt() -> Any:
             global _last_target
-            error: grpc.RpcError | None = None
+            errors: list[grpc.RpcError] = []
             for address, stub in self.serving_stubs(key):
                 _last_target = ("serving", address)
                 try:
                     return getattr(stub, method)(request, timeout=timeout or self.timeout)
                 except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    if e.code() not in RETRYABLE:
                         raise
-                    error = e
-            assert error is not None
-            raise error
+                    errors.append(e)  # busy or unreachable: the next replica in the key's order
+            raise round_error(errors)
 
         return call_with_retry(self.retry, attempt, f"ServingService/{method}")
 
@@ -443,16 +451,18 @@ class SelmaClient:
                          timeout: float | None = 600.0) -> Iterator[serving_service_pb2.GenerateResponse]:
         """Stream a GenerateRequest from the replica its model or mix routes to (see :mod:`selma.routing`).
 
-        Until the first image arrives, UNAVAILABLE moves on to the next replica in hash order, and
-        RESOURCE_EXHAUSTED (or every replica UNAVAILABLE) is retried after a back-off; once an image
-        has arrived an error is raised as it is (the images already yielded stay valid).
+        Until the first image arrives, RESOURCE_EXHAUSTED or UNAVAILABLE moves on to the next replica
+        in hash order at once; when every replica refused, the round is retried from the preferred
+        replica after a back-off (honouring the shortest ``retry-after-ms``); once an image has
+        arrived an error is raised as it is (the images already yielded stay valid).  Progress
+        messages of a replica that then refuses are not a reason to stop spilling over.
         """
         global _last_target
         key = generate_routing_key(request)
         started = time.monotonic()
         calls = 0
         while True:
-            error: grpc.RpcError | None = None
+            errors: list[grpc.RpcError] = []
             for address, stub in self.serving_stubs(key):
                 _last_target = ("serving", address)
                 received = False
@@ -464,10 +474,8 @@ class SelmaClient:
                 except grpc.RpcError as e:
                     if received or e.code() not in RETRYABLE:
                         raise
-                    error = e
-                    if e.code() != grpc.StatusCode.UNAVAILABLE:
-                        break  # refused for load: back off, then ask the same replica again (its cache is warm)
-            assert error is not None
+                    errors.append(e)  # busy or unreachable: spill over to the next replica in the key's order
+            error = round_error(errors)  # every replica refused: back off, then start again at the preferred one
             calls += 1
             wait = next_wait(self.retry, error, calls, started)
             if wait is None:
