@@ -214,32 +214,87 @@ def generation_priority(name: str) -> int:
     return serving_service_pb2.GenerationPriority.Value("GENERATION_PRIORITY_" + name.upper())
 
 
-class JobClient:
-    """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`)."""
+def merge_routing_key(spec: serving_service_pb2.MergeJobSpec) -> str:
+    """Where a merge job runs among serving replicas: the replica that will serve its model
+    (``model:<name>``, as Generate routes it), so the replica that built the merge holds it warm."""
+    return routing_key(spec.model_name) if spec.model_name else "base"
 
-    def __init__(self, stub: Any, kind: JobKind, timeout: float) -> None:
+
+# Job kinds whose calls are pinned to one serving replica, by what their spec names.
+JOB_ROUTES: dict[str, Callable[[Any], str]] = {"merge": merge_routing_key}
+
+
+class JobClient:
+    """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`).
+
+    With ``replicas`` (a kind the serving replicas run: ``key -> [(address, stub)]`` in the key's
+    order) a job is pinned: Start goes to the replica ``route(spec)`` names, and Get/Watch/Cancel of
+    that job to the same one (``keys``, job id -> routing key, is learnt from every answer and shared
+    by the client's JobClients; a job id never seen goes where ``base`` does).  A replica that is
+    UNAVAILABLE hands the call to the next one in the key's order (any replica can load a job's
+    record from the shared store); List goes to the ``base`` replica."""
+
+    def __init__(self, stub: Any, kind: JobKind, timeout: float, *,
+                 replicas: Callable[[str], list[tuple[str, Any]]] | None = None,
+                 route: Callable[[Any], str] | None = None, keys: dict[str, str] | None = None) -> None:
         self._stub = stub
         self._k = kind
         self._timeout = timeout
+        self._replicas = replicas
+        self._route = route
+        self._keys = {} if keys is None else keys
 
     def _req(self, method: str, **fields: Any) -> Any:
         return getattr(self._k.module, f"{method}Request")(**fields)
 
+    def _learn(self, job: Any) -> Any:
+        if self._route is not None and job.status.job_id:
+            self._keys.setdefault(job.status.job_id, self._route(job.spec))
+        return job
+
+    def _stubs(self, key: str) -> list[tuple[str, Any]]:
+        return [("", self._stub)] if self._replicas is None else self._replicas(key)
+
+    def _unary(self, method: str, request: Any, key: str) -> Any:
+        global _last_target
+        error: grpc.RpcError | None = None
+        for address, stub in self._stubs(key):
+            if address:
+                _last_target = ("serving", address)
+            try:
+                return getattr(stub, method)(request, timeout=self._timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or self._replicas is None:
+                    raise
+                error = e  # gone: the next replica in the key's order
+        assert error is not None
+        raise error
+
+    def _key(self, job_id: str) -> str:
+        return self._keys.get(job_id, "base")
+
     def start(self, idempotency_key: str, spec: Any, *, validate_only: bool = False) -> tuple[Any, bool]:
         """Returns (job, created)."""
-        resp = getattr(self._stub, self._k.start)(self._req(self._k.start, idempotency_key=idempotency_key, spec=spec, validate_only=validate_only), timeout=self._timeout)
+        key = self._route(spec) if self._route is not None else "base"
+        resp = self._unary(self._k.start, self._req(self._k.start, idempotency_key=idempotency_key, spec=spec, validate_only=validate_only), key)
+        if resp.job.status.job_id:
+            self._keys[resp.job.status.job_id] = key
         return resp.job, resp.created
 
     def get(self, job_id: str) -> Any:
-        return getattr(self._stub, self._k.get)(self._req(self._k.get, job_id=job_id), timeout=self._timeout).job
+        return self._learn(self._unary(self._k.get, self._req(self._k.get, job_id=job_id), self._key(job_id)).job)
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[Any]:
         """Stream the job until a terminal phase (the server ends the stream)."""
-        for resp in getattr(self._stub, self._k.watch)(self._req(self._k.watch, job_id=job_id), timeout=timeout):
+        global _last_target
+        address, stub = self._stubs(self._key(job_id))[0]
+        if address:
+            _last_target = ("serving", address)
+        for resp in getattr(stub, self._k.watch)(self._req(self._k.watch, job_id=job_id), timeout=timeout):
             yield resp.job
 
     def cancel(self, job_id: str, reason: str = "") -> Any:
-        return getattr(self._stub, self._k.cancel)(self._req(self._k.cancel, job_id=job_id, reason=reason), timeout=self._timeout).job
+        return self._unary(self._k.cancel, self._req(self._k.cancel, job_id=job_id, reason=reason), self._key(job_id)).job
 
     def list(self, *, run: str = "", skill: str = "", page_size: int = 100) -> list[Any]:
         """All jobs matching run/skill (follows page tokens)."""
@@ -247,8 +302,8 @@ class JobClient:
         token = ""
         while True:
             req = self._req(self._k.list, filter=common_pb2.JobFilter(run=run, skill=skill), page_size=page_size, page_token=token)
-            resp = getattr(self._stub, self._k.list)(req, timeout=self._timeout)
-            out.extend(resp.jobs)
+            resp = self._unary(self._k.list, req, "base")
+            out.extend(self._learn(j) for j in resp.jobs)
             token = resp.next_page_token
             if not token:
                 return out
@@ -280,6 +335,7 @@ class SelmaClient:
         self._stubs: dict[str, Any] = {}
         self._serving_stubs: dict[str, Any] = {}  # by replica address
         self._serving: ReplicaSet | None = None
+        self._job_routes: dict[str, str] = {}  # serving job id -> routing key (JobClient)
         if endpoints.serving:
             self._serving = ReplicaSet(endpoints.serving, self.security, options=options, resolve_interval=resolve_interval)
         for name in API_SERVICES:
@@ -357,8 +413,11 @@ class SelmaClient:
         return call_with_retry(self.retry, attempt, f"ServingService/{method}")
 
     def jobs(self, kind: str) -> JobClient:
-        """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``."""
+        """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``; a merge job
+        goes to the serving replica that will serve its model (:func:`merge_routing_key`)."""
         k = JOB_KINDS[kind]
+        if k.service == "serving" and self._serving is not None:  # pinned to a replica (see JobClient)
+            return JobClient(None, k, self.timeout, replicas=self.serving_stubs, route=JOB_ROUTES.get(kind), keys=self._job_routes)
         return JobClient(self.stub(k.service), k, self.timeout)
 
     # -- health --------------------------------------------------------------------------------
