@@ -16,8 +16,9 @@ endpoint says otherwise.
 The serving endpoint may name several replicas (``serving=a:1|b:2``, or ``dns:///name:port`` for
 every address of a headless Service): each Generate goes to the replica its model or mix hashes to
 (:mod:`selma.routing`), spilling over to the next one in hash order when one is busy
-(RESOURCE_EXHAUSTED) or UNAVAILABLE; when all are, the round is retried with jittered back-off (``retry=``, honouring the
-server's ``retry-after-ms``) as long as no image has arrived.
+(RESOURCE_EXHAUSTED) or UNAVAILABLE; when all are, the round is retried with jittered back-off
+(``retry=``, honouring the server's ``retry-after-ms``) as long as no image has arrived.  A merge
+job goes to the replica that will serve its model, and its Get/Watch/Cancel follow it.
 
 Channels are TLS and carry a bearer token as :class:`selma.security.ClientSecurity` says: from
 ``SELMA_TOKEN``/``SELMA_TLS_*`` (or the CLI's ``--token``/``--ca-cert``/``--client-cert``/``--client-key``),
