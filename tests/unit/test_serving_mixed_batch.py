@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_serving_batching import CallLog, mix, pixels, run_together, solo
 
-from selma.errors import NotFound
+from selma.errors import FailedPrecondition, NotFound
 from selma_serving.core import ServingCore
 from selma_serving.engine import MIXES_KIND, BatchPolicy, GenerationRequest
 from selma_serving.lora import Adapter, BaseModelId, LoraModule
@@ -188,3 +188,23 @@ def test_a_mix_that_fails_fails_only_its_own_request(env, monkeypatch):
     results = run_together(engine, requests)
     assert isinstance(results[1], NotFound) and "no-such-expert" in str(results[1])
     assert log.sizes == [2] and all(len(results[i]) == 1 for i in (0, 2))
+
+
+def test_a_fused_mix_that_fails_its_probe_fails_only_its_own_request(env, monkeypatch):
+    engine = env.engine
+    mixes = _mixes(env.ex)
+    requests = [GenerationRequest(prompts=["red"], steps=3, seed=i, merge=m) for i, m in enumerate(mixes[:2])]
+    monkeypatch.setattr(engine, "batching", BatchPolicy(8, 0.0, mixed_min_mixes=5))  # two mixes < 5: each runs fused
+    real = engine.mix_unet
+
+    def mix_unet(params):
+        if params == mixes[0]:
+            raise FailedPrecondition("the mix of a: merged weight deltas out of range")
+        return real(params)
+
+    monkeypatch.setattr(engine, "mix_unet", mix_unet)
+    engine.cache.clear()
+    log = CallLog(engine, monkeypatch)
+    results = run_together(engine, requests)
+    assert isinstance(results[0], FailedPrecondition) and "out of range" in str(results[0])
+    assert log.sizes == [1] and len(results[1]) == 1 and results[1][0].served.fused

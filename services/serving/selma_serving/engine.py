@@ -634,14 +634,19 @@ class _Batch:
             return
         for params in resolved:
             group = [(m, r) for m, r in groups[params] if not m.done]
-            if not group:
-                continue
-            unet, rm, hit = engine.mix_unet(params)
-            for i, m in enumerate({id(m): m for m, _ in group}.values()):
-                if i:  # the fused mix built (or found) for the first is reused: a hit for the others
-                    metrics.MERGE_CACHE_HITS.inc()
-                m.served = ServedInfo("", engine.base_id, rm, rm.to_dict(), True, hit or i > 0, "mix")
-            self._call(group, unet, "mix")
+            owners = {id(m): m for m, _ in group}.values()
+            try:
+                if not group:
+                    continue
+                unet, rm, hit = engine.mix_unet(params)
+                for i, m in enumerate(owners):
+                    if i:  # the fused mix built (or found) for the first is reused: a hit for the others
+                        metrics.MERGE_CACHE_HITS.inc()
+                    m.served = ServedInfo("", engine.base_id, rm, rm.to_dict(), True, hit or i > 0, "mix")
+                self._call(group, unet, "mix")
+            except SelmaError as e:  # its fused mix failed the probe, or all its requests left: the other mixes go on
+                for m in owners:
+                    self._deliver(m, e)
 
     def _call(self, rows: list[tuple[_Member, _Row]], unet: torch.nn.Module, kind: str) -> None:
         req = self.leader.req
