@@ -130,5 +130,8 @@ def mixed_unet(base_unet: torch.nn.Module, mixes: Sequence[RowMix], rows: Sequen
         for name in names:
             factors = row_factors(mixes, rows, name)
             if factors is not None:
-                _set_submodule(unet, name, RowLora(unet.get_submodule(name), *factors))
+                base = unet.get_submodule(name)
+                w = base.weight  # on the base weight's device and dtype once, not at every forward
+                A, B, coef = (t.to(device=w.device, dtype=w.dtype) for t in factors)
+                _set_submodule(unet, name, RowLora(base, A, B, coef))
     return unet
