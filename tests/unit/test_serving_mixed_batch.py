@@ -195,14 +195,14 @@ def test_a_fused_mix_that_fails_its_probe_fails_only_its_own_request(env, monkey
     mixes = _mixes(env.ex)
     requests = [GenerationRequest(prompts=["red"], steps=3, seed=i, merge=m) for i, m in enumerate(mixes[:2])]
     monkeypatch.setattr(engine, "batching", BatchPolicy(8, 0.0, mixed_min_mixes=5))  # two mixes < 5: each runs fused
-    real = engine.mix_unet
+    real, bad = engine.fused_mix, engine.resolve_mix(mixes[0]).rm
 
-    def mix_unet(params):
-        if params == mixes[0]:
+    def fused_mix(mix):
+        if mix.rm == bad:
             raise FailedPrecondition("the mix of a: merged weight deltas out of range")
-        return real(params)
+        return real(mix)
 
-    monkeypatch.setattr(engine, "mix_unet", mix_unet)
+    monkeypatch.setattr(engine, "fused_mix", fused_mix)
     engine.cache.clear()
     log = CallLog(engine, monkeypatch)
     results = run_together(engine, requests)

@@ -638,7 +638,7 @@ class _Batch:
             try:
                 if not group:
                     continue
-                unet, rm, hit = engine.mix_unet(params)
+                unet, rm, hit = engine.fused_mix(resolved[params])
                 for i, m in enumerate(owners):
                     if i:  # the fused mix built (or found) for the first is reused: a hit for the others
                         metrics.MERGE_CACHE_HITS.inc()
@@ -830,7 +830,10 @@ class Engine:
 
     def mix_unet(self, params: MergeParams) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
         """The fused UNet for a per-request expert mix: (unet, resolved merge, cache hit)."""
-        mix = self.resolve_mix(params)
+        return self.fused_mix(self.resolve_mix(params))
+
+    def fused_mix(self, mix: RowMix) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
+        """The fused UNet of a resolved mix, from the cache or merged and fused now: (unet, resolved merge, cache hit)."""
         rm, adapters = mix.rm, list(mix.adapters)
         base_unet = self.base_unet
 
