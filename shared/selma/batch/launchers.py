@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -281,6 +282,7 @@ class LocalLauncher(Launcher):
             log.warning("warm worker failed to start (%s)%s", e, "; local jobs run as plain subprocesses from now on" if give_up else "")
             return
         metrics.WARM_STARTS.labels("ready").inc()
+        weakref.finalize(self, worker.close)  # a launcher dropped without close() (or the process exiting) stops its zygote
         with self._lock:
             self._warm_starting, self._warm_failures = False, 0
             closed = self._closed
