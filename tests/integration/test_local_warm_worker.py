@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from selma.batch.launchers import LaunchRequest, LocalLauncher, Monitor, Outcome
 from selma.batch.settings import BatchSettings
@@ -255,6 +256,27 @@ def test_a_different_environment_runs_as_a_plain_subprocess(tmp_path, launchers)
     outcome, details = run(launcher, request(tmp_path, "other", "exit0"))
     assert outcome.state == "succeeded" and details["local.warm"] == "false"
     assert facts(tmp_path, "other")["env"]["WARM_PER_SERVICE"] == "b"
+
+
+def test_a_warm_worker_that_cannot_start_is_given_up_and_jobs_run_plain(tmp_path, launchers):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "warm_broken.py").write_text("raise ImportError('broken on purpose')\n")
+    env = {**os.environ, "PYTHONPATH": str(mods)}
+    launcher = make(launchers, settings(tmp_path, batch_warm_preload=["json", "warm_broken"]), env=env)
+
+    def failed() -> float:
+        return REGISTRY.get_sample_value("selma_batch_warm_worker_starts_total", {"result": "failed"}) or 0.0
+
+    before = failed()
+    for i in range(LocalLauncher.WARM_START_ATTEMPTS):
+        assert launcher.warm_worker() is None  # asking starts one in the background
+        wait_for(lambda i=i: failed() >= before + i + 1, what=f"start {i + 1} failing")
+    assert launcher.warm_worker() is None
+    outcome, details = run(launcher, request(tmp_path, "plain", "exit0"))
+    assert outcome.state == "succeeded" and details["local.warm"] == "false"
+    assert failed() == before + LocalLauncher.WARM_START_ATTEMPTS  # given up: no further start
+    assert (launcher.log_dir / "warm-worker.log").read_text().count("ImportError: broken on purpose") == LocalLauncher.WARM_START_ATTEMPTS
 
 
 @pytest.mark.slow

@@ -89,10 +89,14 @@ class WarmChild:
         self.lost = False  # the zygote died before it could report this child's exit status
         self._status_r: int | None = status_r
         self._lock = threading.Lock()
+        self._pidfd: int | None = None
+        self._gone = False  # exited and reaped before we could hold it: its status is in the pipe
         try:
-            self._pidfd: int | None = os.pidfd_open(pid)
-        except ProcessLookupError:  # already exited (and reaped): its status is in the pipe
-            self._pidfd = None
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone = True
+        except OSError:  # no pidfds (Linux < 5.3): signals go by pid, as subprocess.Popen sends them
+            pass
 
     def poll(self) -> int | None:
         return self._check(0)
@@ -105,10 +109,13 @@ class WarmChild:
 
     def send_signal(self, sig: int) -> None:
         with self._lock:
-            if self.returncode is not None or self._pidfd is None:
+            if self.returncode is not None or self._gone:
                 return
             try:
-                signal.pidfd_send_signal(self._pidfd, sig)
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                else:
+                    os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -274,6 +281,7 @@ class WarmWorker:
                 socket.send_fds(sock, [msg], [status_w, stdout])
         except OSError as e:
             os.close(status_r)
+            self.close(timeout=5)
             raise WarmWorkerError(f"the warm worker is gone: {e}") from None
         finally:
             os.close(status_w)
@@ -281,6 +289,8 @@ class WarmWorker:
         data = _read_exact(status_r, _STATUS.size) if ready else b""
         if len(data) != _STATUS.size:
             os.close(status_r)
+            if not ready:  # a zygote that does not answer is replaced (the launcher restarts it)
+                self.close(timeout=5)
             raise WarmWorkerError("the warm worker did not start the job" + ("" if ready else " within 60 s"))
         return WarmChild(command, _STATUS.unpack(data)[0], status_r)
 
@@ -322,6 +332,8 @@ def serve(ctrl: socket.socket, modules: Sequence[str]) -> int:
     imported = _preload(modules)
     hello = {"pid": os.getpid(), "imported": imported, "import_seconds": round(time.perf_counter() - t0, 3),
              "python_threads": threading.active_count()}
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered here may reach a job's log through fork
+        stream.flush()
     ctrl.send(json.dumps(hello).encode())
     if threading.active_count() != 1:
         return 1
