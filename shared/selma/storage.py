@@ -49,9 +49,6 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import urllib3
-from minio import Minio
-from minio.deleteobjects import DeleteObject
-from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
@@ -68,6 +65,8 @@ from selma.errors import (
 from selma.metrics import STORAGE_ERRORS
 
 if TYPE_CHECKING:
+    from minio import Minio
+
     from selma.config import SelmaSettings
 
 log = logging.getLogger(__name__)
@@ -754,6 +753,8 @@ class S3Storage(Storage):
             cert_reqs="CERT_REQUIRED",
             retries=_make_retry(self._retries, self._backoff),
         )
+        from minio import Minio  # imported by S3 storage only: ~0.1-1 s (its crypto) that file:// processes never need
+
         access = settings.s3_access_key.get_secret_value() or None
         secret = settings.s3_secret_key.get_secret_value() or None
         self._client: Minio = Minio(
@@ -781,6 +782,8 @@ class S3Storage(Storage):
 
     @contextmanager
     def _s3_mapped(self, key: str | None) -> Iterator[None]:
+        from minio.error import InvalidResponseError, S3Error, ServerError
+
         uri = f"{self.uri}/{key}" if key else self.uri
         attempts = self._retries + 1
         try:
@@ -840,6 +843,8 @@ class S3Storage(Storage):
                         f"bucket {self.bucket!r} does not exist at {self.endpoint}; "
                         "create it or set SELMA_S3_CREATE_BUCKETS=true"
                     )
+                from minio.error import S3Error
+
                 try:
                     self._client.make_bucket(self.bucket, location=self.region)
                     log.info("created bucket %s at %s", self.bucket, self.endpoint)
@@ -920,6 +925,8 @@ class S3Storage(Storage):
             self._client.remove_object(self.bucket, self._name(key))
 
     def _delete_prefix(self, prefix: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
         names = [self._name(o.key) for o in self._list(prefix)]
         with self._s3_errors(prefix):
             for start in range(0, len(names), 1000):  # S3 DeleteObjects takes at most 1000 keys

@@ -93,6 +93,7 @@ class EvaluationCore:
         self.store = ArtifactStore(self.storage)
         # hosted beside training (the default), both share one set of launchers and so one local worker pool
         self.launchers = launchers or default_launchers(settings)
+        self._own_launchers = launchers is None  # shared ones (hosted beside training) are closed by their owner
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
                                   watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
@@ -280,6 +281,9 @@ class EvaluationCore:
 
     def shutdown(self, wait: bool = True) -> None:
         self.manager.shutdown(wait=wait)
+        if self._own_launchers:
+            for launcher in self.launchers.values():
+                launcher.close()
 
     # -- the job function
 

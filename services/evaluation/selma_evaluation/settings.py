@@ -31,6 +31,7 @@ class EvaluationSettings(BatchSettings, LlmSettings):
     """The batch platform's and the LLM layer's settings (question generation) plus VQA, scoring and rendering options."""
 
     WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("eval_", "llm_")
+    WORKER_PRELOAD: ClassVar[tuple[str, ...]] = ("selma_evaluation.runner",)
 
     eval_max_jobs: int = Field(64, ge=1, description="Evaluation jobs the service follows at once (their workers run as batch jobs).")
     eval_vqa_model: str = Field(

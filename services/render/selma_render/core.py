@@ -171,6 +171,8 @@ class RenderCore:
     def shutdown(self, wait: bool = True, timeout: float = 30.0) -> None:
         """Interrupt running jobs at the next batch boundary; they stay resumable."""
         self.jobs.shutdown(wait=wait, timeout=timeout)
+        for launcher in self.launchers.values():
+            launcher.close()  # the local warm worker (shard workers were stopped above)
 
     def queue_length(self) -> int:
         """Jobs waiting for a worker."""

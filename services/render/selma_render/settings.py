@@ -18,6 +18,7 @@ class RenderSettings(BatchSettings):
 
     # shard workers see the render limits and defaults the service validated the spec against
     WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("render_",)
+    WORKER_PRELOAD: ClassVar[tuple[str, ...]] = ("selma_render.shards",)
 
     render_default_model: str = Field(
         "",

@@ -298,6 +298,8 @@ class TrainingCore:
 
     def shutdown(self, wait: bool = True) -> None:
         self.manager.shutdown(wait=wait)
+        for launcher in self.launchers.values():
+            launcher.close()  # the local warm worker (workers were stopped above)
 
     # -- the job function
 

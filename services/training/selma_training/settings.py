@@ -13,6 +13,7 @@ class TrainingSettings(BatchSettings):
     """The batch platform's settings plus the training service's own."""
 
     WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("training_",)
+    WORKER_PRELOAD: ClassVar[tuple[str, ...]] = ("selma_training.trainer",)
 
     training_default_model: str = Field("", description="Base model used when a request names none.")
     training_max_jobs: int = Field(64, ge=1, description="Training jobs the service follows at once (Kubernetes Jobs are only watched).")

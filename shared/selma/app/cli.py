@@ -13,7 +13,6 @@ import traceback
 import grpc
 
 from selma import __version__, plugins
-from selma.client import last_target
 from selma.errors import SelmaError
 from selma.logs import configure_logging, quiet_third_party
 
@@ -94,6 +93,8 @@ def describe_rpc_error(e: grpc.RpcError, command: str = "") -> str:
     """One line for a failed gRPC call: which command, which service at which address, its answer, what to do."""
     code = e.code() if callable(getattr(e, "code", None)) else None
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
+    from selma.client import last_target  # only here: worker commands (selma train, eval execute) never load the SDK
+
     name = code.name if code is not None else "an error"
     service, address = last_target()
     where = f"the {service} service at {address}" if address else "the service"

@@ -13,6 +13,13 @@ itself, so it checkpoints first) and the restarted service re-queues the job, wh
 from the last checkpoint: no orphan keeps training, and no work is lost beyond one interval.
 A child that fails for a reason other than bad input is restarted (resuming) up to the
 placement's ``max_retries``, mirroring a Job's ``backoffLimit``.
+
+With ``batch_warm_worker`` (the default) the local launcher keeps a warm worker
+(:mod:`selma.batch.zygote`): a process that has imported torch, diffusers and the worker modules
+once, and forks each job as a fresh child that runs the same command line, with the same
+environment, log file, exit codes and signals, in a process group of its own.  While the warm worker
+starts (or restarts, after it died) jobs run as plain subprocesses; the Kubernetes launcher is one
+pod per job as before.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +39,7 @@ from typing import Any
 
 from selma.batch import metrics
 from selma.batch.settings import BatchSettings
+from selma.batch.zygote import WarmChild, WarmWorker, WarmWorkerError
 from selma.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -167,6 +176,9 @@ class Launcher(ABC):
     def cancel(self, req: LaunchRequest) -> None:
         """Stop the trainer (idempotent); its checkpoints are kept."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook; only the local launcher holds a process of its own
+        """Release what the launcher holds between jobs (the local warm worker); running jobs are the caller's to stop first."""
+
     def discover(self) -> list[dict[str, str]]:
         """Trainers this launcher can see running without a service record (Kubernetes: from labels)."""
         return []
@@ -180,10 +192,14 @@ class LocalLauncher(Launcher):
     def __init__(self, settings: BatchSettings, *, env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self._slots = threading.BoundedSemaphore(settings.batch_max_local_jobs)
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._procs: dict[str, subprocess.Popen[bytes] | WarmChild] = {}
         self._lock = threading.Lock()
         self._env = env
         self.log_dir = Path(settings.data_dir).resolve() / "training-logs"
+        self._warm: WarmWorker | None = None
+        self._warm_starting = False
+        self._warm_failures = 0
+        self._closed = False
 
     def validate(self, placement: dict[str, Any]) -> None:  # noqa: B027 - optional hook; the local launcher checks little
         retries = placement.get("max_retries")
@@ -227,6 +243,73 @@ class LocalLauncher(Launcher):
         python = self.settings.batch_python or sys.executable
         return [python, "-m", "selma.app.cli", *req.args]
 
+    # -- the warm worker
+
+    WARM_START_ATTEMPTS = 3  # failed starts in a row after which the launcher stops trying (plain subprocesses only)
+
+    def warm_worker(self, req: LaunchRequest | None = None) -> WarmWorker | None:
+        """The ready warm worker, or None (off, starting, given up, closed); starts one in the background if none runs."""
+        if not self.settings.batch_warm_worker:
+            return None
+        with self._lock:
+            current = self._warm
+            if current is not None and current.alive():
+                return current
+            if self._closed or self._warm_starting or self._warm_failures >= self.WARM_START_ATTEMPTS:
+                return None
+            self._warm_starting, self._warm = True, None
+        if current is not None:
+            code = current.proc.poll() if current.proc is not None else None
+            log.warning("the warm worker exited (%s); restarting it, jobs run as plain subprocesses meanwhile", code)
+            current.close(timeout=0)
+        extra = type(req.service_settings).WORKER_PRELOAD if req is not None and req.service_settings is not None else ()
+        preload = list(dict.fromkeys([*self.settings.batch_warm_preload, *type(self.settings).WORKER_PRELOAD, *extra]))
+        worker = WarmWorker(python=self.settings.batch_python or sys.executable, env=self.child_env(), preload=preload,
+                            log_path=self.log_dir / "warm-worker.log", start_timeout=self.settings.batch_warm_start_timeout_seconds)
+        threading.Thread(target=self._start_warm, args=(worker,), name="warm-worker-start", daemon=True).start()
+        return None
+
+    def _start_warm(self, worker: WarmWorker) -> None:
+        try:
+            worker.start()
+        except (WarmWorkerError, OSError) as e:
+            with self._lock:
+                self._warm_starting = False
+                self._warm_failures += 1
+                failures = self._warm_failures
+            metrics.WARM_STARTS.labels("failed").inc()
+            give_up = failures >= self.WARM_START_ATTEMPTS
+            log.warning("warm worker failed to start (%s)%s", e, "; local jobs run as plain subprocesses from now on" if give_up else "")
+            return
+        metrics.WARM_STARTS.labels("ready").inc()
+        weakref.finalize(self, worker.close)  # a launcher dropped without close() (or the process exiting) stops its zygote
+        with self._lock:
+            self._warm_starting, self._warm_failures = False, 0
+            closed = self._closed
+            if not closed:
+                self._warm = worker
+        if closed:
+            worker.close()
+
+    def close(self) -> None:
+        """Stop the warm worker (idempotent); later jobs run as plain subprocesses."""
+        with self._lock:
+            self._closed = True
+            worker, self._warm = self._warm, None
+        if worker is not None:
+            worker.close()
+
+    def _start(self, req: LaunchRequest, log_file: Any) -> subprocess.Popen[bytes] | WarmChild:
+        """The worker process of one attempt: forked by the warm worker when it can, else a fresh interpreter."""
+        command, env = self.command(req), self.child_env(req)
+        warm = self.warm_worker(req)
+        if warm is not None and warm.accepts(command, env):
+            try:
+                return warm.spawn(command, env=env, stdout=log_file.fileno())
+            except WarmWorkerError as e:
+                log.warning("warm worker could not start the worker of %s (%s); starting a plain subprocess", req.job_id, e)
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
     def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
         poll = self.settings.batch_poll_seconds
         while not self._slots.acquire(timeout=poll):
@@ -251,16 +334,14 @@ class LocalLauncher(Launcher):
         log_path = self.log_dir / f"{req.job_id}.log"
         with log_path.open("ab") as log_file:
             metrics.LAUNCHES.labels(req.task, self.name).inc()
-            proc = subprocess.Popen(
-                self.command(req), stdout=log_file, stderr=subprocess.STDOUT, env=self.child_env(req),
-                start_new_session=True,
-            )
+            proc = self._start(req, log_file)
+        warm = isinstance(proc, WarmChild)
         with self._lock:
             self._procs[req.job_id] = proc
-        details = {"local.pid": str(proc.pid), "local.log": str(log_path), "local.attempt": str(attempt)}
+        details = {"local.pid": str(proc.pid), "local.log": str(log_path), "local.attempt": str(attempt), "local.warm": str(warm).lower()}
         if cause:
             details[RELAUNCH_CAUSE] = cause[:300]
-        log.info("started trainer for %s: pid %d, log %s", req.job_id, proc.pid, log_path)
+        log.info("started trainer for %s: pid %d%s, log %s", req.job_id, proc.pid, " (forked by the warm worker)" if warm else "", log_path)
         try:
             while True:
                 try:
@@ -279,10 +360,12 @@ class LocalLauncher(Launcher):
             with self._lock:
                 self._procs.pop(req.job_id, None)
         monitor.poll(details, attempt=attempt)
+        if monitor.state() == "cancelled" and rc != 0:
+            return Outcome("cancelled", "cancelled")
+        if getattr(proc, "lost", False):  # the warm worker died under it: the child got SIGTERM, checkpointed and is gone
+            return Outcome("failed", "the warm worker died while the trainer ran (the trainer was stopped with SIGTERM)", "WORKER_LOST")
         if rc == 0:
             return Outcome("succeeded", "trainer finished")
-        if monitor.state() == "cancelled":
-            return Outcome("cancelled", "cancelled")
         tail = _tail(log_path)
         if rc == EXIT_BAD_INPUT:
             return Outcome("failed", f"trainer rejected its input (exit 2): {tail}", "BAD_INPUT", retryable=False)
@@ -290,7 +373,7 @@ class LocalLauncher(Launcher):
             return Outcome("failed", "trainer was stopped by SIGTERM (checkpoint saved)", "INTERRUPTED")
         return Outcome("failed", f"trainer exited with {rc}: {tail}", "TRAINER_FAILED")
 
-    def _stop(self, proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    def _stop(self, proc: subprocess.Popen[bytes] | WarmChild, grace: float = 60.0) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -311,7 +394,7 @@ class LocalLauncher(Launcher):
             proc = self._procs.get(job_id)
         if proc is None or proc.poll() is not None:
             return None
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.kill()
         return proc.pid
 
 

@@ -23,12 +23,22 @@ class BatchSettings(SelmaSettings):
 
     # The service's own setting prefixes its workers inherit (e.g. ("eval_",)); batch_* always travel.
     WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ()
+    # Modules of the service's own workers the local launcher's warm worker imports ahead of jobs (besides batch_warm_preload).
+    WORKER_PRELOAD: ClassVar[tuple[str, ...]] = ()
 
     batch_launcher: Literal["local", "kubernetes"] = Field("local", description="Default launcher: local subprocess or Kubernetes Job.")
     batch_max_local_jobs: int = Field(1, ge=1, description="Local worker subprocesses running at once; others wait PENDING.")
     batch_progress_interval_seconds: float = Field(2.0, ge=0, description="Workers: least time between progress writes.")
     batch_poll_seconds: float = Field(2.0, gt=0, description="Local launcher: how often a running worker's progress is read.")
     batch_python: str = Field("", description="Python interpreter for local workers; empty = the service's own.")
+    batch_warm_worker: bool = Field(
+        True, description="Local launcher: fork each worker from a warm process that has already imported the heavy libraries "
+        "(selma.batch.zygote) instead of starting a fresh interpreter; jobs run as plain subprocesses while it starts or restarts.")
+    batch_warm_preload: list[str] = Field(
+        default_factory=lambda: ["torch", "diffusers", "diffusers.pipelines.auto_pipeline", "transformers", "peft", "safetensors.torch",
+                                 "selma.app.cli", "selma.pipelines", "selma.artifacts", "selma.storage"],
+        description="Modules the warm worker imports before it serves jobs (JSON list); they must run no torch op and start no thread at import.")
+    batch_warm_start_timeout_seconds: float = Field(600.0, gt=0, le=3600, description="Longest the warm worker may take to import its modules.")
     # --- Kubernetes
     batch_namespace: str = Field("default", description="Namespace the worker Jobs are created in.")
     batch_kubeconfig: str = Field("", description="kubeconfig path; empty = in-cluster config, then ~/.kube/config.")
@@ -85,7 +95,7 @@ class BatchSettings(SelmaSettings):
     batch_parent_pid: int = Field(0, ge=0, description="Set by the local launcher: the worker stops (checkpointing) when this process dies.")
     batch_completion_index: int = Field(-1, ge=-1, description="Set in Indexed Job pods from the completion-index annotation; -1 = not an Indexed Job.")
 
-    @field_validator("batch_policy_priority_classes", "batch_policy_tolerations", "batch_policy_node_selectors",
+    @field_validator("batch_warm_preload", "batch_policy_priority_classes", "batch_policy_tolerations", "batch_policy_node_selectors",
                      "batch_policy_runtime_classes", "batch_policy_gpu_resource_names", mode="before")
     @classmethod
     def _json(cls, v: Any) -> Any:
