@@ -134,6 +134,30 @@ def test_a_killed_rank_fails_the_run_and_every_rank_resumes_from_the_last_checkp
     assert diff <= ATOL
 
 
+def test_sigterm_stops_every_rank_at_the_same_step_and_the_restart_resumes_from_it(env, tmp_path):
+    settings, store, dataset, tiny = env
+    job = make_job(dataset, tiny.sd, 2, max_steps=40, checkpoint_every=100)  # no periodic checkpoint: only the stop's
+    launcher, req = launch(settings, job, tmp_path, max_retries=1)
+    monitor = Recorder()
+    result: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: result.setdefault("outcome", launcher.run(req, monitor)))
+    runner.start()
+    _wait_for(lambda: (read_progress(store.storage, job.progress_key) or {}).get("step", 0) >= 2, "two steps")
+    launcher.cancel(req)  # SIGTERM to the agent (pre-emption, a stopping service): torchrun passes it to both ranks
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    outcome = result["outcome"]
+    log = (Path(settings.data_dir) / "training-logs" / f"{job.job_id}.log").read_text()
+    assert outcome.state == "succeeded", (outcome, log[-3000:])
+    assert "stopped by SIGTERM" in monitor.details[-1].get("relaunch.cause", "")
+    progress = read_progress(store.storage, job.progress_key)
+    stopped_at = progress["resumed_from_step"]
+    assert 2 <= stopped_at < 40
+    assert log.count(f"resumed from checkpoint at step {stopped_at}") == 2  # the ranks agreed on the step; rank 0 saved it
+    single = train(make_job(dataset, tiny.sd, 1, max_steps=40, checkpoint_every=100), settings)
+    assert max_difference(adapter(store, job.expert_id), adapter(store, single.expert_id)) <= ATOL
+
+
 def _rank_pid(launcher: LocalLauncher, job_id: str, rank: int) -> int | None:
     """The pid of the trainer process with RANK=rank under the job's agent (from /proc: Linux)."""
     agent = launcher._procs.get(job_id)

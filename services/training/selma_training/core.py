@@ -320,7 +320,8 @@ class TrainingCore:
         ctx.update(
             stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,
                    "launcher": "LAUNCHER_KIND_" + name.upper()},
-            details={"launcher": name, "checkpoint.uri": self.storage.uri_for(job.checkpoint_prefix.rstrip("/")), "config.uri": config_uri},
+            details={"launcher": name, "checkpoint.uri": self.storage.uri_for(job.checkpoint_prefix.rstrip("/")), "config.uri": config_uri,
+                     **({"distributed": f"{job.nodes} node(s) x {job.processes_per_node} process(es)"} if job.world_size > 1 else {})},
         )
         if self.store.exists(job.expert_id):  # finished before a restart: nothing to launch
             return self._succeeded(ctx, job, Outcome("succeeded", "already trained"))

@@ -21,6 +21,15 @@
   ``metrics`` (:data:`METRICS_PORT_NAME`, ``batch_metrics_port``, bound on 0.0.0.0), which the
   chart's PodMonitor scrapes; the service's ``selma_training_*{skill}`` gauges carry the same
   progress from the progress object.
+* A **distributed training** request (``LaunchRequest.nodes`` > 0) is an Indexed Job of one pod
+  per node, all at once, ``backoffLimit`` 0 (a rank cannot be replaced alone), pods in the
+  subdomain of :func:`build_rendezvous_service` — a headless Service named like the Job and owned
+  by it — with torchrun-style ``MASTER_ADDR`` (pod 0's DNS name), ``MASTER_PORT``
+  (``batch_rendezvous_port``), ``WORLD_SIZE``, ``NNODES``, ``NPROC_PER_NODE`` and ``NODE_RANK``
+  (the completion index); the pod's ``selma train`` starts the node's processes
+  (:mod:`selma_training.distributed`).  :meth:`KubernetesLauncher.run` creates the Service beside
+  the Job, deletes it when the Job ends, and runs a failed Job again as a new attempt (new Job and
+  Service names) up to the placement's ``max_retries``: every rank resumes from the last checkpoint.
 * :func:`check_policy` holds every request's placement to the operator's policy
   (``SELMA_BATCH_POLICY_*``, the chart's ``placementPolicy``): allowed priority classes,
   tolerations, node selectors, runtime classes, GPU resource names, affinity, and maxima of GPUs,
