@@ -96,6 +96,8 @@ def test_every_micro_batch_of_a_step_is_trained_by_exactly_one_rank(accumulation
 def test_distributed_spec_defaults_to_one_process_per_gpu():
     s = TrainingSettings(batch_policy_max_nodes=2)
     assert resolve_distributed({}, {}, 8, s, "local") == (1, 1)
+    assert resolve_distributed({}, {"gpus": 4}, 1, s, "kubernetes") == (1, 1)  # no distributed section: one process, as before
+    assert resolve_distributed({"distributed": {}}, {"gpus": 4}, 8, s, "kubernetes") == (1, 4)
     assert resolve_distributed({"distributed": {"nodes": 2}}, {"gpus": 4}, 8, s, "kubernetes") == (2, 4)
     assert resolve_distributed({"distributed": {"processes_per_node": 2}}, {}, 4, s, "local") == (1, 2)
 

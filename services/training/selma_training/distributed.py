@@ -96,12 +96,17 @@ def current_world(env: TorchrunEnv | None = None) -> World | None:
 
 
 def resolve_distributed(spec: dict[str, Any], placement: dict[str, Any], accumulation: int, settings: Any, launcher: str) -> tuple[int, int]:
-    """(nodes, processes_per_node) of a training spec, checked; (1, 1) when it asks for no distribution.
+    """(nodes, processes_per_node) of a training spec, checked; (1, 1) when it has no ``distributed`` section.
+
+Without one a training is one process, however many GPUs its pod has (as before distributed
+training existed); with one, unset counts default to one node and one process per GPU.
 
     INVALID_ARGUMENT naming the field for counts out of range, a processes_per_node that is not one
     per GPU, over the limits (SELMA_TRAINING_MAX_WORKERS, SELMA_BATCH_POLICY_MAX_NODES for Kubernetes)
     or a world size that does not divide ``gradient_accumulation_steps``.
     """
+    if spec.get("distributed") is None:
+        return 1, 1
     d = parse_mapping(spec.get("distributed"), "spec.distributed")
     nodes = parse_int(d.get("nodes"), "spec.distributed.nodes")
     per_node = parse_int(d.get("processes_per_node"), "spec.distributed.processes_per_node")

@@ -165,7 +165,7 @@ def _train(
     storage = open_storage(settings)
     store = ArtifactStore(storage)
     progress = (ProgressWriter if world.main else _Quiet)(storage, job.progress_key, settings.batch_progress_interval_seconds)
-    progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id,
+    progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id, world_size=world.size,
                     pod=settings.batch_pod_name, node=settings.batch_node_name, force=True)
     # this process's /metrics (served by `selma train` when a metrics port is set): the skill is
     # the only label; the pod comes from the scrape
@@ -264,7 +264,7 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         # only the LoRA parameters train, all of them in every forward; no buffers change
-        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb  # noqa: PLC0415 - optional, CUDA only

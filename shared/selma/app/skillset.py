@@ -169,7 +169,8 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     if not config.base_model.source:
         raise lines.error(("spec", "training", "config", "baseModel"), "baseModel.source is required (a hub id, a path, an s3:// prefix or tiny://sd)")
     placement = _proto(training.get("placement", {}), common_pb2.Placement, ("spec", "training", "placement"), lines)
-    distributed = _proto(training.get("distributed", {}), training_service_pb2.DistributedTraining, ("spec", "training", "distributed"), lines)
+    distributed = (_proto(training["distributed"], training_service_pb2.DistributedTraining, ("spec", "training", "distributed"), lines)
+                   if "distributed" in training else None)  # absent: one process, whatever the pod's GPUs
 
     render_section = dict(_mapping(spec.get("render", {}), ("spec", "render"), lines))
     render_shards = render_section.pop("shards", 0)
