@@ -39,14 +39,13 @@ import torch
 import torch.distributed as dist
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from selma.batch.launchers import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from selma.errors import FailedPrecondition, InvalidArgument
 from selma.limits import check_at_most
 from selma.specs import parse_int, parse_mapping
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 143
 WORKER_MODULE = "selma.app.cli"
 
 
@@ -200,11 +199,16 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def _collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensors live: the GPU for NCCL, the CPU for gloo."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
 def sum_across(world: World, values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (one small all-reduce); ``values`` itself when alone."""
     if not world.distributed:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [float(v) for v in t.tolist()]
 
@@ -213,7 +217,7 @@ def same_on_all(world: World, value: int, device: torch.device, what: str) -> No
     """FailedPrecondition unless every rank holds the same ``value`` (e.g. the step it resumed from)."""
     if not world.distributed:
         return
-    t = torch.tensor([value, -value], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    t = torch.tensor([value, -value], dtype=torch.int64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     high, low = int(t[0]), -int(t[1])
     if high != low:

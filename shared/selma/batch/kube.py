@@ -307,8 +307,7 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         {"name": "SELMA_METRICS_PORT", "value": str(settings.batch_metrics_port)},
         {"name": "SELMA_BATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELMA_BATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        *([{"name": "SELMA_BATCH_COMPLETION_INDEX",
-            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}] if req.completions or req.nodes else []),
+        *([{"name": "SELMA_BATCH_COMPLETION_INDEX", "valueFrom": _completion_index_ref()}] if req.completions or req.nodes else []),
         *_rendezvous_env(req, name, settings),
         {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
         # The root filesystem is read-only: libraries that cache under $HOME or XDG dirs
@@ -440,6 +439,11 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     }
 
 
+def _completion_index_ref() -> dict[str, Any]:
+    """A pod's completion index (Indexed Jobs), for an env ``valueFrom``: a fresh dict each time (manifests are mutable)."""
+    return {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+
+
 def _rendezvous_env(req: LaunchRequest, name: str, settings: BatchSettings) -> list[dict[str, Any]]:
     """torchrun-style variables of a distributed training pod; the trainer's torchrun agent gives each
     process RANK = NODE_RANK × NPROC_PER_NODE + LOCAL_RANK from them (selma_training.distributed)."""
@@ -451,7 +455,7 @@ def _rendezvous_env(req: LaunchRequest, name: str, settings: BatchSettings) -> l
         {"name": "NNODES", "value": str(req.nodes)},
         {"name": "NPROC_PER_NODE", "value": str(req.processes_per_node)},
         {"name": "WORLD_SIZE", "value": str(req.nodes * req.processes_per_node)},
-        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {"name": "NODE_RANK", "valueFrom": _completion_index_ref()},
     ]
 
 
