@@ -4,13 +4,13 @@ torchrun's arguments, the request rules and how a step's micro-batches are split
 from __future__ import annotations
 
 import pytest
+from test_training_job_manifest import settings, strict_validate
 
 from selma.batch.kube import COMPLETION_INDEX_ANNOTATION, KUEUE_LABEL, build_job, build_rendezvous_service, job_name
 from selma.batch.launchers import LaunchRequest
 from selma.errors import InvalidArgument
 from selma_training.distributed import TorchrunEnv, World, agent_argv, resolve_distributed
 from selma_training.settings import TrainingSettings
-from tests.unit.test_training_job_manifest import settings, strict_validate
 
 
 def distributed_request(nodes: int = 2, per_node: int = 4, **placement) -> LaunchRequest:
