@@ -7,7 +7,8 @@ for a restartPolicy other than Never/OnFailure), GET, list with ``labelSelector`
 ``limit``, PATCH (merge patch, including ``/status``), DELETE (returns a Status) and
 ``?watch=true`` (chunked JSON lines; honours ``resourceVersion`` and ``timeoutSeconds``;
 ``410 Gone`` as an ERROR event for a resourceVersion older than the kept history, or for the
-next ``expire_watches`` watches).  Errors are
+next ``expire_watches`` watches), and core ``/api/v1/namespaces/{ns}/services[/{name}]``: POST
+(201, 409), GET and DELETE (the rendezvous Services of distributed training Jobs).  Errors are
 ``kind: Status`` objects so ``ApiException.status``/``reason`` are real.  The test plays the
 Job controller with :meth:`FakeKubeApi.set_job_status`; ``forbid = True`` answers 403 to all.
 """
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 _PREFIX = "/apis/batch/v1/namespaces/"
+_CORE_PREFIX = "/api/v1/namespaces/"
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -62,6 +64,7 @@ class FakeKubeApi:
 
     def __init__(self, history: int = 1000) -> None:
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[tuple[int, str, dict[str, Any]]] = []
         self.rv = 100
         self.history = history
@@ -98,6 +101,8 @@ class FakeKubeApi:
                     api.requests.append((method, url.path))
                 if api.forbid:
                     return self._send(403, _status(403, "Forbidden", 'jobs.batch is forbidden: User "system:serviceaccount:selma:selma-training" cannot create resource "jobs"'))
+                if url.path.startswith(_CORE_PREFIX):
+                    return self._service(method, url.path[len(_CORE_PREFIX):].split("/"), body)
                 if not url.path.startswith(_PREFIX):
                     return self._send(404, _status(404, "NotFound", f"the server could not find the requested resource {url.path}"))
                 parts = url.path[len(_PREFIX):].split("/")
@@ -121,6 +126,31 @@ class FakeKubeApi:
                 if method == "DELETE":
                     code, obj = api.delete(ns, name)
                     return self._send(code, obj)
+                return self._send(405, _status(405, "MethodNotAllowed", method))
+
+            def _service(self, method: str, parts: list[str], body: dict[str, Any]) -> None:
+                if len(parts) < 2 or parts[1] != "services":
+                    return self._send(404, _status(404, "NotFound", "not found"))
+                ns, name = parts[0], (parts[2] if len(parts) > 2 else "")
+                with api.cond:
+                    if method == "POST" and not name:
+                        name = (body.get("metadata") or {}).get("name", "")
+                        if (ns, name) in api.services:
+                            return self._send(409, _status(409, "AlreadyExists", f'services "{name}" already exists'))
+                        obj = json.loads(json.dumps(body))
+                        obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()))
+                        api.services[(ns, name)] = obj
+                        api.cond.notify_all()
+                        return self._send(201, obj)
+                    obj = api.services.get((ns, name))
+                    if obj is None:
+                        return self._send(404, _status(404, "NotFound", f'services "{name}" not found'))
+                    if method == "GET":
+                        return self._send(200, obj)
+                    if method == "DELETE":
+                        del api.services[(ns, name)]
+                        api.cond.notify_all()
+                        return self._send(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
                 return self._send(405, _status(405, "MethodNotAllowed", method))
 
             def _watch(self, ns: str, query: dict[str, str]) -> None:
@@ -267,6 +297,16 @@ class FakeKubeApi:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no Job matching {selector!r} in {ns} within {timeout} s")
+                self.cond.wait(left)
+
+    def wait_until(self, predicate: Any, what: str, timeout: float = 30.0) -> None:
+        """Block until ``predicate(self)`` holds (checked at every change of jobs or services)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{what}: not within {timeout} s")
                 self.cond.wait(left)
 
     def count(self, method: str) -> int:

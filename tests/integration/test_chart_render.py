@@ -340,6 +340,8 @@ EXPECTED_TRAINING_RULES = {
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods/log", "get"),
+    ("", "services", "create"),  # the headless rendezvous Service of a multi-node training Job
+    ("", "services", "delete"),
 }
 _CLIENT_CALLS = {
     "create_namespaced_job": ("batch", "jobs", "create"),
@@ -354,6 +356,8 @@ _CLIENT_CALLS = {
     "read_namespaced_pod_log": ("", "pods/log", "get"),
     "delete_namespaced_pod": ("", "pods", "delete"),
     "create_namespaced_pod": ("", "pods", "create"),
+    "create_namespaced_service": ("", "services", "create"),
+    "delete_namespaced_service": ("", "services", "delete"),
 }
 
 
@@ -897,6 +901,35 @@ def test_trainer_jobs_fit_the_chart(tmp_path: Path) -> None:
     # Another release's trainers are not this release's.
     other = {**pod_labels, "app.kubernetes.io/instance": "other"}
     assert not any(_matches(p["spec"]["podSelector"], other) for p in policies.values())
+
+
+def test_multi_node_training_fits_the_gpu_chart_and_only_its_ranks_reach_each_other(tmp_path: Path) -> None:
+    """With placementPolicy.maxNodes 2 (the gpu scenario) a 2-node x 4-GPU training Job built from the chart's
+    settings passes the policy, and the trainer NetworkPolicy lets this release's training pods reach each
+    other (rendezvous, all-reduce); without it (default) trainer pods admit only the scrapers."""
+    import dataclasses
+
+    from selma.batch.kube import build_job, build_rendezvous_service, check_policy
+    from selma_training.settings import TrainingSettings
+
+    docs = scenario_objects("gpu")
+    config_maps = by_kind(docs, "ConfigMap")
+    env = {**config_maps["selma-config"]["data"], **(config_maps["selma-training"].get("data") or {})}
+    settings = TrainingSettings.model_validate({k.removeprefix("SELMA_").lower(): v for k, v in env.items()})
+    assert settings.batch_policy_max_nodes == 2 and settings.batch_policy_max_gpus == 8
+    req = dataclasses.replace(_launch_request(4), nodes=2, processes_per_node=4)
+    check_policy(req.placement, settings)
+    job, svc = build_job(req, settings), build_rendezvous_service(req, settings, "5b1e2c4a-0000-4000-8000-000000000001")
+    _validate_strict(tmp_path, [job, svc], "distributed-training")
+    rank = job["spec"]["template"]["metadata"]["labels"]
+    assert rank["selma.dev/task"] == "train"
+    (policy,) = [p for p in by_kind(docs, "NetworkPolicy").values() if _matches(p["spec"]["podSelector"], rank)]
+    peers = [rule for rule in policy["spec"]["ingress"] if "ports" not in rule]
+    assert len(peers) == 1 and any(_matches(peer["podSelector"], rank) for peer in peers[0]["from"]), "ranks reach each other on any port"
+    for other in ({**rank, "app.kubernetes.io/instance": "other"}, {**rank, "selma.dev/task": "eval"}):
+        assert not any(_matches(peer["podSelector"], other) for peer in peers[0]["from"]), other
+    (default_policy,) = [p for p in by_kind(scenario_objects("default"), "NetworkPolicy").values() if _matches(p["spec"]["podSelector"], rank)]
+    assert all("ports" in rule for rule in default_policy["spec"]["ingress"]), "one node: no rank-to-rank traffic admitted"
 
 
 @pytest.mark.parametrize("port", [9400, 9500])

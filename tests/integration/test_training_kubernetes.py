@@ -105,6 +105,46 @@ def test_idempotent_create_then_watch_to_completion(make_core, fake, settings, d
     assert done.stats["step"] == 2 and done.stats["resolved_config"]["lora"]["rank"] == 4
 
 
+def test_a_multi_node_training_gets_a_rendezvous_service_and_a_failed_rank_restarts_the_whole_run(settings, fake, dataset):
+    settings = settings.model_copy(update={"batch_policy_max_nodes": 2})
+    core = TrainingCore(settings, launchers={"kubernetes": KubernetesLauncher(settings, api_client=api_client(fake.url))})
+    try:
+        body = {**spec(dataset.id), "distributed": {"nodes": 2}, "config": {"max_steps": 2, "resolution": 32, "gradient_accumulation_steps": 2}}
+        rec = core.start("run-1/train/ddp", body)[0]
+        first = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")
+        name = first["metadata"]["name"]
+        assert (first["spec"]["completions"], first["spec"]["parallelism"], first["spec"]["backoffLimit"]) == (2, 2, 0)
+        fake.wait_until(lambda api: (NS, name) in api.services, "the rendezvous Service")
+        svc = fake.services[(NS, name)]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"], "collected with its Job"
+        # a rank failed: the Job fails as a whole; the launcher ends its Service and starts the run again
+        fake.set_job_status(NS, name, complete(False))
+        fake.wait_until(lambda api: len(api.jobs) == 2 and len(api.services) == 1 and (NS, name) not in api.services, "the second attempt")
+        (second,) = [j for (_, n), j in fake.jobs.items() if n != name]
+        again = second["metadata"]["name"]
+        assert second["metadata"]["labels"][LABEL_JOB_ID] == rec.job_id and second["metadata"]["annotations"][ANN_CONFIG]
+        assert fake.services[(NS, again)]["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+        fake.set_job_status(NS, again, {"active": 2})
+        wait_details(core, rec.job_id, "kubernetes.state")
+        core.cancel(rec.job_id, "enough")  # reaches the current attempt's Job, not the first one's name
+        done = wait_phase(core, rec.job_id, {JobPhase.CANCELLED, JobPhase.FAILED, JobPhase.SUCCEEDED})
+        assert done.phase == JobPhase.CANCELLED
+        fake.wait_until(lambda api: not api.services, "the Service of the cancelled Job deleted")
+        assert (NS, again) not in fake.jobs and ("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{again}") in fake.requests
+    finally:
+        core.shutdown()
+
+
+def test_a_multi_node_request_over_the_node_policy_launches_nothing(make_core, fake, dataset):
+    core = make_core()
+    body = {**spec(dataset.id), "distributed": {"nodes": 2}, "config": {"max_steps": 2, "resolution": 32, "gradient_accumulation_steps": 2}}
+    with pytest.raises(InvalidArgument) as e:
+        core.start("run-1/train/ddp", body)
+    assert e.value.field == "spec.distributed.nodes" and "SELMA_BATCH_POLICY_MAX_NODES=1" in str(e.value)
+    assert fake.count("POST") == 0
+
+
 def test_watch_to_failure_reports_the_reason(make_core, fake, dataset):
     core = make_core()
     rec = core.start("run-1/train/spatial", spec(dataset.id))[0]

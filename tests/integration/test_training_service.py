@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from selma.artifacts import ArtifactStore
+from selma.batch.progress import read_progress
 from selma.storage import open_storage
 from selma.v1 import common_pb2
 from selma.v1 import training_service_pb2 as pb
@@ -96,6 +97,19 @@ def test_train_expert_end_to_end_with_the_local_launcher(service, dataset):
     assert not hasattr(stub, "GetEvaluation") and not hasattr(pb, "GetEvaluationRequest")
 
 
+@pytest.mark.slow
+def test_an_expert_trains_on_two_processes_through_the_service(service, settings, dataset):
+    server, channel, stub = service()
+    s = spec(dataset.id, gradient_accumulation_steps=2)
+    s.distributed.processes_per_node = 2
+    started = stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="run-1/train/ddp", spec=s))
+    job = watch_until(stub, started.job.status.job_id, lambda j: j.status.phase in TERMINAL, timeout=600)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    assert job.status.details["distributed"] == "1 node(s) x 2 process(es)"
+    assert job.stats.step == 4 and job.status.output.kind == common_pb2.ARTIFACT_KIND_EXPERT
+    assert read_progress(open_storage(settings), f"training/{job.status.job_id}/progress.json")["world_size"] == 2  # rank 0's view of the group
+
+
 @pytest.mark.parametrize(
     ("mutate", "code", "field"),
     [
@@ -106,6 +120,10 @@ def test_train_expert_end_to_end_with_the_local_launcher(service, dataset):
         (lambda s: setattr(s.config, "resolution", 36), grpc.StatusCode.INVALID_ARGUMENT, "config.resolution"),
         (lambda s: setattr(s, "run", "Bad_Run"), grpc.StatusCode.INVALID_ARGUMENT, "spec.run"),
         (lambda s: setattr(s.placement, "gpus", 12), grpc.StatusCode.INVALID_ARGUMENT, "spec.placement"),
+        (lambda s: setattr(s.distributed, "nodes", -1), grpc.StatusCode.INVALID_ARGUMENT, "spec.distributed.nodes"),
+        # the tiny preset accumulates 1 micro-batch per step: it cannot be split over 3 processes
+        (lambda s: setattr(s.distributed, "processes_per_node", 3), grpc.StatusCode.INVALID_ARGUMENT, "config.gradient_accumulation_steps"),
+        (lambda s: setattr(s.distributed, "processes_per_node", 1000), grpc.StatusCode.INVALID_ARGUMENT, "spec.distributed"),
     ],
 )
 def test_bad_requests_fail_before_anything_is_launched(service, dataset, mutate, code, field):

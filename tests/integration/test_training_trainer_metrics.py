@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import socket
+import types
 import urllib.error
 import urllib.request
 import uuid
@@ -114,7 +115,8 @@ def test_a_taken_metrics_port_does_not_stop_training(tmp_path, monkeypatch, rest
         monkeypatch.setenv("SELMA_DATA_DIR", str(tmp_path))
         monkeypatch.setenv("SELMA_BATCH_PARENT_PID", "0")
         ran = []
-        monkeypatch.setattr(trainer, "load_job_document", lambda ref, settings: "job")
-        monkeypatch.setattr(trainer, "run_job", lambda job, settings, should_stop: ran.append(job))
+        job = types.SimpleNamespace(world_size=1)  # one process: this process trains (no torchrun agent)
+        monkeypatch.setattr(trainer, "load_job_document", lambda ref, settings: job)
+        monkeypatch.setattr(trainer, "run_job", lambda job, settings, should_stop, world: ran.append(job))
         args = argparse.Namespace(config="job.json", device="", dataset="", run="local", skill="skill")
-        assert cli._train(args) == 0 and ran == ["job"]
+        assert cli._train(args) == 0 and ran == [job]

@@ -108,3 +108,25 @@ def test_render_section_takes_shards_and_their_placement():
     assert parse_skillset(GOOD).render_shards == 0
     with pytest.raises(SkillSetError, match="spec.render.shards"):
         parse_skillset(text.replace("shards: 3", "shards: many"))
+
+
+def test_sdxl_example_trains_each_expert_on_8_gpus_with_the_papers_effective_batch():
+    from selma_training.config import PRESETS
+    from selma_training.distributed import resolve_distributed
+    from selma_training.settings import TrainingSettings
+
+    ss = load_skillset(EXAMPLES / "sdxl.yaml")
+    d = ss.training_distributed
+    assert (d.nodes, d.processes_per_node, ss.placement.gpus) == (2, 4, 4)
+    spec = {"distributed": {"nodes": d.nodes, "processes_per_node": d.processes_per_node}}
+    preset = PRESETS["sdxl"]
+    assert preset["batch_size"] * preset["gradient_accumulation_steps"] == 32  # the paper's, split over the 8 processes
+    settings = TrainingSettings(batch_policy_max_nodes=2)
+    assert resolve_distributed(spec, {"gpus": ss.placement.gpus}, preset["gradient_accumulation_steps"], settings, "kubernetes") == (2, 4)
+
+
+def test_training_distributed_is_checked_like_any_proto_section():
+    bad = GOOD.replace("placement: {launcher: kubernetes, gpus: 1}", "placement: {launcher: kubernetes, gpus: 1}\n    distributed: {nodes: many}")
+    with pytest.raises(SkillSetError) as e:
+        parse_skillset(bad)
+    assert "spec.training.distributed" in str(e.value)

@@ -101,6 +101,7 @@ SELMA_BATCH_POLICY_ALLOW_AFFINITY: {{ $p.allowAffinity | toString | quote }}
 SELMA_BATCH_POLICY_GPU_RESOURCE_NAMES: {{ . | toJson | quote }}
 {{- end }}
 SELMA_BATCH_POLICY_MAX_GPUS: {{ $p.maxGpus | quote }}
+SELMA_BATCH_POLICY_MAX_NODES: {{ $p.maxNodes | default 1 | quote }}
 SELMA_BATCH_POLICY_MAX_CPU: {{ $p.maxCpu | quote }}
 SELMA_BATCH_POLICY_MAX_MEMORY: {{ $p.maxMemory | quote }}
 SELMA_BATCH_POLICY_MAX_ACTIVE_DEADLINE_SECONDS: {{ $p.maxActiveDeadlineSeconds | int64 | quote }}

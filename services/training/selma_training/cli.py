@@ -1,7 +1,9 @@
 """``selma train --config URI``: the trainer entrypoint of Kubernetes Jobs and local subprocesses.
 
 Thin on purpose: settings from ``SELMA_*`` variables, logging, SIGTERM → checkpoint and exit,
-then :func:`selma_training.trainer.run_job_document`.  Exit codes: 0 done, 2 bad input (a
+then :func:`selma_training.trainer.run_job`.  A job document asking for several trainer processes
+makes this process their torchrun agent (:mod:`selma_training.distributed`); each process it
+starts runs this command again as one rank.  Exit codes: 0 done, 2 bad input (a
 domain error: retrying cannot help; the Job's podFailurePolicy fails fast on it), 143 stopped
 by SIGTERM after saving a checkpoint (pre-emption; the retry resumes), 1 anything else.
 
@@ -19,6 +21,8 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from selma_training.config import TrainingJob
+    from selma_training.distributed import World
     from selma_training.settings import TrainingSettings
 
 EXIT_INTERRUPTED = 143
@@ -38,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from selma.logs import configure_logging
+    from selma_training.distributed import current_world
     from selma_training.settings import TrainingSettings
 
     settings = TrainingSettings()
@@ -48,8 +53,13 @@ def _train(args: argparse.Namespace) -> int:
         stop.set()  # finish the current step, checkpoint, exit 143
 
     signal.signal(signal.SIGTERM, on_signal)
+    world = current_world()
+    job = _job(args, settings)
+    if world is None and job.world_size > 1:
+        return _agent(args, settings, job, stop)
     metrics_server = None
-    if settings.metrics_port:
+    # one /metrics per pod: a distributed node's first process serves it
+    if settings.metrics_port and (world is None or world.local_rank == 0):
         from selma.metrics import MetricsServer
 
         try:
@@ -58,26 +68,48 @@ def _train(args: argparse.Namespace) -> int:
         except OSError as e:  # metrics are best effort: training must not die of a taken port
             log.warning("no trainer metrics: cannot serve on %s:%d: %s", settings.host, settings.metrics_port, e)
     try:
-        return _run(args, settings, stop)
+        return _run(job, settings, stop, world)
     finally:
         if metrics_server is not None:
             metrics_server.stop()
 
 
-def _run(args: argparse.Namespace, settings: TrainingSettings, stop: threading.Event) -> int:
-    from selma.batch.worker import exit_with_parent
-    from selma_training.trainer import TrainingInterrupted, load_job_document, run_job, standalone_job
+def _job(args: argparse.Namespace, settings: TrainingSettings) -> TrainingJob:
+    from selma_training.trainer import load_job_document, standalone_job
 
-    if settings.batch_parent_pid:
-        exit_with_parent(settings.batch_parent_pid, stop)
     if args.dataset:
         job = standalone_job(args.config, args.dataset, args.run, args.skill, settings)
     else:
         job = load_job_document(args.config, settings)
     if args.device:
         job = job.model_copy(update={"device": args.device})
+    return job
+
+
+def _agent(args: argparse.Namespace, settings: TrainingSettings, job: TrainingJob, stop: threading.Event) -> int:
+    """A distributed job: this process starts the node's trainer processes (torchrun) and waits for them."""
+    from selma.batch.worker import exit_with_parent
+    from selma_training.distributed import TorchrunEnv, agent_argv, run_agent
+
+    if settings.batch_parent_pid:
+        exit_with_parent(settings.batch_parent_pid, stop)  # the kernel's SIGTERM reaches torchrun, which passes it on
+    worker_args = ["train", "--config", args.config, *(["--device", args.device] if args.device else [])]
+    argv = agent_argv(job.nodes, job.processes_per_node, worker_args, node_rank=max(settings.batch_completion_index, 0), env=TorchrunEnv())
+    return run_agent(argv)
+
+
+def _run(job: TrainingJob, settings: TrainingSettings, stop: threading.Event, world: World | None) -> int:
+    import os
+
+    from selma.batch.worker import exit_with_parent
+    from selma_training.trainer import TrainingInterrupted, run_job
+
+    if world is not None:
+        exit_with_parent(os.getppid(), stop)  # a rank dies with its torchrun agent
+    elif settings.batch_parent_pid:
+        exit_with_parent(settings.batch_parent_pid, stop)
     try:
-        run_job(job, settings, should_stop=stop.is_set)
+        run_job(job, settings, should_stop=stop.is_set, world=world)
     except TrainingInterrupted:
         return EXIT_INTERRUPTED
     return 0

@@ -444,6 +444,13 @@ class TrainingJob(BaseModel):
     device: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any] = Field(default_factory=dict, description="The gRPC spec it came from (for re-adoption).")
+    nodes: int = Field(1, ge=1, description="Nodes of a distributed run (selma_training.distributed); 1 = one node.")
+    processes_per_node: int = Field(1, ge=1, description="Trainer processes per node (one per GPU).")
+
+    @property
+    def world_size(self) -> int:
+        """Trainer processes sharing every optimizer step."""
+        return self.nodes * self.processes_per_node
 
     @property
     def progress_key(self) -> str:

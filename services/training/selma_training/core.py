@@ -69,6 +69,7 @@ from selma_training.config import (
     to_proto_dict,
 )
 from selma_training.data import load_dataset
+from selma_training.distributed import resolve_distributed
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
 
@@ -193,6 +194,7 @@ class TrainingCore:
         launcher = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         validate_placement(placement)  # the proto's ranges hold for every launcher
         self.launchers[launcher].validate(placement)
+        nodes, per_node = resolve_distributed(spec, placement, config.gradient_accumulation_steps, self.settings, launcher)
         job_id = job_id_for(KIND, idempotency_key)
         job = TrainingJob(
             job_id=job_id,
@@ -206,6 +208,8 @@ class TrainingCore:
             config_artifact_id=new_artifact_id(ArtifactKind.TRAINING_CONFIG, idempotency_key),
             labels=dict(spec.get("labels") or {}),
             spec=spec,
+            nodes=nodes,
+            processes_per_node=per_node,
         )
         return Prepared(job, launcher, placement)
 
@@ -312,12 +316,14 @@ class TrainingCore:
         config_uri = self.store.get(job.config_artifact_id).file_uri(JOB_FILE)
         req = LaunchRequest(job_id=job.job_id, idempotency_key=job.idempotency_key, run=job.run, skill=job.skill,
                             config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels,
-                            service_settings=self.settings)
+                            service_settings=self.settings,
+                            nodes=job.nodes if job.world_size > 1 else 0, processes_per_node=job.processes_per_node)
         config_ref = {"id": job.config_artifact_id, "kind": "ARTIFACT_KIND_TRAINING_CONFIG", "uri": self.store.get(job.config_artifact_id).uri}
         ctx.update(
             stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,
                    "launcher": "LAUNCHER_KIND_" + name.upper()},
-            details={"launcher": name, "checkpoint.uri": self.storage.uri_for(job.checkpoint_prefix.rstrip("/")), "config.uri": config_uri},
+            details={"launcher": name, "checkpoint.uri": self.storage.uri_for(job.checkpoint_prefix.rstrip("/")), "config.uri": config_uri,
+                     **({"distributed": f"{job.nodes} node(s) x {job.processes_per_node} process(es)"} if job.world_size > 1 else {})},
         )
         if self.store.exists(job.expert_id):  # finished before a restart: nothing to launch
             return self._succeeded(ctx, job, Outcome("succeeded", "already trained"))

@@ -23,3 +23,8 @@ class TrainingSettings(BatchSettings):
     training_max_gradient_accumulation_steps: int = Field(256, ge=1, description="Most gradient-accumulation steps a request may ask for.")
     training_max_steps: int = Field(200_000, ge=1, description="Most optimizer steps a request may ask for.")
     training_max_rank: int = Field(1024, ge=1, description="Largest LoRA rank a request may ask for.")
+    training_max_workers: int = Field(64, ge=1, description="Most trainer processes (nodes x processes_per_node) one distributed training job may ask for.")
+    # --- distributed training (the trainer processes read it)
+    training_distributed_timeout_seconds: int = Field(
+        3600, ge=60, description="Longest wait of a trainer process on the others (a collective, or rank 0 building the latent cache) before the run fails."
+    )

@@ -14,10 +14,18 @@ latent sampling, noise, noise offset and timesteps come from one CPU ``torch.Gen
 state is saved; torch/numpy/python global states are saved too (LoRA dropout uses torch's).
 So on CPU a run killed after checkpoint k and resumed ends bit-identical to an uninterrupted
 run (same threads, same machine).
+
+**Data parallel.**  With a :class:`~selma_training.distributed.World` of several ranks (torchrun
+processes, :mod:`selma_training.distributed`) the UNet is wrapped in DistributedDataParallel and
+each rank trains its share of every step's micro-batches; rank 0 builds the latent cache (the
+others wait for it), writes progress, checkpoints and the expert, and every rank resumes from
+the same checkpoint.  LoRA dropout masks are drawn per rank, seeded from (seed, rank, resumed
+step): with dropout > 0 a distributed run is reproducible but not equal to a one-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,11 +47,14 @@ from selma.batch.progress import ProgressWriter
 from selma.errors import FailedPrecondition, InvalidArgument, SelmaError
 from selma.lora_format import expert_scale_fields, fold_scale
 from selma.pipelines import ModelSpec, load_pipeline, resolve_device
+from selma.seeds import stable_hash64
 from selma.storage import open_storage
 from selma_training import data as data_mod
+from selma_training import distributed
 from selma_training import metrics as trainer_metrics
 from selma_training.checkpoint import CheckpointStore, TrainState
 from selma_training.config import TrainingJob
+from selma_training.distributed import World
 from selma_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +105,13 @@ class DataOrder:
         return torch.tensor(idx), torch.tensor(orient)
 
 
+class _Quiet(ProgressWriter):
+    """Progress of a rank other than 0: kept in memory, never written (rank 0 reports the run)."""
+
+    def flush(self) -> None:
+        pass
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -115,18 +133,39 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_components: Callable[[Any], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train (or resume, or return the already published) expert for ``job``.
 
-    ``should_stop`` is polled after every optimizer step: when true, a checkpoint is saved and
-    TrainingInterrupted raised.  ``on_components(pipe)`` sees the loaded pipeline (tests count
-    encoder calls with hooks); ``on_step(step)`` runs after each optimizer step (tests crash there).
+    ``should_stop`` is polled after every optimizer step: when true (on any rank), a checkpoint is
+    saved and TrainingInterrupted raised.  ``on_components(pipe)`` sees the loaded pipeline (tests
+    count encoder calls with hooks); ``on_step(step)`` runs after each optimizer step (tests crash
+    there).  ``world``: this process's rank when it is one of several (torchrun); None = alone.
     """
+    world = world or World()
+    if world.size != job.world_size:
+        raise FailedPrecondition(f"the job asks for {job.world_size} trainer processes; this one is rank {world.rank} of {world.size}")
+    device = resolve_device(job.device, settings)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one process per GPU
+    with distributed.process_group(world, device, settings.training_distributed_timeout_seconds):
+        return _train(job, settings, device, world, should_stop, on_components, on_step)
+
+
+def _train(
+    job: TrainingJob,
+    settings: TrainingSettings,
+    device: torch.device,
+    world: World,
+    should_stop: Callable[[], bool] | None,
+    on_components: Callable[[Any], None] | None,
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
     cfg = job.config
     storage = open_storage(settings)
     store = ArtifactStore(storage)
-    progress = ProgressWriter(storage, job.progress_key, settings.batch_progress_interval_seconds)
-    progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id,
+    progress = (ProgressWriter if world.main else _Quiet)(storage, job.progress_key, settings.batch_progress_interval_seconds)
+    progress.update(phase="loading", max_steps=cfg.max_steps, expert_id=job.expert_id, world_size=world.size,
                     pod=settings.batch_pod_name, node=settings.batch_node_name, force=True)
     # this process's /metrics (served by `selma train` when a metrics port is set): the skill is
     # the only label; the pod comes from the scrape
@@ -146,7 +185,6 @@ def train(
                            p.get("loss_history", []), p.get("latent_cache_id", ""), True, 0)
 
     dataset, examples = data_mod.load_dataset(store, job.dataset_id)
-    device = resolve_device(job.device, settings)
     precision = _precision(job, device, progress)
     weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if cfg.optimizer == "adamw_8bit" and device.type != "cuda":
@@ -172,10 +210,14 @@ def train(
     if cfg.use_latent_cache:
         key = data_mod.cache_key(dataset, cfg, type(pipe).__name__)
         cache_id = data_mod.cache_id_for(key)
+        if not world.main:
+            distributed.barrier(world)  # rank 0 builds (or finds) the cache first
         if store.exists(cache_id):
             cache_manifest = store.get(cache_id)
             tensors = data_mod.load_cache(store, cache_manifest, len(examples))
             cache_hit = True
+        elif not world.main:
+            raise FailedPrecondition(f"rank 0 did not publish the latent cache {cache_id}; see its log")
         else:
             progress.update(phase="caching", force=True)
             tensors = encoder.build_all(cfg.batch_size, lambda d, t: progress.update(message=f"encoding {d}/{t}"))
@@ -184,6 +226,8 @@ def train(
                     "seed": cfg.seed, "count": len(examples), "orientations": 2 if cfg.random_flip else 1, "key": key,
                     "format": data_mod.CACHE_FORMAT}
             cache_manifest = data_mod.save_cache(store, cache_id, tensors, meta, parents=[dataset.id], labels=labels)
+        if world.main:
+            distributed.barrier(world)
         cache_digest = cache_manifest.digest
         source: data_mod.SampleSource = data_mod.SampleSource(tensors)
         # the frozen encoders are not needed any more: free their memory for the UNet
@@ -215,6 +259,12 @@ def train(
     if cfg.gradient_checkpointing and device.type == "cuda":
         unet.enable_gradient_checkpointing()
     unet.train()
+    model: Any = unet
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # only the LoRA parameters train, all of them in every forward; no buffers change
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb  # noqa: PLC0415 - optional, CUDA only
@@ -246,7 +296,7 @@ def train(
     random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointStore(storage, job.checkpoint_prefix)
-    state, warnings = ckpts.load_latest(gen)
+    state, warnings = ckpts.load_latest(gen)  # every rank loads the same (newest usable) checkpoint
     for w in warnings:
         progress.warn(w)
     start_step, cursor, history = 0, 0, []
@@ -265,6 +315,9 @@ def train(
         log.info("resumed from checkpoint at step %d", start_step)
         m_last_ckpt.set(start_step)
     resumed_from = start_step
+    distributed.same_on_all(world, start_step, device, "the checkpoint step to resume from")
+    if world.distributed:  # per-rank LoRA dropout masks (see the module docstring)
+        torch.manual_seed(stable_hash64(f"{cfg.seed}:{world.rank}:{start_step}") % 2**63)
     m_step.set(start_step)
     order = DataOrder(len(examples), cfg.seed, cfg.random_flip)
     progress.update(phase="training", step=start_step, resumed_from_step=resumed_from,
@@ -273,25 +326,33 @@ def train(
     autocast = (torch.autocast(device_type=device.type, dtype=weight_dtype) if precision != "fp32"
                 else torch.autocast(device_type=device.type, enabled=False))
 
-    def micro_step() -> torch.Tensor:
+    # every rank draws the random numbers of every micro-batch (its own or not), so the generator
+    # advances the same everywhere; the shapes come from one sample, not from the micro-batch's data
+    probe, _ = source.latent_dist(torch.tensor([0]), torch.tensor([0]))
+    shape = (cfg.batch_size, *probe.shape[1:])
+
+    def draw() -> tuple[torch.Tensor, ...]:
         nonlocal cursor
         idx, orient = order.take(cursor, cfg.batch_size)
         cursor += cfg.batch_size
+        eps_lat = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (shape[0],), generator=gen)
+        return idx, orient, eps_lat, noise, t
+
+    def micro_step(idx: torch.Tensor, orient: torch.Tensor, eps_lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         mean, std = source.latent_dist(idx, orient)
         cond = source.conditioning(idx, orient)
-        eps_lat = torch.randn(mean.shape, generator=gen)
         latents = ((mean + std * eps_lat) - shift) * scaling
-        noise = torch.randn(latents.shape, generator=gen)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
         kwargs: dict[str, Any] = {}
         if is_xl:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(device, weight_dtype), "time_ids": cond["time_ids"].to(device, weight_dtype)}
         with autocast:
-            pred = unet(noisy.to(device, weight_dtype), t.to(device), cond["prompt_embeds"].to(device, weight_dtype), **kwargs).sample
+            pred = model(noisy.to(device, weight_dtype), t.to(device), cond["prompt_embeds"].to(device, weight_dtype), **kwargs).sample
         per = F.mse_loss(pred.float(), target.to(device).float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma:
             snr = (alphas_cumprod[t] / (1 - alphas_cumprod[t])).to(device)
@@ -303,13 +364,20 @@ def train(
     interval_losses: list[float] = []
     ema: float | None = None
     loss_value = float("nan")
-    ckpt_infos = [c.__dict__ for c in ckpts.info()]
+    ckpt_infos = [c.__dict__ for c in ckpts.info()] if world.main else []
+    own = world.micro_batches(cfg.gradient_accumulation_steps)
     for step in range(start_step, cfg.max_steps):
         micro_losses = []
-        for _ in range(cfg.gradient_accumulation_steps):
-            loss = micro_step()
-            scaled = loss / cfg.gradient_accumulation_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for m in range(cfg.gradient_accumulation_steps):
+            drawn = draw()
+            if m not in own:
+                continue
+            # gradients are all-reduced (averaged over ranks) in the backward of a rank's last micro-batch
+            sync = not world.distributed or m == own[-1]
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                loss = micro_step(*drawn)
+                scaled = loss / len(own)  # averaged over ranks: the one-process mean over all micro-batches
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             micro_losses.append(float(loss.detach()))
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -321,7 +389,10 @@ def train(
             optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = sum(micro_losses) / len(micro_losses)
+        # one all-reduce: the step's loss over every micro-batch, and whether any rank was asked to stop
+        loss_sum, stops = distributed.sum_across(world, [sum(micro_losses), float(should_stop is not None and should_stop())], device)
+        loss_value = loss_sum / cfg.gradient_accumulation_steps
+        stop_now = stops > 0
         if not math.isfinite(loss_value):
             raise FailedPrecondition(f"loss became {loss_value} at step {step + 1}; lower learning_rate or use fp32/bf16", field="config.learning_rate")
         interval_losses.append(loss_value)
@@ -334,7 +405,7 @@ def train(
             history = (history + [[done, sum(interval_losses) / len(interval_losses)]])[-MAX_HISTORY:]
             interval_loss = history[-1][1]
             interval_losses = []
-        if at_ckpt:
+        if at_ckpt and world.main:
             info = ckpts.save(TrainState(step=done, cursor=cursor, lora={n: p for n, p in named.items()},
                                          optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
                                          scaler=scaler.state_dict() if scaler is not None else None, rng={},
@@ -342,6 +413,7 @@ def train(
             ckpts.prune(cfg.checkpoints_to_keep)
             ckpt_infos = [c.__dict__ for c in ckpts.info()] or [info.__dict__]
             m_ckpts.inc()
+        if at_ckpt:
             m_last_ckpt.set(done)
         m_step.set(done)
         m_loss.set(loss_value)
@@ -352,8 +424,8 @@ def train(
                         peak_memory_bytes=_peak_memory(device), force=at_ckpt)
         if on_step is not None:
             on_step(done)
-        if should_stop is not None and should_stop() and done < cfg.max_steps:
-            if not at_ckpt:
+        if stop_now and done < cfg.max_steps:
+            if not at_ckpt and world.main:
                 ckpts.save(TrainState(step=done, cursor=cursor, lora={n: p for n, p in named.items()},
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
                                       scaler=scaler.state_dict() if scaler is not None else None, rng={},
@@ -364,8 +436,10 @@ def train(
             raise TrainingInterrupted(f"stopped at step {done}; checkpoint saved")
 
     # -- export
-    progress.update(phase="exporting", force=True)
     final_loss = history[-1][1] if history else loss_value
+    if not world.main:
+        return TrainResult(job.expert_id, cfg.max_steps, final_loss, history, cache_id, cache_hit, resumed_from)
+    progress.update(phase="exporting", force=True)
     _publish_expert(store, pipe, unet, job, dataset, cache_id, cache_digest, final_loss, history)
     progress.update(phase="done", step=cfg.max_steps, final_loss=final_loss, peak_memory_bytes=_peak_memory(device), force=True)
     return TrainResult(job.expert_id, cfg.max_steps, final_loss, history, cache_id, cache_hit, resumed_from)
@@ -432,10 +506,11 @@ def run_job_document(uri_or_path: str, settings: TrainingSettings, *, should_sto
     return run_job(load_job_document(uri_or_path, settings), settings, should_stop=should_stop)
 
 
-def run_job(job: TrainingJob, settings: TrainingSettings, *, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+def run_job(job: TrainingJob, settings: TrainingSettings, *, should_stop: Callable[[], bool] | None = None,
+            world: World | None = None) -> TrainResult:
     """:func:`train`, recording a failure's code and message in the progress object."""
     try:
-        return train(job, settings, should_stop=should_stop)
+        return train(job, settings, should_stop=should_stop, world=world)
     except TrainingInterrupted:
         raise
     except SelmaError as e:

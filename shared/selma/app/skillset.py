@@ -91,6 +91,8 @@ class SkillSet:
     # spec.render.shards / spec.render.placement: a sharded render (shard workers, each placed like a worker Job); 0 = the service default
     render_shards: int = 0
     render_placement: common_pb2.Placement | None = None
+    # spec.training.distributed: nodes x processesPerNode trainer processes per expert (DistributedDataParallel); unset = one
+    training_distributed: training_service_pb2.DistributedTraining | None = None
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -162,11 +164,13 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         backend = _proto(prompts["backend"], common_pb2.LlmBackend, ("spec", "prompts", "backend"), lines)
 
     training = _mapping(spec.get("training"), ("spec", "training"), lines, required=True)
-    _only(training, {"config", "placement"}, ("spec", "training"), lines)
+    _only(training, {"config", "placement", "distributed"}, ("spec", "training"), lines)
     config = _proto(training.get("config"), training_service_pb2.ExpertTrainingConfig, ("spec", "training", "config"), lines, required=True)
     if not config.base_model.source:
         raise lines.error(("spec", "training", "config", "baseModel"), "baseModel.source is required (a hub id, a path, an s3:// prefix or tiny://sd)")
     placement = _proto(training.get("placement", {}), common_pb2.Placement, ("spec", "training", "placement"), lines)
+    distributed = (_proto(training["distributed"], training_service_pb2.DistributedTraining, ("spec", "training", "distributed"), lines)
+                   if "distributed" in training else None)  # absent: one process, whatever the pod's GPUs
 
     render_section = dict(_mapping(spec.get("render", {}), ("spec", "render"), lines))
     render_shards = render_section.pop("shards", 0)
@@ -217,6 +221,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         evaluation=evaluation,
         render_shards=render_shards,
         render_placement=render_placement,
+        training_distributed=distributed,
         source=source,
         raw=data,
     )

@@ -21,6 +21,15 @@
   ``metrics`` (:data:`METRICS_PORT_NAME`, ``batch_metrics_port``, bound on 0.0.0.0), which the
   chart's PodMonitor scrapes; the service's ``selma_training_*{skill}`` gauges carry the same
   progress from the progress object.
+* A **distributed training** request (``LaunchRequest.nodes`` > 0) is an Indexed Job of one pod
+  per node, all at once, ``backoffLimit`` 0 (a rank cannot be replaced alone), pods in the
+  subdomain of :func:`build_rendezvous_service` — a headless Service named like the Job and owned
+  by it — with torchrun-style ``MASTER_ADDR`` (pod 0's DNS name), ``MASTER_PORT``
+  (``batch_rendezvous_port``), ``WORLD_SIZE``, ``NNODES``, ``NPROC_PER_NODE`` and ``NODE_RANK``
+  (the completion index); the pod's ``selma train`` starts the node's processes
+  (:mod:`selma_training.distributed`).  :meth:`KubernetesLauncher.run` creates the Service beside
+  the Job, deletes it when the Job ends, and runs a failed Job again as a new attempt (new Job and
+  Service names) up to the placement's ``max_retries``: every rank resumes from the last checkpoint.
 * :func:`check_policy` holds every request's placement to the operator's policy
   (``SELMA_BATCH_POLICY_*``, the chart's ``placementPolicy``): allowed priority classes,
   tolerations, node selectors, runtime classes, GPU resource names, affinity, and maxima of GPUs,
@@ -34,6 +43,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,6 +79,8 @@ ANN_KEY = "selma.dev/idempotency-key"
 ANN_CONFIG = "selma.dev/config-uri"
 ANN_EXPERT = "selma.dev/expert-id"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # the Job controller puts it on every pod of the Job
+RENDEZVOUS_PORT_NAME = "rendezvous"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 # The image's user and group (Dockerfile ARG SELMA_UID); the chart's podSecurityContext uses the same.
 TRAINER_UID = 10001
@@ -295,8 +307,8 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         {"name": "SELMA_METRICS_PORT", "value": str(settings.batch_metrics_port)},
         {"name": "SELMA_BATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELMA_BATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        *([{"name": "SELMA_BATCH_COMPLETION_INDEX",
-            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}] if req.completions else []),
+        *([{"name": "SELMA_BATCH_COMPLETION_INDEX", "valueFrom": _completion_index_ref()}] if req.completions or req.nodes else []),
+        *_rendezvous_env(req, name, settings),
         {"name": "HF_HOME", "value": MODEL_CACHE_DIR},
         # The root filesystem is read-only: libraries that cache under $HOME or XDG dirs
         # (torch inductor/triton, matplotlib, fontconfig) write to the /tmp emptyDir instead.
@@ -339,7 +351,8 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         "image": settings.batch_image,
         "imagePullPolicy": settings.batch_image_pull_policy,
         "command": ["selma", *req.args],
-        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.batch_metrics_port, "protocol": "TCP"}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.batch_metrics_port, "protocol": "TCP"},
+                  *([{"name": RENDEZVOUS_PORT_NAME, "containerPort": settings.batch_rendezvous_port, "protocol": "TCP"}] if req.nodes else [])],
         "env": env,
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": [
@@ -378,6 +391,8 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     }
     if settings.batch_service_account:
         pod_spec["serviceAccountName"] = settings.batch_service_account
+    if req.nodes:
+        pod_spec["subdomain"] = name  # pod <job>-<index> is <job>-<index>.<job> through the headless Service
     if p.get("node_selector"):
         pod_spec["nodeSelector"] = dict(p["node_selector"])
     if p.get("tolerations"):
@@ -397,13 +412,20 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         {"completionMode": "Indexed", "completions": req.completions, "parallelism": req.completions, "backoffLimitPerIndex": retries}
         if req.completions else {}
     )
+    backoff = retries * req.completions if req.completions else retries
+    if req.nodes:
+        # Distributed training: one pod per node, all at once. A rank cannot be replaced alone (the others
+        # would wait on it), so any failed pod fails the Job and the launcher starts the whole run again
+        # as a new attempt, which resumes from the last checkpoint (KubernetesLauncher.run).
+        indexed = {"completionMode": "Indexed", "completions": req.nodes, "parallelism": req.nodes}
+        backoff = 0
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": name, "namespace": settings.batch_namespace, "labels": labels, "annotations": annotations},
         "spec": {
             **indexed,
-            "backoffLimit": retries * req.completions if req.completions else retries,
+            "backoffLimit": backoff,
             "activeDeadlineSeconds": deadline,
             "ttlSecondsAfterFinished": settings.batch_ttl_seconds_after_finished,
             "podFailurePolicy": {
@@ -413,6 +435,54 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
                 ]
             },
             "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }
+
+
+def _completion_index_ref() -> dict[str, Any]:
+    """A pod's completion index (Indexed Jobs), for an env ``valueFrom``: a fresh dict each time (manifests are mutable)."""
+    return {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+
+
+def _rendezvous_env(req: LaunchRequest, name: str, settings: BatchSettings) -> list[dict[str, Any]]:
+    """torchrun-style variables of a distributed training pod; the trainer's torchrun agent gives each
+    process RANK = NODE_RANK × NPROC_PER_NODE + LOCAL_RANK from them (selma_training.distributed)."""
+    if not req.nodes:
+        return []
+    return [
+        {"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},  # the first pod, through the headless Service
+        {"name": "MASTER_PORT", "value": str(settings.batch_rendezvous_port)},
+        {"name": "NNODES", "value": str(req.nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(req.processes_per_node)},
+        {"name": "WORLD_SIZE", "value": str(req.nodes * req.processes_per_node)},
+        {"name": "NODE_RANK", "valueFrom": _completion_index_ref()},
+    ]
+
+
+def build_rendezvous_service(req: LaunchRequest, settings: BatchSettings, job_uid: str) -> dict[str, Any]:
+    """The headless Service of a distributed training Job (pure): DNS names ``<job>-<index>.<job>`` for its pods.
+
+    Owned by the Job (``ownerReferences``), so Kubernetes' garbage collector deletes it with the Job;
+    the launcher also deletes it as soon as the Job has ended.  It publishes pods before they are
+    ready: ranks resolve each other while they start.
+    """
+    name = job_name(req.run, req.skill, req.job_id, req.task, req.attempt)
+    labels = {k: v for k, v in job_labels(req, settings).items() if k != KUEUE_LABEL}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": settings.batch_namespace,
+            "labels": labels,
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job_uid}],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_NAME_LABEL: name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": settings.batch_rendezvous_port,
+                       "targetPort": settings.batch_rendezvous_port, "protocol": "TCP"}],
         },
     }
 
@@ -450,6 +520,7 @@ class KubernetesLauncher(Launcher):
         self.namespace = settings.batch_namespace
         self._api_client = api_client
         self._lock = threading.Lock()
+        self._names: dict[str, str] = {}  # job id -> the Job of its current attempt (distributed runs start new ones)
 
     # -- client
 
@@ -478,7 +549,12 @@ class KubernetesLauncher(Launcher):
 
         return client.BatchV1Api(self._client())
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self._client())
+
+    def _call(self, what: str, fn: Any, *args: Any, resource: str = "batch/v1 jobs", **kwargs: Any) -> Any:
         """Run one API call, turning transport and HTTP errors into domain errors."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
@@ -487,20 +563,20 @@ class KubernetesLauncher(Launcher):
             return fn(*args, **kwargs)
         except ApiException as e:
             metrics.KUBE_API_ERRORS.labels(what, str(e.status or 0)).inc()
-            raise self._map(e, what) from None
+            raise self._map(e, what, resource) from None
         except (HTTPError, OSError) as e:
             metrics.KUBE_API_ERRORS.labels(what, "unreachable").inc()
             host = getattr(getattr(self._api_client, "configuration", None), "host", "?")
             raise Unavailable(f"Kubernetes API at {host} is unreachable ({type(e).__name__}); check the cluster and the service's network policy") from None
 
-    def _map(self, e: Any, what: str) -> SelmaError:
+    def _map(self, e: Any, what: str, resource: str = "batch/v1 jobs") -> SelmaError:
         msg = _status_message(e)
         if e.status in (401, 403):
             sa = self.settings.batch_service_account or "the service's"
             return PermissionDenied(
-                f"Kubernetes refused to {what} batch/v1 jobs in namespace {self.namespace!r} ({msg}); grant the selma-training "
-                f"ServiceAccount a Role with get, list, watch, create and delete on jobs.batch there (the Helm chart's rbac.create), "
-                f"and let trainer pods run as {sa} service account"
+                f"Kubernetes refused to {what} {resource} in namespace {self.namespace!r} ({msg}); grant the selma-training "
+                f"ServiceAccount a Role with get, list, watch, create and delete on jobs.batch and create and delete on services "
+                f"there (the Helm chart's rbac.create), and let trainer pods run as {sa} service account"
             )
         if e.status == 404:
             return FailedPrecondition(f"Kubernetes: {msg} (does namespace {self.namespace!r} exist?)")
@@ -568,10 +644,54 @@ class KubernetesLauncher(Launcher):
         return json.loads(resp.data)
 
     def run(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        if not req.nodes:
+            return self._follow(req, monitor)
+        # distributed training: a failed pod fails its Job (backoffLimit 0); the whole run starts again as a
+        # new attempt, every rank resuming from the last checkpoint, up to the placement's max_retries
+        retries = int(req.placement["max_retries"]) if req.placement.get("max_retries") is not None else self.settings.batch_backoff_limit
+        attempt = req.attempt
+        while True:
+            outcome = self._follow(dataclasses.replace(req, attempt=attempt), monitor)
+            if outcome.state != "failed" or outcome.reason != "BackoffLimitExceeded" or attempt - req.attempt >= retries:
+                return outcome
+            attempt += 1
+            log.warning("distributed training %s failed (%s); starting attempt %d from the last checkpoint", req.job_id, outcome.message, attempt)
+
+    def _follow(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
+        job, created = self.create_or_adopt(req)
+        name = job["metadata"]["name"]
+        with self._lock:
+            self._names[req.job_id] = name
+        if req.nodes:
+            self._create_service(req, job)
+        try:
+            outcome = self._watch(req, job, monitor)
+        finally:
+            with self._lock:
+                self._names.pop(req.job_id, None)
+        if req.nodes and outcome.state != "interrupted":  # the Job has ended: no more rendezvous
+            self._delete_service(name)
+        return outcome
+
+    def _create_service(self, req: LaunchRequest, job: dict[str, Any]) -> None:
+        body = build_rendezvous_service(req, self.settings, job["metadata"].get("uid", ""))
+        try:
+            self._call("create", self._core().create_namespaced_service, self.namespace, body, resource="services", _preload_content=False)
+        except AlreadyExists:
+            pass  # an adopted Job's Service, created by the launch that created the Job
+
+    def _delete_service(self, name: str) -> None:
+        try:
+            self._call("delete", self._core().delete_namespaced_service, name, self.namespace, resource="services", _preload_content=False)
+        except FailedPrecondition:
+            pass  # already gone (404), e.g. collected with its Job
+        except SelmaError as e:  # the owner reference collects it with the Job anyway
+            log.warning("could not delete rendezvous Service %s: %s", name, e)
+
+    def _watch(self, req: LaunchRequest, job: dict[str, Any], monitor: Monitor) -> Outcome:
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
-        job, created = self.create_or_adopt(req)
         name = job["metadata"]["name"]
         details = {"kubernetes.namespace": self.namespace, "kubernetes.job": name, "launcher": "kubernetes"}
         while True:
@@ -657,7 +777,9 @@ class KubernetesLauncher(Launcher):
             pass  # already gone
 
     def cancel(self, req: LaunchRequest) -> None:
-        self.cancel_by_name(job_name(req.run, req.skill, req.job_id, req.task, req.attempt))
+        with self._lock:
+            name = self._names.get(req.job_id)
+        self.cancel_by_name(name or job_name(req.run, req.skill, req.job_id, req.task, req.attempt))
 
 
 def _status_message(e: Any) -> str:

@@ -68,6 +68,10 @@ class LaunchRequest:
     completions: int = 0
     # The shard a local worker runs (``--shard N``); None = the whole task, or the completion index.
     shard: int | None = None
+    # > 0: distributed training over this many nodes (a Kubernetes Indexed Job of one pod per node with a
+    # headless Service for rendezvous); the worker itself starts processes_per_node processes per node.
+    nodes: int = 0
+    processes_per_node: int = 0
     # The service's attempt of the job: a new attempt (a client re-started a failed job) gets a new Job name.
     attempt: int = 0
     # The launching service's settings: its own (WORKER_SETTING_PREFIXES) settings travel to the worker.

@@ -63,6 +63,7 @@ class BatchSettings(SelmaSettings):
     batch_shm_size: str = Field("8Gi", description="Default size of the memory-backed /dev/shm.")
     batch_metrics_port: int = Field(9400, ge=1, le=65535, description="Prometheus /metrics port of worker pods (container port `metrics`; the PodMonitor scrapes it).")
     batch_watch_timeout_seconds: int = Field(30, ge=1, description="Server-side timeout of one Job watch; progress is re-read at least this often.")
+    batch_rendezvous_port: int = Field(29500, ge=1, le=65535, description="Port of the distributed-training rendezvous (MASTER_PORT) on a multi-node Job's first pod.")
     batch_api_retries: int = Field(3, ge=0, le=10, description="Retries of a Kubernetes API call on connection errors.")
     # --- placement policy (operator-owned; the chart's placementPolicy): what a request's placement may ask of a Kubernetes Job.
     # A request outside it is refused before any Job is created (selma.batch.kube.check_policy).
@@ -85,6 +86,7 @@ class BatchSettings(SelmaSettings):
         default_factory=lambda: ["nvidia.com/gpu"], description="Extended resource names a request may ask GPUs as (JSON list)."
     )
     batch_policy_max_gpus: int = Field(1, ge=0, le=64, description="Most GPUs one worker pod may ask for.")
+    batch_policy_max_nodes: int = Field(1, ge=1, le=64, description="Most nodes (pods of one Indexed Job) a distributed training job may span.")
     batch_policy_max_cpu: str = Field("16", description="Largest CPU request or limit of a worker pod (Kubernetes quantity).")
     batch_policy_max_memory: str = Field("64Gi", description="Largest memory request, limit or /dev/shm size of a worker pod (Kubernetes quantity).")
     batch_policy_max_active_deadline_seconds: int = Field(7 * 24 * 3600, ge=60, description="Longest active_deadline a request may set.")
