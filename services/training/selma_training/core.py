@@ -100,10 +100,10 @@ def _ts(value: str | None) -> str | None:
 def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
     """ExpertTrainingStats (proto-JSON dict) from the trainer's progress document."""
     stats: dict[str, Any] = {}
-    for k in ("step", "max_steps", "epoch", "resumed_from_step", "peak_memory_bytes"):
+    for k in ("step", "max_steps", "epoch", "resumed_from_step", "peak_memory_bytes", "train_images", "validation_images", "best_step"):
         if doc.get(k) is not None:
             stats[k] = int(doc[k])
-    for k in ("loss", "loss_ema", "learning_rate", "steps_per_second"):
+    for k in ("loss", "loss_ema", "learning_rate", "steps_per_second", "validation_loss", "best_validation_loss"):
         v = doc.get(k)
         if isinstance(v, (int, float)) and v == v:
             stats[k] = float(v)
@@ -112,6 +112,10 @@ def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
                                 for c in doc["checkpoints"]]
     if "loss_history" in doc:
         stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in doc["loss_history"]]
+    if doc.get("validation_history"):
+        stats["validation_history"] = [{"step": int(s), "loss": float(l)} for s, l in doc["validation_history"]]
+    if doc.get("stopped_early"):
+        stats["stopped_early"] = True
     if doc.get("latent_cache"):
         c = doc["latent_cache"]
         stats["latent_cache"] = {"id": c["id"], "kind": "ARTIFACT_KIND_LATENT_CACHE", "uri": c.get("uri", ""), "sha256": c.get("sha256", "")}
@@ -141,11 +145,13 @@ class _JobMonitor(ContextMonitor):
                     metrics.CHECKPOINT_FALLBACKS.inc()
                 self.ctx.warn(w)
         skill = self.job.skill
-        step, total = int(doc.get("step", 0) or 0), self.job.config.max_steps
+        step, total = int(doc.get("step", 0) or 0), int(doc.get("max_steps") or self.job.config.max_steps)
         metrics.TRAINING_STEP.labels(skill).set(step)
         metrics.TRAINING_MAX_STEPS.labels(skill).set(total)
         if "loss" in stats:
             metrics.TRAINING_LOSS.labels(skill).set(stats["loss"])
+        if "validation_loss" in stats:
+            metrics.TRAINING_VALIDATION_LOSS.labels(skill).set(stats["validation_loss"])
         if stats.get("steps_per_second"):
             metrics.TRAINING_STEPS_PER_SECOND.labels(skill).set(stats["steps_per_second"])
             metrics.TRAINING_ETA.labels(skill).set((total - step) / stats["steps_per_second"])
@@ -342,10 +348,20 @@ class TrainingCore:
         doc = read_progress(self.storage, job.progress_key) or {}
         stats = stats_from_progress(doc)
         p = manifest.parameters
-        stats["step"] = int(p.get("steps", job.config.max_steps))
+        stats["step"] = int(p.get("trained_steps", p.get("steps", job.config.max_steps)))
         if p.get("final_loss") is not None:
             stats["loss"] = float(p["final_loss"])
         stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in p.get("loss_history", [])]
-        ctx.progress(stats["step"], job.config.max_steps, unit="steps", stats=stats)
+        if p.get("validation_history"):
+            stats["validation_history"] = [{"step": int(s), "loss": float(l)} for s, l in p["validation_history"]]
+            stats["best_validation_loss"] = float(p["best_validation_loss"])
+            stats["best_step"] = int(p["best_step"])
+            stats["stopped_early"] = bool(p.get("stopped_early"))
+        for k in ("train_images", "validation_images"):
+            if p.get(k) is not None:
+                stats[k] = int(p[k])
+        total = int(stats.get("max_steps") or job.config.max_steps)
+        ctx.progress(stats["step"], total, unit="steps", stats=stats)
+        best = f"; stopped early, exported the best (step {stats['best_step']}, validation loss {stats['best_validation_loss']:.4f})" if stats.get("stopped_early") else ""
         return JobResult(output=output_ref(manifest), stats=stats,
-                         message=f"trained {stats['step']} steps; final loss {stats.get('loss', float('nan')):.4f}; expert {manifest.id}")
+                         message=f"trained {stats['step']} steps; final loss {stats.get('loss', float('nan')):.4f}{best}; expert {manifest.id}")

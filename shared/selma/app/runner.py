@@ -335,7 +335,7 @@ class RunDriver:
                                                            shards=ss.render_shards, placement=ss.render_placement)
         job = self.drive("render", skill.name, render_spec)
         dataset = job.status.output
-        train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config, placement=ss.placement)
+        train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config_for(skill.name), placement=ss.placement)
         job = self.drive("training", skill.name, train_spec)
         return job.status.output.id
 
