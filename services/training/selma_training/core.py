@@ -68,7 +68,7 @@ from selma_training.config import (
     preset_config,
     to_proto_dict,
 )
-from selma_training.data import load_dataset
+from selma_training.data import load_dataset, split_validation
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
 
@@ -190,7 +190,8 @@ class TrainingCore:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")
         config, _info = from_proto_dict(spec.get("config") or {}, default_model=self.settings.training_default_model)
         check_limits(config, self.settings)
-        dataset, _examples = load_dataset(self.store, dataset_id)
+        dataset, examples = load_dataset(self.store, dataset_id)
+        split_validation(len(examples), config.validation_fraction, config.seed)  # too small to hold out a split: refused now, not in the Job
         want = (spec.get("dataset") or {}).get("sha256", "")
         if want and want != dataset.digest:
             raise FailedPrecondition(f"dataset {dataset_id} has sha256 {dataset.digest}, not the {want} the request pins; it changed or the reference is stale",
