@@ -1,7 +1,7 @@
 """Evaluation with several prompts per ServingService.Generate call vs one prompt per call.
 
 A real ServingService on 127.0.0.1 (tiny SD, CPU, its defaults: no batching across requests,
-serving_request_batch_size 8 for a multi-prompt request) and the evaluation worker's own runner
+serving_request_batch_size 8 for a multi-prompt request with batch_prompts) and the evaluation worker's own runner
 (EvaluationRunner: Generate RPCs, PNG storage, tiny VQA answers, scoring, the report) in this
 process.  Sides: ``eval_prompts_per_call`` 1 (how evaluation rendered before) and --per-call
 (default 8); each run is a fresh job (nothing resumed), base model plus one expert mix.  The

@@ -63,7 +63,7 @@ def request(**kw) -> GenerationRequest:
 
 
 def test_a_multi_prompt_request_runs_batched_and_each_prompt_matches_its_solo_render(env, calls):
-    batched = list(env.engine.generate(request(prompt_seeds=SEEDS, images_per_prompt=2)))
+    batched = list(env.engine.generate(request(prompt_seeds=SEEDS, images_per_prompt=2, batch_prompts=True)))
     assert calls == [4, 2]  # 6 images in calls of serving_request_batch_size 4, though cross-request batching is off
     assert [(im.prompt_index, im.image_index, im.seed) for im in batched] == [(p, i, SEEDS[p] + i) for p in range(3) for i in range(2)]
     calls.clear()
@@ -76,9 +76,15 @@ def test_a_multi_prompt_request_runs_batched_and_each_prompt_matches_its_solo_re
     assert calls == [1] * 6  # single-prompt requests: one image per call (serving_max_batch_size 1)
 
 
-def test_a_single_prompt_request_stays_unbatched_so_a_printed_seed_reproduces_it(env, calls):
-    images = list(env.engine.generate(request(prompts=[PROMPTS[0]], seed=99, images_per_prompt=3)))
-    assert calls == [1, 1, 1]
+def test_without_batch_prompts_or_with_one_prompt_nothing_is_batched_so_seeds_reproduce_exactly(env, calls):
+    unbatched = list(env.engine.generate(request(prompt_seeds=SEEDS)))
+    assert calls == [1, 1, 1]  # batch_prompts not asked for: one image per call, as a dataset render at batch size 1
+    calls.clear()
+    for p, prompt in enumerate(PROMPTS):
+        assert next(env.engine.generate(request(prompts=[prompt], seed=SEEDS[p]))).png == unbatched[p].png  # byte-identical
+    calls.clear()
+    images = list(env.engine.generate(request(prompts=[PROMPTS[0]], seed=99, images_per_prompt=3, batch_prompts=True)))
+    assert calls == [1, 1, 1]  # one prompt: batch_prompts has no effect
     again = list(env.engine.generate(request(prompts=[PROMPTS[0]], seed=images[2].seed, seed_policy="fixed")))
     assert again[0].png == images[2].png  # byte-identical
 

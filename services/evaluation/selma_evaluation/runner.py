@@ -329,6 +329,7 @@ class ServingRenderer:
             req.seed = seeds[0]  # one prompt: the plain request, byte-identical to what it always was
         else:
             req.prompt_seeds.extend(seeds)
+            req.batch_prompts = True
         if diffusion:
             req.diffusion.CopyFrom(dict_to_message(diffusion, common_pb2.DiffusionSettings))
         if target.model_name:

@@ -14,11 +14,12 @@ steps, scheduler, guidance, negative prompt or none) run as one batched pipeline
 ``serving_max_batch_size`` images, each with its own generator (its own seed) and prompts
 (:class:`_Batch`).  A batched image equals the solo one within a pixel or two of rounding
 (tests/unit/test_serving_batching.py states the tolerance); with batching off (size 1) it is
-byte-identical.  A request with several prompts runs its own images in calls of up to
-``serving_request_batch_size`` even where batching across requests is off (CPU): a caller that
-asks for many prompts at once (evaluation) wants throughput, and each prompt can carry its own
-seed (``prompt_seeds``).  A single-prompt request is never batched beyond
-``serving_max_batch_size``, so a printed seed re-renders byte-identically there.
+byte-identical.  A request with several prompts and ``batch_prompts`` runs its own images in calls
+of up to ``serving_request_batch_size`` even where batching across requests is off (CPU): a
+caller that asks for many prompts at once for throughput (evaluation) opts in, and each prompt can
+carry its own seed (``prompt_seeds``).  Without it, and for any single-prompt request, nothing is
+batched beyond ``serving_max_batch_size``, so a printed seed (or a dataset image rendered at batch
+size 1) re-renders byte-identically on CPU.
 
 Admission (:class:`Admission`): at most ``serving_max_concurrent`` batches hold a generation
 slot and at most ``serving_max_queue`` requests wait; beyond that a request is refused
@@ -375,6 +376,7 @@ class GenerationRequest:
     model_name: str = ""
     merge: MergeParams | None = None
     prompt_seeds: list[int] = field(default_factory=list)  # one base seed per prompt (then ``seed`` is unused)
+    batch_prompts: bool = False  # several prompts: batched calls of up to serving_request_batch_size images
 
 
 @dataclass(frozen=True)
@@ -494,7 +496,8 @@ class _Batch:
         self.served: ServedInfo | None = None
         self.closed = key is None or policy.max_size <= 1
         # images per pipeline call: a multi-prompt leader's own rows may fill a larger call
-        self.call_size = max(policy.max_size, policy.request_size) if len(leader.req.prompts) > 1 else policy.max_size
+        self.call_size = (max(policy.max_size, policy.request_size) if leader.req.batch_prompts and len(leader.req.prompts) > 1
+                          else policy.max_size)
 
     # called by Admission.enqueue under its lock
     def admit(self, t: Ticket) -> bool:
