@@ -124,6 +124,11 @@ def test_an_expert_trains_on_two_processes_through_the_service(service, settings
         # the tiny preset accumulates 1 micro-batch per step: it cannot be split over 3 processes
         (lambda s: setattr(s.distributed, "processes_per_node", 3), grpc.StatusCode.INVALID_ARGUMENT, "config.gradient_accumulation_steps"),
         (lambda s: setattr(s.distributed, "processes_per_node", 1000), grpc.StatusCode.INVALID_ARGUMENT, "spec.distributed"),
+        (lambda s: setattr(s.config, "epochs", -2.0), grpc.StatusCode.INVALID_ARGUMENT, "config.epochs"),
+        (lambda s: s.config.early_stopping.CopyFrom(pb.EarlyStopping(validation_fraction=0.9)), grpc.StatusCode.INVALID_ARGUMENT,
+         "config.early_stopping.validation_fraction"),
+        (lambda s: s.config.early_stopping.CopyFrom(pb.EarlyStopping(validation_fraction=0.2, patience=-1)), grpc.StatusCode.INVALID_ARGUMENT,
+         "config.early_stopping.patience"),
     ],
 )
 def test_bad_requests_fail_before_anything_is_launched(service, dataset, mutate, code, field):
@@ -181,3 +186,31 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(service,
     # the relaunch is a new execution: JobStatus.attempt counts it, and a warning says why
     assert job.status.attempt == 2, job.status
     assert [w for w in job.status.warnings if w.startswith("worker relaunched (attempt 2): trainer exited with -9")], job.status.warnings
+
+
+def test_epochs_and_early_stopping_report_train_and_validation_loss_in_the_job_status(service, settings, dataset):
+    server, channel, stub = service()
+    # 6 images, a fifth held out (1): 5 training images × 4 epochs / batch 2 = 10 steps, validated every 2
+    s = spec(dataset.id, max_steps=100, batch_size=2, epochs=4.0,
+             early_stopping=pb.EarlyStopping(validation_fraction=0.2, validate_every=2, patience=100))
+    first = stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="run-1/recipe", spec=s))
+    job = watch_until(stub, first.job.status.job_id, lambda j: j.status.phase in TERMINAL)
+    assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+    st = job.stats
+    assert (st.train_images, st.validation_images, st.max_steps, st.step) == (5, 1, 10, 10)
+    assert [p.step for p in st.validation_history] == [2, 4, 6, 8, 10] and all(p.loss > 0 for p in st.validation_history)
+    assert st.best_validation_loss == min(p.loss for p in st.validation_history) and not st.stopped_early
+    assert st.best_step in {p.step for p in st.validation_history}
+    assert st.resolved_config.epochs == 4.0 and st.resolved_config.early_stopping.validation_fraction == pytest.approx(0.2)
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'selma_training_validation_loss{skill="shapes"}' in metrics
+
+
+def test_a_dataset_too_small_to_hold_out_a_validation_split_is_refused_at_start(service, settings):
+    server, channel, stub = service()
+    one = publish_shapes_dataset(ArtifactStore(open_storage(settings)), 1)
+    s = spec(one.id, early_stopping=pb.EarlyStopping(validation_fraction=0.5))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartExpertTraining(pb.StartExpertTrainingRequest(idempotency_key="k-small", spec=s))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "config.early_stopping.validation_fraction" in e.value.details()
+    assert not stub.ListExpertTrainings(pb.ListExpertTrainingsRequest()).jobs

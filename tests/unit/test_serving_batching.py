@@ -318,6 +318,8 @@ def test_high_priority_needs_the_admin_scope_and_clients_are_tokens_or_hosts():
 def test_batching_defaults_per_device_and_settings_override_them():
     from selma_serving.engine import batch_policy
 
-    assert batch_policy(ServingSettings(), "cuda") == BatchPolicy(8, 0.005)
-    assert batch_policy(ServingSettings(), "cpu") == BatchPolicy(1, 0.0)  # solo calls: byte-identical re-renders
-    assert batch_policy(ServingSettings(serving_max_batch_size=16, serving_batch_wait_ms=50), "cpu") == BatchPolicy(16, 0.05)
+    assert batch_policy(ServingSettings(), "cuda") == BatchPolicy(8, 0.005, 8)
+    # solo calls across requests (byte-identical re-renders); a multi-prompt request's own images batched by 8
+    assert batch_policy(ServingSettings(), "cpu") == BatchPolicy(1, 0.0, 8)
+    assert batch_policy(ServingSettings(serving_request_batch_size=1), "cpu") == BatchPolicy(1, 0.0, 1)
+    assert batch_policy(ServingSettings(serving_max_batch_size=16, serving_batch_wait_ms=50), "cpu") == BatchPolicy(16, 0.05, 16)

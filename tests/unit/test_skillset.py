@@ -130,3 +130,22 @@ def test_training_distributed_is_checked_like_any_proto_section():
     with pytest.raises(SkillSetError) as e:
         parse_skillset(bad)
     assert "spec.training.distributed" in str(e.value)
+
+
+def test_per_skill_training_fields_lay_over_the_shared_config():
+    text = GOOD.replace("    placement: {launcher: kubernetes, gpus: 1}\n  merge",
+                        "    placement: {launcher: kubernetes, gpus: 1}\n"
+                        "    skills:\n"
+                        "      counting: {lora: {rank: 16, alpha: 8, targetModules: [to_k, to_v]}, learningRate: 0.002, epochs: 3}\n"
+                        "  merge")
+    assert text != GOOD
+    ss = parse_skillset(text)
+    counting, shapes = ss.training_config_for("counting"), ss.training_config_for("shapes")
+    assert (counting.lora.rank, counting.lora.alpha, list(counting.lora.target_modules)) == (16, 8.0, ["to_k", "to_v"])
+    assert (counting.learning_rate, counting.epochs, counting.max_steps, counting.base_model.source) == (0.002, 3.0, 5, "tiny://sd")
+    assert (shapes.lora.rank, list(shapes.lora.target_modules), shapes.learning_rate) == (4, [], 0.0)  # the shared config
+    assert ss.training_config.lora.rank == 4  # laying over copies: the shared config is unchanged
+    with pytest.raises(SkillSetError, match="spec.training.skills.painting"):
+        parse_skillset(text.replace("      counting: {lora", "      painting: {lora"))
+    with pytest.raises(SkillSetError, match="spec.training.skills.counting.learningRat"):
+        parse_skillset(text.replace("learningRate", "learningRat"))

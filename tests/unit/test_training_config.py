@@ -6,15 +6,18 @@ import json
 
 import pytest
 
-from selma.errors import InvalidArgument
+from selma.errors import FailedPrecondition, InvalidArgument
 from selma_training.config import (
     PRESETS_NAMES,
     from_proto_dict,
     load_config_file,
     parse_config,
+    planned_steps,
     preset_config,
     to_proto_dict,
+    validation_every,
 )
+from selma_training.data import split_validation
 
 
 def test_presets_match_the_paper():
@@ -70,6 +73,15 @@ def test_preset_chosen_from_the_model_family(tiny_models):
         ({"adam_beta1": 1.0}, "config.adam_beta1"),
         ({"max_grad_norm": 0.0}, "config.max_grad_norm"),
         ({"lora": {"dropout": 1.0}}, "config.lora.dropout"),
+        ({"epochs": -1.0}, "config.epochs"),
+        ({"epochs": "many"}, "config.epochs"),
+        ({"early_stopping": {"validation_fraction": 0.6}}, "config.early_stopping.validation_fraction"),
+        ({"early_stopping": {"validation_fraction": -0.1}}, "config.early_stopping.validation_fraction"),
+        ({"early_stopping": {"validation_fraction": 0.2, "patience": -2}}, "config.early_stopping.patience"),
+        ({"early_stopping": {"validation_fraction": 0.2, "validate_every": -5}}, "config.early_stopping.validate_every"),
+        ({"early_stopping": {"validation_fraction": 0.2, "min_delta": -1.0}}, "config.early_stopping.min_delta"),
+        ({"early_stopping": {"validation_fraction": 0.2, "timesteps": 100}}, "config.early_stopping.timesteps"),
+        ({"early_stopping": "on"}, "config.early_stopping"),
     ],
 )
 def test_bad_values_raise_invalid_argument_naming_the_field(override, field):
@@ -95,3 +107,46 @@ def test_config_file_yaml_and_json():
 def test_every_preset_is_valid():
     for name in PRESETS_NAMES:
         parse_config(preset_config(name))
+
+
+def test_epochs_set_the_steps_from_the_training_images_within_the_cap():
+    base = {"base_model": {"source": "runwayml/stable-diffusion-v1-5"}, "batch_size": 4, "gradient_accumulation_steps": 2,
+            "max_steps": 100}
+    fixed, _ = from_proto_dict(base)
+    assert fixed.epochs == 0 and planned_steps(fixed, 40) == 100 and planned_steps(fixed, 4000) == 100  # the fixed count
+    cfg, _ = from_proto_dict({**base, "epochs": 3})
+    assert planned_steps(cfg, 40) == 15  # 3 × 40 / (4 × 2)
+    assert planned_steps(cfg, 41) == 16  # ceil(123 / 8)
+    assert planned_steps(cfg, 1) == 1
+    assert planned_steps(cfg, 4000) == 100  # capped by max_steps
+    tenth, _ = from_proto_dict({**base, "batch_size": 1, "gradient_accumulation_steps": 1, "epochs": 0.1})
+    assert planned_steps(tenth, 30) == 3  # 0.1 × 30 is 3, not 4 through float error
+    again, _ = from_proto_dict(to_proto_dict(cfg))
+    assert again == cfg
+
+
+def test_early_stopping_fields_resolve_and_round_trip():
+    d = {"base_model": {"source": "runwayml/stable-diffusion-v1-5"}, "checkpoint_every": 50,
+         "early_stopping": {"validation_fraction": 0.25, "patience": 2, "min_delta": 1e-4}}
+    cfg, _ = from_proto_dict(d)
+    assert cfg.early_stopping and (cfg.validation_fraction, cfg.patience, cfg.min_delta, cfg.validation_timesteps) == (0.25, 2, 1e-4, 4)
+    assert validation_every(cfg) == 50  # 0 = every checkpoint
+    cfg2, _ = from_proto_dict({**d, "early_stopping": {**d["early_stopping"], "validate_every": 7, "timesteps": 8}})
+    assert validation_every(cfg2) == 7 and cfg2.validation_timesteps == 8
+    assert from_proto_dict(to_proto_dict(cfg2))[0] == cfg2
+    off, _ = from_proto_dict({"base_model": {"source": "runwayml/stable-diffusion-v1-5"}})
+    assert not off.early_stopping
+    yaml_cfg = load_config_file("preset: tiny\nbase_model: {source: m}\nepochs: 4\nvalidation_fraction: 0.2\npatience: 1\n")
+    assert (yaml_cfg.epochs, yaml_cfg.validation_fraction, yaml_cfg.patience) == (4.0, 0.2, 1)
+
+
+def test_validation_split_is_a_pure_function_of_the_seed():
+    train, val = split_validation(20, 0.2, seed=42)
+    assert len(val) == 4 and len(train) == 16 and sorted(train + val) == list(range(20))
+    assert split_validation(20, 0.2, seed=42) == (train, val)
+    assert split_validation(20, 0.2, seed=43)[1] != val  # another seed, another split
+    assert split_validation(20, 0.0, seed=42) == (list(range(20)), [])
+    assert split_validation(5, 0.01, seed=0)[1].__len__() == 1  # at least one held out
+    with pytest.raises(FailedPrecondition) as e:
+        split_validation(1, 0.5, seed=0)
+    assert e.value.field == "config.early_stopping.validation_fraction"

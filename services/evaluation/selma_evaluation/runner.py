@@ -313,14 +313,22 @@ class ServingRenderer:
                     continue
                 raise _domain_error(code, f"ServingService {what} failed: {detail}") from None
 
-    def render(self, target: Target, prompt: str, seed: int, images: int, diffusion: dict[str, Any],
-               should_stop: Callable[[], bool]) -> list[tuple[bytes, int]]:
-        """``images`` PNGs of ``prompt`` with seeds ``seed``, ``seed + 1``, ...; [(png, seed)]."""
+    def render_many(self, target: Target, prompts: Sequence[str], seeds: Sequence[int], images: int, diffusion: dict[str, Any],
+                    should_stop: Callable[[], bool]) -> list[list[tuple[bytes, int]]]:
+        """For each prompt, ``images`` PNGs with seeds ``seed``, ``seed + 1``, ... of its own seed, in one
+        Generate call (serving runs a multi-prompt request as batched pipeline calls); [[(png, seed)]]
+        per prompt.  Each image is the one a single-prompt call with that seed gives (within the
+        serving batch tolerance)."""
         from selma.api import dict_to_message
         from selma.v1 import common_pb2, serving_service_pb2
 
-        req = serving_service_pb2.GenerateRequest(prompts=[prompt], images_per_prompt=images, seed=seed,
+        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), images_per_prompt=images,
                                                   seed_policy=common_pb2.SEED_POLICY_SEQUENTIAL)
+        if len(prompts) == 1:
+            req.seed = seeds[0]  # one prompt: the plain request, byte-identical to what it always was
+        else:
+            req.prompt_seeds.extend(seeds)
+            req.batch_prompts = True
         if diffusion:
             req.diffusion.CopyFrom(dict_to_message(diffusion, common_pb2.DiffusionSettings))
         if target.model_name:
@@ -328,10 +336,20 @@ class ServingRenderer:
         elif target.merge:
             req.experts.CopyFrom(dict_to_message(target.merge, common_pb2.MergeSpec))
 
-        def call() -> list[tuple[bytes, int]]:
-            return [(r.image.png, r.image.seed) for r in self._client.generate_request(req, timeout=self.timeout)]
+        def call() -> list[list[tuple[bytes, int]]]:
+            out: list[list[tuple[bytes, int]]] = [[] for _ in prompts]
+            for r in self._client.generate_request(req, timeout=self.timeout):
+                out[r.image.prompt_index].append((r.image.png, r.image.seed))
+            return out
 
-        return self._call("Generate", call, should_stop)
+        out = self._call("Generate", call, should_stop)
+        for p, (seed, got) in enumerate(zip(seeds, out, strict=True)):
+            want = [seed + i for i in range(images)]
+            if [s for _, s in got] != want:  # e.g. a serving too old to know prompt_seeds
+                raise FailedPrecondition(f"ServingService at {self.endpoint} rendered prompt {p} with seeds {[s for _, s in got]}, "
+                                         f"not {want}; it may predate GenerateRequest.prompt_seeds: upgrade it or set "
+                                         "SELMA_EVAL_PROMPTS_PER_CALL=1")
+        return out
 
     def register_merge(self, model_name: str, merge: dict[str, Any], run: str, key: str, should_stop: Callable[[], bool]) -> str:
         """Merge ``merge`` into a merged_model artifact and register it as ``model_name``; returns the name."""
@@ -508,22 +526,33 @@ class EvaluationRunner:
     # -- render + answer + score one target
 
     def _render_target(self, target: Target, items: Sequence[EvalItem], prefix: str) -> dict[tuple[str, int], str]:
-        """Render what is missing; returns (item id, image index) → storage key of the PNG."""
+        """Render what is missing, ``eval_prompts_per_call`` items per Generate call (each with its
+        own seed, so the images do not depend on how items are grouped); returns (item id, image
+        index) → storage key of the PNG.  Images are stored after each call, so a resumed worker
+        renders only the calls that had not finished."""
         keys: dict[tuple[str, int], str] = {}
         present = {o.key for o in self.storage.list(self._key(prefix, target.slug) + "/")}
+        missing: list[tuple[EvalItem, list[str]]] = []
         for item in items:
-            self._check()
             names = [self._key(prefix, target.slug, f"{slug(item.id)}-{i}.png") for i in range(self.ipp)]
-            if not all(n in present for n in names):
-                seed = item_seed(self.base_seed, item.id)
-                out = self.renderer.render(target, item.prompt, seed, self.ipp, self.diffusion, self.should_stop)
-                if len(out) != self.ipp:
-                    raise FailedPrecondition(f"ServingService returned {len(out)} images for {item.id!r}, expected {self.ipp}")
-                for name, (png, _seed) in zip(names, out, strict=False):
-                    self.storage.put_bytes(name, png, content_type="image/png")
             for i, name in enumerate(names):
                 keys[(item.id, i)] = name
-            self.stats["images_rendered"] += self.ipp
+            if all(n in present for n in names):
+                self.stats["images_rendered"] += self.ipp
+            else:
+                missing.append((item, names))
+        per_call = self.settings.eval_prompts_per_call
+        for start in range(0, len(missing), per_call):
+            self._check()
+            chunk = missing[start:start + per_call]
+            out = self.renderer.render_many(target, [item.prompt for item, _ in chunk], [item_seed(self.base_seed, item.id) for item, _ in chunk],
+                                            self.ipp, self.diffusion, self.should_stop)
+            for (item, names), images in zip(chunk, out, strict=True):
+                if len(images) != self.ipp:
+                    raise FailedPrecondition(f"ServingService returned {len(images)} images for {item.id!r}, expected {self.ipp}")
+                for name, (png, _seed) in zip(names, images, strict=True):
+                    self.storage.put_bytes(name, png, content_type="image/png")
+            self.stats["images_rendered"] += self.ipp * len(chunk)
             self._report_progress(f"rendering {target.label}")
         return keys
 

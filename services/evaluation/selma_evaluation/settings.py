@@ -72,6 +72,10 @@ class EvaluationSettings(BatchSettings, LlmSettings):
         100.0, gt=0, description="Largest |weight| of an expert in an experts target (keep it at the serving service's SELMA_SERVING_MAX_MERGE_WEIGHT)."
     )
     eval_max_trials: int = Field(64, ge=1, le=10_000, description="Default upper bound on merge-search trials.")
+    eval_prompts_per_call: int = Field(
+        8, ge=1, le=64, description="Prompts rendered per ServingService.Generate call (one batched request, each prompt with its own seed); "
+        "at most the serving's SELMA_SERVING_MAX_PROMPTS. 1 = one prompt per call."
+    )
     eval_default_steps: int = Field(0, ge=0, description="Denoising steps for evaluation renders; 0 = the serving model's default.")
 
     def api_key(self, name: str = "", key: str = "", *, field: str = "spec.vqa.openai_compatible.api_key") -> SecretStr | None:

@@ -12,8 +12,11 @@ Reproducibility: every image gets its own CPU ``torch.Generator`` seeded with it
 ancestral sampler adds — does not depend on the other images in the batch or on the device.
 Batched kernels may still round differently for different batch sizes, so bit-identical
 re-renders need the same batch composition; the dataset job plans batches deterministically
-(see :mod:`selma_render.dataset`).  Calls on one device are serialised by a lock so that a
-preview waits for the current batch instead of competing for device memory.
+(see :mod:`selma_render.dataset`).  At most ``render_device_concurrency`` calls run on one device
+at once (default 1: a preview waits for the current batch instead of competing for accelerator
+memory).  On CPU, where a call runs on ``OMP_NUM_THREADS`` threads (1 under ``selma up``), more
+lets datasets rendering concurrently (``render_max_concurrent_jobs``) use more cores; concurrent
+calls get private tokenizer copies (:class:`selma.pipelines.TokenizerPool`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from selma.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SelmaError
-from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, import_libraries, make_scheduler
+from selma.pipelines import SCHEDULERS, ModelSpec, PipelineCache, TokenizerPool, import_libraries, make_scheduler
 from selma_render.metrics import MODEL_LOAD_SECONDS
 from selma_render.settings import RenderSettings
 from selma_render.spec import RenderConfig
@@ -56,7 +59,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float  # 0 when it came from the cache
-    lock: threading.Lock  # serialises pipeline calls on this device
+    lock: threading.BoundedSemaphore  # bounds the pipeline calls running on this device at once
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,21 @@ class Renderer:
         self.settings = settings
         self.cache = cache or PipelineCache(settings, max_models=settings.render_max_models)
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.BoundedSemaphore] = {}
+        self._tokenizers: weakref.WeakKeyDictionary[Any, TokenizerPool] = weakref.WeakKeyDictionary()
         self._guard = threading.Lock()
 
-    def _device_lock(self, device: torch.device) -> threading.Lock:
+    def _device_lock(self, device: torch.device) -> threading.BoundedSemaphore:
         with self._guard:
-            return self._locks.setdefault(str(device), threading.Lock())
+            if str(device) not in self._locks:
+                self._locks[str(device)] = threading.BoundedSemaphore(self.settings.render_device_concurrency)
+            return self._locks[str(device)]
+
+    def _tokenizer_pool(self, pipe: Any) -> TokenizerPool:
+        with self._guard:
+            if pipe not in self._tokenizers:
+                self._tokenizers[pipe] = TokenizerPool(pipe.components)
+            return self._tokenizers[pipe]
 
     def load(self, cfg: RenderConfig, *, field: str = "settings.model.source") -> LoadedModel:
         """The pipeline for ``cfg.model`` on ``cfg.device``/``cfg.precision``, loading it on a cache miss.
@@ -225,10 +237,11 @@ class Renderer:
         )
 
     @staticmethod
-    def pipeline_view(pipe: DiffusionPipeline, scheduler_key: str) -> DiffusionPipeline:
-        """The same pipeline class over the cached modules with a fresh scheduler (weights shared)."""
+    def pipeline_view(pipe: DiffusionPipeline, scheduler_key: str, tokenizers: dict[str, Any] | None = None) -> DiffusionPipeline:
+        """The same pipeline class over the cached modules with a fresh scheduler (weights shared) and,
+        for concurrent calls, ``tokenizers`` no other call holds."""
         params = inspect.signature(type(pipe).__init__).parameters
-        kwargs: dict[str, Any] = {k: v for k, v in pipe.components.items() if k in params}
+        kwargs: dict[str, Any] = {k: v for k, v in {**pipe.components, **(tokenizers or {})}.items() if k in params}
         for name in params:  # non-module constructor options recorded in the config (e.g. force_zeros_for_empty_prompt)
             if name not in kwargs and name != "self" and name in pipe.config and not isinstance(pipe.config[name], list | tuple):
                 kwargs[name] = pipe.config[name]
@@ -263,9 +276,8 @@ class Renderer:
             kwargs["guidance_scale"] = r.guidance_scale
         if r.negative_prompt:
             kwargs["negative_prompt"] = [r.negative_prompt] * len(prompts)
-        view = self.pipeline_view(model.pipe, r.scheduler_key)
-        with model.lock, torch.inference_mode():
-            out = view(**kwargs)
+        with model.lock, self._tokenizer_pool(model.pipe).borrow() as tokenizers, torch.inference_mode():
+            out = self.pipeline_view(model.pipe, r.scheduler_key, tokenizers)(**kwargs)
         images = list(out.images)
         if len(images) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")

@@ -38,6 +38,10 @@ class RenderSettings(BatchSettings):
     render_preview_max_prompts: int = Field(4, ge=1, le=64, description="Most prompts one Preview call may carry.")
     render_preview_max_images: int = Field(8, ge=1, le=256, description="Most images one Preview call may return.")
     render_max_concurrent_jobs: int = Field(1, ge=1, le=64, description="Dataset renders running at once (one per accelerator).")
+    render_device_concurrency: int = Field(
+        1, ge=1, le=64, description="Pipeline calls running at once on one device (concurrent dataset renders and previews). "
+        "1 on an accelerator (memory); on CPU up to cores / OMP_NUM_THREADS, so render_max_concurrent_jobs datasets use more cores."
+    )
     render_max_models: int = Field(2, ge=1, le=16, description="Loaded pipelines kept in memory (LRU).")
     render_watch_interval_seconds: float = Field(1.0, ge=0, description="Default minimum time between Watch updates.")
     render_shards: int = Field(

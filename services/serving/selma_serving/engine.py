@@ -14,7 +14,12 @@ steps, scheduler, guidance, negative prompt or none) run as one batched pipeline
 ``serving_max_batch_size`` images, each with its own generator (its own seed) and prompts
 (:class:`_Batch`).  A batched image equals the solo one within a pixel or two of rounding
 (tests/unit/test_serving_batching.py states the tolerance); with batching off (size 1) it is
-byte-identical.
+byte-identical.  A request with several prompts and ``batch_prompts`` runs its own images in calls
+of up to ``serving_request_batch_size`` even where batching across requests is off (CPU): a
+caller that asks for many prompts at once for throughput (evaluation) opts in, and each prompt can
+carry its own seed (``prompt_seeds``).  Without it, and for any single-prompt request, nothing is
+batched beyond ``serving_max_batch_size``, so a printed seed (or a dataset image rendered at batch
+size 1) re-renders byte-identically on CPU.
 
 Mixed batches (``serving_mixed_batch_min_mixes`` > 0): requests whose mixes are exact weighted
 sums of LoRAs (``mean_delta``, exact rank) share one batch key whatever their mix; a call then
@@ -384,6 +389,8 @@ class GenerationRequest:
     seed_policy: str = "derived"
     model_name: str = ""
     merge: MergeParams | None = None
+    prompt_seeds: list[int] = field(default_factory=list)  # one base seed per prompt (then ``seed`` is unused)
+    batch_prompts: bool = False  # several prompts: batched calls of up to serving_request_batch_size images
 
 
 @dataclass(frozen=True)
@@ -436,6 +443,7 @@ class BatchPolicy:
     max_size: int = 1
     wait_seconds: float = 0.0
     mixed_min_mixes: int = 0
+    request_size: int = 1  # images of one multi-prompt request per call (at least max_size)
 
 
 @dataclass
@@ -447,6 +455,14 @@ class _Row:
     index: int
 
 
+def _row_seed(req: GenerationRequest, prompt_index: int, image_index: int) -> int:
+    """Image ``image_index`` of prompt ``prompt_index``'s seed: with ``prompt_seeds``, as if that
+    prompt were requested alone with its own seed; otherwise from the request's seed."""
+    if req.prompt_seeds:
+        return derive_seed(req.seed_policy, req.prompt_seeds[prompt_index], 0, image_index, req.images_per_prompt)
+    return derive_seed(req.seed_policy, req.seed or 0, prompt_index, image_index, req.images_per_prompt)
+
+
 class _Member:
     """A request inside a batch: its rows still to run, what it has been sent, and how it leaves."""
 
@@ -456,7 +472,7 @@ class _Member:
         self.progress, self.arrived = progress, arrived
         self.total = len(req.prompts) * req.images_per_prompt
         self.rows: deque[_Row] = deque(
-            _Row(p_i, i_i, prompt, derive_seed(req.seed_policy, req.seed or 0, p_i, i_i, req.images_per_prompt), p_i * req.images_per_prompt + i_i)
+            _Row(p_i, i_i, prompt, _row_seed(req, p_i, i_i), p_i * req.images_per_prompt + i_i)
             for p_i, prompt in enumerate(req.prompts)
             for i_i in range(req.images_per_prompt)
         )  # the same seeds as render
@@ -499,6 +515,9 @@ class _Batch:
         self.served: ServedInfo | None = None
         self.closed = key is None or policy.max_size <= 1
         self.mixable = isinstance(key, tuple) and key[0] == MIXABLE  # members may have different mixes
+        # images per pipeline call: a multi-prompt leader's own rows may fill a larger call
+        self.call_size = (max(policy.max_size, policy.request_size) if leader.req.batch_prompts and len(leader.req.prompts) > 1
+                          else policy.max_size)
 
     # called by Admission.enqueue under its lock
     def admit(self, t: Ticket) -> bool:
@@ -566,9 +585,9 @@ class _Batch:
         rows: list[tuple[_Member, _Row]] = []
         with self.adm._cond:  # a member's own thread may drop its rows (cancelled) meanwhile
             live = [m for m in self.members if not m.done and m.rows]
-            while live and len(rows) < self.policy.max_size:
+            while live and len(rows) < self.call_size:
                 for m in list(live):
-                    if len(rows) >= self.policy.max_size:
+                    if len(rows) >= self.call_size:
                         break
                     rows.append((m, m.rows.popleft()))
                     if not m.rows:
@@ -744,7 +763,8 @@ def batch_policy(settings: ServingSettings, device: str) -> BatchPolicy:
     size = settings.serving_max_batch_size or (8 if accel else 1)
     wait_ms = settings.serving_batch_wait_ms if settings.serving_batch_wait_ms is not None else (5.0 if accel else 20.0)
     return BatchPolicy(max_size=size, wait_seconds=wait_ms / 1000 if size > 1 else 0.0,
-                       mixed_min_mixes=settings.serving_mixed_batch_min_mixes if size > 1 else 0)
+                       mixed_min_mixes=settings.serving_mixed_batch_min_mixes if size > 1 else 0,
+                       request_size=max(size, settings.serving_request_batch_size))
 
 
 class Engine:
@@ -907,6 +927,15 @@ class Engine:
             raise InvalidArgument(f"unknown seed policy {req.seed_policy!r}", field="seed_policy")
         if req.seed is not None and not 0 <= req.seed < 2**63:
             raise InvalidArgument(f"seed must be in [0, 2^63); got {req.seed}", field="seed")
+        if req.prompt_seeds:
+            if len(req.prompt_seeds) != len(req.prompts):
+                raise InvalidArgument(f"prompt_seeds must hold one seed per prompt ({len(req.prompts)}); got {len(req.prompt_seeds)}",
+                                      field="prompt_seeds")
+            if req.seed is not None:
+                raise InvalidArgument("give seed or prompt_seeds, not both", field="prompt_seeds")
+            for i, v in enumerate(req.prompt_seeds):
+                if not 0 <= v < 2**63:
+                    raise InvalidArgument(f"prompt_seeds[{i}] must be in [0, 2^63); got {v}", field=f"prompt_seeds[{i}]")
         if req.model_name and req.merge is not None:
             raise InvalidArgument("give model_name or experts, not both", field="model")
         make_scheduler(self._require_pipe(), req.scheduler)  # InvalidArgument for an unknown scheduler
@@ -917,7 +946,7 @@ class Engine:
             guidance_scale=guidance,
             width=size["width"],
             height=size["height"],
-            seed=secrets.randbits(63) if req.seed is None else req.seed,
+            seed=req.prompt_seeds[0] if req.prompt_seeds else secrets.randbits(63) if req.seed is None else req.seed,
         )
 
     def check_prompt_tokens(self, prompt: str, fld: str) -> None:

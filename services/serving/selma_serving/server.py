@@ -133,6 +133,8 @@ class ServingServicer(pb_grpc.ServingServiceServicer):
             seed_policy=enum_name(common_pb2.SeedPolicy, request.seed_policy, field="seed_policy") or "derived",
             model_name=request.model_name if which == "model_name" else "",
             merge=params_from_dict(message_to_dict(request.experts)) if which == "experts" else None,
+            prompt_seeds=list(request.prompt_seeds),
+            batch_prompts=request.batch_prompts,
         )
 
     def _served(self, img: GeneratedImage) -> pb.ServedModel:

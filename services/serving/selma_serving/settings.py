@@ -22,6 +22,10 @@ class ServingSettings(SelmaSettings):
         0, ge=0, description="Most images in one batched pipeline call (requests for the same model and settings share it); "
         "1 = no batching, 0 = the device's default (8 on an accelerator, 1 on CPU: byte-identical re-renders of one seed)."
     )
+    serving_request_batch_size: int = Field(
+        8, ge=1, le=64, description="Most images of one multi-prompt Generate request with batch_prompts in one pipeline call (batched even "
+        "where serving_max_batch_size is 1); 1 = one image per call. Other requests follow serving_max_batch_size."
+    )
     serving_batch_wait_ms: float | None = Field(
         None, ge=0, description="How long a new batch waits for companions before its first call; unset = the device's default (5 ms accelerator, 20 ms CPU)."
     )

@@ -5,7 +5,9 @@ A checkpoint ``<work>/checkpoints/step-00000500/`` holds
 * ``lora.safetensors``   the trainable LoRA parameters by their module-path names (fp32);
 * ``state.safetensors``  optimizer moments and step counters, and the RNG states (torch CPU,
   the trainer's noise generator, CUDA, numpy's MT19937 keys, Python's ``random`` state);
-* ``state.json``         step, data cursor, optimizer param groups, LR-scheduler and grad-scaler
+* ``best.safetensors``   with early stopping, the LoRA parameters at the best validation loss so
+  far (so a resumed run exports the same best adapter as an uninterrupted one);
+* ``state.json``         step, data cursor, early-stopping state, optimizer param groups, LR-scheduler and grad-scaler
   state, loss history, the RNG scalars, and the sha256 of both tensor files.
 
 Each object is written atomically and ``state.json`` is written last: it is the commit point,
@@ -52,6 +54,8 @@ class TrainState:
     rng: dict[str, Any]
     loss_history: list[list[float]] = field(default_factory=list)
     interval_loss: float = 0.0
+    validation: dict[str, Any] = field(default_factory=dict)  # early stopping: best, best step, evaluations without improvement, history
+    best_lora: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -127,6 +131,11 @@ class CheckpointStore:
         state_bytes = st_save({**opt_tensors, **rng_tensors})
         self.storage.put_bytes(d + "lora.safetensors", lora_bytes)
         self.storage.put_bytes(d + "state.safetensors", state_bytes)
+        files = {"lora.safetensors": _digest(lora_bytes), "state.safetensors": _digest(state_bytes)}
+        if state.best_lora is not None:
+            best_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in state.best_lora.items()})
+            self.storage.put_bytes(d + "best.safetensors", best_bytes)
+            files["best.safetensors"] = _digest(best_bytes)
         created = datetime.now(timezone.utc).isoformat()
         doc = {
             "format": 1,
@@ -140,7 +149,8 @@ class CheckpointStore:
             "lr_scheduler": state.lr_scheduler,
             "scaler": state.scaler,
             "rng": rng_scalars,
-            "files": {"lora.safetensors": _digest(lora_bytes), "state.safetensors": _digest(state_bytes)},
+            "validation": state.validation,
+            "files": files,
         }
         self.storage.put_bytes(d + "state.json", json.dumps(doc, default=_json_default).encode(), content_type="application/json")
         return CheckpointInfo(step=state.step, uri=self.storage.uri_for(d.rstrip("/")), created_at=created, loss=state.interval_loss)
@@ -194,6 +204,8 @@ class CheckpointStore:
             rng=doc["rng"],
             loss_history=doc.get("loss_history", []),
             interval_loss=float(doc.get("interval_loss", 0.0)),
+            validation=doc.get("validation") or {},
+            best_lora=st_load(blobs["best.safetensors"]) if "best.safetensors" in blobs else None,
         )
 
     def info(self) -> list[CheckpointInfo]:

@@ -18,6 +18,14 @@ seed 42, fp16 autocast.  Choices the paper leaves open, and ours:
   (a hub id on an offline service) 768 is assumed unless the name contains "base".
 * **tiny** (offline tiny models on CPU): 64 px, batch 2, rank 4, 20 steps, checkpoint every 10,
   fp32, lr 1e-3 (a random-weight tiny UNet moves visibly only with a larger step).
+
+**A recipe sized to the data.**  ``epochs`` turns the step count into passes over the training
+images (:func:`planned_steps`: ``ceil(epochs × images / effective batch)``, capped by
+``max_steps``), so a gated dataset of 40 images is not trained for the 5000 steps a dataset of
+thousands wants.  ``validation_fraction`` > 0 holds out a split (chosen from the seed) and turns
+on early stopping: the validation loss at fixed noise and timesteps every ``validate_every``
+steps, stop after ``patience`` evaluations without an improvement of more than ``min_delta``,
+and export the best adapter.
 """
 
 from __future__ import annotations
@@ -98,6 +106,16 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = 1.0
     use_latent_cache: bool = True
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
+    epochs: float = 0.0
+    validation_fraction: float = 0.0
+    validate_every: int = 0
+    patience: int = 3
+    min_delta: float = 0.0
+    validation_timesteps: int = 4
+
+    @property
+    def early_stopping(self) -> bool:
+        return self.validation_fraction > 0
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -128,6 +146,12 @@ _COMMON: dict[str, Any] = dict(
     use_latent_cache=True,
     prediction_type="",
     checkpoints_to_keep=0,
+    epochs=0.0,
+    validation_fraction=0.0,
+    validate_every=0,
+    patience=3,
+    min_delta=0.0,
+    validation_timesteps=4,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -282,9 +306,34 @@ def from_proto_dict(d: dict[str, Any], *, default_model: str = "") -> tuple[Trai
     ):
         if name := enum_name(enum, value, field=f"config.{path}"):
             cfg[key] = name
+    if "epochs" in d:
+        cfg["epochs"] = parse_float(d["epochs"], "config.epochs")
+    stop = parse_mapping(d.get("early_stopping"), "config.early_stopping")
+    if "validation_fraction" in stop:
+        cfg["validation_fraction"] = parse_float(stop["validation_fraction"], "config.early_stopping.validation_fraction")
+    for key, name in (("validate_every", "validate_every"), ("patience", "patience"), ("validation_timesteps", "timesteps")):
+        if value := parse_int(stop.get(name), f"config.early_stopping.{name}"):
+            cfg[key] = value
+    if "min_delta" in stop:
+        cfg["min_delta"] = parse_float(stop["min_delta"], "config.early_stopping.min_delta")
     config = parse_config(cfg)
     validate_config(config, info)
     return config, info
+
+
+def planned_steps(c: TrainingConfig, train_images: int) -> int:
+    """Optimizer steps to run on ``train_images`` images: from ``epochs`` when set (at most
+    ``max_steps``, at least 1), else ``max_steps``."""
+    if c.epochs <= 0:
+        return c.max_steps
+    per_step = c.batch_size * c.gradient_accumulation_steps
+    # round before ceil: 0.1 × 30 / 1 must be 3 steps, not 4
+    return max(1, min(c.max_steps, math.ceil(round(c.epochs * train_images / per_step, 9))))
+
+
+def validation_every(c: TrainingConfig) -> int:
+    """Steps between validation evaluations (``validate_every``, or ``checkpoint_every`` when 0)."""
+    return c.validate_every or c.checkpoint_every
 
 
 def to_proto_dict(c: TrainingConfig) -> dict[str, Any]:
@@ -324,6 +373,14 @@ def to_proto_dict(c: TrainingConfig) -> dict[str, Any]:
         "max_grad_norm": c.max_grad_norm,
         "use_latent_cache": c.use_latent_cache,
         "prediction_type": enum_proto_name(pb.PredictionType, c.prediction_type),
+        "epochs": c.epochs,
+        "early_stopping": {
+            "validation_fraction": c.validation_fraction,
+            "validate_every": c.validate_every,
+            "patience": c.patience,
+            "min_delta": c.min_delta,
+            "timesteps": c.validation_timesteps,
+        },
     }
 
 
@@ -410,6 +467,18 @@ def validate_config(c: TrainingConfig, info: ModelInfo | None = None) -> None:
         bad("adam_epsilon", f"adam_epsilon must be > 0; got {c.adam_epsilon}")
     if not c.max_grad_norm > 0:
         bad("max_grad_norm", f"max_grad_norm must be > 0; got {c.max_grad_norm}")
+    if not math.isfinite(c.epochs) or c.epochs < 0:
+        bad("epochs", f"epochs must be > 0, or 0 for max_steps steps; got {c.epochs}")
+    if not 0 <= c.validation_fraction <= 0.5:
+        bad("early_stopping.validation_fraction", f"validation_fraction must be in (0, 0.5], or 0 for off; got {c.validation_fraction}")
+    if c.validate_every < 0:
+        bad("early_stopping.validate_every", f"validate_every must be >= 1, or 0 for checkpoint_every; got {c.validate_every}")
+    if c.patience < 1:
+        bad("early_stopping.patience", f"patience must be >= 1; got {c.patience}")
+    if not math.isfinite(c.min_delta) or c.min_delta < 0:
+        bad("early_stopping.min_delta", f"min_delta must be >= 0; got {c.min_delta}")
+    if not 1 <= c.validation_timesteps <= 64:
+        bad("early_stopping.timesteps", f"timesteps must be in 1..64; got {c.validation_timesteps}")
 
 
 def check_limits(c: TrainingConfig, settings: Any) -> None:

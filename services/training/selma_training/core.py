@@ -68,7 +68,7 @@ from selma_training.config import (
     preset_config,
     to_proto_dict,
 )
-from selma_training.data import load_dataset
+from selma_training.data import load_dataset, split_validation
 from selma_training.distributed import resolve_distributed
 from selma_training.settings import TrainingSettings
 from selma_training.trainer import JOB_FILE
@@ -101,10 +101,10 @@ def _ts(value: str | None) -> str | None:
 def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
     """ExpertTrainingStats (proto-JSON dict) from the trainer's progress document."""
     stats: dict[str, Any] = {}
-    for k in ("step", "max_steps", "epoch", "resumed_from_step", "peak_memory_bytes"):
+    for k in ("step", "max_steps", "epoch", "resumed_from_step", "peak_memory_bytes", "train_images", "validation_images", "best_step"):
         if doc.get(k) is not None:
             stats[k] = int(doc[k])
-    for k in ("loss", "loss_ema", "learning_rate", "steps_per_second"):
+    for k in ("loss", "loss_ema", "learning_rate", "steps_per_second", "validation_loss", "best_validation_loss"):
         v = doc.get(k)
         if isinstance(v, (int, float)) and v == v:
             stats[k] = float(v)
@@ -113,6 +113,10 @@ def stats_from_progress(doc: dict[str, Any]) -> dict[str, Any]:
                                 for c in doc["checkpoints"]]
     if "loss_history" in doc:
         stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in doc["loss_history"]]
+    if doc.get("validation_history"):
+        stats["validation_history"] = [{"step": int(s), "loss": float(l)} for s, l in doc["validation_history"]]
+    if doc.get("stopped_early"):
+        stats["stopped_early"] = True
     if doc.get("latent_cache"):
         c = doc["latent_cache"]
         stats["latent_cache"] = {"id": c["id"], "kind": "ARTIFACT_KIND_LATENT_CACHE", "uri": c.get("uri", ""), "sha256": c.get("sha256", "")}
@@ -142,11 +146,13 @@ class _JobMonitor(ContextMonitor):
                     metrics.CHECKPOINT_FALLBACKS.inc()
                 self.ctx.warn(w)
         skill = self.job.skill
-        step, total = int(doc.get("step", 0) or 0), self.job.config.max_steps
+        step, total = int(doc.get("step", 0) or 0), int(doc.get("max_steps") or self.job.config.max_steps)
         metrics.TRAINING_STEP.labels(skill).set(step)
         metrics.TRAINING_MAX_STEPS.labels(skill).set(total)
         if "loss" in stats:
             metrics.TRAINING_LOSS.labels(skill).set(stats["loss"])
+        if "validation_loss" in stats:
+            metrics.TRAINING_VALIDATION_LOSS.labels(skill).set(stats["validation_loss"])
         if stats.get("steps_per_second"):
             metrics.TRAINING_STEPS_PER_SECOND.labels(skill).set(stats["steps_per_second"])
             metrics.TRAINING_ETA.labels(skill).set((total - step) / stats["steps_per_second"])
@@ -185,7 +191,8 @@ class TrainingCore:
             raise InvalidArgument("dataset.id is required: the image_dataset artifact to train on", field="spec.dataset.id")
         config, _info = from_proto_dict(spec.get("config") or {}, default_model=self.settings.training_default_model)
         check_limits(config, self.settings)
-        dataset, _examples = load_dataset(self.store, dataset_id)
+        dataset, examples = load_dataset(self.store, dataset_id)
+        split_validation(len(examples), config.validation_fraction, config.seed)  # too small to hold out a split: refused now, not in the Job
         want = (spec.get("dataset") or {}).get("sha256", "")
         if want and want != dataset.digest:
             raise FailedPrecondition(f"dataset {dataset_id} has sha256 {dataset.digest}, not the {want} the request pins; it changed or the reference is stale",
@@ -350,10 +357,20 @@ class TrainingCore:
         doc = read_progress(self.storage, job.progress_key) or {}
         stats = stats_from_progress(doc)
         p = manifest.parameters
-        stats["step"] = int(p.get("steps", job.config.max_steps))
+        stats["step"] = int(p.get("trained_steps", p.get("steps", job.config.max_steps)))
         if p.get("final_loss") is not None:
             stats["loss"] = float(p["final_loss"])
         stats["loss_history"] = [{"step": int(s), "loss": float(l)} for s, l in p.get("loss_history", [])]
-        ctx.progress(stats["step"], job.config.max_steps, unit="steps", stats=stats)
+        if p.get("validation_history"):
+            stats["validation_history"] = [{"step": int(s), "loss": float(l)} for s, l in p["validation_history"]]
+            stats["best_validation_loss"] = float(p["best_validation_loss"])
+            stats["best_step"] = int(p["best_step"])
+            stats["stopped_early"] = bool(p.get("stopped_early"))
+        for k in ("train_images", "validation_images"):
+            if p.get(k) is not None:
+                stats[k] = int(p[k])
+        total = int(stats.get("max_steps") or job.config.max_steps)
+        ctx.progress(stats["step"], total, unit="steps", stats=stats)
+        best = f"; stopped early, exported the best (step {stats['best_step']}, validation loss {stats['best_validation_loss']:.4f})" if stats.get("stopped_early") else ""
         return JobResult(output=output_ref(manifest), stats=stats,
-                         message=f"trained {stats['step']} steps; final loss {stats.get('loss', float('nan')):.4f}; expert {manifest.id}")
+                         message=f"trained {stats['step']} steps; final loss {stats.get('loss', float('nan')):.4f}{best}; expert {manifest.id}")

@@ -88,6 +88,22 @@ def load_dataset(store: ArtifactStore, dataset_id: str, *, field: str = "spec.da
     return manifest, examples
 
 
+def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, validation) example indices, each ascending: ``round(fraction × n)`` images (at
+    least one) held out, chosen by a permutation drawn from the seed alone, so the split is the same
+    on every attempt and every machine.  ``fraction`` 0 = no split.  FailedPrecondition naming the
+    field when the dataset is too small to keep an image on both sides."""
+    if fraction <= 0:
+        return list(range(n)), []
+    k = max(1, round(fraction * n))
+    if n - k < 1:
+        raise FailedPrecondition(f"the dataset has {n} image(s): holding out {k} for validation leaves none to train on; "
+                                 "use a larger dataset or turn early stopping off (validation_fraction 0)",
+                                 field="config.early_stopping.validation_fraction")
+    perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(n)
+    return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])
+
+
 def crop_offset(seed: int, index: int, slack_x: int, slack_y: int, center: bool) -> tuple[int, int]:
     """(left, top) of the crop of image ``index``: centered, or random but fixed by (seed, index)."""
     if center:

@@ -21,6 +21,14 @@ each rank trains its share of every step's micro-batches; rank 0 builds the late
 others wait for it), writes progress, checkpoints and the expert, and every rank resumes from
 the same checkpoint.  LoRA dropout masks are drawn per rank, seeded from (seed, rank, resumed
 step): with dropout > 0 a distributed run is reproducible but not equal to a one-process run.
+
+**Early stopping** (``validation_fraction`` > 0).  The validation split
+(:func:`selma_training.data.split_validation`) never enters the data order.  Its loss is taken
+at fixed noise, latent samples and evenly spread timesteps drawn once from a generator of its own
+(:class:`Validator`), with the UNet in eval mode (LoRA dropout off) and no global RNG touched, so
+validating does not change the training trajectory and every evaluation is comparable.  The
+best adapter so far, its loss and step, and the evaluations without improvement are part of each
+checkpoint: a resumed run stops at the same step and exports the same best adapter.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from selma_training import data as data_mod
 from selma_training import distributed
 from selma_training import metrics as trainer_metrics
 from selma_training.checkpoint import CheckpointStore, TrainState
-from selma_training.config import TrainingJob
+from selma_training.config import TrainingConfig, TrainingJob, planned_steps, validation_every
 from selma_training.distributed import World
 from selma_training.settings import TrainingSettings
 
@@ -77,13 +85,17 @@ class TrainResult:
     cache_id: str
     cache_hit: bool
     resumed_from_step: int
+    trained_steps: int = 0  # optimizer steps run (> steps when early stopping exported an earlier best)
+    stopped_early: bool = False
+    best_validation_loss: float | None = None
 
 
 class DataOrder:
     """Which (example, orientation) each position of the sample stream is: a pure function of the seed."""
 
-    def __init__(self, n: int, seed: int, flip: bool) -> None:
+    def __init__(self, n: int, seed: int, flip: bool, indices: list[int] | None = None) -> None:
         self.n, self.seed, self.flip = n, seed, flip
+        self.indices = indices  # the training examples' dataset indices (a validation split left out); None = all
         self._epoch = -1
         self._perm = np.arange(n)
         self._flips = np.zeros(n, dtype=np.int64)
@@ -99,8 +111,8 @@ class DataOrder:
         idx, orient = [], []
         for p in range(cursor, cursor + count):
             self._load(p // self.n)
-            j = self._perm[p % self.n]
-            idx.append(int(j))
+            j = int(self._perm[p % self.n])
+            idx.append(self.indices[j] if self.indices is not None else j)
             orient.append(int(self._flips[p % self.n]))
         return torch.tensor(idx), torch.tensor(orient)
 
@@ -110,6 +122,58 @@ class _Quiet(ProgressWriter):
 
     def flush(self) -> None:
         pass
+
+
+class Validator:
+    """The validation loss: the held-out images at fixed latent samples, noise and timesteps.
+
+    Each image is scored at ``validation_timesteps`` timesteps spread evenly over the schedule
+    (``(j + ½)·T/K``); latent samples and noise come from a generator seeded from the config's
+    seed alone, drawn once here.  Plain (unweighted) MSE against the training target.
+    """
+
+    SALT = 0x7A11DA7E
+
+    def __init__(self, source: data_mod.SampleSource, indices: list[int], cfg: TrainingConfig, noise_sched: Any,
+                 prediction: str, scaling: float, shift: float, is_xl: bool) -> None:
+        gen = torch.Generator().manual_seed((cfg.seed ^ self.SALT) % 2**63)
+        k = cfg.validation_timesteps
+        total_t = int(noise_sched.config.num_train_timesteps)
+        steps = [min(total_t - 1, int((j + 0.5) * total_t / k)) for j in range(k)]
+        idx = torch.tensor(indices)
+        orient = torch.zeros(len(indices), dtype=torch.long)
+        mean, std = source.latent_dist(idx, orient)
+        cond = source.conditioning(idx, orient)
+        # one row per (image, timestep): image-major
+        rep = torch.arange(len(indices)).repeat_interleave(k)
+        self.t = torch.tensor(steps).repeat(len(indices))
+        latents = ((mean[rep] + std[rep] * torch.randn(mean[rep].shape, generator=gen)) - shift) * scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        self.noisy = noise_sched.add_noise(latents, noise, self.t)
+        self.target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, self.t)
+        self.cond = {name: v[rep] for name, v in cond.items()}
+        self.is_xl, self.batch = is_xl, max(1, cfg.batch_size)
+
+    @torch.no_grad()
+    def loss(self, unet: Any, device: torch.device, dtype: torch.dtype, autocast: Any) -> float:
+        was_training = unet.training
+        unet.eval()
+        total, n = 0.0, self.t.shape[0]
+        try:
+            for s in range(0, n, self.batch):
+                sl = slice(s, s + self.batch)
+                kwargs: dict[str, Any] = {}
+                if self.is_xl:
+                    kwargs["added_cond_kwargs"] = {"text_embeds": self.cond["pooled"][sl].to(device, dtype),
+                                                   "time_ids": self.cond["time_ids"][sl].to(device, dtype)}
+                with autocast:
+                    pred = unet(self.noisy[sl].to(device, dtype), self.t[sl].to(device),
+                                self.cond["prompt_embeds"][sl].to(device, dtype), **kwargs).sample
+                per = F.mse_loss(pred.float(), self.target[sl].to(device).float(), reduction="none").mean(dim=(1, 2, 3))
+                total += float(per.sum())
+        finally:
+            unet.train(was_training)
+        return total / n
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -185,6 +249,10 @@ def _train(
                            p.get("loss_history", []), p.get("latent_cache_id", ""), True, 0)
 
     dataset, examples = data_mod.load_dataset(store, job.dataset_id)
+    train_idx, val_idx = data_mod.split_validation(len(examples), cfg.validation_fraction, cfg.seed)
+    total = planned_steps(cfg, len(train_idx))
+    trainer_metrics.TRAINER_MAX_STEPS.labels(job.skill).set(total)
+    progress.update(max_steps=total, train_images=len(train_idx), validation_images=len(val_idx), force=True)
     precision = _precision(job, device, progress)
     weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if cfg.optimizer == "adamw_8bit" and device.type != "cuda":
@@ -276,7 +344,7 @@ def _train(
                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     from diffusers.optimization import get_scheduler
 
-    lr_sched = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+    lr_sched = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
 
     from diffusers import DDPMScheduler
@@ -288,6 +356,12 @@ def _train(
     alphas_cumprod = noise_sched.alphas_cumprod.float()
     scaling = float(pipe.vae.config.scaling_factor)
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    validator = (Validator(source, val_idx, cfg, noise_sched, prediction, scaling, shift, is_xl) if val_idx else None)
+    every = validation_every(cfg)
+    m_val = trainer_metrics.TRAINER_VALIDATION_LOSS.labels(job.skill)
+    # early-stopping state (checkpointed): best loss, its step and adapter, evaluations since, history
+    val: dict[str, Any] = {"best": None, "best_step": 0, "bad": 0, "history": [], "stopped": False}
+    best_lora: dict[str, torch.Tensor] | None = None
 
     # -- resume
     # global generators are seeded too (LoRA dropout draws from torch's); a resume restores them
@@ -312,6 +386,9 @@ def _train(
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)
         start_step, cursor, history = state.step, state.cursor, state.loss_history
+        if validator is not None and state.validation:
+            val = {**val, **state.validation}
+            best_lora = state.best_lora
         log.info("resumed from checkpoint at step %d", start_step)
         m_last_ckpt.set(start_step)
     resumed_from = start_step
@@ -319,9 +396,9 @@ def _train(
     if world.distributed:  # per-rank LoRA dropout masks (see the module docstring)
         torch.manual_seed(stable_hash64(f"{cfg.seed}:{world.rank}:{start_step}") % 2**63)
     m_step.set(start_step)
-    order = DataOrder(len(examples), cfg.seed, cfg.random_flip)
+    order = DataOrder(len(train_idx), cfg.seed, cfg.random_flip, train_idx if val_idx else None)
     progress.update(phase="training", step=start_step, resumed_from_step=resumed_from,
-                    checkpoints=[c.__dict__ for c in ckpts.info()], loss_history=history, force=True)
+                    checkpoints=[c.__dict__ for c in ckpts.info()], loss_history=history, **_validation_progress(val), force=True)
 
     autocast = (torch.autocast(device_type=device.type, dtype=weight_dtype) if precision != "fp32"
                 else torch.autocast(device_type=device.type, enabled=False))
@@ -366,7 +443,7 @@ def _train(
     loss_value = float("nan")
     ckpt_infos = [c.__dict__ for c in ckpts.info()] if world.main else []
     own = world.micro_batches(cfg.gradient_accumulation_steps)
-    for step in range(start_step, cfg.max_steps):
+    for step in range(start_step, total):
         micro_losses = []
         for m in range(cfg.gradient_accumulation_steps):
             drawn = draw()
@@ -392,7 +469,7 @@ def _train(
         # one all-reduce: the step's loss over every micro-batch, and whether any rank was asked to stop
         loss_sum, stops = distributed.sum_across(world, [sum(micro_losses), float(should_stop is not None and should_stop())], device)
         loss_value = loss_sum / cfg.gradient_accumulation_steps
-        stop_now = stops > 0
+        interrupt = stops > 0  # a SIGTERM on any rank: every rank stops at this step
         if not math.isfinite(loss_value):
             raise FailedPrecondition(f"loss became {loss_value} at step {step + 1}; lower learning_rate or use fp32/bf16", field="config.learning_rate")
         interval_losses.append(loss_value)
@@ -400,8 +477,23 @@ def _train(
         done = step + 1
         steps_timed += 1
         rate = steps_timed / max(time.monotonic() - t0, 1e-9)
-        at_ckpt = done % cfg.checkpoint_every == 0 and done < cfg.max_steps
-        if at_ckpt or done == cfg.max_steps:
+        if validator is not None and (done % every == 0 or done == total):
+            # before the checkpoint of this step, so the checkpoint holds this evaluation's outcome
+            vloss = validator.loss(unet, device, weight_dtype, autocast)
+            val["history"] = (val["history"] + [[done, vloss]])[-MAX_HISTORY:]
+            m_val.set(vloss)
+            if val["best"] is None or vloss < val["best"] - cfg.min_delta:
+                val.update(best=vloss, best_step=done, bad=0)
+                best_lora = {n: p.detach().clone() for n, p in named.items()}
+            else:
+                val["bad"] += 1
+                if val["bad"] >= cfg.patience and done < total:
+                    val["stopped"] = True
+                    log.info("early stop at step %d: no improvement on %.5f (step %d) for %d evaluations",
+                             done, val["best"], val["best_step"], val["bad"])
+        early = bool(val["stopped"])  # the same on every rank: same weights, same validation data
+        at_ckpt = done % cfg.checkpoint_every == 0 and done < total and not early
+        if at_ckpt or done == total or early:
             history = (history + [[done, sum(interval_losses) / len(interval_losses)]])[-MAX_HISTORY:]
             interval_loss = history[-1][1]
             interval_losses = []
@@ -409,7 +501,8 @@ def _train(
             info = ckpts.save(TrainState(step=done, cursor=cursor, lora={n: p for n, p in named.items()},
                                          optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
                                          scaler=scaler.state_dict() if scaler is not None else None, rng={},
-                                         loss_history=history, interval_loss=interval_loss), gen)
+                                         loss_history=history, interval_loss=interval_loss,
+                                         validation=val if validator is not None else {}, best_lora=best_lora), gen)
             ckpts.prune(cfg.checkpoints_to_keep)
             ckpt_infos = [c.__dict__ for c in ckpts.info()] or [info.__dict__]
             m_ckpts.inc()
@@ -419,30 +512,54 @@ def _train(
         m_loss.set(loss_value)
         m_rate.set(rate)
         progress.update(step=done, loss=loss_value, loss_ema=ema, learning_rate=lr_sched.get_last_lr()[0],
-                        steps_per_second=rate, eta_seconds=(cfg.max_steps - done) / rate if rate else None,
-                        epoch=cursor // len(examples), checkpoints=ckpt_infos, loss_history=history,
-                        peak_memory_bytes=_peak_memory(device), force=at_ckpt)
+                        steps_per_second=rate, eta_seconds=(total - done) / rate if rate else None,
+                        epoch=cursor // len(train_idx), checkpoints=ckpt_infos, loss_history=history,
+                        peak_memory_bytes=_peak_memory(device), **_validation_progress(val), force=at_ckpt or early)
         if on_step is not None:
             on_step(done)
-        if stop_now and done < cfg.max_steps:
+        if early:
+            break
+        if interrupt and done < total:
             if not at_ckpt and world.main:
                 ckpts.save(TrainState(step=done, cursor=cursor, lora={n: p for n, p in named.items()},
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
                                       scaler=scaler.state_dict() if scaler is not None else None, rng={},
-                                      loss_history=history, interval_loss=sum(interval_losses) / max(len(interval_losses), 1)), gen)
+                                      loss_history=history, interval_loss=sum(interval_losses) / max(len(interval_losses), 1),
+                                      validation=val if validator is not None else {}, best_lora=best_lora), gen)
                 m_ckpts.inc()
                 m_last_ckpt.set(done)
             progress.update(phase="interrupted", force=True)
             raise TrainingInterrupted(f"stopped at step {done}; checkpoint saved")
 
-    # -- export
+    # -- export: the best adapter when early stopping, else the last (rank 0 only)
     final_loss = history[-1][1] if history else loss_value
+    trained = history[-1][0] if history else total
+    exported = trained
+    if validator is not None and best_lora is not None:
+        exported = int(val["best_step"])
     if not world.main:
-        return TrainResult(job.expert_id, cfg.max_steps, final_loss, history, cache_id, cache_hit, resumed_from)
+        return TrainResult(job.expert_id, exported, final_loss, history, cache_id, cache_hit, resumed_from, trained_steps=int(trained),
+                           stopped_early=bool(val["stopped"]), best_validation_loss=val["best"])
     progress.update(phase="exporting", force=True)
-    _publish_expert(store, pipe, unet, job, dataset, cache_id, cache_digest, final_loss, history)
-    progress.update(phase="done", step=cfg.max_steps, final_loss=final_loss, peak_memory_bytes=_peak_memory(device), force=True)
-    return TrainResult(job.expert_id, cfg.max_steps, final_loss, history, cache_id, cache_hit, resumed_from)
+    outcome: dict[str, Any] = {"trained_steps": trained, "train_images": len(train_idx), "validation_images": len(val_idx)}
+    if validator is not None and best_lora is not None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(best_lora[n])
+        outcome.update(best_validation_loss=val["best"], best_step=exported, stopped_early=bool(val["stopped"]),
+                       validation_history=val["history"])
+    _publish_expert(store, pipe, unet, job, dataset, cache_id, cache_digest, final_loss, history, exported, outcome)
+    progress.update(phase="done", step=trained, final_loss=final_loss, peak_memory_bytes=_peak_memory(device), force=True)
+    return TrainResult(job.expert_id, exported, final_loss, history, cache_id, cache_hit, resumed_from, trained_steps=int(trained),
+                       stopped_early=bool(val["stopped"]), best_validation_loss=val["best"])
+
+
+def _validation_progress(val: dict[str, Any]) -> dict[str, Any]:
+    """The early-stopping fields of the progress document (none before the first evaluation)."""
+    if not val["history"]:
+        return {}
+    return {"validation_loss": val["history"][-1][1], "best_validation_loss": val["best"], "best_step": val["best_step"],
+            "validation_history": val["history"], "stopped_early": bool(val["stopped"])}
 
 
 def lora_state_dicts(unet: Any, rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -464,7 +581,8 @@ def lora_state_dicts(unet: Any, rank: int, alpha: float) -> tuple[dict[str, torc
 
 
 def _publish_expert(store: ArtifactStore, pipe: Any, unet: Any, job: TrainingJob, dataset: Any, cache_id: str,
-                    cache_digest: str, final_loss: float, history: list[list[float]]) -> None:
+                    cache_digest: str, final_loss: float, history: list[list[float]], steps: int,
+                    outcome: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     cfg = job.config
@@ -473,7 +591,7 @@ def _publish_expert(store: ArtifactStore, pipe: Any, unet: Any, job: TrainingJob
         "base_model": {"source": cfg.base_model.source, "revision": cfg.base_model.revision, "variant": cfg.base_model.variant},
         **expert_scale_fields(cfg.rank, cfg.alpha),
         "target_modules": list(cfg.target_modules),
-        "steps": cfg.max_steps,
+        "steps": steps,
         "skill": job.skill,
         "run": job.run,
         "final_loss": final_loss,
@@ -487,6 +605,7 @@ def _publish_expert(store: ArtifactStore, pipe: Any, unet: Any, job: TrainingJob
         "config": cfg.model_dump(mode="json"),
         "config_artifact_id": job.config_artifact_id,
         "loss_history": history,
+        **outcome,
     }
     parents = [dataset.id] + [p for p in (cache_id, job.config_artifact_id) if p]
     with tempfile.TemporaryDirectory(prefix="selma-expert-") as tmp:

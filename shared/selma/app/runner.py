@@ -343,7 +343,7 @@ class RunDriver:
                                                            shards=ss.render_shards, placement=ss.render_placement)
         job = self.drive("render", skill.name, render_spec)
         dataset = job.status.output
-        train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config,
+        train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config_for(skill.name),
                                                              placement=ss.placement, distributed=ss.training_distributed)
         job = self.drive("training", skill.name, train_spec)
         return job.status.output.id

@@ -11,6 +11,7 @@ spec:
   prompts:  {backend: {embedded: {}}, rougeLThreshold: 0.8, seed: 0}
   render:   {model: {source: tiny://sd}, diffusion: {scheduler: ddim, steps: 10}, batchSize: 4}
   training: {config: {baseModel: {source: tiny://sd}, preset: tiny, maxSteps: 30}, placement: {launcher: local}}
+  #           skills: {counting: {lora: {rank: 8}, learningRate: 2e-4}}   per-skill config fields over `config`
   merge:    {method: mean_delta, weights: {counting: 0.5}, modelName: quickstart}
   evaluation: {...}                   # optional, an EvaluationSpec
 ```
@@ -93,8 +94,18 @@ class SkillSet:
     render_placement: common_pb2.Placement | None = None
     # spec.training.distributed: nodes x processesPerNode trainer processes per expert (DistributedDataParallel); unset = one
     training_distributed: training_service_pb2.DistributedTraining | None = None
+    # spec.training.skills: per-skill ExpertTrainingConfig fields laid over training_config
+    training_overrides: dict[str, training_service_pb2.ExpertTrainingConfig] = field(default_factory=dict)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def training_config_for(self, skill: str) -> training_service_pb2.ExpertTrainingConfig:
+        """The skill's training config: ``spec.training.config`` with the skill's own fields laid over it."""
+        config = training_service_pb2.ExpertTrainingConfig()
+        config.CopyFrom(self.training_config)
+        if skill in self.training_overrides:
+            _overlay(config, self.training_overrides[skill])
+        return config
 
     def prompt_spec(self, skill: SkillEntry, *, run: str | None = None) -> prompt_service_pb2.PromptGenerationSpec:
         spec = prompt_service_pb2.PromptGenerationSpec(run=run or self.name, count=skill.count)
@@ -164,13 +175,19 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         backend = _proto(prompts["backend"], common_pb2.LlmBackend, ("spec", "prompts", "backend"), lines)
 
     training = _mapping(spec.get("training"), ("spec", "training"), lines, required=True)
-    _only(training, {"config", "placement", "distributed"}, ("spec", "training"), lines)
+    _only(training, {"config", "placement", "distributed", "skills"}, ("spec", "training"), lines)
     config = _proto(training.get("config"), training_service_pb2.ExpertTrainingConfig, ("spec", "training", "config"), lines, required=True)
     if not config.base_model.source:
         raise lines.error(("spec", "training", "config", "baseModel"), "baseModel.source is required (a hub id, a path, an s3:// prefix or tiny://sd)")
     placement = _proto(training.get("placement", {}), common_pb2.Placement, ("spec", "training", "placement"), lines)
     distributed = (_proto(training["distributed"], training_service_pb2.DistributedTraining, ("spec", "training", "distributed"), lines)
                    if "distributed" in training else None)  # absent: one process, whatever the pod's GPUs
+    training_overrides: dict[str, training_service_pb2.ExpertTrainingConfig] = {}
+    skill_names = {s.name for s in skills}
+    for skill, section in _mapping(training.get("skills", {}), ("spec", "training", "skills"), lines).items():
+        if skill not in skill_names:
+            raise lines.error(("spec", "training", "skills", skill), f"no skill {skill!r} in spec.skills ({', '.join(sorted(skill_names))})")
+        training_overrides[skill] = _proto(section, training_service_pb2.ExpertTrainingConfig, ("spec", "training", "skills", skill), lines, required=True)
 
     render_section = dict(_mapping(spec.get("render", {}), ("spec", "render"), lines))
     render_shards = render_section.pop("shards", 0)
@@ -211,6 +228,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         backend=backend,
         render=render,
         training_config=config,
+        training_overrides=training_overrides,
         placement=placement,
         merge_method=method,
         merge_weights={k: float(v) for k, v in weights.items()},
@@ -286,6 +304,18 @@ def _proto(value: Any, cls: type[Message], path: tuple, lines: _LineIndex, *, re
         return json_format.ParseDict(normalized, cls())
     except json_format.ParseError as e:
         raise lines.error(path, f"{e}") from None
+
+
+def _overlay(base: Message, over: Message) -> None:
+    """Set every field ``over`` sets on ``base``: messages field by field, lists replaced (not appended, as MergeFrom would)."""
+    for fd, value in over.ListFields():
+        if fd.is_repeated:
+            base.ClearField(fd.name)
+            getattr(base, fd.name).extend(value)
+        elif fd.message_type is not None:
+            _overlay(getattr(base, fd.name), value)
+        else:
+            setattr(base, fd.name, value)
 
 
 def _normalize(value: dict, desc: Descriptor, path: tuple, lines: _LineIndex) -> dict:

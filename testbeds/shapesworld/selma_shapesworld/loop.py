@@ -405,7 +405,7 @@ class TableRunner:
 
             def train(label: str, skill: str, dataset_id: str) -> str:
                 spec = training_service_pb2.ExpertTrainingSpec(run=run, skill=skill, dataset=common_pb2.ArtifactRef(id=dataset_id),
-                                                               config=ss.training_config, placement=ss.placement)
+                                                               config=ss.training_config_for(skill), placement=ss.placement)
                 return driver.drive("training", label, spec).status.output.id
 
             note(f"seed {seed}: gated experts and their merge, the mixed LoRA")
