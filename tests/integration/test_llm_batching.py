@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from selma.errors import Cancelled
 from selma.llm.batching import DecodeRequest
@@ -76,7 +77,9 @@ def test_a_request_gives_the_same_text_alone_and_batched_with_any_companions(tin
     settings = PromptSettings(data_dir=tmp_path, llm_local_max_batch=16, llm_local_max_wait_seconds=0.5)
     spec = resolve_backend({"local_causal_lm": {"model": {"source": str(tiny_models.lm)}, "sampling": {"max_tokens": 32}}}, settings)
     backend = ModelRegistry(settings).backend(spec)
+    forwards = REGISTRY.get_sample_value("selma_llm_batch_rows_count") or 0.0
     check_companion_invariance(backend)
+    assert REGISTRY.get_sample_value("selma_llm_batch_rows_count") - forwards == backend.lm.queue.steps  # one observation a forward
     # A different seed changes the text (each request samples from its own generator).
     (a,), (b,) = (backend.generate(requests_for([s], ["general"])) for s in (1, 2))
     assert a.text != b.text

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selma.errors import Cancelled, FailedPrecondition, ResourceExhausted
+from selma.llm import metrics
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ class BatchingQueue:
                 f"{type(self.model).__name__} does not route attention through transformers' AttentionInterface, so selma "
                 "cannot batch it; use an architecture that does (Llama, Qwen2, GPT-2, ...) or the openai_compatible backend")
         self.steps += 1
+        metrics.LLM_BATCH_ROWS.observe(len(pack.segments))
         self.max_rows_seen = max(self.max_rows_seen, len(active) + len(new))
         for i, (r, _, n) in enumerate(pack.segments):
             r.length += n
