@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from selma.errors import Cancelled
+from selma.errors import Cancelled, InvalidArgument
 from selma.llm.batching import DecodeRequest
 from selma.llm.local import ModelRegistry
 from selma.llm.specs import resolve_backend
@@ -118,6 +118,8 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_finish(tiny_models, tmp
     assert isinstance(out["doomed"], Cancelled)
     assert [r.tokens for r in out["kept"]] == [r.tokens for r in solo]
     assert all(len(r.tokens) == 600 and r.finish_reason == "length" for r in out["kept"])
+    with pytest.raises(InvalidArgument, match="at least one prompt token"):
+        queue.submit([DecodeRequest(input_ids=(), seed=1, max_new_tokens=4)])
     # The queue goes on serving.
     assert [r.tokens for r in queue.submit(kept[:1])] == [solo[0].tokens]
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from selma.errors import Cancelled, FailedPrecondition, ResourceExhausted
+from selma.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
 from selma.llm import metrics
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,10 @@ class BatchingQueue:
         """Decode ``requests`` (in any company) and return their results in order."""
         if not requests:
             return []
+        for r in requests:
+            if not r.input_ids or r.max_new_tokens < 1:
+                raise InvalidArgument(f"a request to decode needs at least one prompt token and max_new_tokens >= 1; got "
+                                      f"{len(r.input_ids)} tokens and max_new_tokens {r.max_new_tokens}", field="max_tokens")
         group = _Group(len(requests))
         rows = [_Row(r, group, i, self._n_layers) for i, r in enumerate(requests)]
         with self._cv:
