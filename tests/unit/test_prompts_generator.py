@@ -178,3 +178,22 @@ def test_embedding_filter_rejects_paraphrases_rouge_misses(settings):
     assert [r["text"] for r in state.records] == ["A puppy asleep on the sofa.", "A lighthouse on a rocky coast at dusk."]
     assert rejected[0]["reason"] == "embedding" and rejected[0]["nearest_prompt_id"] == "p000000" and rejected[0]["score"] > 0.6
     assert all(0 <= r["nearest_cosine_similarity"] <= 1 for r in state.records)
+
+
+def test_round_sizes_follow_what_is_still_missing(settings):
+    """A round asks for one request per missing prompt, never more than the backend's round size or the budget."""
+
+    def every_other(req: LlmRequest) -> str:  # even requests give one new prompt, odd ones repeat a seed example
+        if req.index % 2:
+            return f"{req.first_number}. {make_spec(settings).skill.seed_examples[0]}"
+        return f"{req.first_number}. One {WORDS[req.index % len(WORDS)]} beside {req.index} small {WORDS[(3 * req.index) % len(WORDS)]}s."
+
+    sizes: list[int] = []
+    spec = make_spec(settings, count=6, prompts_per_request=1)
+    state = PromptGenerator(spec, ScriptedBackend(every_other, round_size=8), on_round=lambda st, rep: sizes.append(len(rep.requests))).run()
+    assert state.stop_reason == STOP_TARGET and len(state.records) == 6
+    assert sizes == [6, 3, 2, 1]  # 6 missing; 3 accepted of 6; 1 of 3 → 2 missing; 1 of 2; the last one
+    capped: list[int] = []
+    PromptGenerator(make_spec(settings, count=20, prompts_per_request=1, max_llm_requests=11), ScriptedBackend(every_other, round_size=8),
+                    on_round=lambda st, rep: capped.append(len(rep.requests))).run()
+    assert capped == [8, 3]  # the round size, then what is left of the budget

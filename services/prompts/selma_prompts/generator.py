@@ -19,7 +19,8 @@ request budget is spent.
 
 Determinism: request ``i`` samples its examples with ``random.Random(f"{seed}:{i}")`` from the
 pool as it stands, and sends the backend a seed derived from ``(seed, i)``.  Requests go out
-in rounds (the backend's concurrency or batch size), all sampled before the round is sent and
+in rounds of the backend's concurrency or batch size, or fewer when fewer prompts are still
+missing (one request per missing prompt), all sampled before the round is sent and
 processed in request order, so a deterministic LLM gives the same prompt set on every run
 — and on a run resumed from a state saved between rounds.
 """
@@ -203,7 +204,9 @@ class PromptGenerator:
                 st.stop_reason = STOP_BUDGET
                 return st
             self.check_cancelled()
-            reqs = self._requests(min(self.backend.round_size, budget - made))
+            # Ask only for what is still missing: a request yields up to prompts_per_request candidates,
+            # but many are rejected, so one request per missing prompt (never more than a round).
+            reqs = self._requests(min(self.backend.round_size, budget - made, self.spec.count - self.accepted))
             try:
                 responses = self.backend.generate(reqs, cancel=self.cancel_event)
             except (LlmUnavailable, PermissionDenied, InvalidArgument) as e:

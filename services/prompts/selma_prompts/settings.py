@@ -17,7 +17,9 @@ class PromptSettings(LlmSettings):
     prompts_preview_limit: int = Field(50, ge=1, description="Largest `count` PreviewPrompts runs (larger counts are capped).")
     prompts_preview_max_rejected: int = Field(200, ge=0, description="Rejected candidates returned by a preview, at most.")
     prompts_max_prompt_chars: int = Field(1000, ge=16, description="Candidates longer than this are rejected as TOO_LONG.")
-    prompts_max_concurrent_jobs: int = Field(2, ge=1, description="Generation jobs running at once; more wait in PENDING.")
+    prompts_max_concurrent_jobs: int = Field(
+        8, ge=1, description="Generation jobs running at once; more wait in PENDING.  Jobs on one local model share its "
+        "batching queue (SELMA_LLM_LOCAL_MAX_BATCH), so a SkillSet's skills are decoded together.")
     prompts_checkpoint_seconds: float = Field(
         5.0, ge=0, description="Persist accepted prompts at most this often (0 = after every round of LLM requests)."
     )

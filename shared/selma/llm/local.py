@@ -15,24 +15,34 @@ from selma import plugins
 from selma.errors import InvalidArgument, ResourceExhausted
 from selma.llm import metrics
 from selma.llm.backend import BackendSpec, LlmBackend, LlmRequest, LlmResponse, Sampling
+from selma.llm.batching import BatchingQueue, DecodeRequest
 from selma.llm.openai_http import OpenAICompatibleBackend
 from selma.llm.settings import LlmSettings
 
 log = logging.getLogger(__name__)
 
+# Hugging Face generate's top-k when a checkpoint sets none (what local sampling used before the batching queue).
+HF_DEFAULT_TOP_K = 50
+
 
 @dataclass
 class LoadedLm:
-    """A causal LM in memory, with the lock that serialises its generate calls."""
+    """A causal LM in memory, the queue every generate call goes through, and the lock its tokenizer needs."""
 
     model: Any
     tokenizer: Any
     device: Any
-    lock: threading.Lock
+    lock: threading.Lock  # a fast tokenizer must not be used from two threads at once
+    queue: BatchingQueue
 
 
 class LocalLmBackend(LlmBackend):
-    """Batched ``generate`` on a transformers causal LM held by the registry."""
+    """A transformers causal LM held by the registry; requests go through the model's batching queue.
+
+    Every job using the same model shares one decode loop (:mod:`selma.llm.batching`), so the rounds of
+    concurrent jobs are decoded together; each request samples with its own seed, and its text does
+    not depend on which other requests shared its batch.
+    """
 
     def __init__(self, kind: str, model_name: str, lm: LoadedLm, sampling: Sampling, *, use_chat_template: bool | None, batch_size: int) -> None:
         self.kind = kind
@@ -48,64 +58,46 @@ class LocalLmBackend(LlmBackend):
         if not self.use_chat_template:
             return req.completion_prompt
         messages = [{"role": "system", "content": req.system}, {"role": "user", "content": req.user}]
-        text = self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with self.lm.lock:
+            text = self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return f"{text}{req.first_number}."
 
     def generate(self, requests: list[LlmRequest], *, cancel: threading.Event | None = None) -> list[LlmResponse]:
-        import torch
-
         tok, model = self.lm.tokenizer, self.lm.model
         texts = [self.render(r) for r in requests]
         ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 4096
         max_new = min(self.sampling.max_tokens, max(8, ctx // 2))
+        with self.lm.lock:
+            tok.truncation_side = "left"  # keep the end of the prompt, where the list continues
+            encoded = tok(texts, truncation=True, max_length=ctx - max_new, add_special_tokens=not self.use_chat_template)["input_ids"]
+        eos = frozenset(_eos_ids(model, tok))
+        top_k = getattr(model.generation_config, "top_k", None)
+        top_k = HF_DEFAULT_TOP_K if top_k is None else int(top_k)
+        decode = [
+            DecodeRequest(input_ids=tuple(ids), seed=r.seed, max_new_tokens=max_new, temperature=self.sampling.temperature,
+                          top_p=self.sampling.top_p, top_k=top_k, eos_ids=eos, stop=tuple(self.sampling.stop))
+            for ids, r in zip(encoded, requests, strict=True)
+        ]
         t0 = time.perf_counter()
         try:
-            with self.lm.lock:
-                # One seed per round: generate draws from torch's global RNG, hence the lock.
-                torch.manual_seed(requests[0].seed)
-                tok.truncation_side = "left"  # keep the end of the prompt, where the list continues
-                enc = tok(
-                    texts,
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=ctx - max_new,
-                    add_special_tokens=not self.use_chat_template,
-                ).to(self.lm.device)
-                kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id}
-                if self.sampling.temperature > 0:
-                    kwargs.update(do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p)
-                else:
-                    kwargs.update(do_sample=False)
-                if self.sampling.stop:
-                    kwargs.update(stop_strings=list(self.sampling.stop), tokenizer=tok)
-                with torch.inference_mode():
-                    out = model.generate(**enc, **kwargs)
-        except torch.OutOfMemoryError:
+            results = self.lm.queue.submit(decode, cancel=cancel)
+        except ResourceExhausted:
             metrics.LLM_ERRORS.labels(self.kind, "local").inc()
-            raise ResourceExhausted(
-                f"out of memory generating a batch of {len(texts)} with {self.model_name}; lower llm_local_batch_size or max_tokens"
-            ) from None
+            raise
         metrics.LLM_REQUEST_SECONDS.labels(self.kind).observe(time.perf_counter() - t0)
-        prompt_len = enc["input_ids"].shape[1]
-        eos = _eos_ids(model, tok)
         responses = []
-        for row, mask in zip(out, enc["attention_mask"], strict=True):
-            gen = row[prompt_len:].tolist()
-            while gen and gen[-1] == tok.pad_token_id and tok.pad_token_id not in eos:
-                gen.pop()
-            ended = any(t in eos for t in gen) or len(gen) < max_new
-            text = tok.decode(gen, skip_special_tokens=True)
+        for d, res in zip(decode, results, strict=True):
+            with self.lm.lock:
+                text = tok.decode(res.tokens, skip_special_tokens=True)
             for s in self.sampling.stop:
                 text = text.split(s, 1)[0]
-            n_gen = len(gen) if not any(t in eos for t in gen) else next(i for i, t in enumerate(gen) if t in eos) + 1
             responses.append(
                 LlmResponse(
                     text=text,
-                    finish_reason="stop" if ended else "length",
+                    finish_reason=res.finish_reason,
                     starts_mid_item=True,  # both renderings end with the next item's number
-                    prompt_tokens=int(mask.sum()),
-                    completion_tokens=n_gen,
+                    prompt_tokens=len(d.input_ids),
+                    completion_tokens=len(res.tokens),
                 )
             )
         metrics.LLM_TOKENS.labels(self.kind, "prompt").inc(sum(r.prompt_tokens for r in responses))
@@ -183,7 +175,10 @@ class ModelRegistry:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         log.info("loaded %s (%s) on %s in %.1f s", spec.backend_model, dtype, device, time.perf_counter() - t0)
-        return LoadedLm(model=model, tokenizer=tok, device=device, lock=threading.Lock())
+        lock = threading.Lock()
+        queue = BatchingQueue(model, tok, device, max_batch=self.settings.llm_local_max_batch,
+                              max_wait=self.settings.llm_local_max_wait_seconds, tokenizer_lock=lock)
+        return LoadedLm(model=model, tokenizer=tok, device=device, lock=lock, queue=queue)
 
     def embedding_model(self, source: str, device: str) -> tuple[Any, threading.Lock]:
         """A sentence-embedding model and its lock."""

@@ -34,3 +34,8 @@ LLM_TOKENS = Counter(
     "Tokens reported by LLM backends, by backend kind and type (prompt, completion).",
     ["backend", "type"],
 )
+LLM_BATCH_ROWS = Histogram(
+    "selma_llm_batch_rows",
+    "Sequences in one forward of a local model's batching queue (prefills and decode steps of all jobs together).",
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256),
+)

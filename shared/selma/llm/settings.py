@@ -53,7 +53,11 @@ class LlmSettings(SelmaSettings):
     llm_retry_max_backoff_seconds: float = Field(30.0, ge=0, description="Longest delay between retries (also caps Retry-After).")
     llm_max_tokens: int = Field(1024, ge=16, description="Default max_tokens per LLM request.")
     llm_local_model: str = Field("", description="Default model path or hub id for the local_causal_lm backend.")
-    llm_local_batch_size: int = Field(8, ge=1, le=256, description="Requests generated together by a local model.")
+    llm_local_batch_size: int = Field(8, ge=1, le=256, description="Requests one job sends a local model per round (fewer when fewer are needed).")
+    llm_local_max_batch: int = Field(
+        32, ge=1, le=256, description="Sequences a local model decodes at once, from all the jobs using it (its batching queue).")
+    llm_local_max_wait_seconds: float = Field(
+        0.05, ge=0, le=5, description="How long an idle local model waits for more requests to batch with the first.")
     llm_max_loaded_models: int = Field(2, ge=1, description="Local LLMs / embedding models kept in memory at once.")
 
     def api_key(self, name: str = "", key: str = "", *, field: str = "spec.backend.openai_compatible.api_key") -> SecretStr | None:
