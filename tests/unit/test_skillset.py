@@ -151,3 +151,16 @@ def test_a_bad_gate_section_names_the_field_and_line(old, new, field, message):
         parse_skillset(text, source="bad.yaml")
     assert ei.value.field == field
     assert f"bad.yaml:{line}:" in str(ei.value) and message in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("path", [EXAMPLES / "sd2.yaml", EXAMPLES / "sdxl.yaml",
+                                  EXAMPLES.parent / "testbeds/shapesworld/selma_shapesworld/data/skillset-gated.yaml"])
+def test_shipped_gate_sections_pass_the_gate_services_own_rules(path, tmp_path):
+    from selma.api import message_to_dict
+    from selma_evaluation.gate import parse_gate_settings
+    from selma_evaluation.settings import EvaluationSettings
+
+    ss = load_skillset(path)
+    assert ss.gate is not None
+    cfg = parse_gate_settings(message_to_dict(ss.gate), EvaluationSettings(data_dir=tmp_path, hf_offline=True))
+    assert cfg.threshold == 1.0 and cfg.per_prompt in (4, 8) and cfg.max_candidates >= cfg.target_kept > 0
