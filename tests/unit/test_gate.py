@@ -238,3 +238,33 @@ def test_a_gate_needs_candidates_of_the_right_kind(env):
     with pytest.raises(InvalidArgument) as e:
         env["core"]().start("t/objects/gate", _spec(ps, []))
     assert e.value.field == "spec.datasets"
+
+
+def test_pass_at_k_counts_prompts_whose_first_passing_candidate_is_within_k():
+    cands = [
+        {"prompt_id": "a", "candidate": 0, "passed": True},
+        {"prompt_id": "b", "candidate": 0, "passed": False}, {"prompt_id": "b", "candidate": 1, "passed": False},
+        {"prompt_id": "b", "candidate": 2, "passed": True}, {"prompt_id": "b", "candidate": 3, "passed": True},
+        {"prompt_id": "c", "candidate": 0, "passed": False}, {"prompt_id": "c", "candidate": 7, "passed": True},
+        {"prompt_id": "d", "candidate": 0, "passed": False},
+    ]
+    assert G.pass_at_k(cands, [1, 2, 3, 4, 8], prompts_total=4) == {1: 1, 2: 1, 3: 2, 4: 2, 8: 3}
+    with pytest.raises(InvalidArgument):
+        G.pass_at_k(cands, [1], prompts_total=2)
+
+
+def test_gate_report_prints_per_skill_pass_rates_at_k(env, capsys):
+    from selma.app.cli import main
+
+    store = env["store"]
+    ps, ds, _ = _world(store, seed=6)
+    core = env["core"]()
+    rec = _finish(core, core.start("t/objects/gate", _spec(ps, [ds]))[0].job_id)
+    assert main(["eval", "gate-report", rec.output.id, "--k", "1,2,3", "--storage", env["settings"].resolved_storage_uri, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out if isinstance(out, list) else out["records"]
+    # the right image is candidate 0 of every prompt (image index 0 of the one candidate dataset)
+    assert (row["skill"], row["prompts"], row["candidates"], row["kept"]) == ("objects", 4, 12, 4)
+    assert row["prompts_passing_at_k"] == {"1": 4, "2": 4, "3": 4} and row["pass_at_k_percent"]["1"] == 100.0
+    assert main(["eval", "gate-report", ds, "--storage", env["settings"].resolved_storage_uri]) != 0
+    assert "dataset_id: " + ds + " is not a gated image_dataset" in capsys.readouterr().err

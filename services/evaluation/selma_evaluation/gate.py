@@ -347,7 +347,8 @@ class GateCore:
             s = scored[(m.id, r["file_name"])]
             ok = passes(s["score"], cfg.threshold)
             candidates.append({"dataset": m.id, "file_name": r["file_name"], "prompt_id": r.get("prompt_id", ""), "prompt_index": r.get("prompt_index"),
-                               "image_index": r.get("image_index"), "seed": r.get("seed"), "text": r.get("text", ""), "score": s["score"],
+                               "image_index": r.get("image_index"), "candidate": _candidate(m, r), "seed": r.get("seed"), "text": r.get("text", ""),
+                               "score": s["score"],
                                "passed": ok, "questions": s["questions"], **({"error": s["error"]} if s.get("error") else {})})
             if ok:
                 if r["file_name"] in seen:
@@ -378,6 +379,29 @@ class GateCore:
             w.put_bytes("gate.jsonl", "".join(json.dumps(c) + "\n" for c in candidates).encode())
         log.info("gate %s: kept %d of %d candidates of %s", key, len(kept_rows), n, skill or prompt_set.id)
         return self.store.get(aid)
+
+
+def _candidate(m: Manifest, row: Mapping[str, Any]) -> int:
+    """A row's best-of-K candidate index: its render's round (DatasetRenderSpec.candidates), else its image index."""
+    rnd = m.parameters.get("candidate_round")
+    return int(rnd["index"]) if isinstance(rnd, Mapping) else int(row.get("image_index") or 0)
+
+
+def pass_at_k(candidates: Sequence[Mapping[str, Any]], ks: Sequence[int], prompts_total: int) -> dict[int, int]:
+    """K → prompts with at least one passing image among their first K candidates (``gate.jsonl`` rows).
+
+    Exact for a gate over best-of-K rounds without a target or budget: round k renders candidate k
+    of every prompt without a kept image, so a prompt's first passing candidate is always rendered.
+    """
+    first: dict[str, int] = {}
+    for c in candidates:
+        if c.get("passed"):
+            pid = str(c.get("prompt_id", ""))
+            k = int(c.get("candidate", c.get("image_index") or 0))
+            first[pid] = min(first.get(pid, k), k)
+    if len(first) > prompts_total:
+        raise InvalidArgument(f"{len(first)} prompts passed but the prompt set has {prompts_total}", field="prompts_total")
+    return {k: sum(1 for v in first.values() if v < k) for k in ks}
 
 
 def _yes_no(item: EvalItem) -> EvalItem | None:
