@@ -16,7 +16,7 @@ from selma.errors import FailedPrecondition, InvalidArgument
 from selma.jobs import JobPhase, JobRecord
 from selma.v1 import common_pb2, render_service_pb2
 from selma_render.core import RenderCore
-from selma_render.dataset import Prompt, plan_dataset_items, plan_items
+from selma_render.dataset import Prompt, plan_dataset_items, plan_items, reproduce_image
 from selma_render.settings import RenderSettings
 from selma_render.spec import parse_dataset_spec
 
@@ -97,6 +97,8 @@ def test_candidate_rounds_render_the_images_of_a_k_image_render_for_the_prompts_
     assert [(f.path, f.sha256) for f in store.get(again).files if f.path.startswith("images/")] == \
            [(f.path, f.sha256) for f in store.get(r2).files if f.path.startswith("images/")]
     assert store.get(r2).parameters["candidate_round"] == {"index": 2, "per_prompt": K, "skip_kept_in": skip.id, "max_images": 0}
+    # a candidate is re-rendered exactly from its round's dataset, like any dataset image
+    assert reproduce_image(store, core.renderer, r2, "images/000003-2.png").identical
 
 
 def test_candidate_seeds_match_a_k_image_plan_with_several_images_per_prompt(settings):

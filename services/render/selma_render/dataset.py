@@ -53,7 +53,14 @@ from selma_render.renderer import (
     is_out_of_memory,
 )
 from selma_render.settings import RenderSettings
-from selma_render.spec import DatasetSpec, PromptSetRef, RenderConfig, parse_dataset_spec, scheduler_enum
+from selma_render.spec import (
+    CandidateSpec,
+    DatasetSpec,
+    PromptSetRef,
+    RenderConfig,
+    parse_dataset_spec,
+    scheduler_enum,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -249,9 +256,17 @@ def metadata_jsonl(items: list[Item], resolved: dict[str, Any], skill: str) -> b
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def dataset_parameters(prompt_set_id: str, n_prompts: int, items: list[Item], cfg: RenderConfig, resolved: dict[str, Any], run: str, skill: str) -> dict[str, Any]:
+def dataset_parameters(
+    prompt_set_id: str, n_prompts: int, items: list[Item], cfg: RenderConfig, resolved: dict[str, Any], run: str, skill: str,
+    candidates: CandidateSpec | None = None,
+) -> dict[str, Any]:
     """The image dataset manifest's parameters (what :func:`reproduce_image` re-plans a batch from)."""
+    extra: dict[str, Any] = {}
+    if candidates is not None:  # a best-of-K round: the gate reads the candidate index, reproduce_image the plan
+        extra["candidate_round"] = {"index": candidates.index, "per_prompt": candidates.per_prompt,
+                                    "skip_kept_in": candidates.skip_kept_in, "max_images": candidates.max_images}
     return {
+        **extra,
         "prompt_set": prompt_set_id,
         "prompts": n_prompts,
         "images": len(items),
@@ -344,10 +359,7 @@ class DatasetRenderJob:
 
         resolved = resolved_record(model, r)
         labels = dataset_labels(dict(spec.labels), spec.run, skill)
-        parameters = dataset_parameters(prompt_set.id, len(prompts), items, cfg, resolved, spec.run, skill)
-        if spec.candidates is not None:
-            parameters["candidate_round"] = {"index": spec.candidates.index, "per_prompt": spec.candidates.per_prompt,
-                                             "skip_kept_in": spec.candidates.skip_kept_in, "max_images": spec.candidates.max_images}
+        parameters = dataset_parameters(prompt_set.id, len(prompts), items, cfg, resolved, spec.run, skill, spec.candidates)
 
         writer = self.store.writer(
             ArtifactKind.IMAGE_DATASET,
@@ -487,7 +499,10 @@ def reproduce_image(store: ArtifactStore, renderer: Renderer, dataset_id: str, f
         prompt_set, n_prompts = p["prompt_set"], int(p["prompts"])
     except (KeyError, TypeError, ValueError) as e:
         raise FailedPrecondition(f"dataset {dataset_id} was not written by this render service version (parameter {e} missing or bad)") from None
-    items = plan_items(load_prompts(store, store.get(prompt_set), n_prompts), cfg)
+    rnd = p.get("candidate_round")
+    candidates = CandidateSpec(**rnd) if isinstance(rnd, dict) else None
+    items = plan_dataset_items(store, load_prompts(store, store.get(prompt_set), n_prompts), DatasetSpec(
+        prompt_set=PromptSetRef(id=prompt_set), config=cfg, candidates=candidates))
     position = next((i for i, it in enumerate(items) if it.path == file_name), None)
     if position is None:
         raise NotFound(f"dataset {dataset_id} has no image {file_name!r}", field="file_name")

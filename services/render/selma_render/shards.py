@@ -260,7 +260,7 @@ class ShardedRender:
             ArtifactKind.IMAGE_DATASET,
             id=work.dataset_id,
             parents=[prompt_set_id],
-            parameters=dataset_parameters(prompt_set_id, n_prompts, items, cfg, resolved[0], spec.run, skill),
+            parameters=dataset_parameters(prompt_set_id, n_prompts, items, cfg, resolved[0], spec.run, skill, spec.candidates),
             name=f"images for {skill or prompt_set_id}",
             labels=dataset_labels(dict(spec.labels), spec.run, skill),
         )
