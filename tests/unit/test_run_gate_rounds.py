@@ -110,3 +110,15 @@ def test_a_skill_with_no_kept_image_fails_the_run_naming_the_gate_settings(tmp_p
     w = World("{vqa: {tinyTest: {}}, candidatesPerPrompt: 2}", tmp_path, period=0)
     with pytest.raises(RunFailed, match=r"counting · gate: no image passed \(20 candidates scored\).*spec.gate.threshold"):
         w.gated_dataset(w.skillset.skills[0], common_pb2.ArtifactRef(id="prompt-set-x"))
+
+
+def test_lineage_labels_a_kept_dataset_with_its_gate_numbers_and_a_candidate_round_with_its_index():
+    from selma.app.runner import _gate_note
+
+    kept = common_pb2.ArtifactManifest()
+    kept.parameters.update({"kept": 3, "candidates": 64, "pass_rate_percent": 100 * 3 / 64})
+    assert _gate_note(kept) == "  gate: kept 3 of 64 candidates (4.7%)"
+    rnd = common_pb2.ArtifactManifest()
+    rnd.parameters.update({"candidate_round": {"index": 2, "per_prompt": 8, "skip_kept_in": "", "max_images": 0}})
+    assert _gate_note(rnd) == "  best-of-K candidate 2"
+    assert _gate_note(common_pb2.ArtifactManifest()) == ""

@@ -625,7 +625,7 @@ def _lineage(args: argparse.Namespace) -> int:
         if m is None:
             node.add(f"{aid} (missing)")
             return
-        label = f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else "")
+        label = f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else "") + _gate_note(m)
         if aid in expanded:  # a DAG: an ancestor shared by several children is drawn once
             node.add(label + "  [dim](ancestors shown above)[/dim]")
             return
@@ -642,6 +642,16 @@ def _lineage(args: argparse.Namespace) -> int:
     add(root, artifact_id)
     Console().print(root)
     return 0
+
+
+def _gate_note(m: common_pb2.ArtifactManifest) -> str:
+    """What lineage says of the gate's datasets: a kept dataset's numbers, a candidate round's index."""
+    p = m.parameters
+    if "kept" in p and "candidates" in p and "pass_rate_percent" in p:
+        return f"  gate: kept {int(p['kept'])} of {int(p['candidates'])} candidates ({p['pass_rate_percent']:.1f}%)"
+    if "candidate_round" in p:
+        return f"  best-of-K candidate {int(p['candidate_round']['index'])}"
+    return ""
 
 
 def _generate(args: argparse.Namespace) -> int:
