@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
-from selma.errors import FailedPrecondition, InvalidArgument
+from selma.errors import FailedPrecondition, InvalidArgument, NotFound
 from selma.jobs import JobPhase, JobRecord
 from selma.v1 import common_pb2, render_service_pb2
 from selma_render.core import RenderCore
@@ -124,11 +124,14 @@ def test_a_bad_candidate_round_is_refused_naming_the_field(settings, round_, fie
     assert e.value.field == field
 
 
-def test_a_round_with_every_prompt_kept_has_nothing_to_render(settings, core):
+def test_a_round_with_nothing_to_render_or_an_unknown_gated_dataset_is_refused_at_start(core, tiny_models):
     ps = _prompt_set(core.store, 2)
     skip = common_pb2.ArtifactRef(id=_kept(core.store, ["p000000", "p000001"]))
-    spec = parse_dataset_spec(_spec("tiny://sd", ps, candidates=render_service_pb2.CandidateRound(index=1, per_prompt=2, skip_kept_in=skip)), settings)
-    from selma_render.dataset import load_prompts
-
-    with pytest.raises(FailedPrecondition, match="nothing to render"):
-        plan_dataset_items(core.store, load_prompts(core.store, core.store.get(ps)), spec)
+    with pytest.raises(FailedPrecondition, match="nothing to render") as e:
+        core.start("all-kept", _spec(tiny_models.sd, ps, candidates=render_service_pb2.CandidateRound(index=1, per_prompt=2, skip_kept_in=skip)))
+    assert e.value.field == "spec.candidates"
+    with pytest.raises(NotFound) as e:
+        core.start("unknown", _spec(tiny_models.sd, ps, candidates=render_service_pb2.CandidateRound(
+            index=1, per_prompt=2, skip_kept_in=common_pb2.ArtifactRef(id="image-dataset-0000"))))
+    assert e.value.field == "spec.candidates.skip_kept_in.id"
+    assert core.jobs.list(page_size=10, page_token="")[0] == []  # nothing was started
