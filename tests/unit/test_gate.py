@@ -218,6 +218,8 @@ def test_a_second_round_scores_only_its_new_candidates_and_names_every_round_as_
     ({"target_kept": 10, "max_candidates": 5}, "spec.gate.max_candidates", "target_kept"),
     ({"target_kept": -1}, "spec.gate.target_kept", ">= 0"),
     ({"question_source": "GATE_QUESTION_SOURCE_VQA_BACKEND", "vqa": {"tiny_test": {}}}, "spec.gate.question_source", "writes no questions"),
+    ({"vqa": {"tiny_test": {}, "shapesworld_judge": {}}}, "spec.gate.vqa", "exactly one"),
+    ({"vqa": {"transformers": {"batch_size": 999}}}, "spec.gate.vqa.transformers.batch_size", "1..256"),
 ])
 def test_a_bad_gate_is_refused_naming_the_field(env, gate, field, words):
     store = env["store"]

@@ -28,14 +28,15 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from selma import plugins
 from selma.api import output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest, new_artifact_id
-from selma.errors import FailedPrecondition, InvalidArgument, NotFound
+from selma.errors import FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.jobs import JobContext, JobManager, JobRecord, JobResult
 from selma.specs import candidates_per_prompt, gate_budget, gate_threshold, parse_mapping
 from selma.storage import Storage
@@ -73,7 +74,8 @@ def parse_gate_settings(d: Mapping[str, Any] | None, settings: EvaluationSetting
     if source and source not in SOURCES:
         raise InvalidArgument(f"must be one of {', '.join(SOURCES)}; got {source}", field=f"{prefix}.question_source")
     target, budget = gate_budget(d.get("target_kept"), d.get("max_candidates"), prefix)
-    vqa = resolve_backend(dict(d.get("vqa") or {}), settings)
+    with _fields_under(prefix):  # the evaluation's rules name spec.vqa...; here they are spec.gate.vqa...
+        vqa = resolve_backend(dict(d.get("vqa") or {}), settings)
     if source == "GATE_QUESTION_SOURCE_VQA_BACKEND" and _backend_questions(vqa) is None:
         raise InvalidArgument(f"the VQA backend {next(iter(vqa))} writes no questions of its own: use GATE_QUESTION_SOURCE_GENERATED or "
                               "GATE_QUESTION_SOURCE_INLINE", field=f"{prefix}.question_source")
@@ -86,6 +88,19 @@ def parse_gate_settings(d: Mapping[str, Any] | None, settings: EvaluationSetting
         target_kept=target,
         max_candidates=budget,
     )
+
+
+@contextmanager
+def _fields_under(prefix: str) -> Iterator[None]:
+    """Re-raise an evaluation-spec error (``spec.vqa…``, ``spec.question_backend…``) with the field under ``prefix``."""
+    try:
+        yield
+    except SelmaError as e:
+        field = e.field or ""
+        if not field.startswith("spec.") or field.startswith(prefix):
+            raise
+        moved = prefix + field.removeprefix("spec")
+        raise type(e)(e.message.replace(field, moved), field=moved) from None
 
 
 def _backend_questions(vqa: Mapping[str, Any]) -> Callable[[str], list[dict[str, Any]]] | None:
