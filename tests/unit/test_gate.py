@@ -192,6 +192,51 @@ def test_a_gate_job_that_dies_midway_resumes_without_rescoring_scored_images(env
     assert {r["file_name"] for r in _lines(store, rec.output.id, "metadata.jsonl")} == {f for f, k in truth.items() if k == "right"}
 
 
+def test_a_gate_job_whose_service_stops_midway_resumes_in_the_next_process_without_rescoring(env, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(G, "CHUNK", 2)
+    store = env["store"]
+    ps, ds, truth = _world(store, seed=7)
+    reached, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    reg = _counting_registry(calls)
+    real_build = reg.vqa_backends["shapesworld_judge"].build
+
+    def build(bs):  # noqa: ANN001, ANN202 - the third chunk waits until the service is stopping
+        vqa = real_build(bs)
+        inner = vqa.answer
+
+        def answer(queries):  # noqa: ANN001, ANN202
+            if len(calls) == 2:
+                reached.set()
+                assert release.wait(300), "the test never released the VQA model"
+            return inner(queries)
+
+        vqa.answer = answer
+        return vqa
+
+    reg.vqa_backends["shapesworld_judge"] = replace(reg.vqa_backends["shapesworld_judge"], build=build)
+    first = env["core"]()
+    with plugins.use_registry(reg):
+        rec, _ = first.start("t/objects/gate", _spec(ps, [ds]))
+        assert reached.wait(300), "the gate job never reached its third chunk"
+        stopper = threading.Thread(target=first.shutdown)  # the process stops: running jobs are interrupted, not failed
+        stopper.start()
+        release.set()
+        stopper.join(300)
+    assert first.manager.get(rec.job_id).phase in (JobPhase.PENDING, JobPhase.RUNNING)  # left for the next process
+    assert len(calls) == 3  # the chunk in flight finished and was journaled before the job stopped
+    calls.clear()
+    second = env["core"]()  # the next process of the service
+    with plugins.use_registry(_counting_registry(calls)):
+        assert second.recover() == [rec.job_id]
+        done = _finish(second, rec.job_id)
+    assert done.phase == JobPhase.SUCCEEDED, done.error
+    assert done.stats["candidates_from_journal"] == 6 and len(calls) == (12 - 6) // 2
+    assert {r["file_name"] for r in _lines(store, done.output.id, "metadata.jsonl")} == {f for f, k in truth.items() if k == "right"}
+
+
 def test_a_second_round_scores_only_its_new_candidates_and_names_every_round_as_parent(env):
     store = env["store"]
     ps, ds, truth = _world(store, seed=3)
