@@ -15,9 +15,10 @@ endpoint says otherwise.
 
 The serving endpoint may name several replicas (``serving=a:1|b:2``, or ``dns:///name:port`` for
 every address of a headless Service): each Generate goes to the replica its model or mix hashes to
-(:mod:`selma.routing`), falling back to the next one in hash order when one is UNAVAILABLE, and
-RESOURCE_EXHAUSTED / UNAVAILABLE are retried with jittered back-off (``retry=``, honouring the
-server's ``retry-after-ms``) as long as no image has arrived.
+(:mod:`selma.routing`), spilling over to the next one in hash order when one is busy
+(RESOURCE_EXHAUSTED) or UNAVAILABLE; when all are, the round is retried with jittered back-off
+(``retry=``, honouring the server's ``retry-after-ms``) as long as no image has arrived.  A merge
+job goes to the replica that will serve its model, and its Get/Watch/Cancel follow it.
 
 Channels are TLS and carry a bearer token as :class:`selma.security.ClientSecurity` says: from
 ``SELMA_TOKEN``/``SELMA_TLS_*`` (or the CLI's ``--token``/``--ca-cert``/``--client-cert``/``--client-key``),
@@ -43,7 +44,16 @@ from selma.config import ClientSettings
 from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
-from selma.routing import RETRYABLE, SEPARATOR, ReplicaSet, RetryPolicy, call_with_retry, next_wait, routing_key
+from selma.routing import (
+    RETRYABLE,
+    SEPARATOR,
+    ReplicaSet,
+    RetryPolicy,
+    call_with_retry,
+    next_wait,
+    round_error,
+    routing_key,
+)
 from selma.security import ClientSecurity, make_channel
 from selma.v1 import (
     common_pb2,
@@ -193,32 +203,99 @@ def generate_routing_key(request: serving_service_pb2.GenerateRequest) -> str:
     return routing_key(request.model_name if which == "model_name" else "", message_to_dict(request.experts) if which == "experts" else None)
 
 
-class JobClient:
-    """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`)."""
+PRIORITY_NAMES = ("low", "normal", "high")  # GenerateRequest.priority as the CLI and SDK spell it
 
-    def __init__(self, stub: Any, kind: JobKind, timeout: float) -> None:
+
+def generation_priority(name: str) -> int:
+    """``low``/``normal``/``high`` ("" = unset, served as normal) as a ``GenerationPriority`` value."""
+    if not name:
+        return serving_service_pb2.GENERATION_PRIORITY_UNSPECIFIED
+    if name.lower() not in PRIORITY_NAMES:
+        raise InvalidArgument(f"priority must be one of {', '.join(PRIORITY_NAMES)}; got {name!r}", field="priority")
+    return serving_service_pb2.GenerationPriority.Value("GENERATION_PRIORITY_" + name.upper())
+
+
+def merge_routing_key(spec: serving_service_pb2.MergeJobSpec) -> str:
+    """Where a merge job runs among serving replicas: the replica that will serve its model
+    (``model:<name>``, as Generate routes it), so the replica that built the merge holds it warm."""
+    return routing_key(spec.model_name) if spec.model_name else "base"
+
+
+# Job kinds whose calls are pinned to one serving replica, by what their spec names.
+JOB_ROUTES: dict[str, Callable[[Any], str]] = {"merge": merge_routing_key}
+
+
+class JobClient:
+    """Start/Get/Watch/Cancel/List for one job kind (its stub's method names: :data:`selma.job_kinds.JOB_KINDS`).
+
+    With ``replicas`` (a kind the serving replicas run: ``key -> [(address, stub)]`` in the key's
+    order) a job is pinned: Start goes to the replica ``route(spec)`` names, and Get/Watch/Cancel of
+    that job to the same one (``keys``, job id -> routing key, is learnt from every answer and shared
+    by the client's JobClients; a job id never seen goes where ``base`` does).  A replica that is
+    UNAVAILABLE hands the call to the next one in the key's order (any replica can load a job's
+    record from the shared store); List goes to the ``base`` replica."""
+
+    def __init__(self, stub: Any, kind: JobKind, timeout: float, *,
+                 replicas: Callable[[str], list[tuple[str, Any]]] | None = None,
+                 route: Callable[[Any], str] | None = None, keys: dict[str, str] | None = None) -> None:
         self._stub = stub
         self._k = kind
         self._timeout = timeout
+        self._replicas = replicas
+        self._route = route
+        self._keys = {} if keys is None else keys
 
     def _req(self, method: str, **fields: Any) -> Any:
         return getattr(self._k.module, f"{method}Request")(**fields)
 
+    def _learn(self, job: Any) -> Any:
+        if self._route is not None and job.status.job_id:
+            self._keys.setdefault(job.status.job_id, self._route(job.spec))
+        return job
+
+    def _stubs(self, key: str) -> list[tuple[str, Any]]:
+        return [("", self._stub)] if self._replicas is None else self._replicas(key)
+
+    def _unary(self, method: str, request: Any, key: str) -> Any:
+        global _last_target
+        error: grpc.RpcError | None = None
+        for address, stub in self._stubs(key):
+            if address:
+                _last_target = ("serving", address)
+            try:
+                return getattr(stub, method)(request, timeout=self._timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or self._replicas is None:
+                    raise
+                error = e  # gone: the next replica in the key's order
+        assert error is not None
+        raise error
+
+    def _key(self, job_id: str) -> str:
+        return self._keys.get(job_id, "base")
+
     def start(self, idempotency_key: str, spec: Any, *, validate_only: bool = False) -> tuple[Any, bool]:
         """Returns (job, created)."""
-        resp = getattr(self._stub, self._k.start)(self._req(self._k.start, idempotency_key=idempotency_key, spec=spec, validate_only=validate_only), timeout=self._timeout)
+        key = self._route(spec) if self._route is not None else "base"
+        resp = self._unary(self._k.start, self._req(self._k.start, idempotency_key=idempotency_key, spec=spec, validate_only=validate_only), key)
+        if resp.job.status.job_id:
+            self._keys[resp.job.status.job_id] = key
         return resp.job, resp.created
 
     def get(self, job_id: str) -> Any:
-        return getattr(self._stub, self._k.get)(self._req(self._k.get, job_id=job_id), timeout=self._timeout).job
+        return self._learn(self._unary(self._k.get, self._req(self._k.get, job_id=job_id), self._key(job_id)).job)
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[Any]:
         """Stream the job until a terminal phase (the server ends the stream)."""
-        for resp in getattr(self._stub, self._k.watch)(self._req(self._k.watch, job_id=job_id), timeout=timeout):
+        global _last_target
+        address, stub = self._stubs(self._key(job_id))[0]
+        if address:
+            _last_target = ("serving", address)
+        for resp in getattr(stub, self._k.watch)(self._req(self._k.watch, job_id=job_id), timeout=timeout):
             yield resp.job
 
     def cancel(self, job_id: str, reason: str = "") -> Any:
-        return getattr(self._stub, self._k.cancel)(self._req(self._k.cancel, job_id=job_id, reason=reason), timeout=self._timeout).job
+        return self._unary(self._k.cancel, self._req(self._k.cancel, job_id=job_id, reason=reason), self._key(job_id)).job
 
     def list(self, *, run: str = "", skill: str = "", page_size: int = 100) -> list[Any]:
         """All jobs matching run/skill (follows page tokens)."""
@@ -226,8 +303,8 @@ class JobClient:
         token = ""
         while True:
             req = self._req(self._k.list, filter=common_pb2.JobFilter(run=run, skill=skill), page_size=page_size, page_token=token)
-            resp = getattr(self._stub, self._k.list)(req, timeout=self._timeout)
-            out.extend(resp.jobs)
+            resp = self._unary(self._k.list, req, "base")
+            out.extend(self._learn(j) for j in resp.jobs)
             token = resp.next_page_token
             if not token:
                 return out
@@ -259,6 +336,7 @@ class SelmaClient:
         self._stubs: dict[str, Any] = {}
         self._serving_stubs: dict[str, Any] = {}  # by replica address
         self._serving: ReplicaSet | None = None
+        self._job_routes: dict[str, str] = {}  # serving job id -> routing key (JobClient)
         if endpoints.serving:
             self._serving = ReplicaSet(endpoints.serving, self.security, options=options, resolve_interval=resolve_interval)
         for name in API_SERVICES:
@@ -317,28 +395,30 @@ class SelmaClient:
 
     def serving_call(self, method: str, request: Any, *, key: str = "base", timeout: float | None = None) -> Any:
         """An idempotent unary ServingService call: the replicas in ``key``'s order (the next one on
-        UNAVAILABLE), retried with back-off on RESOURCE_EXHAUSTED / UNAVAILABLE as :attr:`retry` says."""
+        RESOURCE_EXHAUSTED or UNAVAILABLE), the whole round retried with back-off as :attr:`retry` says."""
         global _last_target
 
         def attempt() -> Any:
             global _last_target
-            error: grpc.RpcError | None = None
+            errors: list[grpc.RpcError] = []
             for address, stub in self.serving_stubs(key):
                 _last_target = ("serving", address)
                 try:
                     return getattr(stub, method)(request, timeout=timeout or self.timeout)
                 except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    if e.code() not in RETRYABLE:
                         raise
-                    error = e
-            assert error is not None
-            raise error
+                    errors.append(e)  # busy or unreachable: the next replica in the key's order
+            raise round_error(errors)
 
         return call_with_retry(self.retry, attempt, f"ServingService/{method}")
 
     def jobs(self, kind: str) -> JobClient:
-        """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``."""
+        """Job calls for ``prompts``, ``render``, ``training``, ``merge`` or ``evaluation``; a merge job
+        goes to the serving replica that will serve its model (:func:`merge_routing_key`)."""
         k = JOB_KINDS[kind]
+        if k.service == "serving" and self._serving is not None:  # pinned to a replica (see JobClient)
+            return JobClient(None, k, self.timeout, replicas=self.serving_stubs, route=JOB_ROUTES.get(kind), keys=self._job_routes)
         return JobClient(self.stub(k.service), k, self.timeout)
 
     # -- health --------------------------------------------------------------------------------
@@ -397,11 +477,16 @@ class SelmaClient:
         negative_prompt: str = "",
         timeout: float | None = 600.0,
         seed_policy: str | int | None = None,
+        priority: str = "",
+        stream_progress: bool = False,
     ) -> Iterator[serving_service_pb2.GenerateResponse]:
         """Stream generated images: a registered model, the base with per-request expert weights, or the base.
 
         ``seed`` is the base seed (unset: the service picks one at random) and ``seed_policy`` how each
         image's seed derives from it (any spelling :func:`selma.seeds.seed_policy` takes; unset = derived).
+        ``priority`` is ``low``, ``normal`` or ``high`` ("" = normal; the service serves ``high`` only
+        to admin callers); ``stream_progress`` asks for GenerateProgress messages (place in line,
+        start of generation) before the images.
         """
         from selma.seeds import seed_policy as _seed_policy
 
@@ -410,7 +495,8 @@ class SelmaClient:
         diffusion = common_pb2.DiffusionSettings(steps=steps, width=width, height=height, negative_prompt=negative_prompt)
         if guidance_scale is not None:
             diffusion.guidance_scale = guidance_scale
-        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt)
+        req = serving_service_pb2.GenerateRequest(prompts=list(prompts), diffusion=diffusion, images_per_prompt=images_per_prompt,
+                                                  priority=generation_priority(priority), stream_progress=stream_progress)
         if seed is not None:
             req.seed = seed
         if seed_policy is not None:
@@ -425,16 +511,18 @@ class SelmaClient:
                          timeout: float | None = 600.0) -> Iterator[serving_service_pb2.GenerateResponse]:
         """Stream a GenerateRequest from the replica its model or mix routes to (see :mod:`selma.routing`).
 
-        Until the first image arrives, UNAVAILABLE moves on to the next replica in hash order, and
-        RESOURCE_EXHAUSTED (or every replica UNAVAILABLE) is retried after a back-off; once an image
-        has arrived an error is raised as it is (the images already yielded stay valid).
+        Until the first image arrives, RESOURCE_EXHAUSTED or UNAVAILABLE moves on to the next replica
+        in hash order at once; when every replica refused, the round is retried from the preferred
+        replica after a back-off (honouring the shortest ``retry-after-ms``); once an image has
+        arrived an error is raised as it is (the images already yielded stay valid).  Progress
+        messages of a replica that then refuses are not a reason to stop spilling over.
         """
         global _last_target
         key = generate_routing_key(request)
         started = time.monotonic()
         calls = 0
         while True:
-            error: grpc.RpcError | None = None
+            errors: list[grpc.RpcError] = []
             for address, stub in self.serving_stubs(key):
                 _last_target = ("serving", address)
                 received = False
@@ -446,10 +534,8 @@ class SelmaClient:
                 except grpc.RpcError as e:
                     if received or e.code() not in RETRYABLE:
                         raise
-                    error = e
-                    if e.code() != grpc.StatusCode.UNAVAILABLE:
-                        break  # refused for load: back off, then ask the same replica again (its cache is warm)
-            assert error is not None
+                    errors.append(e)  # busy or unreachable: spill over to the next replica in the key's order
+            error = round_error(errors)  # every replica refused: back off, then start again at the preferred one
             calls += 1
             wait = next_wait(self.retry, error, calls, started)
             if wait is None:

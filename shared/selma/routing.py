@@ -18,6 +18,12 @@ every ``resolve_interval`` seconds).  Each replica's channel comes from
 :func:`selma.security.make_channel` (TLS + token); a replica found through DNS is verified against
 the DNS name, not its pod IP.
 
+A request refused for load (RESOURCE_EXHAUSTED) or unreachable (UNAVAILABLE) at its replica spills
+over to the next replica in its own order at once: a busy preferred replica costs a cold cache
+elsewhere, not a back-off.  Only when every replica refused does the client back off
+(:func:`round_error` picks the shortest ``retry-after-ms``), then it starts again from the
+preferred replica, whose cache is the warm one.
+
 :class:`RetryPolicy` is the SDK's back-off: RESOURCE_EXHAUSTED and UNAVAILABLE are retried with
 jittered exponential back-off, a bounded number of attempts within a bounded time, honouring the
 server's ``retry-after-ms`` trailing metadata.  gRPC's own retry policy cannot do this here: it
@@ -144,6 +150,17 @@ def retry_after(error: grpc.RpcError) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+def round_error(errors: Sequence[grpc.RpcError]) -> grpc.RpcError:
+    """What a round over the replicas answers when every replica refused or was unreachable: the
+    RESOURCE_EXHAUSTED with the shortest ``retry-after-ms`` (the soonest any replica expects room;
+    the first refusal when none has a hint), else the last error."""
+    busy = [e for e in errors if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    if not busy:
+        return errors[-1]
+    hinted = [(hint, i) for i, e in enumerate(busy) if (hint := retry_after(e)) is not None]
+    return busy[min(hinted)[1]] if hinted else busy[0]
 
 
 def call_with_retry(policy: RetryPolicy, attempt: Callable[[], Any], what: str = "call") -> Any:

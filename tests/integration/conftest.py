@@ -45,7 +45,8 @@ def eval_stack(tiny_models, tmp_path_factory):
     experts = [make_expert(store, str(tiny_models.sd), seed=s, rank=4, skill=f"skill{s}", run="evalrun") for s in (1, 2)]
     common = dict(data_dir=root / "training", storage_uri=storage_uri, device="cpu", batch_progress_interval_seconds=0,
                   batch_poll_seconds=0.2, batch_max_local_jobs=2, log_level="WARNING", hf_offline=True)
-    settings = EvaluationSettings(**common, eval_serving_endpoint=serving.address, eval_vqa_batch_size=4)
+    # llm_allow_any_base_url: the fake LLM's port is picked per test (the default allow-list is tested in test_eval_service)
+    settings = EvaluationSettings(**common, eval_serving_endpoint=serving.address, eval_vqa_batch_size=4, llm_allow_any_base_url=True)
     # as `selma serve training` hosts them: training and evaluation in one server, sharing the batch launchers
     hosted_training = training_server.hosted(TrainingSettings(**common))
     hosted_evaluation = evaluation.hosted(settings, launchers=hosted_training.core.launchers)

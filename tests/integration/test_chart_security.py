@@ -335,3 +335,21 @@ def test_helm_test_pod_checks_health_then_calls_generate_with_the_token_over_tls
     for sets in (("serving.enabled=false", "gc.enabled=false"), ("tests.generate.enabled=false",)):
         (pod,) = by_kind(docs_of("default", *sets), "Pod").values()
         assert [c["name"] for c in pod["spec"]["containers"]] == ["grpc-health"] and not pod["spec"].get("initContainers")
+
+
+def test_llm_and_vqa_endpoints_are_an_allowlist_the_chart_never_opens() -> None:
+    """A caller cannot make the services call an address of its choosing (SSRF): the chart passes the
+    endpoints the operator lists and never sets SELMA_LLM_ALLOW_ANY_BASE_URL / SELMA_EVAL_ALLOW_ANY_BASE_URL."""
+    docs = docs_of("default", "llm.baseUrl=http://vllm.llm:8000/v1", "llm.allowedBaseUrls={http://tgi.llm:8080/v1}",
+                   "evaluation.vqaAllowedBaseUrls={http://qwen-vl.llm:8000/v1}")
+    opened = ("SELMA_LLM_ALLOW_ANY_BASE_URL", "SELMA_EVAL_ALLOW_ANY_BASE_URL")
+    for name, spec in _deployments(docs).items():
+        for c in spec["containers"]:
+            assert not set(_env(c)) & set(opened), name
+    maps = {name: cm.get("data", {}) for name, cm in by_kind(docs, "ConfigMap").items()}
+    assert not [name for name, data in maps.items() if set(data) & set(opened)]
+    prompts = next(data for data in maps.values() if "SELMA_LLM_OPENAI_BASE_URL" in data and "SELMA_EVAL_VQA_MODEL" not in data)
+    assert json.loads(prompts["SELMA_LLM_ALLOWED_BASE_URLS"]) == ["http://tgi.llm:8080/v1"]
+    evaluation = next(data for data in maps.values() if "SELMA_EVAL_VQA_MODEL" in data)
+    assert json.loads(evaluation["SELMA_EVAL_ALLOWED_BASE_URLS"]) == ["http://qwen-vl.llm:8000/v1"]
+    assert json.loads(evaluation["SELMA_LLM_ALLOWED_BASE_URLS"]) == ["http://tgi.llm:8080/v1"]  # its question writer

@@ -86,7 +86,7 @@ def scripted(script: dict[str, dict[str, str]]):
 
 @pytest.fixture
 def settings(tmp_path) -> EvaluationSettings:
-    return EvaluationSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri())
+    return EvaluationSettings(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), llm_allow_any_base_url=True)
 
 
 def fake_backend(llm, settings, api: str = "OPEN_AI_API_CHAT_COMPLETIONS", **extra):

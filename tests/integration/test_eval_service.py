@@ -298,6 +298,29 @@ def test_questions_for_prompts_without_any_are_written_by_the_llm_and_asked_once
     assert again.status.phase == common_pb2.JOB_PHASE_SUCCEEDED and len(llm.requests) == asked
 
 
+def test_a_question_endpoint_the_service_may_not_call_is_refused_before_any_job(stack):
+    """By default (SELMA_LLM_ALLOW_ANY_BASE_URL off) a caller cannot point the service at an address of its choosing."""
+    core = stack["training"].evaluation
+    permissive = core.settings
+    core.settings = permissive.model_copy(update={"llm_allow_any_base_url": False})
+    try:
+        test_set = publish_prompt_set(stack["store"], "ssrf-questions", "colour", ["a red kettle"], questions=False)
+        spec = pb.EvaluationSpec(benchmark=pb.EVALUATION_BENCHMARK_PROMPT_SET, prompt_set=common_pb2.ArtifactRef(id=test_set),
+                                 diffusion=DIFFUSION, targets=[pb.EvaluationTarget(label="base")],
+                                 vqa=pb.VqaBackend(tiny_test=pb.TinyTestVqaBackend()))
+        spec.question_backend.openai_compatible.base_url = "http://169.254.169.254/latest/v1"
+        spec.question_backend.openai_compatible.model = "m"
+        with pytest.raises(grpc.RpcError) as e:
+            start(stack["stub"], "t/ssrf-questions", spec)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "spec.question_backend.openai_compatible.base_url" in e.value.details()
+        assert "SELMA_LLM_ALLOWED_BASE_URLS" in e.value.details()
+        listed = stack["stub"].ListEvaluations(pb.ListEvaluationsRequest())
+        assert all(j.status.idempotency_key != "t/ssrf-questions" for j in listed.jobs)
+    finally:
+        core.settings = permissive
+
+
 def test_two_prompt_sets_of_one_skill_keep_all_their_prompts(stack):
     store = stack["store"]
     first = publish_prompt_set(store, "same-skill-1", "colour", ["a red plum", "a red sock"])

@@ -32,6 +32,7 @@ def _settings(tmp_path: Path, **kw: Any) -> EvaluationSettings:
         storage_uri=(tmp_path / "storage").as_uri(),
         eval_vqa_retry_backoff_seconds=0.01,
         eval_vqa_retry_max_backoff_seconds=0.05,
+        eval_allow_any_base_url=True,  # the fake endpoint's port is picked per test
     )
     values.update(kw)
     return EvaluationSettings(**values)

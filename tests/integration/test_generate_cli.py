@@ -7,11 +7,18 @@ through an endpoints file.
 from __future__ import annotations
 
 import re
+import threading
+import time
 
+import grpc
 import pytest
 
 from selma.app.cli import main
 from selma.client import Endpoints
+from selma.v1 import common_pb2
+from selma.v1 import serving_service_pb2 as pb
+from selma.v1 import serving_service_pb2_grpc as pb_grpc
+from selma_serving.engine import Admission
 from selma_serving.server import hosted
 from selma_serving.settings import ServingSettings
 
@@ -21,7 +28,8 @@ TINY = ["--steps", "2", "--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
-def endpoints_file(tiny_models, tmp_path_factory):
+def serving(tiny_models, tmp_path_factory):
+    """(endpoints file, the serving core) of one real ServingService."""
     root = tmp_path_factory.mktemp("generate-cli")
     settings = ServingSettings(
         data_dir=root / "data",
@@ -37,10 +45,15 @@ def endpoints_file(tiny_models, tmp_path_factory):
     try:
         path = root / "endpoints.json"
         Endpoints(serving=server.address).save(path)
-        yield str(path)
+        yield str(path), service.core
     finally:
         server.stop(0)
         service.on_stop()
+
+
+@pytest.fixture(scope="module")
+def endpoints_file(serving):
+    return serving[0]
 
 
 def generate(capsys, endpoints: str, out, *argv: str) -> str:
@@ -89,4 +102,57 @@ def test_seed_policy_is_validated_by_the_parser(capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         main(["generate", "x", "--seed", "-1"])
+    assert e.value.code == 2
+
+
+def _wait_for(predicate, what: str, timeout: float = 120.0) -> None:
+    """Poll ``predicate`` until true (a bound for a slow shared machine, not a speed check)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("priority", "place"), [("high", 1), ("low", 2)])
+def test_progress_shows_the_place_in_line_the_priority_earned_then_the_images(serving, capsys, tmp_path, priority, place):
+    endpoints, core = serving
+    engine = core.engine
+    saved, engine.admission = engine.admission, Admission(max_concurrent=1, max_queue=4)
+    codes: list[int] = []
+    err: list[str] = []  # stderr read so far
+    try:
+        with engine.admission.slot():  # the server is busy: whatever arrives now waits in line
+            channel = grpc.insecure_channel(Endpoints.load(endpoints).serving)
+            other = pb_grpc.ServingServiceStub(channel).Generate(pb.GenerateRequest(
+                prompts=["a normal request"], seed=3, diffusion=common_pb2.DiffusionSettings(steps=2, width=64, height=64)))
+            first_waiter = threading.Thread(target=lambda: list(other), daemon=True)
+            first_waiter.start()
+            _wait_for(lambda: engine.admission.waiting == 1, "the normal request to queue")
+            capsys.readouterr()
+            cli = threading.Thread(target=lambda: codes.append(main([
+                "--log-level", "WARNING", "generate", "a blue cube", "--endpoints", endpoints, "-o", str(tmp_path / "p.png"),
+                *TINY, "--seed", "5", "--priority", priority, "--progress", "--plain"])), daemon=True)
+            cli.start()
+            _wait_for(lambda: engine.admission.waiting == 2, "the CLI's request to queue")
+            # the slot is held until the CLI has shown its place in line
+            _wait_for(lambda: err.append(capsys.readouterr().err) or "queued:" in "".join(err), "the CLI's first progress line")
+        cli.join(timeout=300)
+        first_waiter.join(timeout=300)
+        channel.close()
+    finally:
+        engine.admission = saved
+    assert codes == [0]
+    out, rest = capsys.readouterr()
+    lines = [line for line in ("".join(err) + rest).splitlines() if line.startswith("generate: ")]
+    ordinal = {1: "1st", 2: "2nd"}[place]
+    # it arrived second: high goes ahead of the normal request, low stays behind it
+    assert lines[0] == f"generate: queued: {ordinal} in line (2 waiting)", lines
+    assert "generate: generating (batch of 1 image)" in lines
+    assert lines[-1] == "generate: generating: image 1/1 received"
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG") and "p.png  seed=" in out
+
+
+def test_priority_is_validated_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--priority", "urgent"])
     assert e.value.code == 2

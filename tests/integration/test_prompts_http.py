@@ -169,6 +169,7 @@ def test_refused_credentials_and_bad_requests_are_not_retried(llm, settings):
 def test_unreachable_endpoint_is_unavailable(settings):
     with FakeLlmServer() as gone:
         url = gone.base_url
+    settings = settings.model_copy(update={"llm_allowed_base_urls": [*settings.llm_allowed_base_urls, url]})
     s = {"skill_name": "general", "count": 3, "backend": {"openai_compatible": {"base_url": url, "model": "m", "max_retries": 1}}}
     with pytest.raises(LlmUnavailable, match="cannot reach the endpoint"):
         runner(settings).run("k", s, state_id="j")
@@ -204,6 +205,14 @@ def test_configured_key_is_never_sent_to_an_endpoint_the_caller_picks(llm, setti
     with pytest.raises(PermissionDenied, match="SELMA_LLM_ALLOWED_BASE_URLS"):
         resolve_backend(other, settings)
     keyless = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
-    assert resolve_backend(keyless, settings).base_url == "http://127.0.0.1:9/v1"
+    # By default a caller cannot make the service call an address of its choosing at all (SSRF), key or not.
+    with pytest.raises(PermissionDenied, match="only calls configured LLM endpoints") as e:
+        resolve_backend(keyless, settings)
+    assert e.value.field == "spec.backend.openai_compatible.base_url"
+    # A single-user install may open it up; a configured key still never goes to the caller's endpoint.
+    open_settings = settings.model_copy(update={"llm_allow_any_base_url": True})
+    assert resolve_backend(keyless, open_settings).base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(PermissionDenied, match="SELMA_LLM_ALLOWED_BASE_URLS"):
+        resolve_backend(other, open_settings)
     allowed = {"openai_compatible": {"base_url": llm.base_url, "model": "m", "api_key": {"name": "llm"}}}
     assert resolve_backend(allowed, settings).api_key_name == "llm"

@@ -78,7 +78,7 @@ def start_service(tmp_path: Path, llm_url: str, port: int, processes: list, name
 
 def reference_records(tmp_path: Path) -> list[dict]:
     """The prompt set an uninterrupted job makes (the fake LLM answers as a function of the request)."""
-    settings = PromptSettings(data_dir=tmp_path / "ref", llm_max_concurrency=1)
+    settings = PromptSettings(data_dir=tmp_path / "ref", llm_max_concurrency=1, llm_allow_any_base_url=True)
     runner = PromptJobRunner(settings, open_storage(settings), ModelRegistry(settings), SkillLibrary())
     with FakeLlmServer() as llm:
         spec = {**SPEC, "backend": {"openai_compatible": {"base_url": llm.base_url, "model": "fake-model"}}}

@@ -130,6 +130,61 @@ def test_an_unavailable_replica_falls_through_to_the_next_in_hash_order_without_
     assert by_address[first].calls == 1 and by_address[second].calls == 1 and waits == []
 
 
+def _two_replicas(start_server, request, preferred_script, other_script):
+    """Two scripted servers; the one ``request``'s key prefers gets ``preferred_script``."""
+    a, serv_a = start_server([])
+    b, serv_b = start_server([])
+    first, second = rank(generate_routing_key(request), [a, b])
+    by_address = {a: serv_a, b: serv_b}
+    by_address[first].script, by_address[second].script = list(preferred_script), list(other_script)
+    return f"{a}|{b}", by_address[first], by_address[second]
+
+
+MIX_REQUEST = pb.GenerateRequest(prompts=["a cat"], experts=common_pb2.MergeSpec(
+    method=common_pb2.MERGE_METHOD_MEAN_DELTA, experts=[common_pb2.ExpertWeight(expert_id="e1", weight=1.0)]))
+
+
+def test_a_busy_preferred_replica_spills_over_to_the_next_in_hash_order_without_waiting(start_server):
+    serving, preferred, other = _two_replicas(start_server, MIX_REQUEST, [(grpc.StatusCode.RESOURCE_EXHAUSTED, 5000)], [])
+    policy, waits = _recording_policy()
+    with SelmaClient(Endpoints(serving=serving), retry=policy) as client:
+        images = [r.image.png for r in client.generate(["a cat"], experts={"e1": 1.0})]
+    assert images == [b"png-0", b"png-1"]
+    # refused once by the preferred replica, served at once by the next one: no back-off at all
+    assert preferred.calls == 1 and other.calls == 1 and waits == []
+
+
+def test_when_every_replica_is_busy_the_client_waits_the_shortest_hint_then_starts_again_at_the_preferred(start_server):
+    busy = grpc.StatusCode.RESOURCE_EXHAUSTED
+    serving, preferred, other = _two_replicas(start_server, MIX_REQUEST, [(busy, 90)], [(busy, 30)])
+    policy, waits = _recording_policy(jitter=0.25)
+    with SelmaClient(Endpoints(serving=serving), retry=policy) as client:
+        images = [r.image.png for r in client.generate(["a cat"], experts={"e1": 1.0})]
+    assert images == [b"png-0", b"png-1"]
+    assert len(waits) == 1 and 0.030 <= waits[0] <= 0.030 * 1.25  # the soonest any replica expects room
+    assert preferred.calls == 2 and other.calls == 1  # the second round asked the warm replica first
+
+
+def test_every_replica_busy_within_the_attempt_bound_raises_resource_exhausted(start_server):
+    busy = grpc.StatusCode.RESOURCE_EXHAUSTED
+    serving, preferred, other = _two_replicas(start_server, MIX_REQUEST, [(busy, 10)] * 5, [(busy, 10)] * 5)
+    policy, waits = _recording_policy(max_attempts=3)
+    with SelmaClient(Endpoints(serving=serving), retry=policy) as client, pytest.raises(grpc.RpcError) as err:
+        list(client.generate(["a cat"], experts={"e1": 1.0}))
+    assert err.value.code() == busy and len(waits) == 2
+    assert preferred.calls == 3 and other.calls == 3  # each attempt is one round over both replicas
+
+
+def test_unary_calls_spill_over_a_busy_replica_too(start_server):
+    serving, preferred, other = _two_replicas(start_server, pb.GenerateRequest(prompts=["x"]),
+                                              [(grpc.StatusCode.RESOURCE_EXHAUSTED, 5000)], [])
+    policy, waits = _recording_policy()
+    with SelmaClient(Endpoints(serving=serving), retry=policy) as client:
+        resp = client.serving_call("ListModels", pb.ListModelsRequest(), key="base")
+    assert [m.model_name for m in resp.models] == ["base"]
+    assert preferred.calls == 1 and other.calls == 1 and waits == []
+
+
 def test_unary_serving_calls_retry_and_fail_over(start_server):
     address, servicer = start_server([(grpc.StatusCode.UNAVAILABLE,), (grpc.StatusCode.RESOURCE_EXHAUSTED,)])
     policy, waits = _recording_policy(initial_backoff=0.01)

@@ -84,6 +84,39 @@ def test_a_model_registered_through_one_replica_is_served_by_the_other(replicas)
         assert on_b.image.png == on_a != before_on_b and not on_b.model.merge_cache_hit  # fused anew for the new target
 
 
+def _labelled_metric(url: str, sample: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_merge_job_runs_on_the_replica_that_will_serve_its_model_so_it_is_served_warm(replicas):
+    stack, experts = replicas
+    procs = _by_address(stack)
+    job_merges = 'selma_serving_merge_seconds_count{source="job"}'
+    with SelmaClient(stack.endpoints()) as client:
+        base_first = client.serving_stubs("base")[0][0]
+        # a model name whose replica is not the one "base" prefers (job RPCs used to route by "base")
+        name = next(n for n in (f"pinned-{i}" for i in range(100)) if client.serving_stubs(f"model:{n}")[0][0] != base_first)
+        owner = client.serving_stubs(f"model:{name}")[0][0]
+        before = {a: _labelled_metric(sp.metrics_url, job_merges) for a, sp in procs.items()}
+        spec = pb.MergeJobSpec(model_name=name, load=True, merge=common_pb2.MergeSpec(
+            method=common_pb2.MERGE_METHOD_MEAN_DELTA, experts=[common_pb2.ExpertWeight(expert_id=e, weight=0.5) for e in experts[:2]]))
+        merges = client.jobs("merge")
+        started, created = merges.start(f"pinned/{name}", spec)
+        assert created and last_target()[1] == owner
+        job = list(merges.watch(started.status.job_id, timeout=300))[-1]  # the owner's stream ends when the job does
+        assert job.status.phase == common_pb2.JOB_PHASE_SUCCEEDED, job.status.message
+        assert last_target()[1] == owner
+        # another JobClient of the same client knows where the job lives
+        assert client.jobs("merge").get(job.status.job_id).status.phase == common_pb2.JOB_PHASE_SUCCEEDED
+        assert last_target()[1] == owner
+        assert {a: _labelled_metric(sp.metrics_url, job_merges) - before[a] for a, sp in procs.items()} == \
+            {owner: 1.0, base_first: 0.0}
+        # the first Generate of the model lands where it was built and loaded: already fused there
+        assert _generate(client, model_name=name) == (owner, True)
+
+
 def test_the_same_mix_goes_to_the_same_replica_and_moves_when_it_goes_away(replicas):
     stack, experts = replicas
     mix = {experts[0]: 0.6, experts[1]: 0.4}

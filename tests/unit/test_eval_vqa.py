@@ -30,7 +30,8 @@ from selma_evaluation.vqa import (
 
 
 def _settings(tmp_path: Path, **kw) -> EvaluationSettings:
-    values = dict(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), device="cpu", precision="auto", hf_offline=True)
+    values = dict(data_dir=tmp_path / "data", storage_uri=(tmp_path / "storage").as_uri(), device="cpu", precision="auto", hf_offline=True,
+                  eval_allow_any_base_url=True)
     values.update(kw)
     return EvaluationSettings(**values)
 
@@ -133,6 +134,17 @@ def test_openai_spec_defaults_come_from_settings_and_are_greedy(tmp_path: Path) 
     assert parse_backend(resolve_backend({"openai_compatible": {"request_timeout": "2.5s"}}, s), s) == spec
 
 
+def test_by_default_a_request_cannot_pick_the_endpoint_the_service_calls(tmp_path: Path) -> None:
+    strict = _settings(tmp_path, eval_allow_any_base_url=False, eval_vqa_openai_base_url="http://vllm:8000/v1",
+                       eval_allowed_base_urls=["https://api.example/v1"])
+    for url in ("http://vllm:8000/v1", "https://api.example/v1/"):
+        assert parse_backend({"openai_compatible": {"base_url": url, "model": "m"}}, strict).base_url == url.rstrip("/")
+    with pytest.raises(PermissionDenied, match="SELMA_EVAL_ALLOWED_BASE_URLS") as e:
+        parse_backend({"openai_compatible": {"base_url": "http://169.254.169.254/v1", "model": "m"}}, strict)
+    assert e.value.field == "spec.vqa.openai_compatible.base_url"
+    assert EvaluationSettings().eval_allow_any_base_url is False  # the service default
+
+
 def test_api_keys_resolve_like_the_prompt_service_and_only_go_to_configured_endpoints(tmp_path: Path, monkeypatch) -> None:
     secrets = tmp_path / "secrets"
     (secrets / "vision").mkdir(parents=True)
@@ -156,7 +168,7 @@ def test_api_keys_resolve_like_the_prompt_service_and_only_go_to_configured_endp
     with pytest.raises(PermissionDenied) as e:
         parse_backend({"openai_compatible": {"base_url": "http://attacker/v1", "model": "m"}}, s)
     assert e.value.field == "spec.vqa.openai_compatible.base_url"
-    # Without a credential any endpoint may be called.
+    # Where the operator allows any endpoint (a single-user install), one without a credential may be called.
     parse_backend({"openai_compatible": {"base_url": "http://other/v1", "model": "m"}}, _settings(tmp_path))
 
 

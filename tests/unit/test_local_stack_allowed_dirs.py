@@ -45,3 +45,23 @@ def test_extra_env_dirs_are_kept(tmp_path, monkeypatch):
     monkeypatch.delenv("SELMA_MODEL_ALLOWED_DIRS", raising=False)
     stack = LocalStack(tmp_path / "stack", extra_env={"SELMA_MODEL_ALLOWED_DIRS": "/a,/b"}, allow_model_dirs=("/c",))
     assert allowed(stack) == ["/a", "/b", "/c"]
+
+
+def test_the_single_user_stack_lets_its_user_name_any_llm_or_vqa_endpoint_unless_they_say_otherwise(tmp_path, monkeypatch):
+    """`selma up` is one user's loopback stack: a SkillSet may point prompts and evaluation at the user's own
+    vLLM/Ollama; the services' own default (and the chart) keeps the allow-list."""
+    from selma_evaluation.settings import EvaluationSettings
+    from selma_prompts.settings import PromptSettings
+
+    for var in ("SELMA_LLM_ALLOW_ANY_BASE_URL", "SELMA_EVAL_ALLOW_ANY_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    stack = LocalStack(tmp_path / "stack")
+    prompts, training = stack.env_for("prompts", 1, 2), stack.env_for("training", 3, 4)
+    assert "SELMA_LLM_ALLOW_ANY_BASE_URL" not in stack.env_for("serving", 5, 6)
+    monkeypatch.setattr("os.environ", prompts)
+    assert PromptSettings().llm_allow_any_base_url is True
+    monkeypatch.setattr("os.environ", training)
+    assert EvaluationSettings().eval_allow_any_base_url is True and EvaluationSettings().llm_allow_any_base_url is True
+    monkeypatch.undo()
+    monkeypatch.setenv("SELMA_LLM_ALLOW_ANY_BASE_URL", "false")  # the user's own setting wins
+    assert stack.env_for("prompts", 1, 2)["SELMA_LLM_ALLOW_ANY_BASE_URL"] == "false"

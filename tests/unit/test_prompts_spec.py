@@ -17,7 +17,7 @@ OPENAI = {"openai_compatible": {"base_url": "http://127.0.0.1:9/v1", "model": "m
 
 @pytest.fixture
 def settings(tmp_path: Path) -> PromptSettings:
-    return PromptSettings(data_dir=tmp_path, prompts_max_count=1000, llm_default_backend="tiny_test")
+    return PromptSettings(data_dir=tmp_path, prompts_max_count=1000, llm_default_backend="tiny_test", llm_allow_any_base_url=True)
 
 
 def spec(settings: PromptSettings, **fields):

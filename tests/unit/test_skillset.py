@@ -162,5 +162,8 @@ def test_shipped_gate_sections_pass_the_gate_services_own_rules(path, tmp_path):
 
     ss = load_skillset(path)
     assert ss.gate is not None
-    cfg = parse_gate_settings(message_to_dict(ss.gate), EvaluationSettings(data_dir=tmp_path, hf_offline=True))
+    # the cluster's operator lists the in-cluster vLLM endpoints the examples name (SSRF allow-lists)
+    endpoints = ["http://vllm-vl.llm.svc.cluster.local:8000/v1", "http://vllm.llm.svc.cluster.local:8000/v1"]
+    settings = EvaluationSettings(data_dir=tmp_path, hf_offline=True, eval_allowed_base_urls=endpoints, llm_allowed_base_urls=endpoints)
+    cfg = parse_gate_settings(message_to_dict(ss.gate), settings)
     assert cfg.threshold == 1.0 and cfg.per_prompt in (4, 8) and cfg.max_candidates >= cfg.target_kept > 0

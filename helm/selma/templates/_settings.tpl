@@ -38,6 +38,9 @@ SELMA_LLM_OPENAI_BASE_URL: {{ .Values.llm.baseUrl | quote }}
 SELMA_LLM_OPENAI_MODEL: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- with .Values.llm.allowedBaseUrls }}
+SELMA_LLM_ALLOWED_BASE_URLS: {{ toJson . | quote }}
+{{- end }}
 {{- end }}
 
 {{- define "selma.promptsSettings" -}}
@@ -112,6 +115,9 @@ SELMA_EVAL_SERVING_ENDPOINT: {{ include "selma.servingEndpoint" . | quote }}
 {{- end }}
 SELMA_EVAL_VQA_MODEL: {{ .Values.evaluation.vqaModel | quote }}
 SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}
+{{- with .Values.evaluation.vqaAllowedBaseUrls }}
+SELMA_EVAL_ALLOWED_BASE_URLS: {{ toJson . | quote }}
+{{- end }}
 {{- /* questions for new prompts are written by the same LLM the prompt service uses (llm.*) */}}
 {{ include "selma.llmSettings" . }}
 {{- end }}

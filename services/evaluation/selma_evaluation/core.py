@@ -191,6 +191,10 @@ class EvaluationCore:
             self._validate_search(search, test_texts)
 
         vqa = resolve_vqa(dict(spec.get("vqa") or {}), self.settings)
+        if spec.get("question_backend"):
+            from selma_evaluation.questions import resolve_question_backend
+
+            resolve_question_backend(spec["question_backend"], self.settings)
         placement = dict(spec.get("placement") or {})
         launcher = enum_name(common_pb2.LauncherKind, placement.get("launcher"), field="spec.placement.launcher") or self.settings.batch_launcher
         from selma.batch.kube import validate_placement

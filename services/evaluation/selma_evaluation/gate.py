@@ -76,6 +76,11 @@ def parse_gate_settings(d: Mapping[str, Any] | None, settings: EvaluationSetting
     target, budget = gate_budget(d.get("target_kept"), d.get("max_candidates"), prefix)
     with _fields_under(prefix):  # the evaluation's rules name spec.vqa...; here they are spec.gate.vqa...
         vqa = resolve_backend(dict(d.get("vqa") or {}), settings)
+    if d.get("question_backend") and source in ("", "GATE_QUESTION_SOURCE_GENERATED"):
+        from selma_evaluation.questions import resolve_question_backend
+
+        with _fields_under(prefix):  # an endpoint the service may not call, or a bad backend, fails at Start
+            resolve_question_backend(d["question_backend"], settings)
     if source == "GATE_QUESTION_SOURCE_VQA_BACKEND" and _backend_questions(vqa) is None:
         raise InvalidArgument(f"the VQA backend {next(iter(vqa))} writes no questions of its own: use GATE_QUESTION_SOURCE_GENERATED or "
                               "GATE_QUESTION_SOURCE_INLINE", field=f"{prefix}.question_source")

@@ -705,11 +705,18 @@ def backend_from_spec(llm_backend: Mapping[str, Any] | None, settings: SelmaSett
     when done.
     """
     from selma.llm.local import ModelRegistry
+
+    llm_settings = llm_settings_from(settings)
+    return (registry or ModelRegistry(llm_settings)).backend(resolve_question_backend(llm_backend, llm_settings))
+
+
+def resolve_question_backend(llm_backend: Mapping[str, Any] | None, settings: SelmaSettings) -> Any:
+    """The validated ``BackendSpec`` of a question backend (nothing loaded, nothing called): bad input,
+    an endpoint the service may not call or a credential it may not send fail here, at request time."""
     from selma.llm.specs import resolve_backend
 
     llm_settings = llm_settings_from(settings)
-    spec = resolve_backend(_with_question_defaults(llm_backend, llm_settings.llm_default_backend), llm_settings, fld="spec.question_backend")
-    return (registry or ModelRegistry(llm_settings)).backend(spec)
+    return resolve_backend(_with_question_defaults(llm_backend, llm_settings.llm_default_backend), llm_settings, fld="spec.question_backend")
 
 
 # ------------------------------------------------------------------------------------------

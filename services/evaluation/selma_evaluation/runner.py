@@ -288,8 +288,7 @@ class ServingRenderer:
         self.unavailable_wait = unavailable_wait
         mib = 1024 * 1024
         # no SDK back-off: _call below waits out an unavailable service, bounded by unavailable_wait
-        self._client = SelmaClient(Endpoints(serving=endpoint), max_message_bytes=256 * mib, retry=RetryPolicy.off())
-        self._stub = self._client.stub("serving")
+        self._client = SelmaClient(Endpoints(serving=endpoint), timeout=60.0, max_message_bytes=256 * mib, retry=RetryPolicy.off())
 
     def close(self) -> None:
         self._client.close()
@@ -341,14 +340,13 @@ class ServingRenderer:
 
         spec = serving_service_pb2.MergeJobSpec(run=run, model_name=model_name, register=True, replace=True)
         spec.merge.CopyFrom(dict_to_message(merge, common_pb2.MergeSpec))
-        start = serving_service_pb2.StartMergeRequest(idempotency_key=key, spec=spec)
-        job = self._call("StartMerge", lambda: self._stub.StartMerge(start, timeout=60).job, should_stop)
+        merges = self._client.jobs("merge")  # pinned to the replica that will serve model_name: it builds it warm
+        job = self._call("StartMerge", lambda: merges.start(key, spec)[0], should_stop)
         while job.status.phase not in (common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED):
             if should_stop():
                 raise EvaluationInterrupted()
             time.sleep(0.5)
-            get = serving_service_pb2.GetMergeRequest(job_id=job.status.job_id)
-            job = self._call("GetMerge", lambda get=get: self._stub.GetMerge(get, timeout=60).job, should_stop)
+            job = self._call("GetMerge", lambda job_id=job.status.job_id: merges.get(job_id), should_stop)
         if job.status.phase != common_pb2.JOB_PHASE_SUCCEEDED:
             raise FailedPrecondition(f"registering the best merge as {model_name!r} failed: {job.status.message}")
         return job.stats.registered_model_name or model_name

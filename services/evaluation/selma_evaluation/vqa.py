@@ -323,6 +323,13 @@ def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSetting
         stop=tuple(stop),
         extra_body=json.dumps(dict(extra), sort_keys=True),
     )
+    if not settings.eval_allow_any_base_url and not settings.credential_endpoint_allowed(base_url):
+        # A caller must not be able to make the service send requests to an address of its choosing.
+        raise PermissionDenied(
+            f"the service only calls configured VQA endpoints; {base_url!r} is not one (the operator adds it to "
+            "SELMA_EVAL_ALLOWED_BASE_URLS, or sets SELMA_EVAL_ALLOW_ANY_BASE_URL=true on a single-user install)",
+            field=f"{fld}.base_url",
+        )
     # Resolve the credential now so a misnamed secret fails the request, not the job later.
     credential = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
     if credential is not None and not settings.credential_endpoint_allowed(base_url):

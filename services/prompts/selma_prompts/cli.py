@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace) -> Any:
     from selma_prompts.settings import PromptSettings
 
-    overrides: dict[str, Any] = {}
+    # In-process generation on the user's own machine: the endpoint the user names is theirs to pick
+    # (the allow-list guards the service from remote callers).
+    overrides: dict[str, Any] = {"llm_allow_any_base_url": True}
     if getattr(args, "storage", ""):
         overrides["storage_uri"] = args.storage
     settings = PromptSettings(**overrides)

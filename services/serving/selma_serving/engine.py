@@ -16,6 +16,12 @@ steps, scheduler, guidance, negative prompt or none) run as one batched pipeline
 (tests/unit/test_serving_batching.py states the tolerance); with batching off (size 1) it is
 byte-identical.
 
+Mixed batches (``serving_mixed_batch_min_mixes`` > 0): requests whose mixes are exact weighted
+sums of LoRAs (``mean_delta``, exact rank) share one batch key whatever their mix; a call then
+runs its rows unfused, each with its own mix (:mod:`selma_serving.mixed`), when at least that many
+of its distinct mixes have no fused merge cached, and otherwise one fused call per mix.  A mix
+that fails to resolve fails only its own requests.
+
 Admission (:class:`Admission`): at most ``serving_max_concurrent`` batches hold a generation
 slot and at most ``serving_max_queue`` requests wait; beyond that a request is refused
 (ResourceExhausted with a ``retry-after-ms`` trailer).  The line is fair: by priority, then
@@ -56,6 +62,7 @@ from selma.seeds import SeedPolicy, derive_seed
 from selma_serving import metrics
 from selma_serving.lora import BaseModelId, ExpertCache, check_against_unet, check_tensor_values
 from selma_serving.merge import MergeParams, ResolvedMerge, merge, resolve
+from selma_serving.mixed import RowMix, mixable, mixed_unet
 from selma_serving.settings import ServingSettings
 
 if TYPE_CHECKING:
@@ -65,6 +72,8 @@ log = logging.getLogger(__name__)
 
 SEED_POLICIES = tuple(p.value for p in SeedPolicy)  # GenerationRequest.seed_policy values
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: integer milliseconds
+MIXABLE = "mixable"  # batch key head of requests whose different mixes may share a call (BatchPolicy.mixed_min_mixes)
+MIXES_KIND = "mixes"  # metrics label (ServedInfo.kind) of images made in a call of several unfused mixes
 
 
 def fused_copy(
@@ -141,6 +150,11 @@ class FusedCache:
         finally:
             with self._lock:
                 self._building.pop(key).set()
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached now (no hit or miss is counted)."""
+        with self._lock:
+            return key in self._items
 
     def clear(self) -> None:
         with self._lock:
@@ -382,7 +396,7 @@ class ServedInfo:
     merge_dict: dict[str, Any] | None
     fused: bool
     cache_hit: bool
-    kind: str  # metrics label: base, registered or mix
+    kind: str  # metrics label: base, registered, mix, or mixes (several mixes unfused in one call)
 
 
 @dataclass
@@ -413,10 +427,15 @@ class QueueProgress:
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How many images one pipeline call may carry and how long a new batch waits for companions."""
+    """How many images one pipeline call may carry and how long a new batch waits for companions.
+
+    ``mixed_min_mixes`` > 0: requests with different mixable expert mixes (:func:`selma_serving.mixed.mixable`)
+    share batches, and a call runs them unfused, each row with its own mix, when at least that many
+    of its distinct mixes have no fused merge cached; otherwise each mix runs fused, one call per mix."""
 
     max_size: int = 1
     wait_seconds: float = 0.0
+    mixed_min_mixes: int = 0
 
 
 @dataclass
@@ -479,6 +498,7 @@ class _Batch:
         self.unet: torch.nn.Module | None = None
         self.served: ServedInfo | None = None
         self.closed = key is None or policy.max_size <= 1
+        self.mixable = isinstance(key, tuple) and key[0] == MIXABLE  # members may have different mixes
 
     # called by Admission.enqueue under its lock
     def admit(self, t: Ticket) -> bool:
@@ -566,13 +586,17 @@ class _Batch:
         if not rows:
             return False
         try:
-            self._resolve()
-            self._call(rows)
+            if self.mixable:
+                self._run_mixes(rows)
+            else:
+                self._resolve()
+                assert self.unet is not None and self.served is not None
+                self._call(rows, self.unet, self.served.kind)
         except SelmaError as e:
             for m in {id(m): m for m, _ in rows}.values():
                 if not m.done:
                     self._deliver(m, e)
-            if not isinstance(e, (Cancelled, DeadlineExceeded)):
+            if not isinstance(e, (Cancelled, DeadlineExceeded)) and not self.mixable:
                 for m in self.members:  # the same model and settings: the same failure
                     if not m.done:
                         self._deliver(m, e)
@@ -582,11 +606,51 @@ class _Batch:
                     self._deliver(m, e)
         return True
 
-    def _call(self, rows: list[tuple[_Member, _Row]]) -> None:
+    def _run_mixes(self, rows: list[tuple[_Member, _Row]]) -> None:
+        """Rows of several mixes: one unfused call (each row its own mix) when at least
+        ``mixed_min_mixes`` of the mixes have no fused merge cached, else one fused call per mix."""
+        engine = self.engine
+        groups: dict[MergeParams, list[tuple[_Member, _Row]]] = {}
+        for m, r in rows:
+            assert m.req.merge is not None
+            groups.setdefault(m.req.merge, []).append((m, r))
+        resolved: dict[MergeParams, RowMix] = {}
+        for params, group in groups.items():
+            try:
+                resolved[params] = engine.resolve_mix(params)
+            except SelmaError as e:  # this mix's own fault (unknown expert, bad weight): only its requests get it
+                for m in {id(m): m for m, _ in group}.values():
+                    self._deliver(m, e)
+        cold = [p for p, mix in resolved.items() if mix.rm not in engine.cache]
+        if len(resolved) > 1 and len(cold) >= self.policy.mixed_min_mixes:
+            order = list(resolved)
+            live = [(m, r) for m, r in rows if m.req.merge in resolved and not m.done]
+            unet = mixed_unet(engine.base_unet, [resolved[p] for p in order], [order.index(m.req.merge) for m, _ in live])
+            for m, _ in live:
+                rm = resolved[m.req.merge].rm
+                m.served = ServedInfo("", engine.base_id, rm, rm.to_dict(), False, False, MIXES_KIND)
+            if live:
+                self._call(live, unet, MIXES_KIND)
+            return
+        for params in resolved:
+            group = [(m, r) for m, r in groups[params] if not m.done]
+            owners = {id(m): m for m, _ in group}.values()
+            try:
+                if not group:
+                    continue
+                unet, rm, hit = engine.fused_mix(resolved[params])
+                for i, m in enumerate(owners):
+                    if i:  # the fused mix built (or found) for the first is reused: a hit for the others
+                        metrics.MERGE_CACHE_HITS.inc()
+                    m.served = ServedInfo("", engine.base_id, rm, rm.to_dict(), True, hit or i > 0, "mix")
+                self._call(group, unet, "mix")
+            except SelmaError as e:  # its fused mix failed the probe, or all its requests left: the other mixes go on
+                for m in owners:
+                    self._deliver(m, e)
+
+    def _call(self, rows: list[tuple[_Member, _Row]], unet: torch.nn.Module, kind: str) -> None:
         req = self.leader.req
         owners = {id(m): m for m, _ in rows}
-        assert self.served is not None
-        kind = self.served.kind
         metrics.BATCH_SIZE.labels(kind).observe(len(rows))
         for m in owners.values():
             if m.progress and not m.announced:
@@ -621,7 +685,7 @@ class _Batch:
             text = {"prompt": prompts, "negative_prompt": negs if negs[0] else None, "num_images_per_prompt": 1}
         t0 = time.perf_counter()
         with self.engine.tokenizers() as tokenizers:
-            out = self.engine.pipeline_view(self.unet, req.scheduler, tokenizers)(
+            out = self.engine.pipeline_view(unet, req.scheduler, tokenizers)(
                 **text,
                 num_inference_steps=req.steps,
                 guidance_scale=req.guidance_scale,
@@ -679,7 +743,8 @@ def batch_policy(settings: ServingSettings, device: str) -> BatchPolicy:
     accel = device != "cpu"
     size = settings.serving_max_batch_size or (8 if accel else 1)
     wait_ms = settings.serving_batch_wait_ms if settings.serving_batch_wait_ms is not None else (5.0 if accel else 20.0)
-    return BatchPolicy(max_size=size, wait_seconds=wait_ms / 1000 if size > 1 else 0.0)
+    return BatchPolicy(max_size=size, wait_seconds=wait_ms / 1000 if size > 1 else 0.0,
+                       mixed_min_mixes=settings.serving_mixed_batch_min_mixes if size > 1 else 0)
 
 
 class Engine:
@@ -750,8 +815,9 @@ class Engine:
 
     # --- per-request mixes
 
-    def mix_unet(self, params: MergeParams) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
-        """The fused UNet for a per-request expert mix: (unet, resolved merge, cache hit)."""
+    def resolve_mix(self, params: MergeParams) -> RowMix:
+        """A per-request mix checked against its experts and the base UNet, with every default filled
+        in (``rm`` is also the fused-cache key)."""
         adapters = [self.experts.get(e.ref, field_name=f"experts[{i}].expert_id") for i, e in enumerate(params.experts)]
         rm = resolve(params, adapters, default_density=self.settings.serving_default_density,
                      max_weight=self.settings.serving_max_merge_weight)
@@ -759,8 +825,17 @@ class Engine:
             self.check_base(a.base_model, f"expert {a.id}")
         if rm.method == "mean_delta" and rm.output_rank == 0:
             rm = replace(rm, fuse=True)  # the exact LoRA and the fused delta are the same model
+        check_against_unet({n: m.weight_shape for n, m in adapters[0].modules.items()}, self.base_unet, what=f"expert {adapters[0].id}")
+        return RowMix(rm, tuple(adapters))
+
+    def mix_unet(self, params: MergeParams) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
+        """The fused UNet for a per-request expert mix: (unet, resolved merge, cache hit)."""
+        return self.fused_mix(self.resolve_mix(params))
+
+    def fused_mix(self, mix: RowMix) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
+        """The fused UNet of a resolved mix, from the cache or merged and fused now: (unet, resolved merge, cache hit)."""
+        rm, adapters = mix.rm, list(mix.adapters)
         base_unet = self.base_unet
-        check_against_unet({n: m.weight_shape for n, m in adapters[0].modules.items()}, base_unet, what=f"expert {adapters[0].id}")
 
         def build() -> tuple[torch.nn.Module, int]:
             t0 = time.perf_counter()
@@ -887,6 +962,8 @@ class Engine:
         are all-or-none per call (SDXL treats None and "" differently), so having one is part of it."""
         if req.model_name and req.model_name != "base":
             model: tuple[Any, ...] = ("registered", req.model_name)
+        elif req.merge is not None and self.batching.mixed_min_mixes and mixable(req.merge):
+            return (MIXABLE, req.width, req.height, req.steps, req.scheduler, float(req.guidance_scale or 0), bool(req.negative_prompt))
         elif req.merge is not None:
             model = ("mix", req.merge)
         else:

@@ -25,6 +25,11 @@ class ServingSettings(SelmaSettings):
     serving_batch_wait_ms: float | None = Field(
         None, ge=0, description="How long a new batch waits for companions before its first call; unset = the device's default (5 ms accelerator, 20 ms CPU)."
     )
+    serving_mixed_batch_min_mixes: int = Field(
+        0, ge=0, description="With batching on: requests with different per-request expert mixes (mean_delta at exact rank) "
+        "share a batch, and a call runs them unfused, each image with its own mix, when at least this many of its distinct "
+        "mixes have no fused merge cached (else one fused call per mix); 0 = never (each mix batches only with itself)."
+    )
     serving_max_prompts: int = Field(16, ge=1, description="Prompts per Generate request.")
     serving_max_images_per_prompt: int = Field(8, ge=1, description="Images per prompt per Generate request.")
     serving_max_steps: int = Field(150, ge=1, description="Largest denoising step count a request may ask for.")

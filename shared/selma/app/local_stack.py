@@ -49,9 +49,12 @@ log = logging.getLogger(__name__)
 # Settings each service gets in the local stack (on top of the shared ones), as SELMA_* names.
 # They select the embedded defaults: tiny offline models, the bundled LLM, the local launcher.
 EMBEDDED_DEFAULTS: dict[str, dict[str, str]] = {
-    "prompts": {"SELMA_LLM_DEFAULT_BACKEND": "embedded"},
+    # A single user's loopback stack may call any LLM/VQA endpoint the user names (the chart keeps the allow-list).
+    "prompts": {"SELMA_LLM_DEFAULT_BACKEND": "embedded", "SELMA_LLM_ALLOW_ANY_BASE_URL": "true"},
     "render": {"SELMA_RENDER_DEFAULT_MODEL": "tiny://sd"},
-    "training": {"SELMA_BATCH_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd"},
+    # training hosts the EvaluationService (VQA endpoints; the LLM that writes its questions)
+    "training": {"SELMA_BATCH_LAUNCHER": "local", "SELMA_TRAINING_DEFAULT_MODEL": "tiny://sd",
+                 "SELMA_EVAL_ALLOW_ANY_BASE_URL": "true", "SELMA_LLM_ALLOW_ANY_BASE_URL": "true"},
     "serving": {"SELMA_SERVING_BASE_MODEL": "tiny://sd"},
 }
 

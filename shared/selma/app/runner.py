@@ -29,13 +29,21 @@ from typing import Any
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.tree import Tree
 
 from selma.api import enum_name, message_to_dict
 from selma.app.skillset import SkillSet, load_skillset, merge_job_spec
 from selma.cli_options import EXPERT_WEIGHTS_SYNTAX, add_output_options, parse_expert_weights, print_rows
-from selma.client import SelmaClient, add_client_arguments, last_target
+from selma.client import PRIORITY_NAMES, SelmaClient, add_client_arguments, last_target
 from selma.errors import Aborted, InvalidArgument, RunFailed
 from selma.jobs import run_stage_key
 from selma.seeds import SEED_MODULUS, SeedPolicy, seed_policy
@@ -512,6 +520,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how each image's seed derives from the base seed (default derived); "
                         "fixed: every image uses the base seed, so a printed per-image seed re-renders that image")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--priority", choices=PRIORITY_NAMES, default="normal",
+                   help="place among waiting requests (default normal); high is served only to admin tokens, "
+                        "others are served at normal")
+    p.add_argument("--progress", action="store_true",
+                   help="show the place in line and the images as they arrive (on stderr: a live bar on a terminal, "
+                        "else one line per change)")
     add_output_options(p)
     p.set_defaults(func=_generate)
 
@@ -654,6 +668,57 @@ def _gate_note(m: common_pb2.ArtifactManifest) -> str:
     return ""
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+class GenerateProgressView:
+    """``selma generate --progress``: where the request stands (place in line, batch, images), on stderr.
+
+    A rich live bar on a terminal (like ``selma run``'s), else one plain line per change, so that
+    stdout keeps only the result (and ``--json`` stays parseable)."""
+
+    def __init__(self, console: Console, total: int, *, live: bool | None = None) -> None:
+        self.console = console
+        self.total = total
+        self.live = console.is_terminal if live is None else live
+        self.images = 0
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last = ""
+
+    def __enter__(self) -> GenerateProgressView:
+        if self.live:
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("sending", total=self.total)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def _show(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text, completed=self.images)
+        elif text != self._last:
+            self.console.print(f"generate: {text}", highlight=False, markup=False)
+        self._last = text
+
+    def update(self, resp: Any) -> None:
+        """One GenerateResponse: a progress message or an image."""
+        if resp.HasField("progress"):
+            p = resp.progress
+            if p.queue_position:
+                self._show(f"queued: {_ordinal(p.queue_position)} in line ({p.queue_length} waiting)")
+            else:
+                self._show(f"generating (batch of {p.batch_size} image{'s' if p.batch_size != 1 else ''})")
+        elif resp.HasField("image"):
+            self.images += 1
+            self._show(f"generating: image {self.images}/{self.total} received")
+
+
 def _generate(args: argparse.Namespace) -> int:
     # the CLI's one expert-weight grammar (selma.cli_options); no weights = 1/N each (the service's rule)
     experts: dict[str, float | None] = dict(parse_expert_weights(args.experts, "--experts")) if args.experts else {}
@@ -663,14 +728,22 @@ def _generate(args: argparse.Namespace) -> int:
     # reproduces every image of this call (the service reports only each image's derived seed).
     base_seed = secrets.randbits(63) if args.seed is None else args.seed
     policy = seed_policy(args.seed_policy)
+    responses = []
     with SelmaClient.for_cli(args) as client:
         try:
-            responses = list(
-                client.generate(
-                    args.prompt, model_name=args.model, experts=experts or None, steps=args.steps, guidance_scale=args.guidance,
-                    width=args.width, height=args.height, seed=base_seed, seed_policy=policy.value, images_per_prompt=args.num_images,
-                )
+            stream = client.generate(
+                args.prompt, model_name=args.model, experts=experts or None, steps=args.steps, guidance_scale=args.guidance,
+                width=args.width, height=args.height, seed=base_seed, seed_policy=policy.value, images_per_prompt=args.num_images,
+                priority=args.priority, stream_progress=args.progress,
             )
+            if args.progress:
+                console = Console(stderr=True, soft_wrap=True)
+                with GenerateProgressView(console, len(args.prompt) * args.num_images, live=False if args.plain or args.json else None) as view:
+                    for resp in stream:
+                        view.update(resp)
+                        responses.append(resp)
+            else:
+                responses = list(stream)
         except grpc.RpcError as e:
             raise RunFailed(f"generate: {e.code().name}: {e.details()}") from None
         replica = last_target()[1]  # the serving replica the request was routed to

@@ -38,7 +38,12 @@ class LlmSettings(SelmaSettings):
     llm_api_keys: dict[str, SecretStr] = Field(default_factory=dict, description="Named API keys a SecretRef may select (JSON).")
     llm_allowed_base_urls: list[str] = Field(
         default_factory=list,
-        description="Endpoints (besides llm_openai_base_url) that may receive a configured API key (JSON list).",
+        description="Endpoints (besides llm_openai_base_url) a request may name as its base_url (JSON list); only these may receive a configured API key.",
+    )
+    llm_allow_any_base_url: bool = Field(
+        False,
+        description="Let a request name any base_url (no API key is ever sent to one not configured). Off = a caller cannot make the "
+        "service call an address of its choosing (SSRF); selma up turns it on for its single-user loopback stack.",
     )
     llm_secrets_dir: Path | None = Field(None, description="Directory of mounted Secrets: <dir>/<name>/<key>.")
     llm_request_timeout_seconds: float = Field(60.0, gt=0, description="Default HTTP timeout per LLM request.")

@@ -77,6 +77,13 @@ def resolve_backend(d: Any, settings: LlmSettings, fld: str = "spec.backend") ->
             max_retries=retries,
             extra_body=dict(extra),
         )
+        if not settings.llm_allow_any_base_url and not _credential_endpoint_allowed(base_url, settings):
+            # A caller must not be able to make the service send requests to an address of its choosing.
+            raise PermissionDenied(
+                f"the service only calls configured LLM endpoints; {base_url!r} is not one (the operator adds it to "
+                "SELMA_LLM_ALLOWED_BASE_URLS, or sets SELMA_LLM_ALLOW_ANY_BASE_URL=true on a single-user install)",
+                field=f"{fld}.base_url",
+            )
         # Resolve the credential now so a misnamed secret fails the request, not the job later.
         credential = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
         if credential is not None and not _credential_endpoint_allowed(base_url, settings):
