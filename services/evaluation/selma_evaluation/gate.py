@@ -296,21 +296,29 @@ class GateCore:
                 if line.strip():
                     rows.append((m, json.loads(line)))
         total = len(rows)
+        wanted = {(m.id, r["file_name"]) for m, r in rows}
         scored: dict[tuple[str, str], dict[str, Any]] = {}
+        kept_prompts: list[str] = []  # one entry per kept candidate (running totals: no re-count per chunk)
+
+        def add(set_id: str, rec: dict[str, Any]) -> None:
+            key = (set_id, rec["file_name"])
+            if key in wanted and key not in scored:
+                scored[key] = rec
+                if passes(rec["score"], cfg.threshold):
+                    kept_prompts.append(str(rec.get("prompt_id", "")))
+
         for m in datasets:
             for rec in self._journal(digest, m.id):
-                scored[(m.id, rec["file_name"])] = rec
-        from_journal = sum(1 for m, r in rows if (m.id, r["file_name"]) in scored)
+                add(m.id, rec)
+        from_journal = len(scored)
         answered = 0
         stats = {"candidates_total": total, "prompts_total": len(items), "candidates_from_journal": from_journal}
 
         def report(message: str) -> None:
-            done = [(m, r) for m, r in rows if (m.id, r["file_name"]) in scored]
-            kept = [r for m, r in done if passes(scored[(m.id, r["file_name"])]["score"], cfg.threshold)]
-            ctx.progress(len(done), total, unit="images", message=message,
-                         stats={**stats, "candidates_scored": len(done), "kept": len(kept), "questions_answered": answered,
-                                "prompts_kept": len({str(r.get("prompt_id", "")) for r in kept}),
-                                "pass_rate_percent": 100.0 * len(kept) / len(done) if done else 0.0})
+            done, kept = len(scored), len(kept_prompts)
+            ctx.progress(done, total, unit="images", message=message,
+                         stats={**stats, "candidates_scored": done, "kept": kept, "questions_answered": answered,
+                                "prompts_kept": len(set(kept_prompts)), "pass_rate_percent": 100.0 * kept / done if done else 0.0})
 
         report(f"scoring {total} candidates ({from_journal} journaled)")
         pending = [(m, r) for m, r in rows if (m.id, r["file_name"]) not in scored]
@@ -335,11 +343,12 @@ class GateCore:
                         self.storage.put_bytes(f"gate/scores/{digest}/{set_id}/{recs[0]['file_name'].replace('/', '_')}.json",
                                                json.dumps(recs).encode(), content_type="application/json")
                         for rec in recs:
-                            scored[(set_id, rec["file_name"])] = rec
+                            add(set_id, rec)
                     report(f"scored {start + len(chunk)}/{len(pending)} new candidates")
             finally:
                 vqa.close()
-        manifest = self._publish(ctx.idempotency_key, cfg, prompt_set, datasets, rows, scored, run=run, skill=skill, labels=dict(spec.get("labels") or {}))
+        manifest = self._publish(ctx.idempotency_key, cfg, prompt_set, datasets, rows, scored, prompts_total=len(items), run=run, skill=skill,
+                                 labels=dict(spec.get("labels") or {}))
         report(f"kept {manifest.parameters['kept']} of {total} candidates")
         p = manifest.parameters
         return JobResult(output=output_ref(manifest), message=(f"kept {p['kept']} of {p['candidates']} candidates ({p['pass_rate_percent']:.1f}%), "
@@ -353,7 +362,7 @@ class GateCore:
 
     def _publish(
         self, key: str, cfg: GateConfig, prompt_set: Manifest, datasets: list[Manifest], rows: list[tuple[Manifest, dict[str, Any]]],
-        scored: Mapping[tuple[str, str], dict[str, Any]], *, run: str, skill: str, labels: dict[str, str],
+        scored: Mapping[tuple[str, str], dict[str, Any]], *, prompts_total: int, run: str, skill: str, labels: dict[str, str],
     ) -> Manifest:
         aid = new_artifact_id(ArtifactKind.IMAGE_DATASET, key)
         if self.store.exists(aid):
@@ -383,7 +392,7 @@ class GateCore:
             "format": "imagefolder", "images": len(kept_rows), "run": run, "skill": skill, "prompt_set": prompt_set.id,
             "source_datasets": [m.id for m in datasets], "candidates": n, "kept": len(kept_rows),
             "pass_rate_percent": 100.0 * len(kept_rows) / n if n else 0.0,
-            "prompts_total": sum(1 for _ in self.store.read_bytes(prompt_set, "prompts.jsonl").decode().splitlines() if _.strip()),
+            "prompts_total": prompts_total,
             "prompts_kept": len(prompts_kept), "threshold": cfg.threshold, "vqa": cfg.vqa,
             "question_source": cfg.question_source or "GATE_QUESTION_SOURCE_UNSPECIFIED", "candidates_per_prompt": cfg.per_prompt,
             "per_skill": {skill: {"candidates": n, "kept": len(kept_rows), "prompts_kept": len(prompts_kept)}},
