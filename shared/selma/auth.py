@@ -74,6 +74,7 @@ METHOD_SCOPES: dict[str, str] = {
     "/selma.v1.ServingService/GetLineage": READ,
     **_job_rpcs("EvaluationService", "StartEvaluation", "GetEvaluation", "WatchEvaluation", "CancelEvaluation",
                 "ListEvaluations"),
+    **_job_rpcs("EvaluationService", "StartGate", "GetGate", "WatchGate", "CancelGate", "ListGates"),
 }
 
 # Services that answer without a token while ``auth_open_health`` (probes, grpcurl's listing).

@@ -72,4 +72,5 @@ JOB_KINDS = {
     "training": JobKind("training", "ExpertTraining", training_service_pb2),
     "merge": JobKind("serving", "Merge", serving_service_pb2),
     "evaluation": JobKind("evaluation", "Evaluation", evaluation_service_pb2),
+    "gate": JobKind("evaluation", "Gate", evaluation_service_pb2),
 }

@@ -49,6 +49,9 @@ class VqaBackendPlugin:
     check: Callable[[Mapping[str, Any], str], None]
     build: Callable[[int], Any]
     cli_name: str = ""  # the short name `selma eval run --vqa NAME` accepts, if any
+    # DSG-style questions the backend writes itself for a prompt (a world with a question grammar), in the
+    # inline prompt-set record form ({"id", "text", "parents", ...}); None = the backend writes none
+    questions: Callable[[str], list[dict[str, Any]]] | None = None
 
 
 @dataclass

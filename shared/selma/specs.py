@@ -155,3 +155,36 @@ def device_options(value: Any, fld: str) -> tuple[str, str]:
     if device and not _DEVICE.fullmatch(device):
         raise InvalidArgument(f"must be auto, cpu, cuda or cuda:N; got {device!r}", field=f"{fld}.device")
     return device, enum_name(common_pb2.Precision, d.get("precision"), field=f"{fld}.precision")
+
+
+MAX_CANDIDATES_PER_PROMPT = 16
+
+
+def gate_threshold(value: Any, fld: str = "spec.gate.threshold") -> float:
+    """The gate's keep threshold (``GateSettings.threshold``): a DSG score in [0, 1]; unset = 1 (every question)."""
+    x = parse_float(value, fld, 1.0)
+    assert x is not None
+    if not 0.0 <= x <= 1.0:
+        raise InvalidArgument(f"must be a DSG score in [0, 1] (1 = every question passes); got {x:g}", field=fld)
+    return x
+
+
+def candidates_per_prompt(value: Any, fld: str = "spec.gate.candidates_per_prompt") -> int:
+    """Best-of-K candidates per prompt (``GateSettings.candidates_per_prompt``): 1..16; 0 = 1."""
+    k = parse_int(value, fld)
+    if not 0 <= k <= MAX_CANDIDATES_PER_PROMPT:
+        raise InvalidArgument(f"must be in 1..{MAX_CANDIDATES_PER_PROMPT} (0 = 1); got {k}", field=fld)
+    return k or 1
+
+
+def gate_budget(target: Any, budget: Any, fld: str = "spec.gate") -> tuple[int, int]:
+    """(target_kept, max_candidates) of a gate: both >= 0, and a budget (when set) at least the target."""
+    t = parse_int(target, f"{fld}.target_kept")
+    b = parse_int(budget, f"{fld}.max_candidates")
+    if t < 0:
+        raise InvalidArgument(f"must be >= 0 (0 = no target); got {t}", field=f"{fld}.target_kept")
+    if b < 0:
+        raise InvalidArgument(f"must be >= 0 (0 = prompts x candidates_per_prompt); got {b}", field=f"{fld}.max_candidates")
+    if b and b < t:
+        raise InvalidArgument(f"must be >= target_kept ({t}): the budget cannot reach the target; got {b}", field=f"{fld}.max_candidates")
+    return t, b

@@ -111,6 +111,28 @@ def test_skillset_produces_registered_merged_model_with_full_lineage(stack, llm,
     assert again == result
 
 
+def test_a_gated_skillset_trains_on_the_kept_images_with_the_candidates_in_lineage(stack, llm, tmp_path):
+    # threshold 0: every candidate passes whatever the tiny VQA model answers, so round 1 keeps every prompt and the rounds stop
+    gate = ("  gate: {vqa: {tinyTest: {seed: 3}}, questionSource: generated, threshold: 0.0, candidatesPerPrompt: 2,\n"
+            f"         questionBackend: {{openaiCompatible: {{baseUrl: \"{llm.base_url}\", model: scripted, api: completions}}}}}}\n")
+    _, endpoints = stack
+    result = _drive(endpoints, skillset_text("e2e-gated", llm.base_url) + gate, tmp_path)
+    assert set(result["gate"]) == {"counting", "general"}
+    for g in result["gate"].values():
+        assert (g["round"], g["candidates"], g["kept"], g["prompts_kept"], g["pass_rate_percent"]) == (0, g["prompts_total"], g["prompts_total"],
+                                                                                                      g["prompts_total"], 100.0)
+    with SelmaClient(endpoints) as client:
+        chain = client.lineage(result["merged_model"])
+    datasets = [m for m in chain if m.kind == common_pb2.ARTIFACT_KIND_IMAGE_DATASET]
+    kept = {m.id for m in datasets if m.id in {g["dataset"] for g in result["gate"].values()}}
+    assert len(kept) == 2 and len(datasets) == 4  # per skill: the kept dataset and its one candidate round
+    experts = [m for m in chain if m.kind == common_pb2.ARTIFACT_KIND_EXPERT]
+    assert {p for e in experts for p in e.parent_ids} & kept == kept  # each expert trained on its skill's kept images
+    for m in datasets:
+        if m.id in kept:
+            assert len(m.parent_ids) == 1 and m.parent_ids[0] in {d.id for d in datasets} - kept
+
+
 @pytest.mark.timeout(900)  # up to 300 s to the kill, then a rerun limited to 500 s
 def test_killed_run_resumes_without_duplicate_work(stack, llm, tmp_path):
     _, endpoints = stack

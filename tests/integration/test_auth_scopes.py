@@ -58,6 +58,10 @@ def test_the_descriptors_list_every_service_and_the_scope_table_covers_exactly_t
     assert auth.METHOD_SCOPES["/selma.v1.ServingService/GetLineage"] == "read"
     assert auth.METHOD_SCOPES["/selma.v1.TrainingService/StartExpertTraining"] == "run"
     assert auth.METHOD_SCOPES["/selma.v1.ServingService/UnloadModel"] == "admin"
+    # the gate's job RPCs: starting and cancelling spend compute (run), looking is read
+    assert auth.METHOD_SCOPES["/selma.v1.EvaluationService/StartGate"] == "run"
+    assert auth.METHOD_SCOPES["/selma.v1.EvaluationService/CancelGate"] == "run"
+    assert auth.METHOD_SCOPES["/selma.v1.EvaluationService/WatchGate"] == "read"
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ LONG_RUNNING = {
     "selma.v1.PromptService": {"PromptGeneration"},
     "selma.v1.RenderService": {"DatasetRender"},
     "selma.v1.TrainingService": {"ExpertTraining"},
-    "selma.v1.EvaluationService": {"Evaluation"},
+    "selma.v1.EvaluationService": {"Evaluation", "Gate"},
     "selma.v1.ServingService": {"Merge"},
 }
 PROTO_FILES = ["common", *SERVICES.values()]

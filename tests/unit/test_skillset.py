@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from selma.app.skillset import SkillSetError, load_skillset, merge_job_spec, parse_skillset
-from selma.v1 import common_pb2, training_service_pb2
+from selma.v1 import common_pb2, evaluation_service_pb2, training_service_pb2
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -149,3 +149,62 @@ def test_per_skill_training_fields_lay_over_the_shared_config():
         parse_skillset(text.replace("      counting: {lora", "      painting: {lora"))
     with pytest.raises(SkillSetError, match="spec.training.skills.counting.learningRat"):
         parse_skillset(text.replace("learningRate", "learningRat"))
+
+
+GATED = GOOD + (
+    "  gate:\n"
+    "    vqa: {shapesworldJudge: {}}\n"
+    "    questionSource: vqa_backend\n"
+    "    threshold: 0.75\n"
+    "    candidatesPerPrompt: 4\n"
+    "    targetKept: 40\n"
+    "    maxCandidates: 200\n"
+)
+
+
+def test_gate_section_is_a_gate_settings_message():
+    ss = parse_skillset(GATED)
+    g = ss.gate
+    assert g is not None and g.vqa.WhichOneof("backend") == "shapesworld_judge"
+    assert g.question_source == evaluation_service_pb2.GATE_QUESTION_SOURCE_VQA_BACKEND
+    assert (g.threshold, g.candidates_per_prompt, g.target_kept, g.max_candidates) == (0.75, 4, 40, 200)
+    assert parse_skillset(GOOD).gate is None  # no section: no gate, rendering as before
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        ("threshold: 0.75", "threshold: 1.5", "spec.gate.threshold", "[0, 1]"),
+        ("threshold: 0.75", "threshold: -0.1", "spec.gate.threshold", "[0, 1]"),
+        ("candidatesPerPrompt: 4", "candidatesPerPrompt: 17", "spec.gate.candidatesPerPrompt", "1..16"),
+        ("candidatesPerPrompt: 4", "candidatesPerPrompt: -1", "spec.gate.candidatesPerPrompt", "1..16"),
+        ("maxCandidates: 200", "maxCandidates: 20", "spec.gate.maxCandidates", "target_kept (40)"),
+        ("targetKept: 40", "targetKept: -3", "spec.gate.targetKept", ">= 0"),
+        ("questionSource: vqa_backend", "questionSource: oracle", "spec.gate.questionSource", "generated, inline, vqa_backend"),
+        ("threshold: 0.75", "treshold: 0.75", "spec.gate.treshold", "unknown field"),
+    ],
+)
+def test_a_bad_gate_section_names_the_field_and_line(old, new, field, message):
+    assert old in GATED
+    text = GATED.replace(old, new)
+    line = text.splitlines().index(next(s for s in text.splitlines() if new in s)) + 1
+    with pytest.raises(SkillSetError) as ei:
+        parse_skillset(text, source="bad.yaml")
+    assert ei.value.field == field
+    assert f"bad.yaml:{line}:" in str(ei.value) and message in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("path", [EXAMPLES / "sd2.yaml", EXAMPLES / "sdxl.yaml",
+                                  EXAMPLES.parent / "testbeds/shapesworld/selma_shapesworld/data/skillset-gated.yaml"])
+def test_shipped_gate_sections_pass_the_gate_services_own_rules(path, tmp_path):
+    from selma.api import message_to_dict
+    from selma_evaluation.gate import parse_gate_settings
+    from selma_evaluation.settings import EvaluationSettings
+
+    ss = load_skillset(path)
+    assert ss.gate is not None
+    # the cluster's operator lists the in-cluster vLLM endpoints the examples name (SSRF allow-lists)
+    endpoints = ["http://vllm-vl.llm.svc.cluster.local:8000/v1", "http://vllm.llm.svc.cluster.local:8000/v1"]
+    settings = EvaluationSettings(data_dir=tmp_path, hf_offline=True, eval_allowed_base_urls=endpoints, llm_allowed_base_urls=endpoints)
+    cfg = parse_gate_settings(message_to_dict(ss.gate), settings)
+    assert cfg.threshold == 1.0 and cfg.per_prompt in (4, 8) and cfg.max_candidates >= cfg.target_kept > 0

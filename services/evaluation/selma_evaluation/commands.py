@@ -105,6 +105,16 @@ def add_commands(esub: argparse._SubParsersAction) -> None:
     add_store_options(rep)
     rep.set_defaults(func=_report)
 
+    g = esub.add_parser("gate-report", help="a gated dataset's numbers: candidates, kept, pass rate and best-of-K pass rates per skill",
+                        description="Read a gate job's kept image_dataset (its gate.jsonl: every candidate's score) and print, per skill, "
+                        "the candidates scored, images kept, pass rate, and for each K the prompts with at least one passing "
+                        "image among their first K candidates.")
+    g.add_argument("dataset_id", nargs="+", help="kept image_dataset artifact id(s) (the gate jobs' outputs)")
+    g.add_argument("--k", default="1,2,4,8", metavar="K,K", help="candidate counts to report pass rates at (default 1,2,4,8)")
+    add_output_options(g)
+    add_store_options(g)
+    g.set_defaults(func=_gate_report)
+
     x = esub.add_parser("execute", help="run one evaluation job document (the worker the launcher starts)")
     x.add_argument("--config", required=True, help="job document URI (s3://… or file://…) or path")
     x.set_defaults(func=_execute)
@@ -517,6 +527,38 @@ def _report(args: argparse.Namespace) -> int:
     sys.stdout.write(store.read_bytes(manifest, "tables.md").decode())
     if args.out:
         _download(args, manifest.id, args.out)
+    return 0
+
+
+def _gate_report(args: argparse.Namespace) -> int:
+    from selma.artifacts import ArtifactKind
+    from selma_evaluation.gate import pass_at_k
+
+    try:
+        ks = sorted({int(k) for k in _csv(args.k)})
+    except ValueError:
+        raise InvalidArgument(f"--k takes whole numbers like 1,2,4,8; got {args.k!r}", field="--k") from None
+    if not ks or ks[0] < 1:
+        raise InvalidArgument(f"--k takes candidate counts >= 1; got {args.k!r}", field="--k")
+    store = _store(args)
+    rows, records = [], []
+    for aid in args.dataset_id:
+        m = store.get(aid)
+        if m.kind != ArtifactKind.IMAGE_DATASET.value or "gate.jsonl" not in {f.path for f in m.files}:
+            raise InvalidArgument(f"{aid} is not a gated image_dataset (a gate job's output, with gate.jsonl)", field="dataset_id")
+        cands = [json.loads(x) for x in store.read_bytes(m, "gate.jsonl").decode().splitlines() if x.strip()]
+        p = m.parameters
+        n = int(p.get("prompts_total") or 0)
+        at = pass_at_k(cands, ks, n)
+        rec = {"dataset": aid, "skill": p.get("skill", ""), "prompts": n, "candidates": len(cands), "kept": int(p.get("kept") or 0),
+               "pass_rate_percent": round(float(p.get("pass_rate_percent") or 0.0), 1),
+               "pass_at_k_percent": {str(k): round(100.0 * v / n, 1) if n else 0.0 for k, v in at.items()},
+               "prompts_passing_at_k": {str(k): v for k, v in at.items()}}
+        records.append(rec)
+        rows.append((rec["skill"], n, rec["candidates"], rec["kept"], f"{rec['pass_rate_percent']:.1f}",
+                     *(f"{rec['pass_at_k_percent'][str(k)]:.1f} ({at[k]})" for k in ks)))
+    print_rows(args, ("skill", "prompts", "candidates", "kept", "pass %", *(f"pass@{k} % (prompts)" for k in ks)), rows,
+               title="gate: per skill", records=records)
     return 0
 
 

@@ -97,6 +97,9 @@ class EvaluationCore:
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
                                   watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
+        from selma_evaluation.gate import GateCore
+
+        self.gate = GateCore(settings, self.storage, self.store)  # gate jobs: VQA scoring in this process
 
     # -- validation
 
@@ -277,9 +280,10 @@ class EvaluationCore:
         return self.manager.get(job_id)
 
     def recover(self) -> list[str]:
-        return self.manager.recover()
+        return self.manager.recover() + self.gate.recover()
 
     def shutdown(self, wait: bool = True) -> None:
+        self.gate.shutdown(wait=wait)
         self.manager.shutdown(wait=wait)
         if self._own_launchers:
             for launcher in self.launchers.values():

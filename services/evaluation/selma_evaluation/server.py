@@ -32,12 +32,28 @@ def to_job(rec: JobRecord) -> pb.EvaluationJob:
     return job
 
 
+def to_gate_job(rec: JobRecord) -> pb.GateJob:
+    """A GateJob message for a job record."""
+    job = pb.GateJob(status=job_status(rec))
+    job.spec.CopyFrom(dict_to_message(rec.spec, pb.GateSpec))
+    job.stats.CopyFrom(dict_to_message(rec.stats, pb.GateStats))
+    return job
+
+
 class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
-    """The evaluation RPCs over an :class:`EvaluationCore` (the five job RPCs: :class:`selma.job_rpcs.JobRpcs`)."""
+    """The evaluation and gate RPCs over an :class:`EvaluationCore` (the five job RPCs of each: :class:`selma.job_rpcs.JobRpcs`)."""
 
     def __init__(self, core: EvaluationCore) -> None:
         self.core = core
         JobRpcs(JOB_KINDS["evaluation"], to_job, core, start=self._start).bind(self)
+        JobRpcs(JOB_KINDS["gate"], to_gate_job, core.gate, start=self._start_gate).bind(self)
+
+    def _start_gate(self, request: pb.StartGateRequest) -> tuple[JobRecord | pb.GateJob, bool]:
+        check_request(request, self.core.settings)
+        rec, created = self.core.gate.start(request.idempotency_key, message_to_dict(request.spec), validate_only=request.validate_only)
+        if rec is None:
+            return pb.GateJob(spec=request.spec), False
+        return rec, created
 
     def _start(self, request: pb.StartEvaluationRequest) -> tuple[JobRecord | pb.EvaluationJob, bool]:
         check_request(request, self.core.settings)  # before any model is resolved or prompt set read

@@ -71,6 +71,8 @@ class EvaluationSettings(BatchSettings, LlmSettings):
     eval_max_merge_weight: float = Field(
         100.0, gt=0, description="Largest |weight| of an expert in an experts target (keep it at the serving service's SELMA_SERVING_MAX_MERGE_WEIGHT)."
     )
+    eval_gate_max_jobs: int = Field(4, ge=1, description="Gate jobs (VQA scoring of candidate images) run at once in the service's process.")
+    eval_gate_max_candidates: int = Field(200_000, ge=1, description="Most candidate images one gate job may score.")
     eval_max_trials: int = Field(64, ge=1, le=10_000, description="Default upper bound on merge-search trials.")
     eval_prompts_per_call: int = Field(
         8, ge=1, le=64, description="Prompts rendered per ServingService.Generate call (one batched request, each prompt with its own seed); "

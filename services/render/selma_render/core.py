@@ -30,7 +30,7 @@ from selma.pipelines import TINY_SCHEME, ModelSpec
 from selma.seeds import derive_seed
 from selma.storage import open_storage
 from selma.v1 import common_pb2, render_service_pb2
-from selma_render.dataset import JOB_KIND, DatasetRenderJob, resolve_prompt_set
+from selma_render.dataset import JOB_KIND, DatasetRenderJob, load_prompts, plan_dataset_items, resolve_prompt_set
 from selma_render.metrics import IMAGE_SECONDS, IMAGES_RENDERED, QUEUE_LENGTH
 from selma_render.renderer import (
     LoadedModel,
@@ -187,6 +187,8 @@ class RenderCore:
         manifest = resolve_prompt_set(self.store, spec.prompt_set)
         check_model_reference(spec.config.model, self.settings, field="spec.settings.model.source")
         skill = spec.skill or manifest.labels.get("selma.dev/skill", "") or str(manifest.parameters.get("skill", "") or "")
+        if spec.candidates is not None:  # a gated dataset that does not exist, or a round with nothing left, is refused now
+            plan_dataset_items(self.store, load_prompts(self.store, manifest, spec.max_prompts), spec)
         out = render_service_pb2.DatasetRenderSpec()
         out.CopyFrom(spec_msg)
         out.run = spec.run

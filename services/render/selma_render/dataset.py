@@ -53,7 +53,14 @@ from selma_render.renderer import (
     is_out_of_memory,
 )
 from selma_render.settings import RenderSettings
-from selma_render.spec import PromptSetRef, RenderConfig, parse_dataset_spec, scheduler_enum
+from selma_render.spec import (
+    CandidateSpec,
+    DatasetSpec,
+    PromptSetRef,
+    RenderConfig,
+    parse_dataset_spec,
+    scheduler_enum,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -167,6 +174,44 @@ def plan_items(prompts: list[Prompt], cfg: RenderConfig) -> list[Item]:
     ]
 
 
+def plan_dataset_items(store: ArtifactStore, prompts: list[Prompt], spec: DatasetSpec) -> list[Item]:
+    """The images a dataset render makes: :func:`plan_items`, or one best-of-K candidate round.
+
+    Candidate ``k`` of prompt ``i`` is image ``k`` of a render with ``per_prompt`` images per prompt
+    (its seed and file name), so it does not depend on which rounds ran before; prompts with a kept
+    image in ``skip_kept_in`` are left out, and at most ``max_images`` are rendered, in prompt order.
+    """
+    c = spec.candidates
+    cfg = spec.config
+    if c is None:
+        return plan_items(prompts, cfg)
+    skip = kept_prompt_ids(store, c.skip_kept_in) if c.skip_kept_in else set()
+    ipp = cfg.images_per_prompt
+    items = [
+        Item(prompt=p, image_index=c.index * ipp + j, seed=derive_seed(cfg.seed_policy, cfg.base_seed, p.index, c.index * ipp + j, c.per_prompt * ipp))
+        for p in prompts
+        if p.id not in skip
+        for j in range(ipp)
+    ]
+    items = items[: c.max_images] if c.max_images else items
+    if not items:
+        raise FailedPrecondition(f"candidate round {c.index} has nothing to render: every prompt has a kept image in {c.skip_kept_in} "
+                                 "or max_images is spent", field="spec.candidates")
+    return items
+
+
+def kept_prompt_ids(store: ArtifactStore, dataset_id: str) -> set[str]:
+    """Prompt ids with at least one image in an image dataset (a gated one: its kept images)."""
+    try:
+        m = store.get(dataset_id)
+    except NotFound:
+        raise NotFound(f"gated dataset {dataset_id} does not exist", field="spec.candidates.skip_kept_in.id") from None
+    if m.kind != ArtifactKind.IMAGE_DATASET:
+        raise InvalidArgument(f"{dataset_id} is not an image dataset", field="spec.candidates.skip_kept_in.id")
+    rows = store.read_bytes(m, METADATA_FILE).decode().splitlines()
+    return {str(json.loads(r).get("prompt_id", "")) for r in rows if r.strip()}
+
+
 def resolved_record(model: LoadedModel, r: ResolvedRender) -> dict[str, Any]:
     """How a render resolved (model, scheduler, size...): what ``metadata.jsonl`` and the manifest record.
 
@@ -211,9 +256,17 @@ def metadata_jsonl(items: list[Item], resolved: dict[str, Any], skill: str) -> b
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def dataset_parameters(prompt_set_id: str, n_prompts: int, items: list[Item], cfg: RenderConfig, resolved: dict[str, Any], run: str, skill: str) -> dict[str, Any]:
+def dataset_parameters(
+    prompt_set_id: str, n_prompts: int, items: list[Item], cfg: RenderConfig, resolved: dict[str, Any], run: str, skill: str,
+    candidates: CandidateSpec | None = None,
+) -> dict[str, Any]:
     """The image dataset manifest's parameters (what :func:`reproduce_image` re-plans a batch from)."""
+    extra: dict[str, Any] = {}
+    if candidates is not None:  # a best-of-K round: the gate reads the candidate index, reproduce_image the plan
+        extra["candidate_round"] = {"index": candidates.index, "per_prompt": candidates.per_prompt,
+                                    "skip_kept_in": candidates.skip_kept_in, "max_images": candidates.max_images}
     return {
+        **extra,
         "prompt_set": prompt_set_id,
         "prompts": n_prompts,
         "images": len(items),
@@ -283,7 +336,7 @@ class DatasetRenderJob:
         prompt_set = resolve_prompt_set(self.store, spec.prompt_set)
         prompts = load_prompts(self.store, prompt_set, spec.max_prompts)
         skill = spec.skill or prompt_set.labels.get("selma.dev/skill", "") or str(prompt_set.parameters.get("skill", "") or "")
-        items = plan_items(prompts, cfg)
+        items = plan_dataset_items(self.store, prompts, spec)
         total = len(items)
         dataset_id = new_artifact_id(ArtifactKind.IMAGE_DATASET, ctx.idempotency_key)
         ctx.update(
@@ -306,7 +359,7 @@ class DatasetRenderJob:
 
         resolved = resolved_record(model, r)
         labels = dataset_labels(dict(spec.labels), spec.run, skill)
-        parameters = dataset_parameters(prompt_set.id, len(prompts), items, cfg, resolved, spec.run, skill)
+        parameters = dataset_parameters(prompt_set.id, len(prompts), items, cfg, resolved, spec.run, skill, spec.candidates)
 
         writer = self.store.writer(
             ArtifactKind.IMAGE_DATASET,
@@ -446,7 +499,10 @@ def reproduce_image(store: ArtifactStore, renderer: Renderer, dataset_id: str, f
         prompt_set, n_prompts = p["prompt_set"], int(p["prompts"])
     except (KeyError, TypeError, ValueError) as e:
         raise FailedPrecondition(f"dataset {dataset_id} was not written by this render service version (parameter {e} missing or bad)") from None
-    items = plan_items(load_prompts(store, store.get(prompt_set), n_prompts), cfg)
+    rnd = p.get("candidate_round")
+    candidates = CandidateSpec(**rnd) if isinstance(rnd, dict) else None
+    items = plan_dataset_items(store, load_prompts(store, store.get(prompt_set), n_prompts), DatasetSpec(
+        prompt_set=PromptSetRef(id=prompt_set), config=cfg, candidates=candidates))
     position = next((i for i, it in enumerate(items) if it.path == file_name), None)
     if position is None:
         raise NotFound(f"dataset {dataset_id} has no image {file_name!r}", field="file_name")

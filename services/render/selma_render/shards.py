@@ -52,7 +52,7 @@ from selma_render.dataset import (
     dataset_parameters,
     load_prompts,
     metadata_jsonl,
-    plan_items,
+    plan_dataset_items,
     resolve_prompt_set,
     resolved_record,
 )
@@ -147,7 +147,7 @@ class ShardedRender:
         prompt_set = resolve_prompt_set(self.store, spec.prompt_set)
         prompts = load_prompts(self.store, prompt_set, spec.max_prompts)
         skill = spec.skill or prompt_set.labels.get("selma.dev/skill", "")
-        items = plan_items(prompts, cfg)
+        items = plan_dataset_items(self.store, prompts, spec)
         n_batches = -(-len(items) // cfg.batch_size)
         shards = effective_shards(spec.shards, n_batches)
         totals = [len(shard_items(items, cfg.batch_size, shards, i)) for i in range(shards)]
@@ -260,7 +260,7 @@ class ShardedRender:
             ArtifactKind.IMAGE_DATASET,
             id=work.dataset_id,
             parents=[prompt_set_id],
-            parameters=dataset_parameters(prompt_set_id, n_prompts, items, cfg, resolved[0], spec.run, skill),
+            parameters=dataset_parameters(prompt_set_id, n_prompts, items, cfg, resolved[0], spec.run, skill, spec.candidates),
             name=f"images for {skill or prompt_set_id}",
             labels=dataset_labels(dict(spec.labels), spec.run, skill),
         )
@@ -350,7 +350,7 @@ def render_shard(settings: RenderSettings, config_uri: str, index: int, *, rende
     spec = parse_dataset_spec(msg, settings)
     cfg = spec.config
     prompt_set = resolve_prompt_set(store, spec.prompt_set)
-    items = plan_items(load_prompts(store, prompt_set, spec.max_prompts), cfg)
+    items = plan_dataset_items(store, load_prompts(store, prompt_set, spec.max_prompts), spec)
     mine = shard_items(items, cfg.batch_size, work.shards, index)
     journal = _Journal(storage, shard_key(work.job_id, index))
     if journal.doc.get("complete") or store.exists(work.dataset_id):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from selma import specs
 from selma.api import enum_name, enum_value, message_to_dict
 from selma.errors import InvalidArgument
 from selma.limits import check_chars
@@ -72,6 +73,18 @@ class DatasetSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # shard workers (0 = render in the service's own process); the request's value, or the service default
     shards: int = 0
+    # one best-of-K candidate round (the gate stage); None = every image of every prompt
+    candidates: CandidateSpec | None = None
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """A validated ``CandidateRound``: candidate ``index`` of ``per_prompt``, for prompts without a kept image in ``skip_kept_in``."""
+
+    index: int
+    per_prompt: int
+    skip_kept_in: str = ""  # artifact id of a gated image dataset; "" = skip none
+    max_images: int = 0  # 0 = no limit
 
 
 def parse_render_settings(
@@ -210,7 +223,22 @@ def parse_dataset_spec(msg: render_service_pb2.DatasetRenderSpec, settings: Rend
             f"shards must be in 0..SELMA_RENDER_MAX_SHARDS={settings.render_max_shards} (0 = the service default); got {shards}",
             field=f"{prefix}.shards",
         )
+    candidates = None
+    if msg.HasField("candidates"):
+        c = msg.candidates
+        f = f"{prefix}.candidates"
+        per_prompt = specs.candidates_per_prompt(c.per_prompt, f"{f}.per_prompt")
+        if not 0 <= c.index < per_prompt:
+            raise InvalidArgument(f"must be in 0..{per_prompt - 1} (a candidate of per_prompt={per_prompt}); got {c.index}", field=f"{f}.index")
+        if c.max_images < 0:
+            raise InvalidArgument(f"must be >= 0 (0 = no limit); got {c.max_images}", field=f"{f}.max_images")
+        if c.skip_kept_in.kind not in (common_pb2.ARTIFACT_KIND_UNSPECIFIED, common_pb2.ARTIFACT_KIND_IMAGE_DATASET):
+            raise InvalidArgument("skip_kept_in must be an image dataset", field=f"{f}.skip_kept_in.kind")
+        if c.HasField("skip_kept_in") and not c.skip_kept_in.id.strip():
+            raise InvalidArgument("skip_kept_in needs the gated dataset's artifact id", field=f"{f}.skip_kept_in.id")
+        candidates = CandidateSpec(index=c.index, per_prompt=per_prompt, skip_kept_in=c.skip_kept_in.id.strip(), max_images=c.max_images)
     return DatasetSpec(
+        candidates=candidates,
         prompt_set=PromptSetRef(id=ref.id.strip(), uri=ref.uri.strip(), kind=ref.kind, sha256=ref.sha256.strip().lower()),
         config=parse_render_settings(msg.settings, settings, prefix=f"{prefix}.settings"),
         run=msg.run.strip(),

@@ -51,7 +51,7 @@ from selma.v1 import common_pb2, evaluation_service_pb2, render_service_pb2, tra
 
 log = logging.getLogger(__name__)
 
-SKILL_STAGES = ("prompts", "render", "training")
+SKILL_STAGES = ("prompts", "render", "gate", "training")  # gate (and its rounds render-N, gate-N) only with a gate: section
 TERMINAL = {common_pb2.JOB_PHASE_SUCCEEDED, common_pb2.JOB_PHASE_FAILED, common_pb2.JOB_PHASE_CANCELLED}
 PHASE_NAMES = {v.number: enum_name(common_pb2.JobPhase, v.number) for v in common_pb2.JobPhase.DESCRIPTOR.values}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -258,16 +258,20 @@ class RunDriver:
         self.max_outage = max_outage  # seconds one stage waits for an unreachable service before the run fails
         self._down_since: dict[str, float] = {}
         self._stop = threading.Event()
+        self.gate_summary: dict[str, dict[str, Any]] = {}  # per skill, the last gate round's numbers (with a gate: section)
 
     def stop(self) -> None:
         self._stop.set()
 
     # One stage: start (or attach to) the job for its key, then watch it to the end.
-    def drive(self, kind: str, skill: str | None, spec: Any) -> Any:
+    def drive(self, kind: str, skill: str | None, spec: Any, *, stage: str = "") -> Any:
+        """``stage``: the stage's name in keys and run state when one kind runs more than once per skill (gate rounds); "" = ``kind``."""
         run = self.skillset.name
-        key = stage_key(run, skill, kind)
-        label = f"{skill or run} · {kind}"
-        jobs = self.client.jobs(kind)
+        key = stage_key(run, skill, stage or kind)
+        label = f"{skill or run} · {stage or kind}"
+        kind_stage = kind
+        kind = stage or kind
+        jobs = self.client.jobs(kind_stage)
         service = jobs._k.service
         job = self._retrying(label, lambda: jobs.start(key, spec), service=service)[0]
         self.state.update_stage(skill, kind, job_id=job.status.job_id, phase=PHASE_NAMES[job.status.phase], key=key)
@@ -341,12 +345,63 @@ class RunDriver:
         prompt_set = job.status.output
         render_spec = render_service_pb2.DatasetRenderSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, settings=ss.render,
                                                            shards=ss.render_shards, placement=ss.render_placement)
-        job = self.drive("render", skill.name, render_spec)
-        dataset = job.status.output
+        if ss.gate is not None:
+            dataset = self.gated_dataset(skill, prompt_set)
+        else:
+            job = self.drive("render", skill.name, render_spec)
+            dataset = job.status.output
         train_spec = training_service_pb2.ExpertTrainingSpec(run=ss.name, skill=skill.name, dataset=dataset, config=ss.training_config_for(skill.name),
                                                              placement=ss.placement, distributed=ss.training_distributed)
         job = self.drive("training", skill.name, train_spec)
         return job.status.output.id
+
+    def gated_dataset(self, skill, prompt_set: common_pb2.ArtifactRef) -> common_pb2.ArtifactRef:  # noqa: ANN001 - SkillEntry
+        """Best-of-K rounds for one skill: render candidate r of the prompts without a kept image, gate every candidate so far.
+
+        Round r renders candidate r (its seed derived per candidate, selma.seeds) only for prompts that
+        have no kept image yet: an image that passed makes more candidates of its prompt pointless, and
+        the budget goes to the prompts the model still gets wrong.  The rounds stop at the target number of
+        kept images, when the candidate budget is spent, when every prompt has a kept image, or after K
+        rounds.  Returns the last gate job's kept dataset (its parents: every round's candidates).
+        """
+        ss = self.skillset
+        g = ss.gate
+        assert g is not None
+        k = g.candidates_per_prompt or 1
+        budget = g.max_candidates
+        datasets: list[common_pb2.ArtifactRef] = []
+        kept: common_pb2.ArtifactRef | None = None
+        rendered = 0
+        stats = None
+        for r in range(k):
+            rnd = render_service_pb2.CandidateRound(index=r, per_prompt=k, max_images=max(budget - rendered, 0) if budget else 0)
+            if kept is not None:
+                rnd.skip_kept_in.CopyFrom(common_pb2.ArtifactRef(id=kept.id, kind=common_pb2.ARTIFACT_KIND_IMAGE_DATASET))
+            render_spec = render_service_pb2.DatasetRenderSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, settings=ss.render,
+                                                               shards=ss.render_shards, placement=ss.render_placement, candidates=rnd)
+            job = self.drive("render", skill.name, render_spec, stage="render" if r == 0 else f"render-{r}")
+            datasets.append(common_pb2.ArtifactRef(id=job.status.output.id, kind=common_pb2.ARTIFACT_KIND_IMAGE_DATASET))
+            rendered += job.stats.images_total
+            gate_spec = evaluation_service_pb2.GateSpec(run=ss.name, skill=skill.name, prompt_set=prompt_set, datasets=datasets, gate=g)
+            job = self.drive("gate", skill.name, gate_spec, stage="gate" if r == 0 else f"gate-{r}")
+            kept, stats = job.status.output, job.stats
+            summary = {"round": r, "candidates": stats.candidates_total, "kept": stats.kept, "pass_rate_percent": round(stats.pass_rate_percent, 1),
+                       "prompts_kept": stats.prompts_kept, "prompts_total": stats.prompts_total, "dataset": kept.id}
+            self.state.update_stage(skill.name, "gate", summary=summary)
+            self.gate_summary[skill.name] = summary
+            self.reporter.note(f"{skill.name} · gate round {r + 1}/{k}: kept {stats.kept} of {stats.candidates_total} candidates "
+                               f"({stats.pass_rate_percent:.1f}%), {stats.prompts_kept}/{stats.prompts_total} prompts with a kept image")
+            if g.target_kept and stats.kept >= g.target_kept:
+                break
+            if budget and rendered >= budget:
+                break
+            if stats.prompts_kept >= stats.prompts_total:
+                break
+        assert kept is not None and stats is not None
+        if stats.kept == 0:
+            raise RunFailed(f"{skill.name} · gate: no image passed ({stats.candidates_total} candidates scored): lower spec.gate.threshold, "
+                            "raise spec.gate.candidatesPerPrompt or spec.gate.maxCandidates, or check the VQA backend and questions")
+        return kept
 
     def run(self) -> dict[str, Any]:
         ss = self.skillset
@@ -381,8 +436,10 @@ class RunDriver:
         if self._stop.is_set():
             self.state.set(phase="interrupted", message="stopped by the user; run again to resume")
             raise KeyboardInterrupt
+        if self.gate_summary:
+            result["gate"] = dict(sorted(self.gate_summary.items()))
         self.state.set(phase="succeeded", message="", model_name=ss.model_name, merged_model=result["merged_model"], experts=experts,
-                       finished_at=_now(), **{k: result[k] for k in ("eval_report", "scores") if k in result})
+                       finished_at=_now(), **{k: result[k] for k in ("eval_report", "scores", "gate") if k in result})
         return result
 
     def _merge_and_evaluate(self, experts: dict[str, str]) -> dict[str, Any]:
@@ -506,6 +563,9 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"run {skillset.name} succeeded: model [bold]{result['model_name']}[/bold] (merged model {result['merged_model']})", highlight=False)
     for skill, expert in result["experts"].items():
         console.print(f"  expert {skill}: {expert}", highlight=False)
+    for skill, g in result.get("gate", {}).items():
+        console.print(f"  gate {skill}: {g['candidates']} candidates rendered, {g['kept']} kept ({g['pass_rate_percent']:.1f}%), "
+                      f"{g['prompts_kept']}/{g['prompts_total']} prompts with a kept image, dataset {g['dataset']}", highlight=False)
     console.print(f"try: selma generate \"a photo\" --model {result['model_name']} -o out.png", highlight=False)
     return 0
 
@@ -580,7 +640,7 @@ def _lineage(args: argparse.Namespace) -> int:
         if m is None:
             node.add(f"{aid} (missing)")
             return
-        label = f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else "")
+        label = f"[bold]{kinds.get(m.kind, '?')}[/bold] {m.id}" + (f"  skill={m.skill}" if m.skill else "") + _gate_note(m)
         if aid in expanded:  # a DAG: an ancestor shared by several children is drawn once
             node.add(label + "  [dim](ancestors shown above)[/dim]")
             return
@@ -597,6 +657,16 @@ def _lineage(args: argparse.Namespace) -> int:
     add(root, artifact_id)
     Console().print(root)
     return 0
+
+
+def _gate_note(m: common_pb2.ArtifactManifest) -> str:
+    """What lineage says of the gate's datasets: a kept dataset's numbers, a candidate round's index."""
+    p = m.parameters
+    if "kept" in p and "candidates" in p and "pass_rate_percent" in p:
+        return f"  gate: kept {int(p['kept'])} of {int(p['candidates'])} candidates ({p['pass_rate_percent']:.1f}%)"
+    if "candidate_round" in p:
+        return f"  best-of-K candidate {int(p['candidate_round']['index'])}"
+    return ""
 
 
 def _ordinal(n: int) -> str:

@@ -13,8 +13,13 @@ spec:
   training: {config: {baseModel: {source: tiny://sd}, preset: tiny, maxSteps: 30}, placement: {launcher: local}}
   #           skills: {counting: {lora: {rank: 8}, learningRate: 2e-4}}   per-skill config fields over `config`
   merge:    {method: mean_delta, weights: {counting: 0.5}, modelName: quickstart}
+  gate:     {vqa: {shapesworldJudge: {}}, threshold: 1.0, candidatesPerPrompt: 4, targetKept: 48}   # optional, a GateSettings
   evaluation: {...}                   # optional, an EvaluationSpec
 ```
+
+With a ``gate:`` section, rendering is best-of-K: candidate rounds per skill, each scored by a gate
+job (EvaluationService) until the target number of kept images or the candidate budget is reached;
+training then uses the kept images.
 
 The stage sections are the API's own messages in their JSON form (``RenderSettings``,
 ``ExpertTrainingConfig``, ``Placement``, ``LlmBackend``, ``EvaluationSpec``), so the file can
@@ -89,6 +94,8 @@ class SkillSet:
     merge_fuse: bool
     model_name: str
     evaluation: evaluation_service_pb2.EvaluationSpec | None = None
+    # spec.gate: best-of-K rendering with a VQA gate between render and training; None = train on every rendered image
+    gate: evaluation_service_pb2.GateSettings | None = None
     # spec.render.shards / spec.render.placement: a sharded render (shard workers, each placed like a worker Job); 0 = the service default
     render_shards: int = 0
     render_placement: common_pb2.Placement | None = None
@@ -160,7 +167,7 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     spec = data.get("spec")
     if not isinstance(spec, dict):
         raise lines.error(("spec",), "spec is required and must be a mapping")
-    _only(spec, {"skills", "prompts", "render", "training", "merge", "evaluation"}, ("spec",), lines)
+    _only(spec, {"skills", "prompts", "render", "training", "merge", "gate", "evaluation"}, ("spec",), lines)
 
     skills = _skills(spec.get("skills"), lines)
     prompts = _mapping(spec.get("prompts", {}), ("spec", "prompts"), lines)
@@ -217,6 +224,10 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
     if not isinstance(rank, int) or rank < 0:
         raise lines.error(("spec", "merge", "outputRank"), f"must be a non-negative integer; got {rank!r}")
 
+    gate = None
+    if spec.get("gate") is not None:
+        gate = _gate(spec["gate"], lines)
+
     evaluation = None
     if spec.get("evaluation") is not None:
         evaluation = _proto(spec["evaluation"], evaluation_service_pb2.EvaluationSpec, ("spec", "evaluation"), lines)
@@ -237,12 +248,26 @@ def parse_skillset(text: str, *, source: str = "<skillset>") -> SkillSet:
         merge_fuse=bool(merge.get("fuse", False)),
         model_name=model_name,
         evaluation=evaluation,
+        gate=gate,
         render_shards=render_shards,
         render_placement=render_placement,
         training_distributed=distributed,
         source=source,
         raw=data,
     )
+
+
+def _gate(value: Any, lines: _LineIndex) -> evaluation_service_pb2.GateSettings:
+    """``spec.gate``: a GateSettings, held to the gate service's own field rules (selma.specs)."""
+    path = ("spec", "gate")
+    msg = _proto(value, evaluation_service_pb2.GateSettings, path, lines, required=True)
+    _rule(lines, (*path, "threshold"), specs.gate_threshold, msg.threshold if msg.HasField("threshold") else None)
+    _rule(lines, (*path, "candidatesPerPrompt"), specs.candidates_per_prompt, msg.candidates_per_prompt)
+    try:
+        specs.gate_budget(msg.target_kept, msg.max_candidates, "")
+    except InvalidArgument as e:
+        raise lines.error((*path, "targetKept" if (e.field or "").endswith("target_kept") else "maxCandidates"), e.message) from None
+    return msg
 
 
 def _rule(lines: _LineIndex, path: tuple, rule: Any, value: Any) -> Any:

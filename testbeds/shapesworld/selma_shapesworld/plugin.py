@@ -40,6 +40,13 @@ def _judge(batch_size: int) -> Any:
     return ShapesWorldJudgeVqa(batch_size=batch_size)
 
 
+def _questions(text: str) -> list[dict[str, Any]]:
+    """The caption's DSG questions from the world's question grammar (the gate's GATE_QUESTION_SOURCE_VQA_BACKEND)."""
+    from selma_shapesworld.loop import question_dicts
+
+    return question_dicts(text)
+
+
 def model_path(source: str) -> Path:
     """``shapesworld://base``: the ShapesWorld base pipeline shipped as package data (``selma shapesworld pretrain`` reproduces it)."""
     name = source.removeprefix(f"{SCHEME}://")
@@ -60,6 +67,7 @@ def _commands(subparsers: Any) -> None:
 def register(registry: Registry) -> None:
     """Add ShapesWorld's backends, model scheme and commands to ``registry``."""
     registry.add_llm_backend(LlmBackendPlugin(kind="shapesworld_grammar", model_name="shapesworld-grammar", check=_no_options, build=_grammar))
-    registry.add_vqa_backend(VqaBackendPlugin(kind="shapesworld_judge", check=_no_options, build=_judge, cli_name="shapesworld"))
+    registry.add_vqa_backend(VqaBackendPlugin(kind="shapesworld_judge", check=_no_options, build=_judge, cli_name="shapesworld",
+                                              questions=_questions))
     registry.add_model_scheme(SCHEME, model_path)
     registry.add_commands(_commands)
