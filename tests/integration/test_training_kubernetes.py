@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from fake_kube_api import FakeKubeApi, complete
@@ -281,3 +282,23 @@ def test_an_operator_policy_lets_its_placements_through_to_the_job(settings, fak
         wait_phase(core, rec.job_id, {JobPhase.CANCELLED, JobPhase.FAILED})
     finally:
         core.shutdown()
+
+
+def test_a_client_restart_of_a_failed_training_launches_a_new_job_instead_of_adopting_the_failed_one(make_core, fake, dataset):
+    """A re-start of a FAILED job is a new attempt: adopting the failed Job (same name) would fail it at once."""
+    core = make_core()
+    rec = core.start("run-1/train/spatial", spec(dataset.id))[0]
+    first = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")["metadata"]["name"]
+    fake.set_job_status(NS, first, complete(False))
+    assert wait_phase(core, rec.job_id, {JobPhase.FAILED, JobPhase.SUCCEEDED}).phase == JobPhase.FAILED
+    again, created, _ = core.start("run-1/train/spatial", spec(dataset.id))
+    assert created and again.attempt > 1  # (pod retries inside the failed Job count as attempts too)
+    deadline = time.monotonic() + 120  # generous: only bounds a broken launcher
+    while len(fake.jobs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    names = {name for (_, name) in fake.jobs}
+    assert first in names and len(names) == 2, "the new attempt must create its own Job beside the failed one"
+    (second,) = names - {first}
+    fake.set_job_status(NS, second, {"active": 1})
+    rec2 = wait_details(core, rec.job_id, "kubernetes.state")
+    assert rec2.phase == JobPhase.RUNNING and rec2.details["kubernetes.job"].endswith(second), rec2.details

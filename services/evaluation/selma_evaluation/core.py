@@ -18,7 +18,14 @@ from typing import Any
 
 from selma.api import enum_name, output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, new_artifact_id
-from selma.batch.launchers import RELAUNCH_CAUSE, ContextMonitor, Launcher, LiveLaunches, default_launchers
+from selma.batch.launchers import (
+    RELAUNCH_CAUSE,
+    ContextMonitor,
+    Launcher,
+    LiveLaunches,
+    default_launchers,
+    launch_attempt,
+)
 from selma.errors import Aborted, Cancelled, FailedPrecondition, InvalidArgument, NotFound, SelmaError, error_for_code
 from selma.jobs import Interrupted, JobContext, JobManager, JobRecord, JobResult, job_id_for, spec_digest
 from selma.specs import bounded_weight, density, expert_weights, parse_float
@@ -304,7 +311,7 @@ class EvaluationCore:
         if not self.store.exists(doc.report_id):
             req = LaunchRequest(job_id=doc.job_id, idempotency_key=doc.idempotency_key, run=doc.run or "eval", skill="evaluation",
                                 config_uri=self.storage.uri_for(key), expert_id=doc.report_id, placement=placement, labels=doc.labels, task="eval",
-                                service_settings=self.settings)
+                                service_settings=self.settings, attempt=launch_attempt(ctx.attempt))
             monitor = _EvalMonitor(self, ctx, doc, name)
             outcome = self._live.run(launcher, req, monitor)
             if outcome.state == "cancelled":

@@ -33,6 +33,7 @@ from selma.batch.launchers import (
     LiveLaunches,
     Outcome,
     default_launchers,
+    launch_attempt,
 )
 from selma.batch.progress import read_progress
 from selma.errors import (
@@ -324,7 +325,8 @@ class TrainingCore:
         req = LaunchRequest(job_id=job.job_id, idempotency_key=job.idempotency_key, run=job.run, skill=job.skill,
                             config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels,
                             service_settings=self.settings,
-                            nodes=job.nodes if job.world_size > 1 else 0, processes_per_node=job.processes_per_node)
+                            nodes=job.nodes if job.world_size > 1 else 0, processes_per_node=job.processes_per_node,
+                            attempt=launch_attempt(ctx.attempt))
         config_ref = {"id": job.config_artifact_id, "kind": "ARTIFACT_KIND_TRAINING_CONFIG", "uri": self.store.get(job.config_artifact_id).uri}
         ctx.update(
             stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,

@@ -48,6 +48,19 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 143
 
 
+# Job names of one service attempt of a job: a client re-start of a failed job (its service attempt a,
+# 1-based) must never adopt the failed Job of an earlier attempt, and a distributed run's own restarts
+# (at most max_retries <= 20 of them) count up from there without reaching the next attempt's names
+# (a re-start raises JobRecord.attempt by at least one, so service attempts never share a range).
+ATTEMPT_STRIDE = 100
+
+
+def launch_attempt(service_attempt: int) -> int:
+    """``LaunchRequest.attempt`` for a job's service attempt: 0 for the first (its Job keeps the name it
+    always had, so a restarted service adopts it), then a fresh range of Job names per re-start."""
+    return (max(int(service_attempt), 1) - 1) * ATTEMPT_STRIDE
+
+
 @dataclass
 class LaunchRequest:
     """One trainer to run: ids, the job document URI and placement (proto-JSON ``Placement``)."""
@@ -72,7 +85,8 @@ class LaunchRequest:
     # headless Service for rendezvous); the worker itself starts processes_per_node processes per node.
     nodes: int = 0
     processes_per_node: int = 0
-    # The service's attempt of the job: a new attempt (a client re-started a failed job) gets a new Job name.
+    # The service's attempt of the job: a new attempt (a client re-started a failed job) gets a new Job name
+    # (see launch_attempt); a distributed run's own restarts count up from it.
     attempt: int = 0
     # The launching service's settings: its own (WORKER_SETTING_PREFIXES) settings travel to the worker.
     # None = the launcher's; set when several services share one launcher (training and evaluation).
