@@ -33,6 +33,10 @@ class EvaluationSettings(BatchSettings, LlmSettings):
     WORKER_SETTING_PREFIXES: ClassVar[tuple[str, ...]] = ("eval_", "llm_")
 
     eval_max_jobs: int = Field(64, ge=1, description="Evaluation jobs the service follows at once (their workers run as batch jobs).")
+    eval_max_concurrent_jobs: int = Field(
+        0, ge=0, description="Evaluation jobs admitted (their workers launched) at once; the others wait PENDING with their queue "
+        "position, FIFO within a run and round robin between runs. 0 = eval_max_jobs.")
+    eval_max_queued_jobs: int = Field(1000, ge=1, description="Evaluation jobs that may wait for a slot; one more Start is RESOURCE_EXHAUSTED.")
     eval_vqa_model: str = Field(
         "Salesforce/blip-vqa-base",
         description="Default VQA model (transformers id or path) for evaluations whose spec names no VQA backend.",

@@ -219,12 +219,14 @@ class Reporter:
 
 
 def job_progress(status: common_pb2.JobStatus) -> tuple[str, str]:
-    """(phase, count) as a person should read them: a job waiting for a worker is "queued" with its
-    place (not "pending 0/0"), a running job whose total is not known yet says what it is doing
+    """(phase, count) as a person should read them: a job waiting for a slot is "queued (position n)"
+    (not "pending 0/0"), a running job whose total is not known yet says what it is doing
     (e.g. loading its model) instead of "0/?", and counts appear only once the total is known."""
     done, total = status.progress.done, status.progress.total
     count = f"{done}/{total}" if total else "-"
     if status.phase == common_pb2.JOB_PHASE_PENDING:
+        if status.queue_position:
+            return f"queued (position {status.queue_position})", count
         where = status.message.partition(":")[2].partition(",")[0].strip() if status.message.startswith("queued:") else ""
         return ("queued" + (f" ({where})" if where else "")), count
     phase = PHASE_NAMES.get(status.phase, "?")
