@@ -251,3 +251,15 @@ def test_a_restart_with_a_free_slot_gives_it_by_turn_not_by_age(storage):
         for key in ids:
             again.release(key)
         mgr2.shutdown()
+
+
+def test_the_services_admit_as_many_as_their_local_workers_unless_told_otherwise():
+    from selma_evaluation.settings import EvaluationSettings
+    from selma_training.settings import TrainingSettings
+
+    for cls, limit, setting in ((TrainingSettings, "training_admission_limit", "training_max_concurrent_jobs"),
+                                (EvaluationSettings, "eval_admission_limit", "eval_max_concurrent_jobs")):
+        assert getattr(cls(batch_launcher="local", batch_max_local_jobs=2), limit) == 2  # `selma up`: queued, not waiting on a slot
+        assert getattr(cls(batch_launcher="kubernetes", batch_max_local_jobs=2), limit) == 0  # bounded by the jobs followed
+        assert getattr(cls(batch_launcher="kubernetes", **{setting: 3}), limit) == 3
+        assert getattr(cls(batch_launcher="local", batch_max_local_jobs=2, **{setting: 1}), limit) == 1

@@ -119,6 +119,8 @@ def test_a_job_waiting_for_a_worker_reads_as_queued_with_its_place_never_running
     assert job_progress(common_pb2.JobStatus(phase=common_pb2.JOB_PHASE_RUNNING, progress=common_pb2.Progress(done=2, total=6)))[1] == "2/6"
     # `selma status` rows: queued, or "-" until a total is known; never 0/0
     assert stage_progress({"phase": "pending", "job_id": "j"}) == "queued"
+    assert stage_progress({"phase": "pending", "job_id": "j", "queue_position": 3}) == "queued (position 3)"
+    assert stage_progress({"phase": "running", "job_id": "j", "queue_position": 0, "done": 1, "total": 4}) == "1/4"
     assert stage_progress({"phase": "running", "done": 0, "total": 0}) == "-"
 
 

@@ -94,7 +94,7 @@ class EvaluationCore:
         # hosted beside training (the default), both share one set of launchers and so one local worker pool
         self.launchers = launchers or default_launchers(settings)
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
-                                  max_admitted=settings.eval_max_concurrent_jobs, max_waiting=settings.eval_max_queued_jobs,
+                                  max_admitted=settings.eval_admission_limit, max_waiting=settings.eval_max_queued_jobs,
                                   waiting_setting="eval_max_queued_jobs", watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 

@@ -164,7 +164,7 @@ class TrainingCore:
         self.store = ArtifactStore(self.storage)
         self.launchers: dict[str, Launcher] = launchers or default_launchers(settings)
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs,
-                                  max_admitted=settings.training_max_concurrent_jobs, max_waiting=settings.training_max_queued_jobs,
+                                  max_admitted=settings.training_admission_limit, max_waiting=settings.training_max_queued_jobs,
                                   waiting_setting="training_max_queued_jobs", watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 

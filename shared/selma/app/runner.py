@@ -271,7 +271,8 @@ class RunDriver:
                 for job in jobs.watch(job_id):
                     self._down_since.pop(label, None)
                     self.reporter.update(label, job.status)
-                    self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total, message=job.status.message)
+                    self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total,
+                                            message=job.status.message, queue_position=job.status.queue_position)
                     if self._stop.is_set():
                         return job
                 if job.status.phase in TERMINAL:
@@ -506,9 +507,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def stage_progress(st: dict[str, Any]) -> str:
-    """A stage's progress cell: "-" until its total is known (never 0/0), "queued" while it waits for a worker."""
+    """A stage's progress cell: "-" until its total is known (never 0/0), "queued (position n)" while it waits for a slot."""
     if st.get("phase") == "pending" and st.get("job_id"):
-        return "queued"
+        return f"queued (position {st['queue_position']})" if st.get("queue_position") else "queued"
     done, total = st.get("done", 0), st.get("total", 0)
     return f"{done}/{total}" if total else "-"
 
