@@ -838,7 +838,12 @@ class JobManager:
 
     def _note_queue_locked(self) -> None:
         """Tell every job waiting for a slot its place (``queue_position``, and the message while it is a
-        queue note): "queued: 2 ahead, 2 running (at most 2 at once)"."""
+        queue note): "queued: 2 ahead, 2 running (at most 2 at once)".
+
+        In memory only: a place is derived from the stored ``queued_at``/``admitted_at`` (a restarted service
+        computes the same), and one admission can move every waiting job, so saving each would cost a write
+        per waiting job, under the lock, per admission. A record saved for another reason carries its place.
+        """
         running = len(self._admitted)
         changed = False
         for ahead, jid in enumerate(self._admission_order_locked()):
@@ -848,13 +853,7 @@ class JobManager:
                 update["message"] = f"queued: {ahead} ahead, {running} running (at most {self._max_concurrent} at once)"
             if all(getattr(rec, k) == v for k, v in update.items()):
                 continue
-            updated = rec.model_copy(update={**update, "updated_at": _now()})
-            try:  # saved before it takes effect, like every transition; a failed save only loses the note
-                self._persist(updated)
-            except SelmaError as e:
-                log.debug("%s: job %s: queue position not saved: %s", self.kind, jid, e)
-                continue
-            self._records[jid] = updated
+            self._records[jid] = rec.model_copy(update={**update, "updated_at": _now()})
             changed = True
         if changed:
             self._cond.notify_all()
