@@ -2,7 +2,9 @@
 
 Every job here blocks until the test releases it, and records when it starts and ends, so the
 order and the overlap are read from what the jobs did, never from timings: each step releases one
-job and waits (with a generous deadline) for the start it lets through.
+job and waits (with a generous deadline) for the start it lets through.  Jobs admitted together
+(the first two, with two free slots) start in their worker threads in either order: those are
+compared as sets.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def test_five_experts_train_two_at_a_time_in_the_declared_order(storage):
     ids = {f"r/{s}": mgr.start(f"r/{s}", {"skill": s}, run="r", skill=s)[0].job_id for s in skills}
     try:
         jobs.wait_for(lambda: len(jobs.started()) == 2)
-        assert jobs.started() == ["r/color", "r/count"]
+        assert sorted(jobs.started()) == ["r/color", "r/count"]
         assert positions(mgr, ids) == {"r/color": 0, "r/count": 0, "r/shape": 1, "r/spatial": 2, "r/texture": 3}
         waiting = mgr.get(ids["r/texture"])
         assert waiting.phase == JobPhase.PENDING and waiting.message == "queued: 2 ahead, 2 running (at most 2 at once)"
@@ -100,8 +102,8 @@ def test_five_experts_train_two_at_a_time_in_the_declared_order(storage):
             wait_phase(mgr, ids[key], {JobPhase.SUCCEEDED})
             jobs.wait_for(lambda n=n: len(jobs.started()) == min(n + 3, 5))
         # each new expert started only after one ended: never more than two at once, in the declared order
-        assert jobs.events == [("start", "r/color"), ("start", "r/count"),
-                               ("end", "r/color"), ("start", "r/shape"),
+        assert sorted(jobs.events[:2]) == [("start", "r/color"), ("start", "r/count")]
+        assert jobs.events[2:] == [("end", "r/color"), ("start", "r/shape"),
                                ("end", "r/count"), ("start", "r/spatial"),
                                ("end", "r/shape"), ("start", "r/texture"),
                                ("end", "r/spatial"), ("end", "r/texture")]
@@ -140,7 +142,7 @@ def test_cancelling_a_run_frees_its_slots_for_the_next_run(storage):
     keys = ["a/1", "a/2", "a/3", "b/1", "b/2"]
     ids = {k: mgr.start(k, {}, run=k.split("/")[0])[0].job_id for k in keys}
     try:
-        jobs.wait_for(lambda: jobs.started() == ["a/1", "a/2"])
+        jobs.wait_for(lambda: sorted(jobs.started()) == ["a/1", "a/2"])
         assert positions(mgr, ids)["b/2"] == 3
         recs, _ = mgr.list(run="a", page_size=10)
         for rec in recs:  # what `selma` does for a run: cancel each of its jobs
@@ -149,7 +151,7 @@ def test_cancelling_a_run_frees_its_slots_for_the_next_run(storage):
         jobs.wait_for(lambda: sorted(jobs.started()) == ["a/1", "a/2", "b/1", "b/2"])
         for key in ("a/1", "a/2", "a/3"):
             wait_phase(mgr, ids[key], {JobPhase.CANCELLED})
-        assert jobs.started()[2:] == ["b/1", "b/2"]
+        assert sorted(jobs.started()[2:]) == ["b/1", "b/2"]
         assert {mgr.get(ids[k]).phase for k in ("b/1", "b/2")} == {JobPhase.RUNNING}
         assert jobs.most_running == 2
     finally:
@@ -163,7 +165,7 @@ def test_a_restart_reattaches_the_admitted_jobs_and_keeps_the_queue_order(storag
     mgr = manager(storage, jobs, limit=2)
     keys = ["a/1", "a/2", "a/3", "b/1", "b/2"]
     ids = {k: mgr.start(k, {}, run=k.split("/")[0])[0].job_id for k in keys}
-    jobs.wait_for(lambda: jobs.started() == ["a/1", "a/2"])
+    jobs.wait_for(lambda: sorted(jobs.started()) == ["a/1", "a/2"])
     before = positions(mgr, ids)
     assert before == {"a/1": 0, "a/2": 0, "b/1": 1, "a/3": 2, "b/2": 3}
     # a crash: the store as it is while two run (their records say RUNNING), read by a new process
@@ -237,7 +239,7 @@ def test_a_restart_with_a_free_slot_gives_it_by_turn_not_by_age(storage):
     jobs = Jobs()
     mgr = manager(storage, jobs, limit=2)
     ids = {k: mgr.start(k, {}, run=k.split("/")[0])[0].job_id for k in ["a/1", "a/2", "a/3", "a/4", "b/1"]}
-    jobs.wait_for(lambda: jobs.started() == ["a/1", "a/2"])
+    jobs.wait_for(lambda: sorted(jobs.started()) == ["a/1", "a/2"])
     mgr.shutdown()
 
     again = Jobs()
