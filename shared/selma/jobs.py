@@ -376,12 +376,13 @@ class JobManager:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def recover(self) -> list[str]:
+    def recover(self, *, admit: bool = True) -> list[str]:
         """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids.
 
         Jobs that held a slot (admitted, or RUNNING in a record written before admission existed) are
         re-attached first, in the order they were admitted, and hold their slots again, even beyond
-        the limit; the others wait in their stored order (``queued_at``).
+        the limit; the others wait in their stored order (``queued_at``).  ``admit=False`` leaves free
+        slots empty until :meth:`admit` (a service first re-attaches work it finds running elsewhere).
         """
         self._write_marker()
         try:
@@ -412,7 +413,8 @@ class JobManager:
             self._submit(rec.job_id, message="resuming after a service restart", reattach=True, admit=False)
         for rec in waiting:
             self._submit(rec.job_id, message="resuming after a service restart", admit=False)
-        self._admit()
+        if admit:
+            self._admit()
         requeued = [r.job_id for r in held + waiting]
         if requeued:
             log.info("%s: resuming %d unfinished job(s): %s", self.kind, len(requeued), ", ".join(requeued))
@@ -442,8 +444,13 @@ class JobManager:
         run: str = "",
         skill: str = "",
         labels: Mapping[str, str] | None = None,
+        reattach: bool = False,
     ) -> tuple[JobRecord, bool]:
-        """Start (or return) the job for ``idempotency_key``. Returns (record, created)."""
+        """Start (or return) the job for ``idempotency_key``. Returns (record, created).
+
+        ``reattach``: a new record for work already running (a Kubernetes Job found by its labels after
+        its record was lost): it takes a slot at once, even beyond the limit, since it holds one anyway.
+        """
         if self._stopping.is_set():
             raise Cancelled("the service is shutting down; retry against another replica")
         key = idempotency_key or uuid.uuid4().hex
@@ -479,7 +486,8 @@ class JobManager:
                     self._submit(job_id)
                     return restarted.model_copy(deep=True), True
                 return existing.model_copy(deep=True), False
-            self._check_waiting_room_locked(key)
+            if not reattach:
+                self._check_waiting_room_locked(key)
             now = _now()
             rec = JobRecord(
                 job_id=job_id,
@@ -492,13 +500,14 @@ class JobManager:
                 run=run,
                 skill=skill,
                 labels=dict(labels or {}),
-                message="queued",
+                message="re-attached to its running worker" if reattach else "queued",
                 queued_at=now,
+                admitted_at=now if reattach else None,
             )
             self._persist(rec, force=True)  # a job exists only once its record is saved
             self._records[job_id] = rec
         self._write_marker()
-        self._submit(job_id)
+        self._submit(job_id, reattach=reattach, admit=not reattach)  # taking a slot frees none: nothing more to admit
         log.info("%s: started job %s (key %s)", self.kind, job_id, key)
         return rec.model_copy(deep=True), True
 
@@ -750,6 +759,10 @@ class JobManager:
                 heapq.heappush(heap, (turn, i, run))
             turn += 1
         return order
+
+    def admit(self) -> None:
+        """Give every free slot to the next waiting job in admission order and start its worker."""
+        self._admit()
 
     def _admit(self) -> None:
         """Give every free slot to the next waiting job in admission order and start its worker."""

@@ -171,3 +171,26 @@ def test_a_restarted_service_reattaches_its_running_jobs_and_keeps_the_queue(mak
     assert again.get(ids["texture"]).queue_position == 2
     for s in SKILLS:
         again.cancel(ids[s])
+
+
+def test_jobs_found_running_without_their_records_hold_their_slots(make_core, fake, settings, dataset):
+    core = make_core()
+    ids = {s: start(core, dataset.id, "run-1", s) for s in SKILLS[:4]}
+    for s in SKILLS[:2]:
+        fake.wait_for_job(NS, f"{LABEL_JOB_ID}={ids[s]}")
+    core.shutdown()
+    storage = open_storage(settings)
+    for s in SKILLS[:2]:  # the store lost the running two's records; their Jobs still run in the cluster
+        storage.delete(f"jobs/expert_training/{ids[s]}.json")
+
+    again = make_core()
+    assert set(again.recover()) == set(ids.values())  # two waiting, two adopted from their Jobs' labels
+    # the adopted Jobs hold both slots: the waiting two keep waiting, in their order
+    assert [again.get(ids[s]).queue_position for s in SKILLS[:4]] == [0, 0, 1, 2]
+    assert {again.get(ids[s]).phase for s in SKILLS[2:4]} == {JobPhase.PENDING}
+    train_and_complete(again, fake, settings, ids["color"])
+    fake.wait_for_job(NS, f"{LABEL_JOB_ID}={ids['shape']}")
+    order = created(fake)
+    assert sorted(order[:2]) == ["run-1/color", "run-1/count"] and order[2:] == ["run-1/shape"]
+    for s in SKILLS[1:4]:
+        again.cancel(ids[s])
