@@ -276,6 +276,7 @@ def job_status(rec: JobRecord) -> common_pb2.JobStatus:
         details=rec.details,
         attempt=rec.attempt,
         warnings=rec.warnings,
+        queue_position=rec.queue_position,
     )
     if rec.output is not None:
         status.output.CopyFrom(artifact_ref(rec.output))

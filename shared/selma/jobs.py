@@ -26,6 +26,13 @@ transport-neutral core behind them:
   terminal, so the next process resumes them.
 * **Watch without polling.** Watchers wait on a condition variable that every update
   notifies; a heartbeat interval bounds the wait so a gone client is noticed.
+* **Admission.** At most ``max_admitted`` jobs hold a slot at once (a training Job each: GPUs);
+  the others wait PENDING with their ``queue_position``.  A free slot goes to the run admitted
+  least recently (round robin between runs, a run never admitted first), and within a run to its
+  oldest waiting job (FIFO), so one five-skill run cannot starve another.  The order lives in the
+  records (``queued_at``, ``admitted_at``): a restarted service re-attaches the jobs that held slots
+  (they still count) and keeps the others waiting in the same order.  Ending or cancelling a job
+  frees its slot and admits the next.
 
 Job functions receive a :class:`JobContext` and return a :class:`JobResult`.  Domain errors
 fail the job with their code; anything unexpected fails it as INTERNAL (logged here).
@@ -34,6 +41,7 @@ fail the job with their code; anything unexpected fails it as INTERNAL (logged h
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import threading
@@ -48,7 +56,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from selma.errors import AlreadyExists, Cancelled, ErrorCode, FailedPrecondition, InvalidArgument, NotFound, SelmaError
+from selma.errors import (
+    AlreadyExists,
+    Cancelled,
+    ErrorCode,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SelmaError,
+)
+from selma.limits import setting_name
 from selma.metrics import JOB_DURATION, JOBS_ACTIVE, JOBS_FINISHED
 from selma.paging import next_page_token, page_window
 from selma.storage import Storage
@@ -124,6 +142,12 @@ class JobRecord(BaseModel):
     run: str = ""
     skill: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
+    # Admission (see JobManager): when this attempt joined the queue (its place: FIFO within its run),
+    # when it got one of the manager's slots (kept across a service restart: it is re-attached first
+    # and still holds its slot), and its 1-based place among the jobs waiting for a slot (0 = not waiting).
+    queued_at: datetime | None = None
+    admitted_at: datetime | None = None
+    queue_position: int = 0
 
 
 @dataclass
@@ -317,10 +341,16 @@ class JobManager:
         run_fn: JobFunction,
         *,
         max_concurrent: int = 1,
+        max_admitted: int = 0,
+        max_waiting: int = 0,
+        waiting_setting: str = "",
         persist_interval: float = 1.0,
         watchdog_seconds: float = 60.0,
     ) -> None:
-        """``watchdog_seconds``: how long a PENDING/RUNNING job may be without a worker before it is failed (0: never)."""
+        """``max_concurrent``: jobs followed at once (worker threads); ``max_admitted``: jobs holding a slot at once
+        (0 = ``max_concurrent``; more than it is capped to it); ``max_waiting``: jobs that may wait for a slot, a new
+        Start beyond them is RESOURCE_EXHAUSTED naming ``waiting_setting`` (0 = no bound); ``watchdog_seconds``: how
+        long a PENDING/RUNNING job may be without a worker before it is failed (0: never)."""
         self.storage = storage
         self.kind = kind
         self._run_fn = run_fn
@@ -329,8 +359,14 @@ class JobManager:
         self._live: dict[str, _Live] = {}
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"job-{kind}")
-        self._max_concurrent = max_concurrent
-        self._queued: list[str] = []  # submitted, not yet started, in submission order (the pool's FIFO)
+        self._max_concurrent = min(max_admitted, max_concurrent) if max_admitted > 0 else max_concurrent
+        self._max_waiting = max_waiting
+        self._waiting_setting = waiting_setting
+        self._queued: list[str] = []  # waiting for a slot, FIFO by (queued_at, job id); admission order: _admission_order_locked
+        # holding a slot: handed to the pool, not yet ended; the value tells this execution from a later one
+        self._admitted: dict[str, int] = {}
+        self._turns: dict[str, int] = {}  # run -> the admission tick of its latest admitted job (round robin)
+        self._turn = 0
         self._stopping = threading.Event()
         self._persist_interval = persist_interval
         self._last_persist: dict[str, float] = {}
@@ -340,14 +376,20 @@ class JobManager:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def recover(self) -> list[str]:
-        """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids."""
-        requeued: list[str] = []
+    def recover(self, *, admit: bool = True) -> list[str]:
+        """Load every stored record; re-queue jobs that were PENDING/RUNNING/CANCELLING. Returns their ids.
+
+        Jobs that held a slot (admitted, or RUNNING in a record written before admission existed) are
+        re-attached first, in the order they were admitted, and hold their slots again, even beyond
+        the limit; the others wait in their stored order (``queued_at``).  ``admit=False`` leaves free
+        slots empty until :meth:`admit` (a service first re-attaches work it finds running elsewhere).
+        """
         self._write_marker()
         try:
             stored = self.storage.list(self._prefix)
         except NotFound:
             stored = []  # a fresh bucket: nothing was ever stored
+        unfinished: list[JobRecord] = []
         for info in stored:
             if not info.key.endswith(".json"):
                 continue
@@ -361,8 +403,19 @@ class JobManager:
             if rec.phase == JobPhase.CANCELLING:
                 self._finish(rec.job_id, JobPhase.CANCELLED, "cancelled (the service restarted while cancelling)")
             elif not rec.phase.terminal:
-                requeued.append(rec.job_id)
-                self._submit(rec.job_id, message="resuming after a service restart")
+                unfinished.append(rec)
+        held = sorted((r for r in unfinished if r.admitted_at is not None or r.phase == JobPhase.RUNNING),
+                      key=lambda r: (r.admitted_at or r.started_at or r.created_at, r.job_id))
+        held_ids = {r.job_id for r in held}
+        waiting = sorted((r for r in unfinished if r.job_id not in held_ids), key=self._queue_key)
+        # every job is in place before the first free slot is given: round robin sees all the runs
+        for rec in held:
+            self._submit(rec.job_id, message="resuming after a service restart", reattach=True, admit=False)
+        for rec in waiting:
+            self._submit(rec.job_id, message="resuming after a service restart", admit=False)
+        if admit:
+            self._admit()
+        requeued = [r.job_id for r in held + waiting]
         if requeued:
             log.info("%s: resuming %d unfinished job(s): %s", self.kind, len(requeued), ", ".join(requeued))
         return requeued
@@ -391,8 +444,13 @@ class JobManager:
         run: str = "",
         skill: str = "",
         labels: Mapping[str, str] | None = None,
+        reattach: bool = False,
     ) -> tuple[JobRecord, bool]:
-        """Start (or return) the job for ``idempotency_key``. Returns (record, created)."""
+        """Start (or return) the job for ``idempotency_key``. Returns (record, created).
+
+        ``reattach``: a new record for work already running (a Kubernetes Job found by its labels after
+        its record was lost): it takes a slot at once, even beyond the limit, since it holds one anyway.
+        """
         if self._stopping.is_set():
             raise Cancelled("the service is shutting down; retry against another replica")
         key = idempotency_key or uuid.uuid4().hex
@@ -411,6 +469,7 @@ class JobManager:
                         field="idempotency_key",
                     )
                 if existing.phase in (JobPhase.FAILED, JobPhase.CANCELLED):
+                    self._check_waiting_room_locked(key)
                     restarted = existing.model_copy(deep=True)
                     restarted.attempt += 1
                     restarted.launch = 0
@@ -418,13 +477,17 @@ class JobManager:
                     restarted.error = None
                     restarted.finished_at = None
                     restarted.message = f"restarted (attempt {restarted.attempt}); resuming from stored work"
-                    restarted.updated_at = _now()
+                    restarted.updated_at = restarted.queued_at = _now()
+                    restarted.admitted_at = None
                     self._persist(restarted, force=True)  # raises, leaving the job as it was, if the save fails
                     self._records[job_id] = restarted
+                    self._admitted.pop(job_id, None)  # its last worker ended it and is only tidying up: the slot is free
                     self._cond.notify_all()
                     self._submit(job_id)
                     return restarted.model_copy(deep=True), True
                 return existing.model_copy(deep=True), False
+            if not reattach:
+                self._check_waiting_room_locked(key)
             now = _now()
             rec = JobRecord(
                 job_id=job_id,
@@ -437,12 +500,14 @@ class JobManager:
                 run=run,
                 skill=skill,
                 labels=dict(labels or {}),
-                message="queued",
+                message="re-attached to its running worker" if reattach else "queued",
+                queued_at=now,
+                admitted_at=now if reattach else None,
             )
             self._persist(rec, force=True)  # a job exists only once its record is saved
             self._records[job_id] = rec
         self._write_marker()
-        self._submit(job_id)
+        self._submit(job_id, reattach=reattach, admit=not reattach)  # taking a slot frees none: nothing more to admit
         log.info("%s: started job %s (key %s)", self.kind, job_id, key)
         return rec.model_copy(deep=True), True
 
@@ -512,6 +577,7 @@ class JobManager:
                 self._cond.notify_all()
                 return cancelling.model_copy(deep=True)
         self._finish(job_id, JobPhase.CANCELLED, why.replace("cancel requested", "cancelled"))
+        self._admit()  # the places behind it move up
         return self.get(job_id)
 
     def list(
@@ -634,24 +700,101 @@ class JobManager:
             return ""  # unreachable is not lost: the original error stands
         return f"the store {self.storage.uri} lost its contents under the running service ({self.storage.uri_for(key)}, written when it started, vanished)"
 
-    def _submit(self, job_id: str, message: str | None = None) -> None:
+    def _submit(self, job_id: str, message: str | None = None, *, reattach: bool = False, admit: bool = True) -> None:
+        """Queue the job for a slot (``reattach``: it holds one already, from before a restart) and (``admit``) admit what fits."""
         with self._cond:
             live = self._live.setdefault(job_id, _Live())
             live.cancel.clear()
+            live.orphaned_since = None
+            rec = self._records[job_id]
             if message:
-                self._records[job_id].message = message
-            if job_id not in self._queued:
+                rec.message = message
+            if reattach:
+                self._admitted[job_id] = token = self._turn
+                self._turns[rec.run] = self._turn
+                self._turn += 1
+            elif job_id not in self._queued and job_id not in self._admitted:
                 self._queued.append(job_id)
+                self._queued.sort(key=lambda jid: self._queue_key(self._records[jid]))
+        if reattach:
+            self._dispatch(job_id, token)
+        if admit:
+            self._admit()
+        self._ensure_watchdog()
+
+    # -- admission -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _queue_key(rec: JobRecord) -> tuple[datetime, str]:
+        return (rec.queued_at or rec.created_at, rec.job_id)
+
+    def _check_waiting_room_locked(self, key: str) -> None:
+        if self._max_waiting and len(self._queued) >= self._max_waiting:
+            what = setting_name(self._waiting_setting) if self._waiting_setting else "the service's limit"
+            raise ResourceExhausted(
+                f"{len(self._queued)} {self.kind} jobs are already waiting for a slot ({what}={self._max_waiting}); "
+                f"start {key!r} again once some have finished"
+            )
+
+    def _admission_order_locked(self) -> list[str]:
+        """The waiting jobs in the order they get slots if nothing else changes (call under the lock).
+
+        Round robin between runs: the next slot goes to the run whose latest job was admitted longest ago
+        (a run never admitted first, then the one waiting longest); within a run, FIFO.
+        """
+        by_run: dict[str, list[str]] = {}
+        for jid in self._queued:  # FIFO order, so each run's list is too, and runs come in order of their oldest job
+            rec = self._records.get(jid)
+            if rec is not None and not rec.phase.terminal:
+                by_run.setdefault(rec.run, []).append(jid)
+        heap = [(self._turns.get(run, -1), i, run) for i, run in enumerate(by_run)]
+        heapq.heapify(heap)
+        order: list[str] = []
+        turn, taken = self._turn, dict.fromkeys(by_run, 0)
+        while heap:
+            _, i, run = heapq.heappop(heap)
+            order.append(by_run[run][taken[run]])
+            taken[run] += 1
+            if taken[run] < len(by_run[run]):
+                heapq.heappush(heap, (turn, i, run))
+            turn += 1
+        return order
+
+    def admit(self) -> None:
+        """Give every free slot to the next waiting job in admission order and start its worker."""
+        self._admit()
+
+    def _admit(self) -> None:
+        """Give every free slot to the next waiting job in admission order and start its worker."""
+        with self._cond:
+            if self._stopping.is_set():
+                return
+            free = self._max_concurrent - len(self._admitted)
+            chosen = self._admission_order_locked()[: max(free, 0)]
+            tokens = []
+            for jid in chosen:
+                self._queued.remove(jid)
+                self._admitted[jid] = self._turn
+                tokens.append(self._turn)
+                self._turns[self._records[jid].run] = self._turn
+                self._turn += 1
             self._note_queue_locked()
+        for jid, token in zip(chosen, tokens, strict=True):
+            self._dispatch(jid, token)
+
+    def _dispatch(self, job_id: str, token: int) -> None:
+        """Hand an admitted job to the worker pool (it runs at once: the pool has a thread per slot)."""
         try:
-            future = self._pool.submit(self._execute, job_id)
+            future = self._pool.submit(self._execute, job_id, token)
         except RuntimeError:
             future = None
             log.info("%s: not queuing %s: the worker pool is shut down", self.kind, job_id)
         with self._cond:
+            live = self._live.setdefault(job_id, _Live())
             live.future = future
             live.orphaned_since = None
-        self._ensure_watchdog()
+            if future is None and self._admitted.get(job_id) == token:
+                del self._admitted[job_id]  # nothing will run it: the watchdog fails it, its slot is free
 
     # -- the watchdog --------------------------------------------------------------------------
 
@@ -680,8 +823,8 @@ class JobManager:
         with self._cond:
             for job_id, live in self._live.items():
                 rec = self._records.get(job_id)
-                if rec is None or rec.phase.terminal or live.running:
-                    live.orphaned_since = None
+                if rec is None or rec.phase.terminal or live.running or job_id in self._queued:
+                    live.orphaned_since = None  # ended, running, or waiting for a slot (not for a worker)
                     continue
                 if live.future is not None and not live.future.done():
                     live.orphaned_since = None  # queued or running: it has a worker
@@ -707,37 +850,42 @@ class JobManager:
         return [job_id for job_id, _ in stranded]
 
     def _note_queue_locked(self) -> None:
-        """Tell every job still waiting for a worker its place: "queued: 2 ahead, 2 running (at most 2 at once)"."""
-        running = sum(1 for live in self._live.values() if live.running)
+        """Tell every job waiting for a slot its place (``queue_position``, and the message while it is a
+        queue note): "queued: 2 ahead, 2 running (at most 2 at once)".
+
+        In memory only: a place is derived from the stored ``queued_at``/``admitted_at`` (a restarted service
+        computes the same), and one admission can move every waiting job, so saving each would cost a write
+        per waiting job, under the lock, per admission. A record saved for another reason carries its place.
+        """
+        running = len(self._admitted)
         changed = False
-        ahead = -1
-        for jid in self._queued:
-            rec = self._records.get(jid)
-            if rec is None or rec.phase != JobPhase.PENDING:
-                continue  # cancelled while queued
-            ahead += 1
-            if not rec.message.startswith("queued"):
-                continue  # a restart or interruption note is more useful than the position
-            message = f"queued: {ahead} ahead, {running} running (at most {self._max_concurrent} at once)"
-            if rec.message != message:
-                updated = rec.model_copy(update={"message": message, "updated_at": _now()})
-                try:  # saved before it takes effect, like every transition; a failed save only loses the note
-                    self._persist(updated)
-                except SelmaError as e:
-                    log.debug("%s: job %s: queue position not saved: %s", self.kind, jid, e)
-                    continue
-                self._records[jid] = updated
-                changed = True
+        for ahead, jid in enumerate(self._admission_order_locked()):
+            rec = self._records[jid]
+            update: dict[str, Any] = {"queue_position": ahead + 1}
+            if rec.message.startswith("queued"):  # a restart or interruption note is more useful than the place
+                update["message"] = f"queued: {ahead} ahead, {running} running (at most {self._max_concurrent} at once)"
+            if all(getattr(rec, k) == v for k, v in update.items()):
+                continue
+            self._records[jid] = rec.model_copy(update={**update, "updated_at": _now()})
+            changed = True
         if changed:
             self._cond.notify_all()
 
-    def _execute(self, job_id: str) -> None:
+    def _execute(self, job_id: str, token: int) -> None:
+        """Run an admitted job; whatever happens, its slot is freed and the next waiting job admitted."""
+        try:
+            self._execute_admitted(job_id)
+        finally:
+            with self._cond:
+                if self._admitted.get(job_id) == token:  # not if a restart of the ended job took it over
+                    del self._admitted[job_id]
+            self._admit()
+
+    def _execute_admitted(self, job_id: str) -> None:
         save_error: SelmaError | None = None
         with self._cond:
             rec = self._records[job_id]
             live = self._live.setdefault(job_id, _Live())
-            if job_id in self._queued:
-                self._queued.remove(job_id)
             if rec.phase.terminal or self._stopping.is_set():
                 return
             if live.cancel.is_set():
@@ -746,6 +894,8 @@ class JobManager:
                 running = rec.model_copy(deep=True)
                 running.phase = JobPhase.RUNNING
                 running.started_at = running.started_at or _now()
+                running.admitted_at = running.admitted_at or _now()  # kept until it ends: a restart re-attaches it
+                running.queue_position = 0
                 running.updated_at = _now()
                 running.message = "running" if not running.message.startswith("resuming") else running.message
                 try:
@@ -755,7 +905,6 @@ class JobManager:
                 else:
                     live.running = True
                     self._records[job_id] = rec = running
-                    self._note_queue_locked()
                     self._cond.notify_all()
                     ctx = JobContext(self, rec, live.cancel)
         if save_error is not None and not live.cancel.is_set():
@@ -798,7 +947,6 @@ class JobManager:
             JOB_DURATION.labels(self.kind).observe(time.monotonic() - t0)
             with self._cond:
                 live.running = False
-                self._note_queue_locked()
                 self._cond.notify_all()
 
     def _interrupt(self, job_id: str) -> None:
@@ -821,10 +969,15 @@ class JobManager:
         output: OutputRef | None = None,
         stats: Mapping[str, Any] | None = None,
     ) -> None:
+        with self._cond:
+            if job_id in self._queued:
+                self._queued.remove(job_id)  # cancelled or failed while waiting: its place goes
+
         def apply(rec: JobRecord) -> None:
             rec.phase = phase
             rec.message = message
             rec.error = error
+            rec.queue_position = 0
             rec.finished_at = _now()
             if output is not None:
                 rec.output = output

@@ -13,6 +13,7 @@ import threading
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from selma import api
 from selma.app.runner import job_progress, stage_progress
 from selma.jobs import JobContext, JobManager, JobPhase, JobResult
 from selma.llm.local import ModelRegistry
@@ -103,11 +104,12 @@ def test_a_job_waiting_for_a_worker_reads_as_queued_with_its_place_never_running
         third, _ = mgr.start("c", {})
         waiting = mgr.get(third.job_id)
         assert waiting.phase == JobPhase.PENDING
-        assert waiting.message.startswith("queued: ") and "ahead" in waiting.message and "at most 1 at once" in waiting.message
-        status = common_pb2.JobStatus(phase=common_pb2.JOB_PHASE_PENDING, message=waiting.message,
-                                      progress=common_pb2.Progress(done=0, total=0))
-        phase, count = job_progress(status)
-        assert phase.startswith("queued (") and "ahead" in phase and count == "-"
+        assert waiting.message == "queued: 1 ahead, 1 running (at most 1 at once)" and waiting.queue_position == 2
+        phase, count = job_progress(api.job_status(waiting))
+        assert (phase, count) == ("queued (position 2)", "-")
+        # a server without queue positions: the place comes from its message
+        phase, _ = job_progress(common_pb2.JobStatus(phase=common_pb2.JOB_PHASE_PENDING, message=waiting.message))
+        assert phase == "queued (1 ahead)"
     finally:
         gate.set()
         mgr.shutdown()
@@ -117,6 +119,8 @@ def test_a_job_waiting_for_a_worker_reads_as_queued_with_its_place_never_running
     assert job_progress(common_pb2.JobStatus(phase=common_pb2.JOB_PHASE_RUNNING, progress=common_pb2.Progress(done=2, total=6)))[1] == "2/6"
     # `selma status` rows: queued, or "-" until a total is known; never 0/0
     assert stage_progress({"phase": "pending", "job_id": "j"}) == "queued"
+    assert stage_progress({"phase": "pending", "job_id": "j", "queue_position": 3}) == "queued (position 3)"
+    assert stage_progress({"phase": "running", "job_id": "j", "queue_position": 0, "done": 1, "total": 4}) == "1/4"
     assert stage_progress({"phase": "running", "done": 0, "total": 0}) == "-"
 
 

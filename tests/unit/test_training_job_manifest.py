@@ -101,7 +101,23 @@ def test_kueue_job_manifest_carries_the_queue_label_and_is_schema_valid():
     job = build_job(request(gpus=1, queue_name="gpu-queue"), settings(batch_model_cache_pvc="", batch_storage_secret=""))
     strict_validate(job)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True, "Kueue admits the Job whole: no pod may start before it unsuspends it"
+    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
     assert "emptyDir" in {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["model-cache"]
+
+
+@pytest.mark.parametrize("completions", [0, 3])
+def test_the_operators_kueue_queue_labels_every_job_and_creates_it_suspended(completions):
+    from dataclasses import replace
+
+    queued = settings(batch_policy_default_queue="team-gpus")
+    job = build_job(replace(request(gpus=1), completions=completions), queued)
+    strict_validate(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus" and job["spec"]["suspend"] is True
+    if completions:  # an Indexed Job is admitted as one gang: all its completions run at once
+        assert job["spec"]["parallelism"] == job["spec"]["completions"] == completions
+    plain = build_job(replace(request(gpus=1), completions=completions), settings())
+    assert "suspend" not in plain["spec"] and "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
 
 
 def test_job_name_is_deterministic_dns_safe_and_short():

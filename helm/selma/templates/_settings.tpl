@@ -119,6 +119,7 @@ SELMA_EVAL_VQA_BATCH_SIZE: {{ .Values.evaluation.vqaBatchSize | quote }}
 {{- with .Values.evaluation.vqaAllowedBaseUrls }}
 SELMA_EVAL_ALLOWED_BASE_URLS: {{ toJson . | quote }}
 {{- end }}
+SELMA_EVAL_MAX_CONCURRENT_JOBS: {{ .Values.evaluation.maxConcurrentJobs | int | quote }}
 {{- /* questions for new prompts are written by the same LLM the prompt service uses (llm.*) */}}
 {{ include "selma.llmSettings" . }}
 {{- end }}
@@ -126,6 +127,8 @@ SELMA_EVAL_ALLOWED_BASE_URLS: {{ toJson . | quote }}
 {{- /* `selma serve training`: the TrainingService, and the EvaluationService beside it unless evaluation.separate. */}}
 {{- define "selma.trainingSettings" -}}
 SELMA_TRAINING_DEFAULT_MODEL: {{ .Values.model.base | quote }}
+{{- /* admission: trainer Jobs launched at once; the others wait in order (selma.jobs.JobManager) */}}
+SELMA_TRAINING_MAX_CONCURRENT_JOBS: {{ .Values.training.jobs.maxConcurrent | int | quote }}
 {{ include "selma.batchSettings" . }}
 {{- if not .Values.evaluation.separate }}
 {{ include "selma.evalSettings" . }}

@@ -102,7 +102,8 @@ class EvaluationCore:
         self.launchers = launchers or default_launchers(settings)
         self._own_launchers = launchers is None  # shared ones (hosted beside training) are closed by their owner
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.eval_max_jobs,
-                                  watchdog_seconds=settings.job_watchdog_seconds)
+                                  max_admitted=settings.eval_admission_limit, max_waiting=settings.eval_max_queued_jobs,
+                                  waiting_setting="eval_max_queued_jobs", watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
         from selma_evaluation.gate import GateCore
 

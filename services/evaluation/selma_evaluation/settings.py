@@ -34,6 +34,15 @@ class EvaluationSettings(BatchSettings, LlmSettings):
     WORKER_PRELOAD: ClassVar[tuple[str, ...]] = ("selma_evaluation.runner",)
 
     eval_max_jobs: int = Field(64, ge=1, description="Evaluation jobs the service follows at once (their workers run as batch jobs).")
+    eval_max_concurrent_jobs: int = Field(
+        0, ge=0, description="Evaluation jobs admitted (their workers launched) at once; the others wait PENDING with their queue "
+        "position, FIFO within a run and round robin between runs. 0 = batch_max_local_jobs with the local launcher, else eval_max_jobs.")
+    eval_max_queued_jobs: int = Field(1000, ge=1, description="Evaluation jobs that may wait for a slot; one more Start is RESOURCE_EXHAUSTED.")
+
+    @property
+    def eval_admission_limit(self) -> int:
+        """Evaluation jobs admitted at once (0 = as many as the service follows); see ``eval_max_concurrent_jobs``."""
+        return self.eval_max_concurrent_jobs or (self.batch_max_local_jobs if self.batch_launcher == "local" else 0)
     eval_vqa_model: str = Field(
         "Salesforce/blip-vqa-base",
         description="Default VQA model (transformers id or path) for evaluations whose spec names no VQA backend.",

@@ -172,7 +172,8 @@ class TrainingCore:
         self.store = ArtifactStore(self.storage)
         self.launchers: dict[str, Launcher] = launchers or default_launchers(settings)
         self.manager = JobManager(self.storage, KIND, self._run, max_concurrent=settings.training_max_jobs,
-                                  watchdog_seconds=settings.job_watchdog_seconds)
+                                  max_admitted=settings.training_admission_limit, max_waiting=settings.training_max_queued_jobs,
+                                  waiting_setting="training_max_queued_jobs", watchdog_seconds=settings.job_watchdog_seconds)
         self._live = LiveLaunches()
 
     # -- validation
@@ -279,8 +280,19 @@ class TrainingCore:
     # -- lifecycle
 
     def recover(self) -> list[str]:
-        """Re-queue unfinished jobs; with Kubernetes as default, adopt our Jobs the records do not know."""
-        requeued = self.manager.recover()
+        """Re-queue unfinished jobs; with Kubernetes as default, adopt our Jobs the records do not know.
+
+        Free slots are given only after that: an adopted Job holds one, so waiting jobs must not take it first.
+        """
+        requeued = self.manager.recover(admit=False)
+        try:
+            self._adopt_unknown_jobs(requeued)
+        finally:
+            self.manager.admit()
+        return requeued
+
+    def _adopt_unknown_jobs(self, requeued: list[str]) -> None:
+        """Records for our Kubernetes Jobs (found by label) that the store does not know; their ids join ``requeued``."""
         if self.settings.batch_launcher == "kubernetes":
             try:
                 found = self.launchers["kubernetes"].discover()
@@ -301,12 +313,12 @@ class TrainingCore:
                     from selma_training.trainer import load_job_document
 
                     doc = load_job_document(item["config_uri"], self.settings)
-                    self.manager.start(doc.idempotency_key, doc.spec, run=doc.run, skill=doc.skill, labels=doc.labels)
+                    # its Job runs (or ran) in the cluster: it holds a slot, like the jobs re-attached above
+                    self.manager.start(doc.idempotency_key, doc.spec, run=doc.run, skill=doc.skill, labels=doc.labels, reattach=True)
                     requeued.append(doc.job_id)
                     log.info("re-adopted Kubernetes Job %s as %s", item["name"], doc.job_id)
                 except SelmaError as e:
                     log.warning("cannot re-adopt Job %s: %s", item["name"], e)
-        return requeued
 
     def shutdown(self, wait: bool = True) -> None:
         self.manager.shutdown(wait=wait)

@@ -227,12 +227,14 @@ class Reporter:
 
 
 def job_progress(status: common_pb2.JobStatus) -> tuple[str, str]:
-    """(phase, count) as a person should read them: a job waiting for a worker is "queued" with its
-    place (not "pending 0/0"), a running job whose total is not known yet says what it is doing
+    """(phase, count) as a person should read them: a job waiting for a slot is "queued (position n)"
+    (not "pending 0/0"), a running job whose total is not known yet says what it is doing
     (e.g. loading its model) instead of "0/?", and counts appear only once the total is known."""
     done, total = status.progress.done, status.progress.total
     count = f"{done}/{total}" if total else "-"
     if status.phase == common_pb2.JOB_PHASE_PENDING:
+        if status.queue_position:
+            return f"queued (position {status.queue_position})", count
         where = status.message.partition(":")[2].partition(",")[0].strip() if status.message.startswith("queued:") else ""
         return ("queued" + (f" ({where})" if where else "")), count
     phase = PHASE_NAMES.get(status.phase, "?")
@@ -281,7 +283,8 @@ class RunDriver:
                 for job in jobs.watch(job_id):
                     self._down_since.pop(label, None)
                     self.reporter.update(label, job.status)
-                    self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total, message=job.status.message)
+                    self.state.update_stage(skill, kind, phase=PHASE_NAMES[job.status.phase], done=job.status.progress.done, total=job.status.progress.total,
+                                            message=job.status.message, queue_position=job.status.queue_position)
                     if self._stop.is_set():
                         return job
                 if job.status.phase in TERMINAL:
@@ -579,9 +582,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def stage_progress(st: dict[str, Any]) -> str:
-    """A stage's progress cell: "-" until its total is known (never 0/0), "queued" while it waits for a worker."""
+    """A stage's progress cell: "-" until its total is known (never 0/0), "queued (position n)" while it waits for a slot."""
     if st.get("phase") == "pending" and st.get("job_id"):
-        return "queued"
+        return f"queued (position {st['queue_position']})" if st.get("queue_position") else "queued"
     done, total = st.get("done", 0), st.get("total", 0)
     return f"{done}/{total}" if total else "-"
 

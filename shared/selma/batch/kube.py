@@ -10,7 +10,8 @@
   ``ttlSecondsAfterFinished``, image and service account from settings, storage credentials
   from a Secret (``valueFrom.secretKeyRef``, never inline), GPU limits, node selector,
   tolerations, affinity, priority class, runtime class, the optional Kueue queue label (the
-  policy's default queue when a request names none), the
+  policy's default queue when a request names none; such a Job is created ``suspend: true``, so
+  Kueue admits it whole, all its pods or none, when its ClusterQueue has the quota), the
   model-cache volume (a PVC) and a memory-backed ``/dev/shm``.  Pods are hardened like the
   chart's services: non-root as the image's user (10001), read-only root filesystem with
   writable emptyDirs where the trainer writes (``/tmp``, which is also ``HOME`` and the
@@ -419,12 +420,16 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
         # as a new attempt, which resumes from the last checkpoint (KubernetesLauncher.run).
         indexed = {"completionMode": "Indexed", "completions": req.nodes, "parallelism": req.nodes}
         backoff = 0
+    # Queued with Kueue: created suspended, so no pod starts before Kueue admits the whole Job (gang
+    # admission: every pod of it, or none) and unsuspends it; without Kueue running it stays suspended.
+    suspended: dict[str, Any] = {"suspend": True} if KUEUE_LABEL in labels else {}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": name, "namespace": settings.batch_namespace, "labels": labels, "annotations": annotations},
         "spec": {
             **indexed,
+            **suspended,
             "backoffLimit": backoff,
             "activeDeadlineSeconds": deadline,
             "ttlSecondsAfterFinished": settings.batch_ttl_seconds_after_finished,
