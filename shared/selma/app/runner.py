@@ -293,7 +293,10 @@ class RunDriver:
                 if job.status.phase in TERMINAL:
                     break
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE:
+                # A watch stream the server cut off as it stopped reads CANCELLED or UNAVAILABLE, whichever
+                # gRPC saw first; the job's own fate is in its phase, so look again (unless we were stopped).
+                cut_off = e.code() == grpc.StatusCode.CANCELLED and not self._stop.is_set()
+                if e.code() not in RETRYABLE and not cut_off:
                     raise RunFailed(f"{label}: the {jobs._k.service} service answered {e.code().name}: {e.details()}") from None
                 self._pause(label, e, service)
         status = job.status
