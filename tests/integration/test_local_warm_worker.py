@@ -313,7 +313,12 @@ def test_a_poll_racing_the_launchers_wait_never_turns_a_finished_job_into_a_lost
             with (tmp_path / f"job-{round_}.log").open("wb") as out:
                 child = worker.spawn([sys.executable, "-c", "import time; time.sleep(0.2)"], env=dict(os.environ), stdout=out.fileno())
             polled: list[int | None] = []
-            poller = threading.Thread(target=lambda c=child: [polled.append(c.poll()) for _ in iter(lambda: c.returncode is not None, True)])
+
+            def hammer(c=child, seen=polled) -> None:  # noqa: ANN001 - polls until the status is known
+                while c.returncode is None:
+                    seen.append(c.poll())
+
+            poller = threading.Thread(target=hammer)
             poller.start()
             assert child.wait(timeout=60) == 0
             poller.join(timeout=60)
