@@ -45,12 +45,12 @@ from selma.errors import InvalidArgument, NotFound, Unavailable
 from selma.job_kinds import JOB_KINDS, JobKind
 from selma.jobs import EXPERT_TRAINING_KIND, job_id_for, run_stage_key
 from selma.routing import (
-    RETRYABLE,
     SEPARATOR,
     ReplicaSet,
     RetryPolicy,
     call_with_retry,
     next_wait,
+    retryable,
     round_error,
     routing_key,
 )
@@ -406,7 +406,7 @@ class SelmaClient:
                 try:
                     return getattr(stub, method)(request, timeout=timeout or self.timeout)
                 except grpc.RpcError as e:
-                    if e.code() not in RETRYABLE:
+                    if not retryable(e):
                         raise
                     errors.append(e)  # busy or unreachable: the next replica in the key's order
             raise round_error(errors)
@@ -532,7 +532,7 @@ class SelmaClient:
                         yield resp
                     return
                 except grpc.RpcError as e:
-                    if received or e.code() not in RETRYABLE:
+                    if received or not retryable(e):
                         raise
                     errors.append(e)  # busy or unreachable: spill over to the next replica in the key's order
             error = round_error(errors)  # every replica refused: back off, then start again at the preferred one

@@ -135,6 +135,9 @@ class JobRecord(BaseModel):
     error: JobErrorInfo | None = None
     details: dict[str, str] = Field(default_factory=dict)
     attempt: int = 1
+    # Client re-starts of this job after it failed or was cancelled (worker relaunches do not count):
+    # what names a re-start's new Kubernetes Jobs (selma.batch.launchers.launch_attempt).
+    restarts: int = 0
     # The worker launch of the current job attempt as its launcher counts them (1 = first); 0 = none yet.
     launch: int = 0
     warnings: list[str] = Field(default_factory=list)
@@ -212,6 +215,7 @@ class JobContext:
         self.job_id = record.job_id
         self.spec = record.spec
         self.attempt = record.attempt
+        self.restarts = record.restarts
         self.idempotency_key = record.idempotency_key
         self.run = record.run
         self.skill = record.skill
@@ -472,6 +476,7 @@ class JobManager:
                     self._check_waiting_room_locked(key)
                     restarted = existing.model_copy(deep=True)
                     restarted.attempt += 1
+                    restarted.restarts += 1
                     restarted.launch = 0
                     restarted.phase = JobPhase.PENDING
                     restarted.error = None

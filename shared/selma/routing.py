@@ -152,10 +152,23 @@ def retry_after(error: grpc.RpcError) -> float | None:
     return None
 
 
+def retryable(error: grpc.RpcError) -> bool:
+    """Whether another try (the next replica, or later) may succeed: busy or unreachable, not a message
+    over a size limit (gRPC answers that RESOURCE_EXHAUSTED too, and it fails the same everywhere)."""
+    if error.code() not in RETRYABLE:
+        return False
+    return not (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or ""))
+
+
 def round_error(errors: Sequence[grpc.RpcError]) -> grpc.RpcError:
     """What a round over the replicas answers when every replica refused or was unreachable: the
     RESOURCE_EXHAUSTED with the shortest ``retry-after-ms`` (the soonest any replica expects room;
     the first refusal when none has a hint), else the last error."""
+    if not errors:
+        from selma.errors import Unavailable
+
+        raise Unavailable("no serving replica to call: the serving endpoint resolved to no address (check SELMA_ENDPOINTS "
+                          "or the headless Service's DNS name)")
     busy = [e for e in errors if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
     if not busy:
         return errors[-1]
@@ -181,7 +194,7 @@ def call_with_retry(policy: RetryPolicy, attempt: Callable[[], Any], what: str =
 
 def next_wait(policy: RetryPolicy, error: grpc.RpcError, calls: int, started: float) -> float | None:
     """How long to wait before the next try after ``calls`` calls failed with ``error``; None = give up."""
-    if error.code() not in RETRYABLE or calls >= policy.max_attempts:
+    if not retryable(error) or calls >= policy.max_attempts:
         return None
     wait = policy.delay(calls, retry_after(error))
     if time.monotonic() - started + wait > policy.max_total:

@@ -299,3 +299,30 @@ def test_per_job_thread_count_applies_in_the_forked_child(tmp_path, launchers):
         got[n] = (w["torch_threads"], p["torch_threads"])
     assert got == {"1": (1, 1), "2": (2, 2)}
     assert launcher.warm_worker() is zygote
+
+
+def test_a_poll_racing_the_launchers_wait_never_turns_a_finished_job_into_a_lost_one(tmp_path):
+    """Cancel/kill RPCs poll() a job while the launcher's thread wait()s on it: one of them reads the
+    exit status; the other must see that status, not the pipe's EOF (which means "the zygote died")."""
+    from selma.batch.zygote import WarmWorker
+
+    worker = WarmWorker(python=sys.executable, env=dict(os.environ), preload=[], log_path=tmp_path / "zygote.log")
+    worker.start()
+    try:
+        for round_ in range(10):
+            with (tmp_path / f"job-{round_}.log").open("wb") as out:
+                child = worker.spawn([sys.executable, "-c", "import time; time.sleep(0.2)"], env=dict(os.environ), stdout=out.fileno())
+            polled: list[int | None] = []
+
+            def hammer(c=child, seen=polled) -> None:  # noqa: ANN001 - polls until the status is known
+                while c.returncode is None:
+                    seen.append(c.poll())
+
+            poller = threading.Thread(target=hammer)
+            poller.start()
+            assert child.wait(timeout=60) == 0
+            poller.join(timeout=60)
+            assert not child.lost and child.returncode == 0 and child.poll() == 0
+            assert set(polled) <= {None, 0}
+    finally:
+        worker.close()

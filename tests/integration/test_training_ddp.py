@@ -184,3 +184,21 @@ def _wait_for(condition, what: str, timeout: float = 600.0):
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
     return value
+
+
+def test_early_stopping_under_ddp_stops_every_rank_at_the_one_process_step_and_exports_its_best(env, tmp_path):
+    """The validation outcome decides a `break` out of the step loop: every rank must take it at the
+    same step (else the others wait in the next all-reduce), and the export equals one process's."""
+    settings, store, dataset, tiny = env
+    stop = {"early_stopping": {"validation_fraction": 0.25, "validate_every": 1, "patience": 1, "min_delta": 10.0}}
+    ddp = make_job(dataset, tiny.sd, 2, max_steps=8, checkpoint_every=2, learning_rate=1e-3, **stop)
+    launcher, req = launch(settings, ddp, tmp_path)
+    outcome = launcher.run(req, Recorder())
+    log = (Path(settings.data_dir) / "training-logs" / f"{ddp.job_id}.log").read_text()
+    assert outcome.state == "succeeded", (outcome, log[-3000:])
+    single = train(make_job(dataset, tiny.sd, 1, max_steps=8, checkpoint_every=2, learning_rate=1e-3, **stop), settings)
+    p = store.get(ddp.expert_id).parameters
+    # min_delta 10: no evaluation after the first improves on it, so patience 1 stops at step 2, exporting step 1
+    assert single.stopped_early and single.trained_steps == 2 and single.steps == 1
+    assert (p["steps"], p["trained_steps"], p["stopped_early"]) == (1, 2, True)
+    assert max_difference(adapter(store, ddp.expert_id), adapter(store, single.expert_id)) <= ATOL

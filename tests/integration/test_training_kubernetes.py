@@ -10,7 +10,7 @@ from fake_kube_api import FakeKubeApi, complete
 from kubernetes import client
 
 from selma.artifacts import ArtifactKind, ArtifactStore
-from selma.batch.kube import ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
+from selma.batch.kube import ANN_ATTEMPT, ANN_CONFIG, LABEL_JOB_ID, KubernetesLauncher
 from selma.errors import InvalidArgument, PermissionDenied, Unavailable
 from selma.jobs import JobPhase
 from selma.storage import open_storage
@@ -135,6 +135,34 @@ def test_a_multi_node_training_gets_a_rendezvous_service_and_a_failed_rank_resta
         assert (NS, again) not in fake.jobs and ("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{again}") in fake.requests
     finally:
         core.shutdown()
+
+
+def test_a_restarted_service_follows_a_distributed_runs_newest_job_even_when_the_first_was_collected(settings, fake, dataset):
+    """A pod retry or a relaunch must not make a restarted service launch a second Job beside the running one."""
+    settings = settings.model_copy(update={"batch_policy_max_nodes": 2})
+    launcher = KubernetesLauncher(settings, api_client=api_client(fake.url))
+    core = TrainingCore(settings, launchers={"kubernetes": launcher})
+    body = {**spec(dataset.id), "distributed": {"nodes": 2}, "config": {"max_steps": 2, "resolution": 32, "gradient_accumulation_steps": 2}}
+    try:
+        rec = core.start("run-1/train/ddp-restart", body)[0]
+        first = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")["metadata"]["name"]
+        fake.set_job_status(NS, first, complete(False))  # a rank failed: the launcher relaunches the run
+        fake.wait_until(lambda api: len(api.jobs) == 2, "the relaunch")
+        (second,) = [n for (_, n) in fake.jobs if n != first]
+        assert fake.jobs[(NS, second)]["metadata"]["annotations"][ANN_ATTEMPT] == "1"
+        fake.set_job_status(NS, second, {"active": 2})
+        wait_details(core, rec.job_id, "kubernetes.state")
+    finally:
+        core.shutdown()  # the service goes away; the relaunched Job keeps running
+    fake.delete(NS, first)  # the failed first Job is collected (ttlSecondsAfterFinished)
+    core2 = TrainingCore(settings, launchers={"kubernetes": KubernetesLauncher(settings, api_client=api_client(fake.url))})
+    try:
+        core2.recover()
+        rec2 = wait_details(core2, rec.job_id, "kubernetes.job")
+        assert rec2.details["kubernetes.job"].endswith(second), rec2.details
+        assert {n for (_, n) in fake.jobs} == {second}, "no Job re-created beside the running relaunch"
+    finally:
+        core2.shutdown()
 
 
 def test_a_multi_node_request_over_the_node_policy_launches_nothing(make_core, fake, dataset):
@@ -282,6 +310,22 @@ def test_an_operator_policy_lets_its_placements_through_to_the_job(settings, fak
         wait_phase(core, rec.job_id, {JobPhase.CANCELLED, JobPhase.FAILED})
     finally:
         core.shutdown()
+
+
+def test_pod_retries_do_not_make_a_restarted_service_launch_a_second_job(make_core, fake, dataset):
+    core = make_core()
+    rec = core.start("run-1/train/retried", spec(dataset.id))[0]
+    name = fake.wait_for_job(NS, f"{LABEL_JOB_ID}={rec.job_id}")["metadata"]["name"]
+    fake.set_job_status(NS, name, {"active": 1, "failed": 2})  # two pods failed; the Job's third pod runs
+    for r in core.watch(rec.job_id, min_interval=0.0, heartbeat=1.0):
+        if r.attempt >= 3 or r.phase.terminal:
+            break
+    assert core.get(rec.job_id).attempt >= 3  # pod retries count as attempts (executions)...
+    core.shutdown()
+    core2 = make_core()
+    core2.recover()
+    rec2 = wait_details(core2, rec.job_id, "kubernetes.job")
+    assert rec2.details["kubernetes.job"].endswith(name) and len(fake.jobs) == 1  # ...but never rename the running Job
 
 
 def test_a_client_restart_of_a_failed_training_launches_a_new_job_instead_of_adopting_the_failed_one(make_core, fake, dataset):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import pytest
 
 from selma.errors import InvalidArgument
@@ -74,3 +77,41 @@ def test_the_retry_policy_comes_from_the_client_settings():
     policy = RetryPolicy.from_settings(ClientSettings(retry_max_attempts=1, retry_max_seconds=5))
     assert policy.max_attempts == 1 and policy.max_total == 5
     assert RetryPolicy.from_settings(ClientSettings()) == RetryPolicy()  # the defaults agree
+
+
+class _Err(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str = "", hint_ms: int | None = None) -> None:
+        self._code, self._details = code, details
+        self._trailers = (("retry-after-ms", str(hint_ms)),) if hint_ms is not None else ()
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self):  # noqa: ANN201
+        return self._trailers
+
+
+def test_only_busy_or_unreachable_is_retried_never_a_message_over_a_size_limit():
+    from selma.routing import RetryPolicy, next_wait, retryable
+
+    busy = _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "the line is full", hint_ms=250)
+    too_big = _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)")
+    assert retryable(busy) and retryable(_Err(grpc.StatusCode.UNAVAILABLE)) and retryable(_Err(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert not retryable(too_big) and not retryable(_Err(grpc.StatusCode.INVALID_ARGUMENT))
+    policy = RetryPolicy(max_attempts=5, max_total=60.0)
+    assert 0.25 <= next_wait(policy, busy, 1, time.monotonic()) <= 0.25 * (1 + policy.jitter)  # the hint, jittered upwards
+    assert next_wait(policy, too_big, 1, time.monotonic()) is None
+
+
+def test_a_round_over_no_replica_is_unavailable_not_an_index_error():
+    from selma.errors import Unavailable
+    from selma.routing import round_error
+
+    with pytest.raises(Unavailable, match="resolved to no address"):
+        round_error([])
+    hinted = [_Err(grpc.StatusCode.UNAVAILABLE), _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=900),
+              _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=300)]
+    assert round_error(hinted) is hinted[2]

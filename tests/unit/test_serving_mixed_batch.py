@@ -208,3 +208,31 @@ def test_a_fused_mix_that_fails_its_probe_fails_only_its_own_request(env, monkey
     results = run_together(engine, requests)
     assert isinstance(results[0], FailedPrecondition) and "out of range" in str(results[0])
     assert log.sizes == [1] and len(results[1]) == 1 and results[1][0].served.fused
+
+
+def test_an_unfused_mix_gets_the_probe_a_fused_build_runs_and_fails_alone(env, monkeypatch):
+    """A mix whose merged deltas a fused build would refuse (over serving_max_adapter_value) is refused
+    unfused too, with the same FAILED_PRECONDITION, and the verdict is kept: each mix is merged once."""
+    import selma_serving.engine as engine_module
+    from selma_serving.merge import merge
+
+    engine, ex = env.engine, env.ex
+    heavy = mix((ex["a"], 60.0), (ex["b"], 60.0))  # large weights: merged deltas far beyond the two fine mixes'
+    fine = _mixes(ex)[:2]
+    largest = max(float(t.abs().max()) for m in fine
+                  for t in merge(list(engine.resolve_mix(m).adapters), engine.resolve_mix(m).rm).effective_deltas().values())
+    monkeypatch.setattr(engine.settings, "serving_max_adapter_value", largest * 2)
+    with pytest.raises(FailedPrecondition, match="merged weight deltas"):
+        engine.mix_unet(heavy)  # what the fused path answers
+    engine.cache.clear()
+    engine._mix_checks.clear()
+    merged = []
+    monkeypatch.setattr(engine_module, "merge", lambda adapters, rm, **kw: (merged.append(rm), merge(adapters, rm, **kw))[1])
+    requests = [GenerationRequest(prompts=["red"], steps=3, seed=i, merge=m) for i, m in enumerate([fine[0], heavy, fine[1]])]
+    log = CallLog(engine, monkeypatch)
+    for _ in range(2):
+        results = run_together(engine, requests)
+        assert isinstance(results[1], FailedPrecondition) and "merged weight deltas" in str(results[1])
+        assert all(len(results[i]) == 1 and results[i][0].served.kind == MIXES_KIND for i in (0, 2))
+    assert log.sizes == [2, 2]  # the other two mixes still share one unfused call
+    assert len(merged) == 3 and len(set(merged)) == 3  # one probe merge per mix, not one per call

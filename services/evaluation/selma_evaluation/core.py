@@ -312,7 +312,7 @@ class EvaluationCore:
         if not self.store.exists(doc.report_id):
             req = LaunchRequest(job_id=doc.job_id, idempotency_key=doc.idempotency_key, run=doc.run or "eval", skill="evaluation",
                                 config_uri=self.storage.uri_for(key), expert_id=doc.report_id, placement=placement, labels=doc.labels, task="eval",
-                                service_settings=self.settings, attempt=launch_attempt(ctx.attempt))
+                                service_settings=self.settings, attempt=launch_attempt(ctx.restarts))
             monitor = _EvalMonitor(self, ctx, doc, name)
             outcome = self._live.run(launcher, req, monitor)
             if outcome.state == "cancelled":

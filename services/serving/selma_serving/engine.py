@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 SEED_POLICIES = tuple(p.value for p in SeedPolicy)  # GenerationRequest.seed_policy values
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: integer milliseconds
 MIXABLE = "mixable"  # batch key head of requests whose different mixes may share a call (BatchPolicy.mixed_min_mixes)
+MAX_MIX_CHECKS = 4096  # verdicts of the value probe of mixes served unfused (Engine.check_mix_values)
 MIXES_KIND = "mixes"  # metrics label (ServedInfo.kind) of images made in a call of several unfused mixes
 
 
@@ -642,6 +643,13 @@ class _Batch:
                     self._deliver(m, e)
         cold = [p for p, mix in resolved.items() if mix.rm not in engine.cache]
         if len(resolved) > 1 and len(cold) >= self.policy.mixed_min_mixes:
+            for params in cold:  # the probe a fused build runs (cached mixes passed it): unfused rows get it too
+                try:
+                    engine.check_mix_values(resolved[params])
+                except SelmaError as e:
+                    del resolved[params]
+                    for m in {id(m): m for m, _ in groups[params]}.values():
+                        self._deliver(m, e)
             order = list(resolved)
             live = [(m, r) for m, r in rows if m.req.merge in resolved and not m.done]
             unet = mixed_unet(engine.base_unet, [resolved[p] for p in order], [order.index(m.req.merge) for m, _ in live])
@@ -776,6 +784,8 @@ class Engine:
         self.base_id = BaseModelId(settings.serving_base_model.rstrip("/"), settings.serving_base_revision, settings.serving_base_variant)
         self.pipe: Any = None
         self.cache = FusedCache(settings.serving_merge_cache_bytes)
+        self._mix_checks: OrderedDict[ResolvedMerge, SelmaError | None] = OrderedDict()
+        self._mix_checks_lock = threading.Lock()
         self.admission = Admission(settings.serving_max_concurrent, settings.serving_max_queue)
         self.batching = BatchPolicy()  # set for the device when the base model loads
         self.registry: ModelRegistry | None = None
@@ -847,6 +857,31 @@ class Engine:
             rm = replace(rm, fuse=True)  # the exact LoRA and the fused delta are the same model
         check_against_unet({n: m.weight_shape for n, m in adapters[0].modules.items()}, self.base_unet, what=f"expert {adapters[0].id}")
         return RowMix(rm, tuple(adapters))
+
+    def check_mix_values(self, mix: RowMix) -> None:
+        """The probe of a fused build for a mix served unfused: its merged deltas finite and at most
+        ``serving_max_adapter_value`` (FAILED_PRECONDITION naming the tensor).  The verdict is cached
+        per resolved mix (bounded), so a mix pays the merge once, not at every call."""
+        with self._mix_checks_lock:
+            if mix.rm in self._mix_checks:
+                self._mix_checks.move_to_end(mix.rm)
+                error = self._mix_checks[mix.rm]
+                if error is not None:
+                    raise error
+                return
+        error: SelmaError | None = None
+        try:
+            deltas = merge(list(mix.adapters), mix.rm).effective_deltas()
+            check_tensor_values(deltas, what=f"the mix of {', '.join(mix.rm.expert_ids)} (merged weight deltas)",
+                                max_abs=self.settings.serving_max_adapter_value)
+        except SelmaError as e:
+            error = e
+        with self._mix_checks_lock:
+            self._mix_checks[mix.rm] = error
+            while len(self._mix_checks) > MAX_MIX_CHECKS:
+                self._mix_checks.popitem(last=False)
+        if error is not None:
+            raise error
 
     def mix_unet(self, params: MergeParams) -> tuple[torch.nn.Module, ResolvedMerge, bool]:
         """The fused UNet for a per-request expert mix: (unet, resolved merge, cache hit)."""

@@ -338,7 +338,7 @@ class TrainingCore:
                             config_uri=config_uri, expert_id=job.expert_id, placement=placement, labels=job.labels,
                             service_settings=self.settings,
                             nodes=job.nodes if job.world_size > 1 else 0, processes_per_node=job.processes_per_node,
-                            attempt=launch_attempt(ctx.attempt))
+                            attempt=launch_attempt(ctx.restarts))
         config_ref = {"id": job.config_artifact_id, "kind": "ARTIFACT_KIND_TRAINING_CONFIG", "uri": self.store.get(job.config_artifact_id).uri}
         ctx.update(
             stats={"resolved_config": to_proto_dict(job.config), "config_artifact": config_ref, "max_steps": job.config.max_steps,

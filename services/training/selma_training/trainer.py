@@ -480,6 +480,10 @@ def _train(
         if validator is not None and (done % every == 0 or done == total):
             # before the checkpoint of this step, so the checkpoint holds this evaluation's outcome
             vloss = validator.loss(unet, device, weight_dtype, autocast)
+            # every rank takes the same loss (same weights, same held-out rows); one all-reduce makes the
+            # value, and so the early-stopping decision and the best step, the same on every rank even where
+            # kernels differ (mixed GPUs), or one rank would stop while the others wait in the next step
+            vloss = distributed.sum_across(world, [vloss], device)[0] / world.size
             val["history"] = (val["history"] + [[done, vloss]])[-MAX_HISTORY:]
             m_val.set(vloss)
             if val["best"] is None or vloss < val["best"] - cfg.min_delta:
@@ -491,7 +495,7 @@ def _train(
                     val["stopped"] = True
                     log.info("early stop at step %d: no improvement on %.5f (step %d) for %d evaluations",
                              done, val["best"], val["best_step"], val["bad"])
-        early = bool(val["stopped"])  # the same on every rank: same weights, same validation data
+        early = bool(val["stopped"])  # the same on every rank: decided from the all-reduced loss
         at_ckpt = done % cfg.checkpoint_every == 0 and done < total and not early
         if at_ckpt or done == total or early:
             history = (history + [[done, sum(interval_losses) / len(interval_losses)]])[-MAX_HISTORY:]

@@ -79,6 +79,7 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANN_KEY = "selma.dev/idempotency-key"
 ANN_CONFIG = "selma.dev/config-uri"
 ANN_EXPERT = "selma.dev/expert-id"
+ANN_ATTEMPT = "selma.dev/attempt"  # LaunchRequest.attempt: which of a job's Jobs this is
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # the Job controller puts it on every pod of the Job
 RENDEZVOUS_PORT_NAME = "rendezvous"
@@ -284,7 +285,7 @@ def build_job(req: LaunchRequest, settings: BatchSettings) -> dict[str, Any]:
     p = req.placement
     name = job_name(req.run, req.skill, req.job_id, req.task, req.attempt)
     labels = job_labels(req, settings)
-    annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id}
+    annotations = {ANN_KEY: req.idempotency_key, ANN_CONFIG: req.config_uri, ANN_EXPERT: req.expert_id, ANN_ATTEMPT: str(req.attempt)}
     res = p.get("resources") or {}
     gpus = int(p.get("gpus", 0))  # proto: 0 = CPU only
     gpu_name = p.get("gpu_resource_name") or "nvidia.com/gpu"
@@ -654,13 +655,28 @@ class KubernetesLauncher(Launcher):
         # distributed training: a failed pod fails its Job (backoffLimit 0); the whole run starts again as a
         # new attempt, every rank resuming from the last checkpoint, up to the placement's max_retries
         retries = int(req.placement["max_retries"]) if req.placement.get("max_retries") is not None else self.settings.batch_backoff_limit
-        attempt = req.attempt
+        # A restarted service picks up at this start's newest Job: earlier failed ones may already be
+        # collected (ttlSecondsAfterFinished), and re-creating one beside a running relaunch would duplicate it.
+        attempt = self._latest_attempt(req)
         while True:
             outcome = self._follow(dataclasses.replace(req, attempt=attempt), monitor)
             if outcome.state != "failed" or outcome.reason != "BackoffLimitExceeded" or attempt - req.attempt >= retries:
                 return outcome
             attempt += 1
             log.warning("distributed training %s failed (%s); starting attempt %d from the last checkpoint", req.job_id, outcome.message, attempt)
+
+    def _latest_attempt(self, req: LaunchRequest) -> int:
+        """The newest launch attempt of this job's current start that has a Job in the cluster (else its first)."""
+        from selma.batch.launchers import ATTEMPT_STRIDE
+
+        resp = self._call("list", self._batch().list_namespaced_job, self.namespace, label_selector=f"{LABEL_JOB_ID}={req.job_id}",
+                          _preload_content=False)
+        found = [req.attempt]
+        for item in json.loads(resp.data).get("items") or []:
+            raw = ((item.get("metadata") or {}).get("annotations") or {}).get(ANN_ATTEMPT, "")
+            if raw.isdigit() and req.attempt <= int(raw) < req.attempt + ATTEMPT_STRIDE:
+                found.append(int(raw))
+        return max(found)
 
     def _follow(self, req: LaunchRequest, monitor: Monitor) -> Outcome:
         job, created = self.create_or_adopt(req)

@@ -48,17 +48,17 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 143
 
 
-# Job names of one service attempt of a job: a client re-start of a failed job (its service attempt a,
-# 1-based) must never adopt the failed Job of an earlier attempt, and a distributed run's own restarts
-# (at most max_retries <= 20 of them) count up from there without reaching the next attempt's names
-# (a re-start raises JobRecord.attempt by at least one, so service attempts never share a range).
+# Job names of a job: a client re-start of a failed job (JobRecord.restarts, raised only by a re-start:
+# pod retries and relaunches do not count, so a restarted service still computes the running Job's
+# name) must never adopt the failed Job of an earlier start, and a distributed run's own relaunches
+# (at most max_retries <= 20 of them) count up from there without reaching the next start's names.
 ATTEMPT_STRIDE = 100
 
 
-def launch_attempt(service_attempt: int) -> int:
-    """``LaunchRequest.attempt`` for a job's service attempt: 0 for the first (its Job keeps the name it
-    always had, so a restarted service adopts it), then a fresh range of Job names per re-start."""
-    return (max(int(service_attempt), 1) - 1) * ATTEMPT_STRIDE
+def launch_attempt(restarts: int) -> int:
+    """``LaunchRequest.attempt`` for a job re-started ``restarts`` times: 0 for the first start (its Job
+    keeps the name it always had), then a fresh range of Job names per re-start."""
+    return max(int(restarts), 0) * ATTEMPT_STRIDE
 
 
 @dataclass

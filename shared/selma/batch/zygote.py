@@ -88,7 +88,11 @@ class WarmChild:
         self.returncode: int | None = None
         self.lost = False  # the zygote died before it could report this child's exit status
         self._status_r: int | None = status_r
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # signals vs closing the pidfd
+        # One reader of the status pipe at a time: the launcher's wait() and a Cancel RPC's poll() race.
+        self._check_lock = threading.Lock()
+        self._eof_at: float | None = None  # when the zygote was seen gone (the child then gets PDEATHSIG)
+        self._killed_at: float | None = None
         self._pidfd: int | None = None
         self._gone = False  # exited and reaped before we could hold it: its status is in the pipe
         try:
@@ -125,35 +129,62 @@ class WarmChild:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    GRACE_SECONDS = 60.0  # a child that outlives its zygote this long (it got SIGTERM) is killed
+
     def _check(self, timeout: float | None) -> int | None:
+        """The exit status once known; ``timeout`` 0 never blocks (a poll while another thread reads
+        the status answers None), None waits until the child is gone."""
         if self.returncode is not None:
             return self.returncode
-        fd = self._status_r
-        assert fd is not None
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
+        if not self._check_lock.acquire(blocking=timeout != 0):
             return None
-        data = _read_exact(fd, _STATUS.size)
-        if len(data) == _STATUS.size:
-            self._finish(_STATUS.unpack(data)[0])
-        else:  # the zygote died: the child got SIGTERM (PDEATHSIG); wait until it is gone, then report it lost
-            self.lost = True
-            self._await_gone()
-            self._finish(-signal.SIGTERM)
-        return self.returncode
+        try:
+            if self.returncode is not None:
+                return self.returncode
+            if self._eof_at is None:
+                fd = self._status_r
+                assert fd is not None
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if not ready:
+                    return None
+                data = _read_exact(fd, _STATUS.size)
+                if len(data) == _STATUS.size:
+                    self._finish(_STATUS.unpack(data)[0])
+                    return self.returncode
+                # the zygote died: the child got SIGTERM (PDEATHSIG); it is reported lost once it is gone
+                self.lost = True
+                self._eof_at = time.monotonic()
+            if self._gone_within(timeout):
+                self._finish(-signal.SIGTERM)
+            return self.returncode
+        finally:
+            self._check_lock.release()
 
-    def _await_gone(self, grace: float = 60.0) -> None:
+    def _gone_within(self, timeout: float | None) -> bool:
+        """Whether the child (its zygote gone) has exited within ``timeout`` s (None: wait, killing it
+        after GRACE_SECONDS and reporting it 30 s later whatever happens)."""
         if self._pidfd is None:
-            return
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        if not poller.poll(grace * 1000):
-            log.warning("job process %d outlived its zygote by %.0f s; killing it", self.pid, grace)
-            try:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            poller.poll(30_000)
+            return True
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            assert self._eof_at is not None
+            if self._killed_at is None and now >= self._eof_at + self.GRACE_SECONDS:
+                log.warning("job process %d outlived its zygote by %.0f s; killing it", self.pid, self.GRACE_SECONDS)
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    return True
+                self._killed_at = now
+            give_up = self._killed_at + 30.0 if self._killed_at is not None else self._eof_at + self.GRACE_SECONDS
+            step_end = give_up if end is None else min(end, give_up)
+            ready, _, _ = select.select([self._pidfd], [], [], max(0.0, step_end - now))
+            if ready:
+                return True
+            if self._killed_at is not None and time.monotonic() >= self._killed_at + 30.0:
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
 
     def _finish(self, code: int) -> None:
         with self._lock:
@@ -233,6 +264,9 @@ class WarmWorker:
         if self.info.get("python_threads", 1) != 1:
             self._abandon(ours)
             raise WarmWorkerError(f"the warm worker has {self.info['python_threads']} Python threads after its imports; forking it is unsafe")
+        if self.info.get("cuda_initialized"):
+            self._abandon(ours)
+            raise WarmWorkerError("a preloaded module initialised CUDA in the warm worker; a CUDA context does not survive fork")
         ours.settimeout(None)
         self._sock = ours
         log.info("warm worker ready: pid %d, %d modules imported in %.1f s", self.proc.pid, len(self.info.get("imported", [])),
@@ -289,7 +323,10 @@ class WarmWorker:
         data = _read_exact(status_r, _STATUS.size) if ready else b""
         if len(data) != _STATUS.size:
             os.close(status_r)
-            if not ready:  # a zygote that does not answer is replaced (the launcher restarts it)
+            if not ready:
+                # A zygote that does not answer is replaced (the launcher restarts it), although its running
+                # jobs then get SIGTERM (they checkpoint and are retried): kept alive, it could still fork this
+                # job late, unwatched, beside the plain subprocess the launcher now runs instead.
                 self.close(timeout=5)
             raise WarmWorkerError("the warm worker did not start the job" + ("" if ready else " within 60 s"))
         return WarmChild(command, _STATUS.unpack(data)[0], status_r)
@@ -324,6 +361,15 @@ def _preload(modules: Sequence[str]) -> list[str]:
     return done
 
 
+def _cuda_initialized() -> bool:
+    """A CUDA context does not survive fork: a preload that initialised one makes the zygote unusable."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 - a torch without CUDA support
+        return False
+
+
 def serve(ctrl: socket.socket, modules: Sequence[str]) -> int:
     """Import ``modules``, say hello, then fork one child per request until the launcher hangs up."""
     # No PR_SET_PDEATHSIG here: it follows the launcher *thread* that started us, not its process.  The
@@ -331,11 +377,11 @@ def serve(ctrl: socket.socket, modules: Sequence[str]) -> int:
     t0 = time.perf_counter()
     imported = _preload(modules)
     hello = {"pid": os.getpid(), "imported": imported, "import_seconds": round(time.perf_counter() - t0, 3),
-             "python_threads": threading.active_count()}
+             "python_threads": threading.active_count(), "cuda_initialized": _cuda_initialized()}
     for stream in (sys.stdout, sys.stderr):  # nothing buffered here may reach a job's log through fork
         stream.flush()
     ctrl.send(json.dumps(hello).encode())
-    if threading.active_count() != 1:
+    if threading.active_count() != 1 or hello["cuda_initialized"]:
         return 1
 
     wake_r, wake_w = os.pipe()

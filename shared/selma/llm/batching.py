@@ -23,6 +23,9 @@ batch companion-dependent, and both are removed here:
 The guarantee, checked by tests on the tiny LM and on SmolLM2: a request gives the same tokens
 alone or batched with any other requests, on the same machine, dtype and thread count.
 Different hardware or BLAS builds may differ in the last bits, as any float computation does.
+The multiple-of-4 rule is a property of this CPU's BLAS; on a GPU (cuBLAS picks kernels by the
+total packed token count) it is not guaranteed, so there a job's text may depend on which other
+jobs' rows shared its steps: deterministic for a job run alone, not across different companions.
 """
 
 from __future__ import annotations
