@@ -50,7 +50,9 @@ def main() -> int:
         work = Path(args.dir or tmp)
         tiny = build_tiny(work / "tiny-models")
         model = getattr(tiny, args.model)
-        settings = RenderSettings(data_dir=work / "data", render_default_model=str(model), device=args.device)
+        # the request names the model by path: the service may read it only from an allowed directory (selma.sources)
+        settings = RenderSettings(data_dir=work / "data", render_default_model=str(model), device=args.device,
+                                  model_allowed_dirs=str(Path(model).parent))
         prompts = [f"{i % 5 + 1} red cubes and a blue sphere, photo {i}" for i in range(args.images)]
 
         server = build_server(settings).start()
