@@ -93,9 +93,3 @@ class EvaluationSettings(BatchSettings, LlmSettings):
         """The credential a SecretRef names (see the module docstring); None for no credential."""
         return resolve_secret(name, key, default=self.eval_openai_api_key, named=self.eval_api_keys, secrets_dir=self.eval_secrets_dir,
                               env_prefix=SECRET_ENV_PREFIX, prefix="eval", field=field)
-
-    def credential_endpoint_allowed(self, base_url: str) -> bool:
-        """Whether a configured API key may be sent to ``base_url`` (a caller must not pick where keys go)."""
-        allowed = [self.eval_vqa_openai_base_url, *self.eval_allowed_base_urls]
-        return base_url.rstrip("/") in {u.rstrip("/") for u in allowed if u}
-

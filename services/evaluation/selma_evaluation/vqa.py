@@ -50,11 +50,10 @@ from selma.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
-from selma.llm.openai_http import OpenAiHttp, parse_base_url, parse_transport
+from selma.llm.openai_http import OpenAiHttp, checked_credential, parse_base_url, parse_transport
 from selma.pipelines import mirror_model
 from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 from selma_evaluation.settings import EvaluationSettings
@@ -323,21 +322,9 @@ def _parse_openai(body: Mapping[str, Any], fld: str, settings: EvaluationSetting
         stop=tuple(stop),
         extra_body=json.dumps(dict(extra), sort_keys=True),
     )
-    if not settings.eval_allow_any_base_url and not settings.credential_endpoint_allowed(base_url):
-        # A caller must not be able to make the service send requests to an address of its choosing.
-        raise PermissionDenied(
-            f"the service only calls configured VQA endpoints; {base_url!r} is not one (the operator adds it to "
-            "SELMA_EVAL_ALLOWED_BASE_URLS, or sets SELMA_EVAL_ALLOW_ANY_BASE_URL=true on a single-user install)",
-            field=f"{fld}.base_url",
-        )
-    # Resolve the credential now so a misnamed secret fails the request, not the job later.
-    credential = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
-    if credential is not None and not settings.credential_endpoint_allowed(base_url):
-        raise PermissionDenied(
-            f"the service only sends API keys to configured endpoints; {base_url!r} is not one "
-            "(add it to SELMA_EVAL_ALLOWED_BASE_URLS, or call it without an api_key)",
-            field=f"{fld}.base_url",
-        )
+    checked_credential(base_url, [settings.eval_vqa_openai_base_url, *settings.eval_allowed_base_urls],
+                       lambda: settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key"),
+                       allow_any=settings.eval_allow_any_base_url, prefix="EVAL", what="VQA", field=f"{fld}.base_url")
     return spec
 
 

@@ -294,6 +294,32 @@ def retry_after_seconds(resp: httpx.Response) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+def checked_credential(base_url: str, configured: Sequence[str], resolve_key: Callable[[], Any], *, allow_any: bool,
+                       prefix: str, what: str, field: str) -> Any:
+    """The endpoint rules of an OpenAI-compatible backend a request names, then its credential.
+
+    ``base_url`` must be one of ``configured`` (the service default and ``SELMA_<prefix>_ALLOWED_BASE_URLS``)
+    unless ``allow_any``: a caller must not make the service call an address of its choosing.  The
+    credential is resolved now (``resolve_key``), so a misnamed secret fails the request, not the job
+    later; a configured key only ever goes to a configured endpoint.  PERMISSION_DENIED names ``field``.
+    """
+    allowed = base_url.rstrip("/") in {u.rstrip("/") for u in configured if u}
+    if not allow_any and not allowed:
+        raise PermissionDenied(
+            f"the service only calls configured {what} endpoints; {base_url!r} is not one (the operator adds it to "
+            f"SELMA_{prefix}_ALLOWED_BASE_URLS, or sets SELMA_{prefix}_ALLOW_ANY_BASE_URL=true on a single-user install)",
+            field=field,
+        )
+    credential = resolve_key()
+    if credential is not None and not allowed:
+        raise PermissionDenied(
+            f"the service only sends API keys to configured endpoints; {base_url!r} is not one "
+            f"(add it to SELMA_{prefix}_ALLOWED_BASE_URLS, or call it without an api_key)",
+            field=field,
+        )
+    return credential
+
+
 def parse_base_url(body: Mapping[str, Any], fld: str, default: str, setting: str) -> str:
     """An OpenAI-compatible ``base_url`` (or the service default named ``setting``): http(s), no credentials."""
     base_url = (parse_str(body.get("base_url"), f"{fld}.base_url") or default).rstrip("/")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from selma import plugins
-from selma.errors import InvalidArgument, PermissionDenied
+from selma.errors import InvalidArgument
 from selma.llm.backend import BackendSpec, Sampling
-from selma.llm.openai_http import parse_base_url, parse_transport
+from selma.llm.openai_http import checked_credential, parse_base_url, parse_transport
 from selma.llm.settings import LlmSettings
 from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 
@@ -31,11 +31,6 @@ def _sampling(d: Any, fld: str, settings: LlmSettings) -> Sampling:
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
         raise InvalidArgument("stop must be a list of at most 8 non-empty strings", field=f"{fld}.stop")
     return Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens or settings.llm_max_tokens, stop=tuple(stop))
-
-
-def _credential_endpoint_allowed(base_url: str, settings: LlmSettings) -> bool:
-    allowed = [settings.llm_openai_base_url, *settings.llm_allowed_base_urls]
-    return base_url.rstrip("/") in {u.rstrip("/") for u in allowed if u}
 
 
 def resolve_backend(d: Any, settings: LlmSettings, fld: str = "spec.backend") -> BackendSpec:
@@ -77,22 +72,9 @@ def resolve_backend(d: Any, settings: LlmSettings, fld: str = "spec.backend") ->
             max_retries=retries,
             extra_body=dict(extra),
         )
-        if not settings.llm_allow_any_base_url and not _credential_endpoint_allowed(base_url, settings):
-            # A caller must not be able to make the service send requests to an address of its choosing.
-            raise PermissionDenied(
-                f"the service only calls configured LLM endpoints; {base_url!r} is not one (the operator adds it to "
-                "SELMA_LLM_ALLOWED_BASE_URLS, or sets SELMA_LLM_ALLOW_ANY_BASE_URL=true on a single-user install)",
-                field=f"{fld}.base_url",
-            )
-        # Resolve the credential now so a misnamed secret fails the request, not the job later.
-        credential = settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key")
-        if credential is not None and not _credential_endpoint_allowed(base_url, settings):
-            # A caller must not be able to send the service's keys to an endpoint of its choosing.
-            raise PermissionDenied(
-                f"the service only sends API keys to configured endpoints; {base_url!r} is not one "
-                "(add it to SELMA_LLM_ALLOWED_BASE_URLS, or call it without an api_key)",
-                field=f"{fld}.base_url",
-            )
+        checked_credential(base_url, [settings.llm_openai_base_url, *settings.llm_allowed_base_urls],
+                           lambda: settings.api_key(spec.api_key_name, spec.api_key_key, field=f"{fld}.api_key"),
+                           allow_any=settings.llm_allow_any_base_url, prefix="LLM", what="LLM", field=f"{fld}.base_url")
         return spec
     if kind == "local_causal_lm":
         check_known_fields(body, {"model", "device", "sampling", "use_chat_template"}, fld)
