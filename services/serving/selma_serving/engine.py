@@ -82,6 +82,17 @@ MAX_MIX_CHECKS = 4096  # verdicts of the value probe of mixes served unfused (En
 MIXES_KIND = "mixes"  # metrics label (ServedInfo.kind) of images made in a call of several unfused mixes
 
 
+def probe_deltas(deltas: dict[str, torch.Tensor], *, max_abs: float, what: str) -> None:
+    """Every merged weight delta finite and at most ``max_abs`` (FAILED_PRECONDITION naming ``what`` and
+    the tensor): the probe before a merge is served, fused (:func:`fused_copy`) or unfused."""
+    check_tensor_values(deltas, what=f"{what} (merged weight deltas)", max_abs=max_abs)
+
+
+def mix_label(rm: ResolvedMerge) -> str:
+    """How errors about a per-request mix name it."""
+    return f"the mix of {', '.join(rm.expert_ids)}"
+
+
 def fused_copy(
     base_unet: torch.nn.Module,
     deltas: dict[str, torch.Tensor] | None = None,
@@ -100,7 +111,7 @@ def fused_copy(
     deltas = deltas or {}
     weights = weights or {}
     check_against_unet({n: tuple(d.shape) for n, d in itertools.chain(deltas.items(), weights.items())}, base_unet, what=what)
-    check_tensor_values(deltas, what=f"{what} (merged weight deltas)", max_abs=max_abs)
+    probe_deltas(deltas, max_abs=max_abs, what=what)
     check_tensor_values(weights, what=f"{what} (fused weights)")
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(base_unet.parameters(), base_unet.buffers())}
     unet = copy.deepcopy(base_unet, memo)
@@ -872,8 +883,7 @@ class Engine:
         error: SelmaError | None = None
         try:
             deltas = merge(list(mix.adapters), mix.rm).effective_deltas()
-            check_tensor_values(deltas, what=f"the mix of {', '.join(mix.rm.expert_ids)} (merged weight deltas)",
-                                max_abs=self.settings.serving_max_adapter_value)
+            probe_deltas(deltas, max_abs=self.settings.serving_max_adapter_value, what=mix_label(mix.rm))
         except SelmaError as e:
             error = e
         with self._mix_checks_lock:
@@ -896,7 +906,7 @@ class Engine:
             t0 = time.perf_counter()
             result = merge(adapters, rm)
             unet, nbytes = fused_copy(base_unet, deltas=result.effective_deltas(), max_abs=self.settings.serving_max_adapter_value,
-                                      what=f"the mix of {', '.join(rm.expert_ids)}")
+                                      what=mix_label(rm))
             metrics.MERGE_SECONDS.labels("request").observe(time.perf_counter() - t0)
             return unet, nbytes
 
