@@ -53,7 +53,7 @@ import threading
 from typing import Any
 
 from selma.batch import metrics
-from selma.batch.launchers import EXIT_BAD_INPUT, Launcher, LaunchRequest, Monitor, Outcome
+from selma.batch.launchers import ATTEMPT_STRIDE, EXIT_BAD_INPUT, Launcher, LaunchRequest, Monitor, Outcome
 from selma.batch.settings import BatchSettings, parse_quantity
 from selma.errors import (
     AlreadyExists,
@@ -667,8 +667,6 @@ class KubernetesLauncher(Launcher):
 
     def _latest_attempt(self, req: LaunchRequest) -> int:
         """The newest launch attempt of this job's current start that has a Job in the cluster (else its first)."""
-        from selma.batch.launchers import ATTEMPT_STRIDE
-
         resp = self._call("list", self._batch().list_namespaced_job, self.namespace, label_selector=f"{LABEL_JOB_ID}={req.job_id}",
                           _preload_content=False)
         found = [req.attempt]
