@@ -242,6 +242,36 @@ PIPELINE = Dashboard(
                     ),
                     width=8,
                 ),
+                Panel(
+                    "Gate: candidates kept and rejected/s",
+                    (
+                        Q(f"sum by (verdict) (rate(selma_gate_images_total{{{NS}}}[{RI}]))", "{{verdict}}"),
+                        Q(f"sum(rate(selma_gate_images_scored_total{{{NS}}}[{RI}]))", "scored by the VQA model"),
+                        Q(f"sum(rate(selma_gate_images_journaled_total{{{NS}}}[{RI}]))", "read from the journal"),
+                    ),
+                    unit="ops",
+                    description="The gate stage (spec.gate) between render and training: each best-of-K candidate scored against "
+                    "its prompt's questions; kept at a DSG score at or above the threshold.",
+                    width=8,
+                ),
+                Panel(
+                    "Gate pass rate",
+                    (
+                        Q(
+                            f"sum(rate(selma_gate_images_total{{verdict=\"kept\",{NS}}}[{RI}])) / "
+                            f"sum(rate(selma_gate_images_total{{{NS}}}[{RI}]))",
+                            "kept / candidates",
+                        ),
+                    ),
+                    unit="percentunit",
+                    width=8,
+                ),
+                Panel(
+                    "Gate: seconds per candidate (VQA)",
+                    _quantiles("selma_gate_image_seconds", "", NS, (0.5, 0.95)),
+                    unit="s",
+                    width=8,
+                ),
             ),
         ),
         Row(

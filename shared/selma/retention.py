@@ -2,7 +2,9 @@
 
 Storage holds artifacts (``artifacts/<id>/``), aliases (registered model names), durable job
 records (``jobs/<kind>/<job_id>.json``) and job scratch (``training/<job_id>/``,
-``evaluation/<job_id>/``, ``prompts/state/<job_id>/``: checkpoints, progress, resumable state).
+``evaluation/<job_id>/``, ``prompts/state/<job_id>/``: checkpoints, progress, resumable state) and
+the gate's score journals (``gate/scores/<digest>/<dataset>/``: what the VQA model said of a
+candidate dataset's images, kept while that dataset is).
 
 **What is kept (the roots).** Every artifact an alias names (a registered model); every artifact
 a stored job record mentions (its output, its inputs, the config and cache ids in its stats),
@@ -14,7 +16,7 @@ period is kept too.  Everything reachable from a root through lineage parents is
 **What is collected.** Published artifacts nothing keeps (failed attempts' outputs, superseded
 latent caches, what a deleted run or model left), staging leftovers (an artifact prefix with no
 manifest: a writer that died) and the scratch of jobs whose record is gone, both once older than
-the grace period.
+the grace period; gate score journals whose dataset is collected or gone.
 
 **Crash safety.** The plan is computed before anything is deleted, and only what it names is
 deleted, so a retained artifact is never touched.  Artifacts are deleted children first, each
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 JOBS_PREFIX = "jobs/"
 # Where jobs keep scratch, one folder per job id (training/evaluation work prefixes, prompt state).
+GATE_SCORES_PREFIX = "gate/scores/"  # the gate's score journals, per question digest and candidate dataset (selma_evaluation.gate)
 SCRATCH_PREFIXES = ("training/", "evaluation/", "prompts/state/", "render/")  # render/: sharded renders' work docs and shard journals
 ACTIVE_PHASES = frozenset({"PENDING", "RUNNING", "CANCELLING"})
 RUN_LABEL = "selma.dev/run"
@@ -387,7 +390,34 @@ def plan_gc(store: ArtifactStore, *, grace: timedelta, now: datetime | None = No
             if not objects or not times or max(times) >= prot.modified_since:
                 continue
             removals.append(Removal("scratch", f"{area}{name}/", "", sum(o.size for o in objects), "scratch of a job that no longer exists"))
+    removals += _gate_score_removals(storage, inv, retained, prot)
     return removals, len(retained & set(inv.manifests))
+
+
+def _gate_score_removals(storage: Storage, inv: _Inventory, retained: set[str], prot: _Protection) -> list[Removal]:
+    """The gate's score journals (``gate/scores/<digest>/<dataset>/``) of datasets that are gone or collected now.
+
+    A journal only saves asking the VQA model again about a dataset's images, so it lives as long
+    as its dataset: it goes with the dataset (after it, in the plan's order) or, when the dataset
+    is already gone, once older than the grace period like any leftover.
+    """
+    out: list[Removal] = []
+    try:
+        digests = storage.list_dirs(GATE_SCORES_PREFIX)
+    except NotFound:
+        return out
+    for digest in digests:
+        for dataset in storage.list_dirs(f"{GATE_SCORES_PREFIX}{digest}/"):
+            if dataset in retained or dataset in inv.unreadable:
+                continue
+            prefix = f"{GATE_SCORES_PREFIX}{digest}/{dataset}/"
+            objects = storage.list(prefix)
+            times = [o.modified for o in objects if o.modified is not None]
+            if not objects or not times or max(times) >= prot.modified_since:
+                continue
+            why = "gate scores of a dataset collected now" if dataset in inv.manifests else "gate scores of a dataset that no longer exists"
+            out.append(Removal("cache", prefix, "", sum(o.size for o in objects), why))
+    return out
 
 
 def _kind_of(artifact_id: str) -> str:
@@ -440,7 +470,11 @@ def collect_garbage(
 
 
 def _artifact_id(r: Removal) -> str:
-    return r.key.split("/")[1] if r.what == "staging" else r.key
+    if r.what == "staging":
+        return r.key.split("/")[1]
+    if r.what == "cache":
+        return r.key.rstrip("/").rsplit("/", 1)[-1]  # gate/scores/<digest>/<dataset>/: the dataset the journal belongs to
+    return r.key
 
 
 def _newly_protected(store: ArtifactStore, removals: list[Removal]) -> tuple[set[str], set[str]]:

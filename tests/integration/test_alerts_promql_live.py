@@ -147,6 +147,7 @@ def selma_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     for component in COMPONENTS:
         # The real server module: it imports the service's metrics exactly as `selma serve` does.
         importlib.import_module(f"selma_{component}.server")
+    importlib.import_module("selma_evaluation.server")  # hosted in the training process (`selma serve training`)
     tmp = tmp_path_factory.mktemp("stack")
     settings = SelmaSettings(host="127.0.0.1", grpc_port=0, metrics_port=0, data_dir=tmp / "data", storage_uri=(tmp / "storage").as_uri(), drain_seconds=0)
     servers = {c: SelmaServer(settings, [ServiceRegistration(name=GRPC_SERVICES[c])], name=c).start() for c in COMPONENTS}

@@ -146,6 +146,14 @@ def build_graph(store: ArtifactStore, jobs: Jobs) -> Graph:
     storage.put_bytes("training/expert-training-00112233aabbccdd/checkpoints/step-1/state.bin", b"ckpt" * 100)
     storage.put_bytes("prompts/state/prompt-generation-00112233aabbccdd/state.json", b"{}")
     g.gone_prefixes |= {"training/expert-training-00112233aabbccdd/", "prompts/state/prompt-generation-00112233aabbccdd/"}
+    # the gate's score journals live as long as their dataset: a retained dataset's stay, an orphaned
+    # dataset's go with it, a journal whose dataset is already gone goes too
+    d_orphan = publish(store, "image_dataset", "a/render-round-1", (p_a.id,), run="a")
+    g.gone.add(d_orphan.id)
+    for dataset in (d_b.id, d_orphan.id, "image-dataset-00112233445566778899"):
+        storage.put_bytes(f"gate/scores/0123abcd/{dataset}/images_000000-0.png.json", b'{"score": 1.0}')
+    g.kept_prefixes.add(f"gate/scores/0123abcd/{d_b.id}/")
+    g.gone_prefixes |= {f"gate/scores/0123abcd/{d_orphan.id}/", "gate/scores/0123abcd/image-dataset-00112233445566778899/"}
     return g
 
 

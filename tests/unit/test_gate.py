@@ -154,6 +154,33 @@ def test_a_lower_threshold_reuses_the_journaled_scores_and_keeps_what_reaches_it
     assert {f for f, kind in truth.items() if kind == "right"} <= kept and not any(truth[f] == "blank" for f in kept)
 
 
+def _metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_gate_metrics_count_scored_journaled_and_each_verdict(env):
+    store = env["store"]
+    ps, ds, _ = _world(store, seed=2)
+    core = env["core"]()
+    before = {k: _metric(k) for k in ("selma_gate_images_scored_total", "selma_gate_images_journaled_total",
+                                      "selma_gate_questions_answered_total", "selma_gate_image_seconds_count")}
+    kept0, rejected0 = _metric("selma_gate_images_total", verdict="kept"), _metric("selma_gate_images_total", verdict="rejected")
+    first = _finish(core, core.start("t/objects/gate-m", _spec(ps, [ds], threshold=1.0))[0].job_id)
+    assert first.phase == JobPhase.SUCCEEDED, first.error
+    assert _metric("selma_gate_images_scored_total") - before["selma_gate_images_scored_total"] == 12
+    assert _metric("selma_gate_image_seconds_count") - before["selma_gate_image_seconds_count"] == 12
+    assert _metric("selma_gate_questions_answered_total") - before["selma_gate_questions_answered_total"] == first.stats["questions_answered"] > 0
+    assert _metric("selma_gate_images_total", verdict="kept") - kept0 == first.stats["kept"] == 4
+    assert _metric("selma_gate_images_total", verdict="rejected") - rejected0 == 8
+    # another threshold over the same candidates: every score from the journal, the VQA model not asked again
+    second = _finish(core, core.start("t/objects/gate-m-half", _spec(ps, [ds], threshold=0.5))[0].job_id)
+    assert second.phase == JobPhase.SUCCEEDED, second.error
+    assert _metric("selma_gate_images_scored_total") - before["selma_gate_images_scored_total"] == 12
+    assert _metric("selma_gate_images_journaled_total") - before["selma_gate_images_journaled_total"] == 12
+
+
 def _counting_registry(calls: list[int], *, fail_after: int | None = None) -> plugins.Registry:
     """The real registry with the judge wrapped: counts answered queries, optionally fails after ``fail_after`` calls."""
     reg = plugins.registry()

@@ -1,4 +1,5 @@
-"""The ShapesWorld loop's pieces without services: the grammar prompt backend, held-out prompts, the gate, the mix, the table text."""
+"""The ShapesWorld loop's pieces without services: the grammar prompt backend, held-out prompts, the oracle's data, the mix,
+the table's SkillSet and its text."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from selma_shapesworld.loop import (
     README_START,
     SeedResult,
     TableConfig,
-    gate_dataset,
+    configured_skillset,
     heldout_captions,
     mix_datasets,
     publish_heldout,
+    publish_oracle,
     render_table,
     replace_readme_section,
     table_rows,
@@ -122,23 +124,44 @@ def _dataset(store, key, pairs, shown):
     return w.manifest
 
 
-def test_gate_keeps_exactly_the_images_the_judge_accepts(store):
+def test_oracle_renders_every_caption_as_a_scene_the_judge_verifies(store):
+    from PIL import Image
+
+    from selma_shapesworld.judge import Judge
     from selma_training.data import load_dataset
 
-    pairs = world.dataset(3, 8, {"count": 1.0, "relation": 1.0, "binding": 1.0})
-    # even images: the ground-truth render of their caption; odd: the render of another caption
-    shown = [s if i % 2 == 0 else pairs[(i + 3) % len(pairs)][0] for i, (s, _) in enumerate(pairs)]
-    src = _dataset(store, "r/counting/render", pairs, shown)
-    gated = gate_dataset(store, src.id, run="r", skill="counting")
-    _, examples = load_dataset(store, gated.id)  # what the training service reads
-    assert [e.text for e in examples] == [pairs[i][1] for i in range(0, 8, 2)]
-    assert gated.parameters["kept"] == 4 and gated.parameters["total"] == 8
-    assert gated.parameters["per_skill"] == {"counting": {"kept": 4, "total": 8}}
-    assert list(gated.parents) == [src.id]
-    assert gated.labels["selma.dev/skill"] == "counting"
-    assert store.read_bytes(gated, "images/000000-0.png") == store.read_bytes(src, "images/000000-0.png")
-    # a re-run returns the published artifact
-    assert gate_dataset(store, src.id, run="r", skill="counting").id == gated.id
+    captions = [c for kind in ("count", "relation", "binding", "multi") for c in grammar_captions(EXAMPLES[kind], 6, 1)]
+    with store.writer(ArtifactKind.PROMPT_SET, key="r/all/prompts") as w:
+        w.put_bytes("prompts.jsonl", "".join(json.dumps({"id": f"p{i:06d}", "index": i, "text": t}) + "\n"
+                                             for i, t in enumerate(captions)).encode())
+    ps = w.manifest.id
+    oracle = publish_oracle(store, ps, run="r", skill="counting", seed=0, size=64)
+    _, examples = load_dataset(store, oracle.id)  # what the training service reads
+    assert [e.text for e in examples] == captions
+    judge = Judge()
+    for e in examples:
+        image = Image.open(io.BytesIO(store.read_bytes(oracle, e.file_name))).convert("RGB")
+        assert image.size == (64, 64)
+        assert judge.verify(image, e.text, strict=True), e.text  # exactly the caption's objects, nothing else
+    assert list(oracle.parents) == [ps] and oracle.parameters["images"] == len(captions)
+    # a re-run returns the published artifact; another seed draws other scenes of the same captions
+    assert publish_oracle(store, ps, run="r", skill="counting", seed=0, size=64).id == oracle.id
+    other = publish_oracle(store, ps, run="r2", skill="counting", seed=1, size=64)
+    assert [store.read_bytes(other, e.file_name) for e in examples] != [store.read_bytes(oracle, e.file_name) for e in examples]
+
+
+def test_scene_for_caption_is_seeded_and_refuses_text_outside_the_grammar():
+    import numpy as np
+
+    cap = "a small purple square below a large red triangle"
+    a = world.scene_for_caption(cap, np.random.default_rng(5))
+    assert a == world.scene_for_caption(cap, np.random.default_rng(5))
+    assert world.caption(a, sizes=True) == cap
+    assert len({world.scene_for_caption(cap, np.random.default_rng(i)) for i in range(8)}) > 1
+    counted = world.scene_for_caption("four green circles", np.random.default_rng(0))
+    assert len(counted.objects) == 4 and len({o.extent for o in counted.objects}) == 1
+    with pytest.raises(InvalidArgument, match="caption"):
+        world.scene_for_caption("a red circle and a blue circle", np.random.default_rng(0))  # two circles: outside the grammar
 
 
 def test_mix_concatenates_datasets_with_lineage(store):
@@ -178,25 +201,44 @@ def test_heldout_prompt_set_carries_judge_questions_and_is_disjoint(store):
 # ------------------------------------------------------------------------------------ table text
 
 
-def _result(seed, bump):
+LABELS = ["base", "merged-ungated", "merged", "mixed", "expert-counting", "expert-spatial", "merged-oracle"]
+
+
+def _result(seed, bump, merged_gain):
     skills = ["counting", "spatial"]
-    labels = ["base", "expert-counting", "expert-spatial", "mixed", "merged", "merged-gated"]
-    scores = {lab: {s: 10.0 * i + bump for i, s in enumerate(["", *skills])} for lab in labels}
-    facts = {"skills": skills, "prompts": dict.fromkeys(skills, 6), "images": dict.fromkeys(skills, 6),
-             "gate": {s: {"kept": 1, "total": 6} for s in skills}, "heldout": dict.fromkeys(skills, 3),
-             "stage_seconds": {"training": 10.0}, "span_seconds": 90.0 + 30 * seed, "model": "tiny://sd", "steps": 4, "rank": 4, "render": "ddim 4 steps"}
+    scores = {lab: {s: 10.0 * i + bump for i, s in enumerate(["", *skills])} for lab in LABELS}
+    scores["merged"] = {k: v + merged_gain for k, v in scores["merged"].items()}
+    gate = {s: {"candidates": 40, "kept": 5, "pass_rate_percent": 12.5, "prompts_kept": 5, "prompts_total": 8, "round": 4} for s in skills}
+    facts = {"skills": skills, "prompts": dict.fromkeys(skills, 8), "gate": gate, "heldout": dict.fromkeys(skills, 3),
+             "stage_seconds": {"training": 10.0}, "span_seconds": 90.0 + 30 * seed, "local_seconds": {"mix": 1.0},
+             "steps": {"training": [13, 13], "training-ungated": [20, 20], "training-oracle": [20, 20], "training-mixed": [25]},
+             "model": "tiny://sd", "rank": 4, "alpha": 4.0, "learning_rate": 1e-3, "epochs": 40.0, "max_steps": 300, "batch_size": 16,
+             "render": "ddim 4 steps", "merge": "mean_delta", "gate_settings": {"threshold": 1.0, "k": 8, "target_kept": 48, "max_candidates": 512}}
     return SeedResult(seed=seed, run=f"r-s{seed}", scores=scores, facts=facts)
 
 
-def test_table_has_every_row_and_column_with_mean_and_spread(tmp_path):
-    results = [_result(0, 0.0), _result(1, 2.0)]
+def test_table_has_every_row_and_column_with_mean_spread_and_paired_difference(tmp_path):
+    # merged − base per seed: 4, 6, 11 → mean 7.0, SE = stdev / sqrt(3) = 3.606 / 1.732 = 2.08 (7.0 > 2 SE)
+    results = [_result(0, 0.0, 4.0), _result(1, 2.0, 6.0), _result(2, 1.0, 11.0)]
     columns, rows = table_rows(results)
     assert columns == ["counting", "spatial", "overall"]
-    assert [r[0] for r in rows][0] == "base model" and len(rows) == 6
-    text = render_table(results, TableConfig(seeds=(0, 1), command="selma shapesworld table --seeds 0,1"), 60.0)
-    assert "| base model | 11.0 ± 1.4 | 21.0 ± 1.4 | 1.0 ± 1.4 |" in text
-    assert "--seeds 0,1" in text
-    assert "seed 0 1.5 min, seed 1 2.0 min" in text  # each seed's job span, also when a re-run only attaches
+    assert [r[0] for r in rows] == [
+        "base model", "SELMA as in the paper: merged experts, one ungated image per prompt",
+        "SELMA with the gate: merged experts, best-of-K gated data", "one LoRA on all skills' gated data (mixed)",
+        "single expert (gated data): counting", "single expert (gated data): spatial", "oracle: merged experts on ground-truth renders"]
+    assert rows[2][2] == [4.0, 6.0, 11.0] and rows[0][2] == []
+    text = render_table(results, TableConfig(seeds=(0, 1, 2), command="selma shapesworld table --seeds 0,1,2"))
+    assert "| configuration | counting | spatial | overall | Δ overall vs base (paired) |" in text
+    assert "| base model | 11.0 ± 1.0 | 21.0 ± 1.0 | 1.0 ± 1.0 | – |" in text
+    assert "| SELMA with the gate: merged experts, best-of-K gated data | 18.0 ± 4.0 | 28.0 ± 4.0 | 8.0 ± 4.0 | +7.0 ± 2.1 (> 2 SE) |" in text
+    assert "| oracle: merged experts on ground-truth renders | 11.0 ± 1.0 | 21.0 ± 1.0 | 1.0 ± 1.0 | +0.0 ± 0.0 |" in text
+    assert "--seeds 0,1,2" in text
+    assert "seed 0 1.5 min, seed 1 2.0 min, seed 2 2.5 min" in text  # each seed's job span, also when a re-run only attaches
+    assert "counting 15 of 120 candidates kept (12.5%; 15/24 prompts)" in text
+    assert "steps per expert: gated 13, ungated 20, oracle 20, mixed 25" in text and "40 epochs" in text
+    assert render_table(results, TableConfig(seeds=(0, 1, 2), command="selma shapesworld table --seeds 0,1,2")) == text
+    one = render_table(results[:1], TableConfig(seeds=(0,), command="x"))
+    assert "one seed, no spread" in one and "| +4.0 |" in one
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nrest\n")
     replace_readme_section(readme, text)
@@ -206,3 +248,34 @@ def test_table_has_every_row_and_column_with_mean_and_spread(tmp_path):
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(InvalidArgument, match="markers"):
         replace_readme_section(tmp_path / "bare.md", text)
+
+
+def test_table_skillset_applies_overrides_and_names_runs_by_them(tmp_path):
+    cfg = TableConfig(seeds=(0,), prompts_per_skill=6, epochs=10, steps=50, gate_threshold=0.5, candidates=4, target_kept=12,
+                      max_candidates=24, skills=("counting",))
+    ss = configured_skillset(cfg, 3)
+    assert [s.name for s in ss.skills] == ["counting"] and ss.skills[0].count == 6
+    assert ss.gate.threshold == 0.5 and ss.gate.candidates_per_prompt == 4 and ss.gate.target_kept == 12 and ss.gate.max_candidates == 24
+    assert ss.training_config.epochs == 10 and ss.training_config.max_steps == 50 and ss.training_config.seed == 3
+    assert ss.name.endswith("-s3") and ss.model_name == ss.name
+    same_but_seed = configured_skillset(cfg, 4)
+    assert same_but_seed.name[:-1] == ss.name[:-1]  # the digest covers settings, not the seed
+    other = configured_skillset(TableConfig(seeds=(0,), prompts_per_skill=6, epochs=10, steps=50, gate_threshold=0.75, candidates=4,
+                                            target_kept=12, max_candidates=24, skills=("counting",)), 3)
+    assert other.name != ss.name  # another threshold is another run (its jobs' keys differ)
+    with pytest.raises(InvalidArgument, match="targetKept|target_kept|maxCandidates|max_candidates"):
+        configured_skillset(TableConfig(seeds=(0,), target_kept=100, max_candidates=50), 0)
+
+
+def test_table_template_needs_a_gate_section_and_short_skill_names(tmp_path):
+    from selma_shapesworld.loop import DEFAULT_SKILLSET
+
+    plain = DEFAULT_SKILLSET.with_name("skillset.yaml")  # the paper's loop: no gate
+    with pytest.raises(InvalidArgument, match="gate: section") as e:
+        configured_skillset(TableConfig(skillset=plain), 0)
+    assert e.value.field == "skillset"
+    long = tmp_path / "long.yaml"
+    long.write_text(DEFAULT_SKILLSET.read_text().replace("name: counting", "name: counting-objects-x"))
+    with pytest.raises(InvalidArgument, match="too long") as e:
+        configured_skillset(TableConfig(skillset=long), 0)
+    assert e.value.field == "skills"

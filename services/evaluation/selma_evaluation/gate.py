@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from selma.api import output_ref
 from selma.artifacts import ArtifactKind, ArtifactStore, Manifest, new_artifact_id
 from selma.errors import FailedPrecondition, InvalidArgument, NotFound, SelmaError
 from selma.jobs import JobContext, JobManager, JobRecord, JobResult
+from selma.retention import GATE_SCORES_PREFIX
 from selma.specs import candidates_per_prompt, gate_budget, gate_threshold, parse_mapping
 from selma.storage import Storage
+from selma_evaluation import metrics
 from selma_evaluation.dsg import question_scores
 from selma_evaluation.settings import EvaluationSettings
 from selma_evaluation.types import EvalItem
@@ -311,6 +314,7 @@ class GateCore:
             for rec in self._journal(digest, m.id):
                 add(m.id, rec)
         from_journal = len(scored)
+        metrics.GATE_IMAGES_JOURNALED.inc(from_journal)
         answered = 0
         stats = {"candidates_total": total, "prompts_total": len(items), "candidates_from_journal": from_journal}
 
@@ -333,14 +337,21 @@ class GateCore:
                         image = Image.open(io.BytesIO(self.store.read_bytes(m, r["file_name"]))).convert("RGB")
                         pid = str(r.get("prompt_id", ""))
                         batch.append((r["file_name"], pid, image, items.get(pid)))
+                    t0 = time.perf_counter()
                     results = score_images(vqa, batch)
-                    answered += sum(len(s.questions) for s in results)
+                    per_image = (time.perf_counter() - t0) / max(len(batch), 1)
+                    for _ in batch:
+                        metrics.GATE_IMAGE_SECONDS.observe(per_image)
+                    metrics.GATE_IMAGES_SCORED.inc(len(batch))
+                    n_questions = sum(len(s.questions) for s in results)
+                    metrics.GATE_QUESTIONS_ANSWERED.inc(n_questions)
+                    answered += n_questions
                     # the journal first, then the counts: a kill between the two re-scores nothing
                     by_set: dict[str, list[dict[str, Any]]] = {}
                     for (m, _), s in zip(chunk, results, strict=True):
                         by_set.setdefault(m.id, []).append(s.record())
                     for set_id, recs in by_set.items():
-                        self.storage.put_bytes(f"gate/scores/{digest}/{set_id}/{recs[0]['file_name'].replace('/', '_')}.json",
+                        self.storage.put_bytes(f"{GATE_SCORES_PREFIX}{digest}/{set_id}/{recs[0]['file_name'].replace('/', '_')}.json",
                                                json.dumps(recs).encode(), content_type="application/json")
                         for rec in recs:
                             add(set_id, rec)
@@ -356,7 +367,7 @@ class GateCore:
 
     def _journal(self, digest: str, dataset_id: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for info in self.storage.list(f"gate/scores/{digest}/{dataset_id}/"):
+        for info in self.storage.list(f"{GATE_SCORES_PREFIX}{digest}/{dataset_id}/"):
             out.extend(json.loads(self.storage.get_bytes(info.key)))
         return out
 
@@ -407,6 +418,8 @@ class GateCore:
             w.put_bytes("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in kept_rows).encode())
             w.put_bytes("gate.jsonl", "".join(json.dumps(c) + "\n" for c in candidates).encode())
         log.info("gate %s: kept %d of %d candidates of %s", key, len(kept_rows), n, skill or prompt_set.id)
+        metrics.GATE_VERDICTS.labels(verdict="kept").inc(len(kept_rows))
+        metrics.GATE_VERDICTS.labels(verdict="rejected").inc(n - len(kept_rows))
         return self.store.get(aid)
 
 

@@ -16,6 +16,7 @@ from selma.server import Hosted, SelmaServer, ServiceRegistration
 from selma.sources import check_request
 from selma.v1 import evaluation_service_pb2 as pb
 from selma.v1 import evaluation_service_pb2_grpc as pb_grpc
+from selma_evaluation import metrics as _metrics  # noqa: F401 - the gate's metrics exist (at 0) from start-up
 from selma_evaluation.core import EvaluationCore
 from selma_evaluation.settings import EvaluationSettings
 

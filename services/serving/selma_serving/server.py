@@ -61,7 +61,8 @@ def _model_ref(base: BaseModelId) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(source=base.source, revision=base.revision, variant=base.variant)
 
 
-_REMOVED_TYPES = {"artifact": pb.REMOVED_ITEM_TYPE_ARTIFACT, "staging": pb.REMOVED_ITEM_TYPE_STAGING, "scratch": pb.REMOVED_ITEM_TYPE_SCRATCH}
+_REMOVED_TYPES = {"artifact": pb.REMOVED_ITEM_TYPE_ARTIFACT, "staging": pb.REMOVED_ITEM_TYPE_STAGING, "scratch": pb.REMOVED_ITEM_TYPE_SCRATCH,
+                  "cache": pb.REMOVED_ITEM_TYPE_CACHE}
 MAX_LISTED_REMOVALS = 1000
 
 

@@ -8,23 +8,27 @@ Library functions (no gRPC; they read and publish artifacts in the artifact stor
   come from the grammar (:func:`selma_shapesworld.grammar.grammar_captions`) with seeds of their
   own, and are checked by text against the run's training prompt sets (and the skill's seed
   examples): no held-out caption was trained on.
-* :func:`gate_dataset`  the data-quality gate: a new ``image_dataset`` with only the images the
-  judge verifies against their caption (strict by default: nothing else in the image).
+* :func:`publish_oracle`  ground-truth renders of a prompt set's captions (one scene each that the
+  caption describes exactly): the oracle experts' data, the table's upper bound.
 * :func:`mix_datasets`  one ``image_dataset`` with every skill's images, for the paper's
   "one LoRA on all skills' data" baseline.
 
 The driver (:class:`TableRunner`, ``selma shapesworld table``) runs, per seed, through gRPC
 (:class:`selma.app.runner.RunDriver`, so every job has a deterministic idempotency key and a re-run
-attaches to finished work): the SkillSet run (prompts with the grammar backend → images
-rendered by the base model itself → one LoRA expert per skill → merge), the gated datasets →
-gated experts → gated merge, the mixed LoRA, and one evaluation of every configuration on the
-held-out prompts with the judge.  The table (rows: configurations; columns: skills and overall;
+attaches to finished work): the SkillSet run with its gate stage (prompts with the grammar backend →
+best-of-K candidate rounds rendered by the base model itself → the product's gate job, the judge
+answering each caption's DSG questions → one LoRA expert per skill on the kept images → merge);
+SELMA as in the paper (the same recipe on the first candidate of every prompt, ungated → merge);
+the oracle (ground-truth renders of the same captions → experts → merge); one LoRA on all skills'
+gated data; and one evaluation of every configuration on held-out prompts with the judge.  The
+table (rows: configurations; columns: skills, overall and the paired difference to the base;
 cells: mean ± std over seeds of the DSG-style score, %) is written as Markdown with how it was
 obtained, and optionally into a README between ``<!-- shapesworld-table:start -->`` and
-``<!-- shapesworld-table:end -->``.
+``<!-- shapesworld-table:end -->``.  Its text depends only on the jobs' records, so a re-run that
+attaches to them writes the same bytes.
 
 Commands (``register_loop`` adds them under ``selma shapesworld``; ``python -m
-selma_shapesworld.loop`` runs them stand-alone): ``table``, ``heldout``, ``gate``, ``mix``.
+selma_shapesworld.loop`` runs them stand-alone): ``table``, ``heldout``, ``mix``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shlex
 import statistics
 import sys
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SKILLSET = Path(str(resources.files("selma_shapesworld") / "data" / "skillset.yaml"))  # package data
+DEFAULT_SKILLSET = Path(str(resources.files("selma_shapesworld") / "data" / "skillset-gated.yaml"))  # package data
 README_START = "<!-- shapesworld-table:start -->"
 README_END = "<!-- shapesworld-table:end -->"
 MIXED_SKILL = "mixed"
@@ -155,50 +160,42 @@ def _dataset_rows(store: ArtifactStore, dataset_id: str, field_name: str) -> tup
     return m, [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
-def gate_dataset(
-    store: ArtifactStore, dataset_id: str, *, run: str, skill: str, strict: bool = True, judge: Any = None, key: str | None = None
-) -> Manifest:
-    """Publish (or return) the dataset restricted to the images the judge verifies against their caption.
+def publish_oracle(store: ArtifactStore, prompt_set_id: str, *, run: str, skill: str, seed: int, size: int, key: str | None = None) -> Manifest:
+    """Publish (or return) the oracle's training data: one ground-truth render of every caption of a prompt set.
 
-    Same format as the render service's (``metadata.jsonl`` rows unchanged, images under their
-    own names); parents: the source dataset; parameters: kept/total (also per skill), strictness.
-    A caption outside the ShapesWorld grammar counts as rejected.
+    Each image is a scene the caption describes exactly (:func:`selma_shapesworld.world.scene_for_caption`,
+    drawn from a seed per caption), so experts trained on it show what right data is worth: the
+    table's upper bound for self-rendered, gated data.  Same format as the render service's datasets
+    (``metadata.jsonl`` rows with ``file_name``, ``text``, ``prompt_id``, ``skill``, ``seed``);
+    parents: the prompt set.
     """
-    from PIL import Image
+    import numpy as np
 
     from selma.artifacts import ArtifactKind, new_artifact_id
-    from selma_shapesworld.judge import Judge
+    from selma_shapesworld.world import render, scene_for_caption
 
-    key = key or f"{run}/{skill}/gate"
+    key = key or f"{run}/{skill}/oracle"
     aid = new_artifact_id(ArtifactKind.IMAGE_DATASET, key)
     if store.exists(aid):
         return store.get(aid)
-    judge = judge or Judge()
-    source, rows = _dataset_rows(store, dataset_id, "dataset")
-    kept: list[dict[str, Any]] = []
-    per_skill: dict[str, dict[str, int]] = {}
-    with store.writer(ArtifactKind.IMAGE_DATASET, id=aid, parents=[source.id], name=f"judge-gated images for {skill}",
+    raw = store.read_bytes(prompt_set_id, "prompts.jsonl").decode()
+    records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    with store.writer(ArtifactKind.IMAGE_DATASET, id=aid, parents=[prompt_set_id], name=f"ground-truth renders for {skill}",
                       labels={"selma.dev/run": run, "selma.dev/skill": skill}) as w:
-        have = w.existing()
-        for row in rows:
-            data = store.read_bytes(source, row["file_name"])
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            try:
-                ok = judge.verify(image, row["text"], strict=strict)
-            except InvalidArgument:
-                ok = False
-            s = per_skill.setdefault(str(row.get("skill") or skill), {"kept": 0, "total": 0})
-            s["total"] += 1
-            if ok:
-                s["kept"] += 1
-                kept.append(row)
-                if row["file_name"] not in have:
-                    w.put_bytes(row["file_name"], data)
-        w.put_bytes("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
-        log.info("gate %s/%s: the judge accepted %d of %d images of %s", run, skill, len(kept), len(rows), source.id)
-        w.parameters.update({"source_dataset": source.id, "kept": len(kept), "total": len(rows), "per_skill": per_skill,
-                             "strict": strict, "gate": "selma_shapesworld.judge.verify", "skill": skill, "run": run,
-                             "format": "imagefolder", "images": len(kept)})
+        for i, rec in enumerate(records):
+            image_seed = _seed_of("oracle", seed, skill, i)
+            scene = scene_for_caption(rec["text"], np.random.default_rng(image_seed), size=size)
+            buf = io.BytesIO()
+            render(scene).save(buf, format="PNG")
+            name = f"images/{i:06d}-0.png"
+            w.put_bytes(name, buf.getvalue())
+            rows.append({"file_name": name, "text": rec["text"], "prompt_id": rec.get("id", f"p{i:06d}"), "prompt_index": i,
+                         "image_index": 0, "seed": image_seed, "model": "shapesworld-ground-truth", "width": size, "height": size,
+                         "skill": skill})
+        w.put_bytes("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        w.parameters.update({"prompt_set": prompt_set_id, "images": len(rows), "skill": skill, "run": run, "seed": seed,
+                             "renderer": "selma_shapesworld.world.render(scene_for_caption)", "format": "imagefolder"})
     return store.get(aid)
 
 
@@ -242,18 +239,21 @@ def mix_datasets(store: ArtifactStore, datasets: Mapping[str, str], *, run: str,
 
 @dataclass
 class TableConfig:
-    """What ``selma shapesworld table`` runs; ``None`` = the SkillSet's own value."""
+    """What ``selma shapesworld table`` runs; ``None`` = the SkillSet template's own value."""
 
     skillset: Path = DEFAULT_SKILLSET
     seeds: tuple[int, ...] = (0, 1, 2)
     prompts_per_skill: int | None = None
-    steps: int | None = None
-    eval_per_skill: int = 40
+    steps: int | None = None  # the training steps' cap (maxSteps); with epochs, steps follow the data up to it
+    epochs: float | None = None
+    eval_per_skill: int = 64
     skills: tuple[str, ...] = ()
     model: str | None = None
-    strict_gate: bool = True
     render_steps: int | None = None
-    images_per_prompt: int | None = None
+    gate_threshold: float | None = None
+    candidates: int | None = None  # best-of-K
+    target_kept: int | None = None
+    max_candidates: int | None = None
     command: str = ""
 
 
@@ -273,12 +273,15 @@ def _read_template(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise InvalidArgument(f"SkillSet template {path} does not exist; pass --skillset (the default is selma_shapesworld/data/skillset.yaml)",
+        raise InvalidArgument(f"SkillSet template {path} does not exist; pass --skillset (the default is selma_shapesworld/data/skillset-gated.yaml)",
                               field="skillset") from None
     except yaml.YAMLError as e:
         raise InvalidArgument(f"SkillSet template {path} is not valid YAML: {e}", field="skillset") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict) or not isinstance(raw.get("metadata"), dict):
         raise InvalidArgument(f"{path} is not a SkillSet (apiVersion, kind, metadata, spec)", field="skillset")
+    if not isinstance(raw["spec"].get("gate"), dict):
+        raise InvalidArgument(f"SkillSet template {path} has no gate: section; the table's SELMA run gates its data "
+                              "(see selma_shapesworld/data/skillset-gated.yaml)", field="skillset")
     return raw
 
 
@@ -302,17 +305,27 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
     for s in spec["skills"]:
         if cfg.prompts_per_skill:
             s["count"] = cfg.prompts_per_skill
+        longest = max(len(suffix) for suffix in SKILL_SUFFIXES.values())
+        if len(s["name"]) + longest > 20:
+            raise InvalidArgument(f"skill name {s['name']!r} is too long for the table: its oracle and ungated experts are named "
+                                  f"'<skill>-ungated' / '<skill>-oracle' (skill names <= 20 characters); use a name of at most "
+                                  f"{20 - longest} characters", field="skills")
     spec.setdefault("prompts", {})["seed"] = seed
     spec.setdefault("render", {})["baseSeed"] = seed
     if cfg.render_steps:
         spec["render"].setdefault("diffusion", {})["steps"] = cfg.render_steps
-    if cfg.images_per_prompt:
-        spec["render"]["imagesPerPrompt"] = cfg.images_per_prompt
+    gate = spec["gate"]
+    for key, value in (("threshold", cfg.gate_threshold), ("candidatesPerPrompt", cfg.candidates), ("targetKept", cfg.target_kept),
+                       ("maxCandidates", cfg.max_candidates)):
+        if value is not None:
+            gate[key] = value
     tc = spec["training"]["config"]
     tc["seed"] = seed
     if cfg.steps:
         tc["maxSteps"] = cfg.steps
         tc["checkpointEvery"] = max(1, min(int(tc.get("checkpointEvery", cfg.steps)), cfg.steps))
+    if cfg.epochs:
+        tc["epochs"] = cfg.epochs
     if cfg.model:
         tc["baseModel"] = {"source": cfg.model}
         spec["render"].pop("model", None)
@@ -323,7 +336,7 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
     digest_doc = {k: v for k, v in raw.items() if k != "metadata"}
     digest_doc["spec"] = {**spec, "prompts": {**spec["prompts"], "seed": None}, "render": {**spec["render"], "baseSeed": None},
                           "training": {**spec["training"], "config": {**tc, "seed": None}}}
-    digest = hashlib.sha256(json.dumps([digest_doc, cfg.eval_per_skill, cfg.strict_gate], sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(json.dumps([digest_doc, cfg.eval_per_skill], sort_keys=True, default=str).encode()).hexdigest()[:6]
     name = f"{base[:40]}-{digest}-s{seed}"
     raw["metadata"]["name"] = name
     spec.setdefault("merge", {})["modelName"] = name
@@ -353,17 +366,20 @@ def service_model_source(source: str) -> str:
     return source
 
 
+# Expert sets beside the run's own (gated) experts: label → skill-name suffix of their training jobs.
+SKILL_SUFFIXES = {"ungated": "-ungated", "oracle": "-oracle"}
+
+
 class TableRunner:
     """Drives the table's jobs through the services (see the module docstring)."""
 
-    def __init__(self, client: Any, store: ArtifactStore, cfg: TableConfig, state_dir: Path, reporter: Any, judge: Any = None) -> None:
-        self.judge = judge  # the gate's judge; None = selma_shapesworld.judge.Judge()
+    def __init__(self, client: Any, store: ArtifactStore, cfg: TableConfig, state_dir: Path, reporter: Any) -> None:
         self.client = client
         self.store = store
         self.cfg = cfg
         self.state_dir = Path(state_dir)
         self.reporter = reporter
-        self.local_seconds: dict[str, float] = {}  # this process's own work per seed: held-out sets, gate, mix
+        self.local_seconds: dict[str, float] = {}  # this process's own work per seed: held-out sets, oracle renders, mix
 
     def _timed(self, stage: str, fn: Any, *a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
@@ -379,69 +395,76 @@ class TableRunner:
 
         ss = configured_skillset(self.cfg, seed)
         run = ss.name
+        skills = [s.name for s in ss.skills]
         self.local_seconds = {}
         note = self.reporter.note
         runs_dir = self.state_dir / "runs"
         with RunLock(runs_dir / f"{run}.lock"):
             state = RunState.open(runs_dir, ss)
             driver = RunDriver(self.client, ss, state, self.reporter)
-            note(f"seed {seed} (run {run}): prompts → render → one expert per skill → merge")
+            k = ss.gate.candidates_per_prompt or 1
+            note(f"seed {seed} (run {run}): prompts → best-of-{k} render rounds and the gate → one expert per skill → merge")
             result = driver.run()
             stages = state.data["stages"]
-            prompt_sets = {s.name: stages[f"{s.name}/prompts"]["output"]["id"] for s in ss.skills}
-            datasets = {s.name: stages[f"{s.name}/render"]["output"]["id"] for s in ss.skills}
+            prompt_sets = {s: stages[f"{s}/prompts"]["output"]["id"] for s in skills}
+            # Round 0 renders candidate 0 of every prompt: one image per prompt, the paper's (ungated) training data.
+            first_round = {s: stages[f"{s}/render"]["output"]["id"] for s in skills}
+            gate = {s: dict(stages[f"{s}/gate"]["summary"]) for s in skills}
+            kept = {s: gate[s]["dataset"] for s in skills}
             experts = dict(result["experts"])
 
-            note(f"seed {seed}: held-out prompts, judge gate, mixed dataset")
+            note(f"seed {seed}: held-out prompts, ground-truth renders (oracle), all skills' gated data (mixed)")
             heldout = {}
             for s in ss.skills:
                 examples = list(s.inline.seed_examples) if s.inline is not None else []
                 heldout[s.name] = self._timed("heldout", publish_heldout, self.store, run=run, skill=s.name, examples=examples,
                                               n=self.cfg.eval_per_skill, seed=seed, training_prompt_sets=list(prompt_sets.values())).id
-            gated = {s.name: self._timed("gate", gate_dataset, self.store, datasets[s.name], run=run, skill=s.name, strict=self.cfg.strict_gate,
-                                         judge=self.judge)
-                     for s in ss.skills}
-            mixed = self._timed("mix", mix_datasets, self.store, datasets, run=run)
+            size = ss.render.diffusion.width or 64
+            oracle_data = {s: self._timed("oracle-data", publish_oracle, self.store, prompt_sets[s], run=run, skill=s, seed=seed, size=size).id
+                           for s in skills}
+            mixed = self._timed("mix", mix_datasets, self.store, kept, run=run)
 
-            def train(label: str, skill: str, dataset_id: str) -> str:
+            def train(skill: str, dataset_id: str, config_skill: str | None) -> str:
+                config = ss.training_config_for(config_skill) if config_skill else ss.training_config
                 spec = training_service_pb2.ExpertTrainingSpec(run=run, skill=skill, dataset=common_pb2.ArtifactRef(id=dataset_id),
-                                                               config=ss.training_config_for(skill), placement=ss.placement)
-                return driver.drive("training", label, spec).status.output.id
+                                                               config=config, placement=ss.placement, distributed=ss.training_distributed)
+                return driver.drive("training", skill, spec).status.output.id
 
-            note(f"seed {seed}: gated experts and their merge, the mixed LoRA")
-            gated_experts = {}
-            for s in ss.skills:
-                if gated[s.name].parameters.get("kept", 0) > 0:
-                    gated_experts[s.name] = train(f"{s.name}-gated", f"{s.name}-gated", gated[s.name].id)
-            gated_model = ""
-            if gated_experts:
-                merge = common_pb2.MergeSpec(method=ss.merge_method, density=ss.merge_density, output_rank=ss.merge_output_rank)
-                for name in gated_experts:
-                    merge.experts.add(expert_id=gated_experts[name])
-                gated_model = f"{run}-gated"[:63]
-                driver.drive("merge", "gated", serving_service_pb2.MergeJobSpec(run=run, model_name=gated_model, merge=merge,
-                                                                                 register=True, load=True, replace=True))
-            mixed_expert = train(MIXED_SKILL, MIXED_SKILL, mixed.id)
+            def merge(label: str, model_name: str, ids: Mapping[str, str]) -> str:
+                spec = common_pb2.MergeSpec(method=ss.merge_method, density=ss.merge_density, output_rank=ss.merge_output_rank)
+                for name in sorted(ids):
+                    spec.experts.add(expert_id=ids[name])
+                driver.drive("merge", label, serving_service_pb2.MergeJobSpec(run=run, model_name=model_name, merge=spec,
+                                                                               register=True, load=True, replace=True))
+                return model_name
+
+            note(f"seed {seed}: the paper's ungated experts, the oracle's experts, their merges, the mixed LoRA")
+            sets: dict[str, dict[str, str]] = {"ungated": {}, "oracle": {}}
+            for s in skills:
+                sets["ungated"][s] = train(s + SKILL_SUFFIXES["ungated"], first_round[s], s)
+                sets["oracle"][s] = train(s + SKILL_SUFFIXES["oracle"], oracle_data[s], s)
+            models = {label: merge(label, f"{run}-{label}"[:63], ids) for label, ids in sets.items()}
+            mixed_expert = train(MIXED_SKILL, mixed.id, None)
 
             ev = evaluation_service_pb2.EvaluationSpec(run=run, benchmark=evaluation_service_pb2.EVALUATION_BENCHMARK_PROMPT_SET,
                                                      diffusion=ss.render.diffusion, images_per_prompt=1, base_seed=seed,
                                                      metrics=[evaluation_service_pb2.EVALUATION_METRIC_DSG], placement=ss.placement)
             ev.vqa.shapesworld_judge.SetInParent()
             ev.labels["title"] = f"ShapesWorld table, seed {seed}"
-            for s in ss.skills:
-                ev.prompt_sets.add(id=heldout[s.name])
+            for s in skills:
+                ev.prompt_sets.add(id=heldout[s])
             ev.targets.add(label="base")
-            for s in ss.skills:
-                t = ev.targets.add(label=f"expert-{s.name}")
-                t.experts.method = common_pb2.MERGE_METHOD_MEAN_DELTA
-                t.experts.experts.add(expert_id=experts[s.name], weight=1.0)
+            ev.targets.add(label="merged-ungated", model_name=models["ungated"])
+            ev.targets.add(label="merged", model_name=ss.model_name)
             t = ev.targets.add(label="mixed")
             t.experts.method = common_pb2.MERGE_METHOD_MEAN_DELTA
             t.experts.experts.add(expert_id=mixed_expert, weight=1.0)
-            ev.targets.add(label="merged", model_name=ss.model_name)
-            if gated_model:
-                ev.targets.add(label="merged-gated", model_name=gated_model)
-            note(f"seed {seed}: evaluating {len(ev.targets)} configurations on {len(ss.skills)}×{self.cfg.eval_per_skill} held-out prompts with the judge")
+            for s in skills:
+                t = ev.targets.add(label=f"expert-{s}")
+                t.experts.method = common_pb2.MERGE_METHOD_MEAN_DELTA
+                t.experts.experts.add(expert_id=experts[s], weight=1.0)
+            ev.targets.add(label="merged-oracle", model_name=models["oracle"])
+            note(f"seed {seed}: evaluating {len(ev.targets)} configurations on {len(skills)}×{self.cfg.eval_per_skill} held-out prompts with the judge")
             # The key names the spec's digest: a table whose evaluation changed (other targets, say) starts a new
             # evaluation while the training jobs before it are still attached to, not refused as a key clash.
             ev_digest = hashlib.sha256(ev.SerializeToString(deterministic=True)).hexdigest()[:8]
@@ -450,60 +473,79 @@ class TableRunner:
             for row in job.stats.scores:
                 if row.metric == evaluation_service_pb2.EVALUATION_METRIC_DSG and not row.category:
                     scores.setdefault(row.target_label, {})[row.skill] = row.score_percent
-            if not gated_model:
-                # No image passed the gate: there is no gated expert, so that configuration is the base model
-                # itself (rendering it again would give the base's images and scores exactly).
-                scores["merged-gated"] = dict(scores["base"])
-            # This process's own stages (held-out sets, gate, mix) as the run that did the work measured them: a re-run
-            # that only finds the published artifacts would report ~0 s.
-            job_times = self.job_times(state, f"eval-{ev_digest}")  # one Get per job, for both timings below
+            # This process's own stages (held-out sets, oracle renders, mix) as the run that did the work measured them:
+            # a re-run that only finds the published artifacts would report ~0 s.
+            jobs = self.finished_jobs(state, f"eval-{ev_digest}")  # one Get per job, for the timings and the steps below
             local_seconds = (state.data.get("table") or {}).get("local_seconds") or {
                 k: round(v, 1) for k, v in self.local_seconds.items()}
+            tc = ss.training_config
             facts = {
-                "prompts": {s.name: _count(self.store, prompt_sets[s.name]) for s in ss.skills},
-                "images": {s.name: datasets_images(self.store, datasets[s.name]) for s in ss.skills},
-                "gate": {s.name: {"kept": gated[s.name].parameters.get("kept", 0), "total": gated[s.name].parameters.get("total", 0)} for s in ss.skills},
-                "heldout": {s.name: self.cfg.eval_per_skill for s in ss.skills},
-                "experts": experts, "gated_experts": gated_experts, "mixed_expert": mixed_expert, "merged_model": result["merged_model"],
-                "eval_report": job.status.output.id, "stage_seconds": stage_seconds(job_times), "span_seconds": span_seconds(job_times),
-                "local_seconds": local_seconds,
-                "skills": [s.name for s in ss.skills],
-                "model": template_model(self.cfg), "steps": ss.training_config.max_steps,
-                "rank": ss.training_config.lora.rank, "render": _diffusion_text(ss.render),
+                "prompts": {s: _count(self.store, prompt_sets[s]) for s in skills},
+                "gate": {s: {k: gate[s][k] for k in ("candidates", "kept", "pass_rate_percent", "prompts_kept", "prompts_total", "round")}
+                         for s in skills},
+                "heldout": {s: self.cfg.eval_per_skill for s in skills},
+                "experts": experts, "ungated_experts": sets["ungated"], "oracle_experts": sets["oracle"], "mixed_expert": mixed_expert,
+                "merged_model": result["merged_model"], "models": models, "datasets": {"prompt_sets": prompt_sets, "kept": kept, "first_round": first_round,
+                                                                                         "oracle": oracle_data, "mixed": mixed.id},
+                "eval_report": job.status.output.id, "stage_seconds": stage_seconds(jobs), "span_seconds": span_seconds(jobs),
+                "steps": training_steps(jobs), "local_seconds": local_seconds, "skills": skills,
+                "model": template_model(self.cfg), "rank": tc.lora.rank, "alpha": tc.lora.alpha, "learning_rate": tc.learning_rate,
+                "epochs": tc.epochs if tc.HasField("epochs") else None, "max_steps": tc.max_steps, "batch_size": tc.batch_size,
+                "render": _diffusion_text(ss.render), "merge": enum_text(ss.merge_method),
+                "gate_settings": {"threshold": ss.gate.threshold if ss.gate.HasField("threshold") else 1.0, "k": k,
+                                  "target_kept": ss.gate.target_kept, "max_candidates": ss.gate.max_candidates},
             }
             state.set(phase="succeeded", table={"scores": scores, "local_seconds": local_seconds})
         return SeedResult(seed=seed, run=run, scores=scores, facts=facts)
 
-    def job_times(self, state: Any, evaluation: str) -> list[tuple[str, float, float]]:
-        """(stage label, started, finished) in epoch seconds of every finished job of the run.
+    def finished_jobs(self, state: Any, evaluation: str) -> list[tuple[str, float, float, int]]:
+        """(stage label, started, finished, training steps or 0) of every finished job of the run, in epoch seconds.
 
         ``evaluation``: the current evaluation's stage label (earlier evaluations of the run are left out).
+        Labels: the stage kind (gate and render rounds count as ``gate`` and ``render``), training split
+        into ``training`` (gated experts), ``training-ungated``, ``training-oracle`` and ``training-mixed``.
         """
         out = []
         for st in state.data["stages"].values():
             if not st.get("job_id") or (st["stage"] == "evaluation" and st.get("skill") != evaluation):
                 continue
-            job = self.client.jobs(st["stage"]).get(st["job_id"])
+            kind = str(st["stage"]).split("-")[0]  # render-3 → render, gate-2 → gate
+            job = self.client.jobs(kind).get(st["job_id"])
             s = job.status
-            if s.HasField("started_at") and s.HasField("finished_at"):
-                label = st["stage"] + ("-gated" if str(st.get("skill") or "").endswith("-gated") or st.get("skill") == "gated" else "")
-                if st.get("skill") == MIXED_SKILL:
-                    label = "training-mixed"
-                out.append((label, s.started_at.ToDatetime().timestamp(), s.finished_at.ToDatetime().timestamp()))
+            if not (s.HasField("started_at") and s.HasField("finished_at")):
+                continue
+            label, steps = kind, 0
+            if kind == "training":
+                skill = str(st.get("skill") or "")
+                label = next((f"training-{name}" for name, suffix in SKILL_SUFFIXES.items() if skill.endswith(suffix)),
+                             "training-mixed" if skill == MIXED_SKILL else "training")
+                steps = int(job.stats.max_steps)
+            elif kind == "merge" and st.get("skill") in SKILL_SUFFIXES:
+                label = f"merge-{st['skill']}"
+            out.append((label, s.started_at.ToDatetime().timestamp(), s.finished_at.ToDatetime().timestamp(), steps))
         return out
 
 
-def stage_seconds(job_times: Sequence[tuple[str, float, float]]) -> dict[str, float]:
-    """Seconds each job took on its service (started → finished), summed per stage, from :meth:`TableRunner.job_times`."""
+def stage_seconds(jobs: Sequence[tuple[str, float, float, int]]) -> dict[str, float]:
+    """Seconds each job took on its service (started → finished), summed per stage, from :meth:`TableRunner.finished_jobs`."""
     out: dict[str, float] = {}
-    for label, start, end in job_times:
+    for label, start, end, _ in jobs:
         out[label] = round(out.get(label, 0.0) + end - start, 1)
     return out
 
 
-def span_seconds(job_times: Sequence[tuple[str, float, float]]) -> float:
+def span_seconds(jobs: Sequence[tuple[str, float, float, int]]) -> float:
     """Wall time of a seed's jobs: first start to last finish (the same when a re-run only attaches)."""
-    return round(max(e for _, _, e in job_times) - min(s for _, s, _ in job_times), 1) if job_times else 0.0
+    return round(max(j[2] for j in jobs) - min(j[1] for j in jobs), 1) if jobs else 0.0
+
+
+def training_steps(jobs: Sequence[tuple[str, float, float, int]]) -> dict[str, list[int]]:
+    """Optimizer steps of each training job (resolved from epochs and the data), per training label."""
+    out: dict[str, list[int]] = {}
+    for label, _, _, steps in jobs:
+        if label.startswith("training"):
+            out.setdefault(label, []).append(steps)
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def _count(store: ArtifactStore, prompt_set_id: str) -> int:
@@ -512,6 +554,13 @@ def _count(store: ArtifactStore, prompt_set_id: str) -> int:
 
 def datasets_images(store: ArtifactStore, dataset_id: str) -> int:
     return len(_dataset_rows(store, dataset_id, "dataset")[1])
+
+
+def enum_text(value: int) -> str:
+    from selma.api import enum_name
+    from selma.v1 import common_pb2
+
+    return enum_name(common_pb2.MergeMethod, value)
 
 
 def _diffusion_text(render: Any) -> str:
@@ -526,12 +575,23 @@ def _diffusion_text(render: Any) -> str:
 
 # ------------------------------------------------------------------------------------ table text
 
-ROW_LABELS = (("base", "base model"), ("expert-*", "single-skill expert: {skill}"), ("mixed", "one LoRA on all skills' data (mixed)"),
-              ("merged", "merged experts (SELMA)"), ("merged-gated", "merged experts, judge-gated data"))
+ROW_LABELS = (
+    ("base", "base model"),
+    ("merged-ungated", "SELMA as in the paper: merged experts, one ungated image per prompt"),
+    ("merged", "SELMA with the gate: merged experts, best-of-K gated data"),
+    ("mixed", "one LoRA on all skills' gated data (mixed)"),
+    ("expert-*", "single expert (gated data): {skill}"),
+    ("merged-oracle", "oracle: merged experts on ground-truth renders"),
+)
+DIFF_COLUMN = "Δ overall vs base (paired)"
 
 
-def table_rows(results: Sequence[SeedResult]) -> tuple[list[str], list[tuple[str, list[list[float]]]]]:
-    """(columns, [(row name, per column the per-seed values)]) from seed results; columns = skills + overall."""
+def table_rows(results: Sequence[SeedResult]) -> tuple[list[str], list[tuple[str, list[list[float]], list[float]]]]:
+    """(columns, [(row name, per column the per-seed values, per-seed overall − base overall)]); columns = skills + overall.
+
+    The difference pairs each seed's row with that seed's base (same held-out prompts, same seeds of
+    the images), so the spread between seeds' prompt sets cancels out of it.
+    """
     skills = list(results[0].facts["skills"])
     columns = [*skills, "overall"]
     rows = []
@@ -542,7 +602,9 @@ def table_rows(results: Sequence[SeedResult]) -> tuple[list[str], list[tuple[str
             for col in columns:
                 sk = "" if col == "overall" else col
                 cells.append([r.scores[label][sk] for r in results if label in r.scores and sk in r.scores[label]])
-            rows.append((name, cells))
+            diffs = [] if label == "base" else [r.scores[label][""] - r.scores["base"][""] for r in results
+                                                if "" in r.scores.get(label, {}) and "" in r.scores.get("base", {})]
+            rows.append((name, cells, diffs))
     return columns, rows
 
 
@@ -555,55 +617,84 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
 
 
-def render_table(results: Sequence[SeedResult], cfg: TableConfig, wall_seconds: float) -> str:
-    """The Markdown table with how it was obtained."""
+def paired(diffs: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, standard error of the mean) of per-seed differences; SE None with one seed."""
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return mean, se
+
+
+def _diff_cell(diffs: list[float]) -> str:
+    if not diffs:
+        return "–"
+    mean, se = paired(diffs)
+    if se is None:
+        return f"{mean:+.1f}"
+    return f"{mean:+.1f} ± {se:.1f}" + (" (> 2 SE)" if abs(mean) > 2 * se else "")
+
+
+def render_table(results: Sequence[SeedResult], cfg: TableConfig) -> str:
+    """The Markdown table with how it was obtained; a re-run that attaches to the same jobs gives the same bytes."""
     columns, rows = table_rows(results)
     seeds = ", ".join(str(r.seed) for r in results)
     spread = "mean ± sample standard deviation over seeds" if len(results) > 1 else "one seed, no spread"
     f0 = results[0].facts
     lines = [
         f"DSG-style score (%, mean over held-out prompts; a question counts only if its parent questions pass), judged by the "
-        f"ShapesWorld judge; {spread} ({seeds}).",
+        f"ShapesWorld judge; {spread} ({seeds}). Last column: the row's overall score minus the base's in the same seed, mean "
+        f"over seeds ± its standard error.",
         "",
-        "| configuration | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+        "| configuration | " + " | ".join([*columns, DIFF_COLUMN]) + " |",
+        "|---" * (len(columns) + 2) + "|",
     ]
-    for name, cells in rows:
-        lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
+    for name, cells, diffs in rows:
+        lines.append(f"| {name} | " + " | ".join([*(_cell(c) for c in cells), _diff_cell(diffs)]) + " |")
 
-    def per_skill(key: str, fmt: Any) -> str:
-        return ", ".join(f"{s} {fmt([r.facts[key][s] for r in results])}" for s in f0["skills"])
+    def per_skill(fn: Any) -> str:
+        return ", ".join(f"{s} {fn(s)}" for s in f0["skills"])
 
-    def mean_int(v: list[int]) -> str:
-        return f"{statistics.fmean(v):.0f}"
+    def mean_of(key: str) -> Any:
+        return lambda s: f"{statistics.fmean(r.facts[key][s] for r in results):.0f}"
 
-    def kept(v: list[dict]) -> str:
-        k, t = sum(x["kept"] for x in v), sum(x["total"] for x in v)
-        return f"{k}/{t}"
+    def gate_text(s: str) -> str:
+        c = sum(r.facts["gate"][s]["candidates"] for r in results)
+        k = sum(r.facts["gate"][s]["kept"] for r in results)
+        pk = sum(r.facts["gate"][s]["prompts_kept"] for r in results)
+        pt = sum(r.facts["gate"][s]["prompts_total"] for r in results)
+        return f"{k} of {c} candidates kept ({100 * k / c if c else 0:.1f}%; {pk}/{pt} prompts)"
+
+    def steps_text(label: str) -> str:
+        values = [v for r in results for v in r.facts["steps"].get(label, [])]
+        if not values:
+            return "–"
+        lo, hi = min(values), max(values)
+        return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
     stage: dict[str, list[float]] = {}
     for r in results:
-        for k, v in r.facts["stage_seconds"].items():
-            stage.setdefault(k, []).append(v)
-    for r in results:
-        for k, v in r.facts.get("local_seconds", {}).items():
+        for k, v in {**r.facts["stage_seconds"], **r.facts.get("local_seconds", {})}.items():
             stage.setdefault(k, []).append(v)
     timing = ", ".join(f"{k} {statistics.fmean(v):.0f} s" for k, v in sorted(stage.items()))
     spans = ", ".join(f"seed {r.seed} {r.facts.get('span_seconds', 0.0) / 60:.1f} min" for r in results)
+    g = f0["gate_settings"]
+    recipe = f"LoRA rank {f0['rank']} (alpha {f0['alpha']:g}), learning rate {f0['learning_rate']:g}, batch {f0['batch_size']}, "
+    recipe += (f"{f0['epochs']:g} epochs over each expert's data (at most {f0['max_steps']} steps)" if f0.get("epochs")
+               else f"{f0['max_steps']} steps")
     lines += [
         "",
-        f"How it was obtained: `{cfg.command or 'selma shapesworld table'}` (this invocation's wall time {wall_seconds / 60:.1f} min; "
-        f"per seed, first job start to last job end: {spans}). "
-        f"Base model `{f0['model']}`; prompts from the ShapesWorld grammar backend through the prompt service "
-        f"(accepted per skill, mean over seeds: {per_skill('prompts', mean_int)}); images rendered by the base model itself "
-        f"({f0['render']}; per skill: {per_skill('images', mean_int)}); one LoRA expert per skill "
-        f"(rank {f0['rank']}, {f0['steps']} steps); merge = mean of the experts' deltas; the mixed LoRA: the same training "
-        f"on all skills' images together; single experts evaluated as the base plus that expert at weight 1. "
-        f"Gate: the judge's {'strict' if cfg.strict_gate else 'lenient'} caption check kept {per_skill('gate', kept)} images "
-        f"(all seeds together); a skill with no kept image has no gated expert"
-        f"{'; in seeds where no image passed, the gated row is the base model' if any(not r.facts.get('gated_experts') for r in results) else ''}. "
-        f"Held-out test prompts: {per_skill('heldout', mean_int)} per seed, generated apart from and checked against the training "
-        f"prompts, questions from the grammar. Job time per seed (mean, summed per stage; jobs of different skills overlap): {timing}.",
+        f"How it was obtained: `{cfg.command or 'selma shapesworld table'}` (per seed, first job start to last job end: {spans}). "
+        f"Base model `{f0['model']}`; prompts from the ShapesWorld grammar backend through the prompt service (per skill, mean "
+        f"over seeds: {per_skill(mean_of('prompts'))}); candidate images rendered by the base model itself ({f0['render']}). "
+        f"The run's gate stage (`spec.gate`): the ShapesWorld judge answers each caption's DSG questions, an image is kept at a score "
+        f">= {g['threshold']:g}; best-of-{g['k']} rounds render another candidate for prompts without a kept image until "
+        f"{g['target_kept'] or 'every prompt has'} kept images or {g['max_candidates'] or 'K × prompts'} candidates per skill; all seeds "
+        f"together: {per_skill(gate_text)}. Experts: {recipe}; steps per expert: gated {steps_text('training')}, ungated "
+        f"{steps_text('training-ungated')}, oracle {steps_text('training-oracle')}, mixed {steps_text('training-mixed')}. "
+        f"SELMA as in the paper trains the same recipe on the first candidate of every prompt (one image per prompt, no gate); "
+        f"the oracle on one ground-truth render of every training caption; the mixed LoRA on all skills' gated images together; "
+        f"single experts are the base plus that expert at weight 1; merges: {f0['merge']}. Held-out test prompts: "
+        f"{per_skill(mean_of('heldout'))} per seed, generated apart from and checked against the training prompts, questions "
+        f"from the grammar. Job time per seed (mean, summed per stage; jobs of different skills overlap): {timing}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -621,36 +712,41 @@ def replace_readme_section(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def run_table(cfg: TableConfig, *, client: Any, store: ArtifactStore, state_dir: Path, reporter: Any,
-              judge: Any = None) -> tuple[str, list[SeedResult], float]:
-    """Run (or resume) every seed; returns (Markdown, seed results, wall seconds).  ``judge``: the gate's (default the real judge)."""
+def run_table(cfg: TableConfig, *, client: Any, store: ArtifactStore, state_dir: Path, reporter: Any) -> tuple[str, list[SeedResult], float]:
+    """Run (or resume) every seed; returns (Markdown, seed results, this invocation's wall seconds)."""
     t0 = time.perf_counter()
-    runner = TableRunner(client, store, cfg, state_dir, reporter, judge=judge)
+    runner = TableRunner(client, store, cfg, state_dir, reporter)
     results = [runner.run_seed(seed) for seed in cfg.seeds]
     wall = time.perf_counter() - t0
-    text = render_table(results, cfg, wall)
-    return text, results, wall
+    return render_table(results, cfg), results, wall
 
 
 # ------------------------------------------------------------------------------------ CLI
 
 
 def register_loop(actions: argparse._SubParsersAction) -> None:
-    """Add ``table``, ``heldout``, ``gate`` and ``mix`` to ``selma shapesworld``'s subcommands."""
-    p = actions.add_parser("table", help="reproduce the SELMA ablation table in ShapesWorld through the services (resumable)",
-                           description="Per seed: SkillSet run (grammar prompts, images from the base model, one expert per skill, merge), "
-                           "judge-gated experts and merge, one LoRA on mixed data, then one evaluation of all on held-out prompts with "
-                           "the judge. Starts the services (selma up) unless --endpoints is given. Re-running attaches to finished jobs.")
-    p.add_argument("--skillset", type=Path, default=DEFAULT_SKILLSET, help="SkillSet template (default: the one shipped in selma_shapesworld/data/skillset.yaml)")
+    """Add ``table``, ``heldout`` and ``mix`` to ``selma shapesworld``'s subcommands."""
+    p = actions.add_parser("table", help="reproduce the SELMA table in ShapesWorld through the services (resumable)",
+                           description="Per seed: the SkillSet run with its gate stage (grammar prompts, best-of-K candidates from the base "
+                           "model, the judge keeps the right ones, one expert per skill, merge); SELMA as in the paper (experts on the first "
+                           "candidate of every prompt, no gate); an oracle (experts on ground-truth renders of the same captions); one LoRA "
+                           "on all skills' gated data; then one evaluation of all on held-out prompts with the judge. Starts the services "
+                           "(selma up) unless --endpoints is given. Re-running attaches to finished jobs and writes the same table.")
+    p.add_argument("--skillset", type=Path, default=DEFAULT_SKILLSET,
+                   help="SkillSet template with a gate: section (default: selma_shapesworld/data/skillset-gated.yaml)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--prompts-per-skill", type=int, default=0, help="training prompts per skill (default: the SkillSet's counts)")
-    p.add_argument("--steps", type=int, default=0, help="LoRA training steps (default: the SkillSet's maxSteps)")
-    p.add_argument("--eval-per-skill", type=int, default=40, help="held-out test prompts per skill (default 40)")
+    p.add_argument("--steps", type=int, default=0, help="most LoRA training steps per expert (default: the SkillSet's maxSteps)")
+    p.add_argument("--epochs", type=float, default=0.0, help="passes over each expert's data; steps follow the data up to --steps "
+                   "(default: the SkillSet's epochs)")
+    p.add_argument("--eval-per-skill", type=int, default=64, help="held-out test prompts per skill and seed (default 64)")
     p.add_argument("--skills", default="", help="comma-separated subset of the SkillSet's skills (default all)")
     p.add_argument("--model", default="", help="base model override, e.g. tiny://sd (default: the SkillSet's)")
     p.add_argument("--render-steps", type=int, default=0, help="denoising steps for training images and evaluation (default: the SkillSet's)")
-    p.add_argument("--images-per-prompt", type=int, default=0, help="training images per prompt (default: the SkillSet's)")
-    p.add_argument("--lenient-gate", action="store_true", help="gate with the judge's non-strict check (extra objects allowed)")
+    p.add_argument("--gate-threshold", type=float, default=None, help="the gate's keep threshold, a DSG score in [0, 1] (default: the SkillSet's)")
+    p.add_argument("--candidates", type=int, default=0, help="best-of-K: candidates per prompt (default: the SkillSet's candidatesPerPrompt)")
+    p.add_argument("--target-kept", type=int, default=None, help="kept images per skill that end the rounds (default: the SkillSet's targetKept)")
+    p.add_argument("--max-candidates", type=int, default=None, help="candidate budget per skill (default: the SkillSet's maxCandidates)")
     p.add_argument("--out", type=Path, default=None, help="write the Markdown table here (and raw scores to <out>.json)")
     p.add_argument("--readme", type=Path, default=None, help="replace the table between the shapesworld-table markers in this file")
     p.add_argument("--dir", type=Path, default=Path(".selma-shapesworld"), help="state and local-stack data directory (default .selma-shapesworld)")
@@ -669,14 +765,6 @@ def register_loop(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--purpose", default="test", help="test or validation (part of the artifact id)")
     p.add_argument("--storage", default="")
     p.set_defaults(func=_heldout)
-
-    p = actions.add_parser("gate", help="keep the images of an image_dataset that the judge verifies against their captions")
-    p.add_argument("dataset", help="image_dataset artifact id")
-    p.add_argument("--run", required=True)
-    p.add_argument("--skill", required=True)
-    p.add_argument("--lenient", action="store_true", help="allow extra objects")
-    p.add_argument("--storage", default="")
-    p.set_defaults(func=_gate)
 
     p = actions.add_parser("mix", help="one image_dataset with every given skill's images")
     p.add_argument("datasets", nargs="+", help="SKILL=DATASET_ID ...")
@@ -697,12 +785,6 @@ def _heldout(args: argparse.Namespace) -> int:
     m = publish_heldout(_store(args.storage), run=args.run, skill=args.skill, examples=[e.strip() for e in args.examples.split("|") if e.strip()],
                         n=args.n, seed=args.seed, training_prompt_sets=[x for x in args.exclude.split(",") if x], purpose=args.purpose)
     sys.stdout.write(m.id + "\n")
-    return 0
-
-
-def _gate(args: argparse.Namespace) -> int:
-    m = gate_dataset(_store(args.storage), args.dataset, run=args.run, skill=args.skill, strict=not args.lenient)
-    sys.stdout.write(json.dumps({"id": m.id, "kept": m.parameters.get("kept"), "total": m.parameters.get("total")}) + "\n")
     return 0
 
 
@@ -728,6 +810,12 @@ def stack_env(model: str) -> dict[str, str]:
     }
     if Path(model).is_absolute():
         env["SELMA_MODEL_ALLOWED_DIRS"] = str(Path(model).resolve())
+    # The four skills' candidate rounds render side by side, one pipeline call per core (a single
+    # one-threaded call leaves the other cores idle); the user's own settings win.
+    cores = str(max(1, min(4, os.cpu_count() or 1)))
+    for name in ("SELMA_RENDER_MAX_CONCURRENT_JOBS", "SELMA_RENDER_DEVICE_CONCURRENCY"):
+        if name not in os.environ:
+            env[name] = cores
     return env
 
 
@@ -750,9 +838,10 @@ def _table(args: argparse.Namespace) -> int:
     if not seeds:
         raise InvalidArgument("give at least one seed", field="seeds")
     cfg = TableConfig(skillset=args.skillset, seeds=seeds, prompts_per_skill=args.prompts_per_skill or None, steps=args.steps or None,
-                      eval_per_skill=args.eval_per_skill, skills=tuple(s for s in args.skills.split(",") if s),
-                      model=args.model or None, strict_gate=not args.lenient_gate, render_steps=args.render_steps or None,
-                      images_per_prompt=args.images_per_prompt or None, command=_command_line())
+                      epochs=args.epochs or None, eval_per_skill=args.eval_per_skill, skills=tuple(s for s in args.skills.split(",") if s),
+                      model=args.model or None, render_steps=args.render_steps or None, gate_threshold=args.gate_threshold,
+                      candidates=args.candidates or None, target_kept=args.target_kept, max_candidates=args.max_candidates,
+                      command=_command_line())
     model = configured_skillset(cfg, seeds[0]).training_config.base_model.source
     console = Console(soft_wrap=True)
     stack = None
@@ -772,6 +861,7 @@ def _table(args: argparse.Namespace) -> int:
         if stack is not None:
             stack.stop()
     console.print(text, highlight=False, markup=False)
+    console.print(f"(this invocation: {wall / 60:.1f} min)", highlight=False, markup=False)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
