@@ -136,3 +136,11 @@ def test_the_real_transformers_torchvision_warning_is_silenced_when_quieted_befo
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
     assert "requires torchvision" not in quiet.stderr
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "missing.json"], ["eval", "execute", "--config", "missing.json"]], ids=["train", "eval execute"])
+def test_a_local_job_process_on_file_storage_loads_neither_the_kubernetes_nor_the_s3_client(argv, tmp_path):
+    # the worker of a local launcher: a file:// store and no Kubernetes API (torch it may load: it trains or renders)
+    result, _out, err = _probe(argv, tmp_path)
+    assert result["rc"] == 2 and "missing.json" in err, err
+    assert not {"kubernetes", "minio"} & {m.split(".")[0] for m in result["loaded"]}, result["loaded"]
