@@ -69,16 +69,21 @@ class _DropMessages(logging.Filter):
         return not any(f in msg for f in self.fragments)
 
 
+# The transformers logger that warns, on every diffusers import, that torchvision is missing.
+_TORCHVISION_NOISE_LOGGER = "transformers.utils.import_utils"
+
+
 def quiet_third_party() -> None:
     """Silence warnings that say nothing to a selma user.
 
     transformers warns on every diffusers import that torchvision is missing and it falls back
     to PIL image processors; selma never uses those processors (and torchvision cannot be
     installed beside the CPU torch wheel), so the warning is pure noise in service logs.
-    """
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.get_logger()  # make sure transformers' own handler exists
-    noise = _DropMessages("requires torchvision (not installed)")
-    for handler in logging.getLogger("transformers").handlers:
-        handler.addFilter(noise)
+    The filter sits on the one logger that emits it (``logging.getLogger`` is the same object
+    transformers' ``get_logger`` returns), so nothing of transformers is imported here: a client
+    command that never loads a model never pays for transformers.  Repeated calls add it once.
+    """
+    logger = logging.getLogger(_TORCHVISION_NOISE_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages("requires torchvision (not installed)"))

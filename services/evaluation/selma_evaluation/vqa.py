@@ -39,10 +39,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from PIL import Image
 from pydantic import SecretStr
 
 from selma import plugins
@@ -57,6 +56,9 @@ from selma.llm.openai_http import OpenAiHttp, checked_credential, parse_base_url
 from selma.pipelines import mirror_model
 from selma.specs import check_known_fields, device_options, parse_float, parse_int, parse_mapping, parse_str
 from selma_evaluation.settings import EvaluationSettings
+
+if TYPE_CHECKING:  # annotations only: a command that reads gate scores (`selma eval gate-report`) loads no PIL
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
