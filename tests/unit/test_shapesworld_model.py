@@ -13,7 +13,7 @@ pytest.importorskip("selma_shapesworld.world")
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from selma.errors import FailedPrecondition  # noqa: E402
+from selma.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 from selma.models.tiny import weights_sha256  # noqa: E402
 from selma_shapesworld import model as M  # noqa: E402
 from selma_shapesworld import world  # noqa: E402
@@ -149,6 +149,22 @@ def test_resuming_with_a_different_config_is_refused(tmp_path: Path):
     with pytest.raises(FailedPrecondition) as e:
         pretrain(tmp_path / "b", PretrainConfig(seed=2, **TOY), checkpoint_dir=ckpt, progress=False)
     assert e.value.field == "checkpoint_dir"
+
+
+def test_single_share_sets_the_unet_scene_mix_and_is_part_of_the_training_data_identity():
+    assert PretrainConfig().unet_mix() == world.DEFAULT_MIX  # the default reproduces the published mix exactly
+    mix = PretrainConfig(single_share=0.5).unet_mix()
+    assert mix == {"single": 0.5, "count": 0.125, "relation": 0.125, "binding": 0.125, "multi": 0.125}
+    # the latent cache (the UNet's training scenes) depends on it, the autoencoder does not
+    assert PretrainConfig(single_share=0.5).weights_fields("latents") != PretrainConfig().weights_fields("latents")
+    assert PretrainConfig(single_share=0.5).weights_fields("vae") == PretrainConfig().weights_fields("vae")
+    pairs = world.dataset(7, 2000, PretrainConfig(single_share=0.5).unet_mix())
+    share = sum(s.kind == "single" for s, _ in pairs) / len(pairs)
+    assert 0.45 < share < 0.55
+    for bad in (1.0, -0.1):
+        with pytest.raises(InvalidArgument, match="single_share") as e:
+            PretrainConfig(single_share=bad)
+        assert e.value.field == "single-share"
 
 
 def test_shapesworld_model_references_resolve_or_name_the_problem(make_settings):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from selma.app.local_stack import LocalStack
+from selma.app.local_stack import LocalStack, sigterm_interrupts
 from selma.app.runner import Reporter, RunDriver, RunLock, RunState
 from selma.app.skillset import load_skillset
 from selma.client import SERVICE_NAMES, SERVICES, SelmaClient
@@ -55,6 +55,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.dir).resolve()
     stack = LocalStack(root)
+    sigterm_interrupts()  # a SIGTERM stops the stack below as Ctrl-C does
     from selma.app.models_cli import ensure_smollm2
     from selma.config import SelmaSettings
 

@@ -510,6 +510,22 @@ def _replicas(text: str) -> int:
     return n
 
 
+def sigterm_interrupts() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does.
+
+    A command that starts its own stack (``selma demo``, ``selma shapesworld table``) stops it in a
+    ``finally``; Python's default SIGTERM ends the process without running it, leaving the
+    services behind.  Main thread only (where signal handlers are set); a no-op elsewhere.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _up(args: argparse.Namespace) -> int:
     stack = LocalStack(Path(args.dir).resolve(), storage_uri=args.storage, launcher=args.launcher, base_model=args.base_model,
                        tls=args.tls, allow_model_dirs=tuple(args.allow_model_dir), serving_replicas=args.serving_replicas)

@@ -51,6 +51,9 @@ def _add_pretrain(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--unet-scenes", type=int, default=from_defaults["unet_scenes"], help="UNet training scenes, encoded once (default %(default)s)")
     p.add_argument("--tokenizer-scenes", type=int, default=from_defaults["tokenizer_scenes_per_kind"],
                    help="tokenizer corpus: captions per scene kind (default %(default)s)")
+    p.add_argument("--single-share", type=float, default=from_defaults["single_share"],
+                   help="share of single-object scenes in the UNet's training scenes; the rest is split over the four skill kinds "
+                   "(default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=from_defaults["checkpoint_every"], help="steps between checkpoints (default %(default)s)")
     p.add_argument("--log-every", type=int, default=from_defaults["log_every"], help="steps between loss log lines (default %(default)s)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR", help="resumable state (default: <out>.ckpt)")
@@ -101,6 +104,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         vae_scenes=args.vae_scenes,
         unet_scenes=args.unet_scenes,
         tokenizer_scenes_per_kind=args.tokenizer_scenes,
+        single_share=args.single_share,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
     )

@@ -827,7 +827,7 @@ def _command_line() -> str:
 def _table(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selma.app.local_stack import LocalStack
+    from selma.app.local_stack import LocalStack, sigterm_interrupts
     from selma.app.runner import Reporter
     from selma.client import Endpoints, SelmaClient
 
@@ -851,6 +851,7 @@ def _table(args: argparse.Namespace) -> int:
         store = _store(args.storage)
     else:
         stack = LocalStack(state_dir / "stack", extra_env=stack_env(model))
+        sigterm_interrupts()  # a SIGTERM stops the stack in the finally below, as Ctrl-C does
         console.print(f"starting the services (selma up) in {stack.data_dir}, base model {model} …")
         endpoints = stack.start(timeout=300)
         store = _store((stack.data_dir / "storage").as_uri())

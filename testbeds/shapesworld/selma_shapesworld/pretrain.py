@@ -100,6 +100,10 @@ class PretrainConfig:
     snr_gamma: float = 5.0
     uncond_prob: float = 0.1
     size_words: float = 0.2  # share of training captions that name sizes ("a small red circle")
+    # share of single-object scenes in the UNet's training scenes; the rest is split equally between
+    # the four skill kinds (count, relation, binding, multi).  0.8 (the world's default mix) leaves
+    # the model weak at the skills; lower shares cover them more often, still less than single objects.
+    single_share: float = 0.8
     # bookkeeping (do not change the weights)
     checkpoint_every: int = 200
     log_every: int = 50
@@ -111,8 +115,17 @@ class PretrainConfig:
         for name in ("vae_batch", "unet_batch", "vae_scenes", "unet_scenes", "tokenizer_scenes_per_kind", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1", field=name.replace("_", "-"))
+        if not 0.0 <= self.single_share < 1.0:
+            raise InvalidArgument(f"single_share must be in [0, 1); got {self.single_share}", field="single-share")
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
             raise InvalidArgument(f"seed must be in [0, 2**31); got {self.seed}", field="seed")
+
+    def unet_mix(self) -> dict[str, float]:
+        """Scene-kind weights of the UNet's training scenes (``single_share`` single, the rest split over the skills)."""
+        if self.single_share == 0.8:
+            return dict(world.DEFAULT_MIX)  # the published default, exactly (its scenes are drawn from these weights)
+        rest = (1.0 - self.single_share) / 4
+        return {"single": self.single_share, "count": rest, "relation": rest, "binding": rest, "multi": rest}
 
     def weights_fields(self, phase: str = "unet") -> dict[str, Any]:
         """The fields that determine a phase's result (its checkpoint must match them to be resumed).
@@ -129,7 +142,7 @@ class PretrainConfig:
         if phase == "decoder":
             return {**vae, **decoder}
         if phase == "latents":
-            return {**vae, **{k: d[k] for k in ("unet_scenes", "size_words", "tokenizer_scenes_per_kind", "latent_scaling")}}
+            return {**vae, **{k: d[k] for k in ("unet_scenes", "size_words", "single_share", "tokenizer_scenes_per_kind", "latent_scaling")}}
         if phase == "all":
             return {**d, **decoder}
         return d
@@ -391,7 +404,7 @@ def encode_training_set(cfg: PretrainConfig, vae: Any, tokenizer: Any, ckpt: Pat
     if meta is not None and path.is_file():
         fold_latent_shift(vae, meta["latent_shift"])
         return (*_load_cache(path), float(meta["scaling_factor"]))
-    pairs = world.dataset(_world_seed(cfg.seed, "unet-data"), cfg.unet_scenes, size_words=cfg.size_words)
+    pairs = world.dataset(_world_seed(cfg.seed, "unet-data"), cfg.unet_scenes, mix=cfg.unet_mix(), size_words=cfg.size_words)
     images = _to_tensor([world.render(s, size=M.IMAGE_SIZE) for s, _ in pairs])
     vae.eval()
     chunks = [vae.encode(_to_float(images[i : i + 128])).latent_dist.mean for i in range(0, len(images), 128)]
