@@ -243,10 +243,9 @@ PIPELINE = Dashboard(
                     width=8,
                 ),
                 Panel(
-                    "Gate: candidates kept and rejected/s",
+                    "Gate: candidates scored (kept, rejected) and read from the journal/s",
                     (
                         Q(f"sum by (verdict) (rate(selma_gate_images_total{{{NS}}}[{RI}]))", "{{verdict}}"),
-                        Q(f"sum(rate(selma_gate_images_scored_total{{{NS}}}[{RI}]))", "scored by the VQA model"),
                         Q(f"sum(rate(selma_gate_images_journaled_total{{{NS}}}[{RI}]))", "read from the journal"),
                     ),
                     unit="ops",

@@ -3,8 +3,8 @@
 Storage holds artifacts (``artifacts/<id>/``), aliases (registered model names), durable job
 records (``jobs/<kind>/<job_id>.json``) and job scratch (``training/<job_id>/``,
 ``evaluation/<job_id>/``, ``prompts/state/<job_id>/``: checkpoints, progress, resumable state) and
-the gate's score journals (``gate/scores/<digest>/<dataset>/``: what the VQA model said of a
-candidate dataset's images, kept while that dataset is).
+the gate's score journals (``gate/scores/<digest>/<dataset>.<content digest>/``: what the VQA
+model said of a candidate dataset's images, kept while that dataset is).
 
 **What is kept (the roots).** Every artifact an alias names (a registered model); every artifact
 a stored job record mentions (its output, its inputs, the config and cache ids in its stats),
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 JOBS_PREFIX = "jobs/"
 # Where jobs keep scratch, one folder per job id (training/evaluation work prefixes, prompt state).
-GATE_SCORES_PREFIX = "gate/scores/"  # the gate's score journals, per question digest and candidate dataset (selma_evaluation.gate)
+GATE_SCORES_PREFIX = "gate/scores/"  # the gate's score journals: <digest>/<dataset id>.<content digest>/ (selma_evaluation.gate)
 SCRATCH_PREFIXES = ("training/", "evaluation/", "prompts/state/", "render/")  # render/: sharded renders' work docs and shard journals
 ACTIVE_PHASES = frozenset({"PENDING", "RUNNING", "CANCELLING"})
 RUN_LABEL = "selma.dev/run"
@@ -407,15 +407,24 @@ def _gate_score_removals(storage: Storage, inv: _Inventory, retained: set[str], 
     except NotFound:
         return out
     for digest in digests:
-        for dataset in storage.list_dirs(f"{GATE_SCORES_PREFIX}{digest}/"):
-            if dataset in retained or dataset in inv.unreadable:
+        for folder in storage.list_dirs(f"{GATE_SCORES_PREFIX}{digest}/"):
+            dataset, _, content = folder.partition(".")  # <dataset id>.<content digest> (selma_evaluation.gate.journal_prefix)
+            m = inv.manifests.get(dataset)
+            if dataset in inv.unreadable or (dataset in retained and m is not None and m.digest.startswith(content)):
                 continue
-            prefix = f"{GATE_SCORES_PREFIX}{digest}/{dataset}/"
+            prefix = f"{GATE_SCORES_PREFIX}{digest}/{folder}/"
             objects = storage.list(prefix)
-            times = [o.modified for o in objects if o.modified is not None]
-            if not objects or not times or max(times) >= prot.modified_since:
+            if not objects:
                 continue
-            why = "gate scores of a dataset collected now" if dataset in inv.manifests else "gate scores of a dataset that no longer exists"
+            if dataset not in inv.manifests or dataset in retained:
+                # the dataset is gone (or is another dataset under the same id now): only once older than the grace
+                # period, as a journal written beside a dataset published after this inventory would look the same
+                times = [o.modified for o in objects if o.modified is not None]
+                if not times or max(times) >= prot.modified_since:
+                    continue
+                why = "gate scores of a dataset that no longer exists"
+            else:
+                why = "gate scores of a dataset collected now"  # no job references it: its journal goes with it
             out.append(Removal("cache", prefix, "", sum(o.size for o in objects), why))
     return out
 
@@ -473,7 +482,7 @@ def _artifact_id(r: Removal) -> str:
     if r.what == "staging":
         return r.key.split("/")[1]
     if r.what == "cache":
-        return r.key.rstrip("/").rsplit("/", 1)[-1]  # gate/scores/<digest>/<dataset>/: the dataset the journal belongs to
+        return r.key.rstrip("/").rsplit("/", 1)[-1].partition(".")[0]  # gate/scores/<digest>/<dataset>.<content>/: its dataset
     return r.key
 
 

@@ -150,10 +150,16 @@ def build_graph(store: ArtifactStore, jobs: Jobs) -> Graph:
     # dataset's go with it, a journal whose dataset is already gone goes too
     d_orphan = publish(store, "image_dataset", "a/render-round-1", (p_a.id,), run="a")
     g.gone.add(d_orphan.id)
-    for dataset in (d_b.id, d_orphan.id, "image-dataset-00112233445566778899"):
-        storage.put_bytes(f"gate/scores/0123abcd/{dataset}/images_000000-0.png.json", b'{"score": 1.0}')
-    g.kept_prefixes.add(f"gate/scores/0123abcd/{d_b.id}/")
-    g.gone_prefixes |= {f"gate/scores/0123abcd/{d_orphan.id}/", "gate/scores/0123abcd/image-dataset-00112233445566778899/"}
+    journals = {
+        "kept": f"{d_b.id}.{d_b.digest[:16]}",  # its dataset is retained: the scores stay
+        "orphan": f"{d_orphan.id}.{d_orphan.digest[:16]}",  # its dataset is collected now: they go with it
+        "gone": f"image-dataset-00112233445566778899.{'0' * 16}",  # its dataset no longer exists
+        "stale": f"{d_b.id}.{'f' * 16}",  # the same id once held other images (a deleted run rendered again)
+    }
+    for folder in journals.values():
+        storage.put_bytes(f"gate/scores/0123abcd/{folder}/images_000000-0.png.json", b'{"score": 1.0}')
+    g.kept_prefixes.add(f"gate/scores/0123abcd/{journals['kept']}/")
+    g.gone_prefixes |= {f"gate/scores/0123abcd/{journals[k]}/" for k in ("orphan", "gone", "stale")}
     return g
 
 

@@ -160,25 +160,61 @@ def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_gate_metrics_count_scored_journaled_and_each_verdict(env):
+def test_gate_metrics_count_each_candidate_once_when_scored_and_journal_reads_apart(env):
     store = env["store"]
-    ps, ds, _ = _world(store, seed=2)
+    ps, ds, truth = _world(store, seed=2)
     core = env["core"]()
-    before = {k: _metric(k) for k in ("selma_gate_images_scored_total", "selma_gate_images_journaled_total",
-                                      "selma_gate_questions_answered_total", "selma_gate_image_seconds_count")}
+    names = ("selma_gate_images_journaled_total", "selma_gate_questions_answered_total", "selma_gate_image_seconds_count")
+    before = {k: _metric(k) for k in names}
     kept0, rejected0 = _metric("selma_gate_images_total", verdict="kept"), _metric("selma_gate_images_total", verdict="rejected")
+
+    def delta(name: str, **labels: str) -> float:
+        return _metric(name, **labels) - (before.get(name, 0.0) if not labels else {"kept": kept0, "rejected": rejected0}[labels["verdict"]])
+
     first = _finish(core, core.start("t/objects/gate-m", _spec(ps, [ds], threshold=1.0))[0].job_id)
     assert first.phase == JobPhase.SUCCEEDED, first.error
-    assert _metric("selma_gate_images_scored_total") - before["selma_gate_images_scored_total"] == 12
-    assert _metric("selma_gate_image_seconds_count") - before["selma_gate_image_seconds_count"] == 12
-    assert _metric("selma_gate_questions_answered_total") - before["selma_gate_questions_answered_total"] == first.stats["questions_answered"] > 0
-    assert _metric("selma_gate_images_total", verdict="kept") - kept0 == first.stats["kept"] == 4
-    assert _metric("selma_gate_images_total", verdict="rejected") - rejected0 == 8
-    # another threshold over the same candidates: every score from the journal, the VQA model not asked again
-    second = _finish(core, core.start("t/objects/gate-m-half", _spec(ps, [ds], threshold=0.5))[0].job_id)
+    assert (delta("selma_gate_images_total", verdict="kept"), delta("selma_gate_images_total", verdict="rejected")) == (4, 8)
+    assert delta("selma_gate_image_seconds_count") == 12
+    assert delta("selma_gate_questions_answered_total") == first.stats["questions_answered"] > 0
+    # round 2 over both rounds' candidates: only its one new candidate is scored (and counted); round 1's come from the journal
+    rows = _lines(store, ds, "metadata.jsonl")
+    right = next(r for r in rows if truth[r["file_name"]] == "right")
+    with store.writer(ArtifactKind.IMAGE_DATASET, key="test/2/render-1") as w:
+        name = right["file_name"].replace("-0.png", "-5.png")
+        w.put_bytes(name, store.read_bytes(ds, right["file_name"]))
+        w.put_bytes("metadata.jsonl", (json.dumps(dict(right, file_name=name, image_index=5)) + "\n").encode())
+    second = _finish(core, core.start("t/objects/gate-m-1", _spec(ps, [ds, w.manifest.id], threshold=1.0))[0].job_id)
     assert second.phase == JobPhase.SUCCEEDED, second.error
-    assert _metric("selma_gate_images_scored_total") - before["selma_gate_images_scored_total"] == 12
-    assert _metric("selma_gate_images_journaled_total") - before["selma_gate_images_journaled_total"] == 12
+    assert (delta("selma_gate_images_total", verdict="kept"), delta("selma_gate_images_total", verdict="rejected")) == (5, 8)
+    assert delta("selma_gate_images_journaled_total") == 12
+    # another threshold over the same candidates: every score from the journal, nothing counted as scored again
+    third = _finish(core, core.start("t/objects/gate-m-half", _spec(ps, [ds], threshold=0.5))[0].job_id)
+    assert third.phase == JobPhase.SUCCEEDED, third.error
+    assert (delta("selma_gate_images_total", verdict="kept"), delta("selma_gate_images_total", verdict="rejected")) == (5, 8)
+    assert delta("selma_gate_images_journaled_total") == 24 and delta("selma_gate_image_seconds_count") == 13
+
+
+def test_a_dataset_id_published_again_with_other_images_is_scored_afresh(env):
+    """A journal belongs to a dataset's content: the same id re-rendered (its run deleted) never reuses old scores."""
+    store = env["store"]
+    ps, ds, truth = _world(store, seed=4)
+    core = env["core"]()
+    first = _finish(core, core.start("t/objects/gate-a", _spec(ps, [ds], threshold=1.0))[0].job_id)
+    assert first.phase == JobPhase.SUCCEEDED, first.error
+    rows = _lines(store, ds, "metadata.jsonl")
+    images = {r["file_name"]: store.read_bytes(ds, r["file_name"]) for r in rows}
+    store.delete(ds)
+    blank = next(f for f, kind in truth.items() if kind == "blank")
+    with store.writer(ArtifactKind.IMAGE_DATASET, id=ds, parents=[ps]) as w:  # same id, every right image now blank
+        for r in rows:
+            w.put_bytes(r["file_name"], images[blank] if truth[r["file_name"]] == "right" else images[r["file_name"]])
+        w.put_bytes("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    calls: list[int] = []
+    with plugins.use_registry(_counting_registry(calls)):
+        again = _finish(core, core.start("t/objects/gate-b", _spec(ps, [ds], threshold=1.0))[0].job_id)
+    assert again.phase == JobPhase.SUCCEEDED, again.error
+    assert again.stats["candidates_from_journal"] == 0 and calls  # scored again, not read from the old journal
+    assert _lines(store, again.output.id, "metadata.jsonl") == []  # nothing right is left to keep
 
 
 def _counting_registry(calls: list[int], *, fail_after: int | None = None) -> plugins.Registry:

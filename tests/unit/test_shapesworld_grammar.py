@@ -267,15 +267,27 @@ def test_table_skillset_applies_overrides_and_names_runs_by_them(tmp_path):
         configured_skillset(TableConfig(seeds=(0,), target_kept=100, max_candidates=50), 0)
 
 
-def test_table_template_needs_a_gate_section_and_short_skill_names(tmp_path):
+def test_table_template_needs_a_gate_section_and_one_first_candidate_per_prompt(tmp_path):
     from selma_shapesworld.loop import DEFAULT_SKILLSET
 
     plain = DEFAULT_SKILLSET.with_name("skillset.yaml")  # the paper's loop: no gate
     with pytest.raises(InvalidArgument, match="gate: section") as e:
         configured_skillset(TableConfig(skillset=plain), 0)
     assert e.value.field == "skillset"
-    long = tmp_path / "long.yaml"
-    long.write_text(DEFAULT_SKILLSET.read_text().replace("name: counting", "name: counting-objects-x"))
-    with pytest.raises(InvalidArgument, match="too long") as e:
-        configured_skillset(TableConfig(skillset=long), 0)
-    assert e.value.field == "skills"
+    # SELMA as in the paper trains on round 0: one image of every prompt
+    several = tmp_path / "several.yaml"
+    several.write_text(DEFAULT_SKILLSET.read_text().replace("imagesPerPrompt: 1", "imagesPerPrompt: 2"))
+    with pytest.raises(InvalidArgument, match="imagesPerPrompt") as e:
+        configured_skillset(TableConfig(skillset=several), 0)
+    with pytest.raises(InvalidArgument, match="below the prompts per skill") as e:
+        configured_skillset(TableConfig(prompts_per_skill=40, target_kept=10, max_candidates=30), 0)
+    assert e.value.field == "max_candidates"
+
+
+def test_the_table_names_the_command_without_its_output_and_connection_flags():
+    from selma_shapesworld.loop import _command_line
+
+    argv = ["selma", "shapesworld", "table", "--seeds", "0,1,2", "--out", "t.md", "--readme=README.md", "--plain", "--dir", "/tmp/d",
+            "--endpoints", "e.json", "--storage", "file:///s", "--epochs", "40"]
+    assert _command_line(argv) == "selma shapesworld table --seeds 0,1,2 --epochs 40"
+    assert _command_line(["python", "-m", "selma_shapesworld.loop", "table"]) == "selma shapesworld table"

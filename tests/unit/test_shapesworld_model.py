@@ -143,6 +143,21 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, phase: str, s
     assert weights_sha256(tmp_path / "resumed") == weights_sha256(tmp_path / "whole")
 
 
+def test_a_checkpoint_written_before_a_config_field_existed_resumes_at_its_default(tmp_path: Path):
+    ckpt = tmp_path / "ckpt"
+    cfg = PretrainConfig(seed=1, **TOY)
+    pretrain(tmp_path / "a", cfg, checkpoint_dir=ckpt, progress=False)
+    for meta_file in ckpt.glob("*.json"):  # as written before single_share existed
+        meta = json.loads(meta_file.read_text())
+        if isinstance(meta.get("config"), dict):
+            meta["config"].pop("single_share", None)
+            meta_file.write_text(json.dumps(meta))
+    pretrain(tmp_path / "b", cfg, checkpoint_dir=ckpt, progress=False)  # resumes (nothing left to train), not refused
+    assert weights_sha256(tmp_path / "b") == weights_sha256(tmp_path / "a")
+    with pytest.raises(FailedPrecondition):
+        pretrain(tmp_path / "c", PretrainConfig(seed=1, single_share=0.5, **TOY), checkpoint_dir=ckpt, progress=False)
+
+
 def test_resuming_with_a_different_config_is_refused(tmp_path: Path):
     ckpt = tmp_path / "ckpt"
     pretrain(tmp_path / "a", PretrainConfig(seed=1, **TOY), checkpoint_dir=ckpt, progress=False)

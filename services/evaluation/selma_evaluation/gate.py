@@ -14,8 +14,8 @@ or above the threshold — as a new ``image_dataset`` whose parents are the cand
 Questions come from the prompt-set records (inline), from an LLM (DSG generation,
 :mod:`selma_evaluation.questions`) or from the VQA backend itself (a plugin with a question
 grammar: the ShapesWorld judge).  Scores are journaled per dataset under
-``gate/scores/<digest>/<dataset>/`` where the digest covers what a score depends on (VQA backend,
-question source, prompt set), so a resumed job — or the next round's job over the same datasets —
+``gate/scores/<digest>/<dataset>.<content digest>/`` (:func:`journal_prefix`) where the digest covers what
+a score depends on (VQA backend, question source, prompt set), so a resumed job — or the next round's job over the same datasets —
 never asks the VQA model about an image twice.  The threshold is applied when publishing, not
 journaled: two gates differing only in threshold share their scores.
 
@@ -311,7 +311,7 @@ class GateCore:
                     kept_prompts.append(str(rec.get("prompt_id", "")))
 
         for m in datasets:
-            for rec in self._journal(digest, m.id):
+            for rec in self._journal(digest, m):
                 add(m.id, rec)
         from_journal = len(scored)
         metrics.GATE_IMAGES_JOURNALED.inc(from_journal)
@@ -342,19 +342,20 @@ class GateCore:
                     per_image = (time.perf_counter() - t0) / max(len(batch), 1)
                     for _ in batch:
                         metrics.GATE_IMAGE_SECONDS.observe(per_image)
-                    metrics.GATE_IMAGES_SCORED.inc(len(batch))
                     n_questions = sum(len(s.questions) for s in results)
                     metrics.GATE_QUESTIONS_ANSWERED.inc(n_questions)
                     answered += n_questions
                     # the journal first, then the counts: a kill between the two re-scores nothing
-                    by_set: dict[str, list[dict[str, Any]]] = {}
+                    by_set: dict[str, tuple[Manifest, list[dict[str, Any]]]] = {}
                     for (m, _), s in zip(chunk, results, strict=True):
-                        by_set.setdefault(m.id, []).append(s.record())
-                    for set_id, recs in by_set.items():
-                        self.storage.put_bytes(f"{GATE_SCORES_PREFIX}{digest}/{set_id}/{recs[0]['file_name'].replace('/', '_')}.json",
+                        by_set.setdefault(m.id, (m, []))[1].append(s.record())
+                    for set_id, (m, recs) in by_set.items():
+                        self.storage.put_bytes(f"{journal_prefix(digest, m)}{recs[0]['file_name'].replace('/', '_')}.json",
                                                json.dumps(recs).encode(), content_type="application/json")
                         for rec in recs:
                             add(set_id, rec)
+                            # each candidate once, when the VQA model scored it (not again when a later round reads the journal)
+                            metrics.GATE_VERDICTS.labels(verdict="kept" if passes(rec["score"], cfg.threshold) else "rejected").inc()
                     report(f"scored {start + len(chunk)}/{len(pending)} new candidates")
             finally:
                 vqa.close()
@@ -365,9 +366,9 @@ class GateCore:
         return JobResult(output=output_ref(manifest), message=(f"kept {p['kept']} of {p['candidates']} candidates ({p['pass_rate_percent']:.1f}%), "
                                                                f"{p['prompts_kept']}/{p['prompts_total']} prompts with a kept image"))
 
-    def _journal(self, digest: str, dataset_id: str) -> list[dict[str, Any]]:
+    def _journal(self, digest: str, dataset: Manifest) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for info in self.storage.list(f"{GATE_SCORES_PREFIX}{digest}/{dataset_id}/"):
+        for info in self.storage.list(journal_prefix(digest, dataset)):
             out.extend(json.loads(self.storage.get_bytes(info.key)))
         return out
 
@@ -418,9 +419,18 @@ class GateCore:
             w.put_bytes("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in kept_rows).encode())
             w.put_bytes("gate.jsonl", "".join(json.dumps(c) + "\n" for c in candidates).encode())
         log.info("gate %s: kept %d of %d candidates of %s", key, len(kept_rows), n, skill or prompt_set.id)
-        metrics.GATE_VERDICTS.labels(verdict="kept").inc(len(kept_rows))
-        metrics.GATE_VERDICTS.labels(verdict="rejected").inc(n - len(kept_rows))
         return self.store.get(aid)
+
+
+def journal_prefix(digest: str, dataset: Manifest) -> str:
+    """Where a gate keeps its scores of one candidate dataset: ``gate/scores/<digest>/<dataset id>.<content digest>/``.
+
+    ``digest`` covers what a score depends on besides the image (VQA backend, question source,
+    prompt set); the dataset's content digest makes a journal belong to those very images, so a
+    dataset id published again with other images (its run deleted, then re-rendered under the same
+    key) is scored afresh.  :mod:`selma.retention` collects a journal with its dataset.
+    """
+    return f"{GATE_SCORES_PREFIX}{digest}/{dataset.id}.{dataset.digest[:16]}/"
 
 
 def _candidate(m: Manifest, row: Mapping[str, Any]) -> int:

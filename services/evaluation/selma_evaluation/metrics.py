@@ -7,10 +7,6 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-GATE_IMAGES_SCORED = Counter(
-    "selma_gate_images_scored_total",
-    "Candidate images the gate asked the VQA model about (scores read back from the journal are not counted).",
-)
 GATE_IMAGES_JOURNALED = Counter(
     "selma_gate_images_journaled_total",
     "Candidate images whose scores a gate job read from its journal instead of asking the VQA model again (resumes, later rounds).",
@@ -21,7 +17,8 @@ GATE_QUESTIONS_ANSWERED = Counter(
 )
 GATE_VERDICTS = Counter(
     "selma_gate_images_total",
-    "Candidate images of each published kept dataset, by verdict (kept: score at or above the threshold).",
+    "Candidate images the VQA model scored for the gate, by verdict at the job's threshold (kept: score at or above it); "
+    "each candidate counts once, when scored, not when a later round or threshold reads its journaled score.",
     ["verdict"],
 )
 GATE_IMAGE_SECONDS = Histogram(

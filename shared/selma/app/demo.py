@@ -55,14 +55,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.dir).resolve()
     stack = LocalStack(root)
-    sigterm_interrupts()  # a SIGTERM stops the stack below as Ctrl-C does
+    sigterm_interrupts()  # a SIGTERM stops the stack (in the finally below) as Ctrl-C does
     from selma.app.models_cli import ensure_smollm2
     from selma.config import SelmaSettings
 
     ensure_smollm2(SelmaSettings(data_dir=root).resolved_model_cache_dir, console)  # once per user, with a live line
     console.print(f"starting the local stack in {root} (the first start builds the tiny models into the shared model cache)")
-    endpoints = stack.start()
     try:
+        endpoints = stack.start()  # inside the try: a SIGTERM while the services start stops what started
         for name in SERVICES:
             sp = stack.processes[name]
             console.print(f"  {SERVICE_NAMES[name]:<26} grpc {sp.address}  metrics {sp.metrics_url}", highlight=False)
@@ -70,7 +70,13 @@ def run_demo(args: argparse.Namespace) -> int:
         with RunLock(runs_dir / f"{skillset.name}.lock"), SelmaClient(endpoints) as client:
             state = RunState.open(runs_dir, skillset)
             with Reporter(console, live=False if args.plain else None) as reporter:
-                result = RunDriver(client, skillset, state, reporter).run()
+                driver = RunDriver(client, skillset, state, reporter)
+                try:
+                    result = driver.run()
+                except KeyboardInterrupt:
+                    driver.stop()  # the skill threads stop writing the run state before its lock is released
+                    state.set(phase="interrupted", message="stopped by the user; run again to resume")
+                    raise
             image = next(iter(client.generate([args.prompt], model_name=result["model_name"], seed=0)))
         out = root / f"{result['model_name']}.png"
         out.write_bytes(image.image.png)

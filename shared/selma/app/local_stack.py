@@ -515,12 +515,14 @@ def sigterm_interrupts() -> None:
 
     A command that starts its own stack (``selma demo``, ``selma shapesworld table``) stops it in a
     ``finally``; Python's default SIGTERM ends the process without running it, leaving the
-    services behind.  Main thread only (where signal handlers are set); a no-op elsewhere.
+    services behind.  Later SIGTERMs are ignored, so stopping the stack is not itself interrupted.
+    Main thread only (where signal handlers are set); a no-op elsewhere.
     """
     if threading.current_thread() is not threading.main_thread():
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stack's own stop short
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)

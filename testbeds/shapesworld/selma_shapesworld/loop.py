@@ -305,11 +305,6 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
     for s in spec["skills"]:
         if cfg.prompts_per_skill:
             s["count"] = cfg.prompts_per_skill
-        longest = max(len(suffix) for suffix in SKILL_SUFFIXES.values())
-        if len(s["name"]) + longest > 20:
-            raise InvalidArgument(f"skill name {s['name']!r} is too long for the table: its oracle and ungated experts are named "
-                                  f"'<skill>-ungated' / '<skill>-oracle' (skill names <= 20 characters); use a name of at most "
-                                  f"{20 - longest} characters", field="skills")
     spec.setdefault("prompts", {})["seed"] = seed
     spec.setdefault("render", {})["baseSeed"] = seed
     if cfg.render_steps:
@@ -319,6 +314,16 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
                        ("maxCandidates", cfg.max_candidates)):
         if value is not None:
             gate[key] = value
+    # SELMA as in the paper trains on round 0 of the candidates: it must be one image of every prompt.
+    if int(spec["render"].get("imagesPerPrompt", 1) or 1) != 1:
+        raise InvalidArgument("the table's template must render one image per candidate (spec.render.imagesPerPrompt: 1); "
+                              "best-of-K comes from spec.gate.candidatesPerPrompt", field="skillset")
+    budget = int(gate.get("maxCandidates") or 0)
+    fewest = min(int(s.get("count", 0) or 0) for s in spec["skills"])
+    if budget and budget < fewest:
+        raise InvalidArgument(f"spec.gate.maxCandidates {budget} is below the prompts per skill ({fewest}): the first round must "
+                              "render the first candidate of every prompt (SELMA as in the paper trains on it); raise it or use "
+                              "fewer prompts", field="max_candidates")
     tc = spec["training"]["config"]
     tc["seed"] = seed
     if cfg.steps:
@@ -366,8 +371,9 @@ def service_model_source(source: str) -> str:
     return source
 
 
-# Expert sets beside the run's own (gated) experts: label → skill-name suffix of their training jobs.
-SKILL_SUFFIXES = {"ungated": "-ungated", "oracle": "-oracle"}
+# Expert sets beside the run's own (gated) experts; each trains under its own stage name
+# (``training-<set>``, idempotency key ``<run>/<skill>/training-<set>``) and merges as ``merge-<set>``.
+EXPERT_SETS = ("ungated", "oracle")
 
 
 class TableRunner:
@@ -404,7 +410,12 @@ class TableRunner:
             driver = RunDriver(self.client, ss, state, self.reporter)
             k = ss.gate.candidates_per_prompt or 1
             note(f"seed {seed} (run {run}): prompts → best-of-{k} render rounds and the gate → one expert per skill → merge")
-            result = driver.run()
+            try:
+                result = driver.run()
+            except KeyboardInterrupt:
+                driver.stop()  # the skill threads stop writing the run state before its lock is released
+                state.set(phase="interrupted", message="stopped by the user; run the table again to resume")
+                raise
             stages = state.data["stages"]
             prompt_sets = {s: stages[f"{s}/prompts"]["output"]["id"] for s in skills}
             # Round 0 renders candidate 0 of every prompt: one image per prompt, the paper's (ungated) training data.
@@ -424,27 +435,25 @@ class TableRunner:
                            for s in skills}
             mixed = self._timed("mix", mix_datasets, self.store, kept, run=run)
 
-            def train(skill: str, dataset_id: str, config_skill: str | None) -> str:
-                config = ss.training_config_for(config_skill) if config_skill else ss.training_config
-                spec = training_service_pb2.ExpertTrainingSpec(run=run, skill=skill, dataset=common_pb2.ArtifactRef(id=dataset_id),
+            def train(skill: str | None, expert_set: str, dataset_id: str) -> str:
+                config = ss.training_config_for(skill) if skill else ss.training_config
+                spec = training_service_pb2.ExpertTrainingSpec(run=run, skill=skill or MIXED_SKILL, dataset=common_pb2.ArtifactRef(id=dataset_id),
                                                                config=config, placement=ss.placement, distributed=ss.training_distributed)
-                return driver.drive("training", skill, spec).status.output.id
+                return driver.drive("training", skill, spec, stage=f"training-{expert_set}").status.output.id
 
-            def merge(label: str, model_name: str, ids: Mapping[str, str]) -> str:
+            def merge(expert_set: str, model_name: str, ids: Mapping[str, str]) -> str:
                 spec = common_pb2.MergeSpec(method=ss.merge_method, density=ss.merge_density, output_rank=ss.merge_output_rank)
                 for name in sorted(ids):
                     spec.experts.add(expert_id=ids[name])
-                driver.drive("merge", label, serving_service_pb2.MergeJobSpec(run=run, model_name=model_name, merge=spec,
-                                                                               register=True, load=True, replace=True))
+                driver.drive("merge", None, serving_service_pb2.MergeJobSpec(run=run, model_name=model_name, merge=spec, register=True,
+                                                                              load=True, replace=True), stage=f"merge-{expert_set}")
                 return model_name
 
             note(f"seed {seed}: the paper's ungated experts, the oracle's experts, their merges, the mixed LoRA")
-            sets: dict[str, dict[str, str]] = {"ungated": {}, "oracle": {}}
-            for s in skills:
-                sets["ungated"][s] = train(s + SKILL_SUFFIXES["ungated"], first_round[s], s)
-                sets["oracle"][s] = train(s + SKILL_SUFFIXES["oracle"], oracle_data[s], s)
-            models = {label: merge(label, f"{run}-{label}"[:63], ids) for label, ids in sets.items()}
-            mixed_expert = train(MIXED_SKILL, mixed.id, None)
+            data = {"ungated": first_round, "oracle": oracle_data}
+            sets = {name: {s: train(s, name, data[name][s]) for s in skills} for name in EXPERT_SETS}
+            models = {name: merge(name, f"{run}-{name}"[:63], ids) for name, ids in sets.items()}
+            mixed_expert = train(None, MIXED_SKILL, mixed.id)
 
             ev = evaluation_service_pb2.EvaluationSpec(run=run, benchmark=evaluation_service_pb2.EVALUATION_BENCHMARK_PROMPT_SET,
                                                      diffusion=ss.render.diffusion, images_per_prompt=1, base_seed=seed,
@@ -473,8 +482,9 @@ class TableRunner:
             for row in job.stats.scores:
                 if row.metric == evaluation_service_pb2.EVALUATION_METRIC_DSG and not row.category:
                     scores.setdefault(row.target_label, {})[row.skill] = row.score_percent
-            # This process's own stages (held-out sets, oracle renders, mix) as the run that did the work measured them:
-            # a re-run that only finds the published artifacts would report ~0 s.
+            # This process's own stages (held-out sets, oracle renders, mix; seconds) as the run that did the work measured
+            # them (a re-run that only finds the published artifacts would report ~0 s); raw facts only, not in the table's
+            # text, which depends on the jobs' records alone.
             jobs = self.finished_jobs(state, f"eval-{ev_digest}")  # one Get per job, for the timings and the steps below
             local_seconds = (state.data.get("table") or {}).get("local_seconds") or {
                 k: round(v, 1) for k, v in self.local_seconds.items()}
@@ -514,14 +524,9 @@ class TableRunner:
             s = job.status
             if not (s.HasField("started_at") and s.HasField("finished_at")):
                 continue
-            label, steps = kind, 0
-            if kind == "training":
-                skill = str(st.get("skill") or "")
-                label = next((f"training-{name}" for name, suffix in SKILL_SUFFIXES.items() if skill.endswith(suffix)),
-                             "training-mixed" if skill == MIXED_SKILL else "training")
-                steps = int(job.stats.max_steps)
-            elif kind == "merge" and st.get("skill") in SKILL_SUFFIXES:
-                label = f"merge-{st['skill']}"
+            stage = str(st["stage"])
+            label = stage if kind in ("training", "merge") else kind  # training-ungated, merge-oracle, …; render-3 → render
+            steps = int(job.stats.max_steps) if kind == "training" else 0
             out.append((label, s.started_at.ToDatetime().timestamp(), s.finished_at.ToDatetime().timestamp(), steps))
         return out
 
@@ -672,7 +677,7 @@ def render_table(results: Sequence[SeedResult], cfg: TableConfig) -> str:
 
     stage: dict[str, list[float]] = {}
     for r in results:
-        for k, v in {**r.facts["stage_seconds"], **r.facts.get("local_seconds", {})}.items():
+        for k, v in r.facts["stage_seconds"].items():
             stage.setdefault(k, []).append(v)
     timing = ", ".join(f"{k} {statistics.fmean(v):.0f} s" for k, v in sorted(stage.items()))
     spans = ", ".join(f"seed {r.seed} {r.facts.get('span_seconds', 0.0) / 60:.1f} min" for r in results)
@@ -819,9 +824,26 @@ def stack_env(model: str) -> dict[str, str]:
     return env
 
 
-def _command_line() -> str:
-    argv = sys.argv[sys.argv.index("table"):] if "table" in sys.argv else ["table"]
-    return "selma shapesworld " + " ".join(shlex.quote(a) for a in argv)
+# Flags that say where output goes or how to reach the services, not what is computed: left out of the
+# command the table names, so a re-run with --readme (or against other endpoints) writes the same bytes.
+_OUTPUT_FLAGS = {"--out": True, "--readme": True, "--dir": True, "--endpoints": True, "--storage": True, "--plain": False}
+
+
+def _command_line(argv: Sequence[str] | None = None) -> str:
+    argv = list(sys.argv if argv is None else argv)
+    argv = argv[argv.index("table"):] if "table" in argv else ["table"]
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _OUTPUT_FLAGS:
+            skip = _OUTPUT_FLAGS[name] and "=" not in a
+            continue
+        kept.append(a)
+    return "selma shapesworld " + " ".join(shlex.quote(a) for a in kept)
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -846,16 +868,16 @@ def _table(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     stack = None
     state_dir = args.dir.resolve()
-    if args.endpoints:
-        endpoints = Endpoints.load(args.endpoints)
-        store = _store(args.storage)
-    else:
-        stack = LocalStack(state_dir / "stack", extra_env=stack_env(model))
-        sigterm_interrupts()  # a SIGTERM stops the stack in the finally below, as Ctrl-C does
-        console.print(f"starting the services (selma up) in {stack.data_dir}, base model {model} …")
-        endpoints = stack.start(timeout=300)
-        store = _store((stack.data_dir / "storage").as_uri())
     try:
+        if args.endpoints:
+            endpoints = Endpoints.load(args.endpoints)
+            store = _store(args.storage)
+        else:
+            stack = LocalStack(state_dir / "stack", extra_env=stack_env(model))
+            sigterm_interrupts()  # a SIGTERM (also while the services start) stops the stack in the finally below, as Ctrl-C does
+            console.print(f"starting the services (selma up) in {stack.data_dir}, base model {model} …")
+            endpoints = stack.start(timeout=300)
+            store = _store((stack.data_dir / "storage").as_uri())
         with SelmaClient(endpoints) as client, Reporter(console, live=False if args.plain else None) as reporter:
             text, results, wall = run_table(cfg, client=client, store=store, state_dir=state_dir, reporter=reporter)
     finally:

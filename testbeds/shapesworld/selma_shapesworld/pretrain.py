@@ -259,7 +259,9 @@ def _check_meta(path: Path, cfg: PretrainConfig, phase: str) -> dict[str, Any] |
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
-    if meta.get("config") != cfg.weights_fields(phase):
+    # a field added since the checkpoint was written counts at its default (the value those weights were made with)
+    stored = {**PretrainConfig().weights_fields(phase), **(meta.get("config") or {})}
+    if stored != cfg.weights_fields(phase):
         raise FailedPrecondition(
             f"checkpoint {path} was written with a different config or seed; use a fresh --checkpoint-dir "
             "or the same settings to resume",
