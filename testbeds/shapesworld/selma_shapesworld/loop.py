@@ -815,12 +815,16 @@ def stack_env(model: str) -> dict[str, str]:
     }
     if Path(model).is_absolute():
         env["SELMA_MODEL_ALLOWED_DIRS"] = str(Path(model).resolve())
-    # The four skills' candidate rounds render side by side, one pipeline call per core (a single
-    # one-threaded call leaves the other cores idle); the user's own settings win.
-    cores = str(max(1, min(4, os.cpu_count() or 1)))
+    # The four skills' candidate rounds render side by side, one pipeline call per OMP_NUM_THREADS cores
+    # (a single one-threaded call leaves the other cores idle); the user's own settings win.
+    try:
+        threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        threads = 1
+    calls = str(max(1, min(4, (os.cpu_count() or 1) // threads)))
     for name in ("SELMA_RENDER_MAX_CONCURRENT_JOBS", "SELMA_RENDER_DEVICE_CONCURRENCY"):
         if name not in os.environ:
-            env[name] = cores
+            env[name] = calls
     return env
 
 
