@@ -123,7 +123,7 @@ def _add_eval_base(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--kinds", default="single,count,relation,binding,multi", help="comma-separated scene kinds")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance scale (default 2: the base model's best; at 4 and above it draws empty images)")
+                   help="classifier-free guidance scale (default 2)")
     p.add_argument("--seed", type=int, default=1234, help="caption and sampling seed (default 1234)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--save-images", type=Path, default=None, metavar="DIR", help="also write the images (PNG) here")
