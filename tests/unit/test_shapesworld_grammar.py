@@ -291,3 +291,20 @@ def test_the_table_names_the_command_without_its_output_and_connection_flags():
             "--endpoints", "e.json", "--storage", "file:///s", "--epochs", "40"]
     assert _command_line(argv) == "selma shapesworld table --seeds 0,1,2 --epochs 40"
     assert _command_line(["python", "-m", "selma_shapesworld.loop", "table"]) == "selma shapesworld table"
+
+
+def test_the_run_name_follows_the_base_models_weights(tmp_path):
+    import shutil
+
+    from selma_shapesworld.loop import model_identity, service_model_source
+
+    base = service_model_source("shapesworld://base")
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    cfg = TableConfig(seeds=(0,), model=str(copy))
+    first = configured_skillset(cfg, 0).name
+    assert model_identity(str(copy)) == model_identity(base) and configured_skillset(cfg, 0).name == first
+    unet = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\0")  # other weights at the same path
+    assert configured_skillset(cfg, 0).name != first  # a new run: no job attaches to experts of the old weights
+    assert model_identity("tiny://sd") == "tiny://sd"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,6 +181,35 @@ def test_single_share_sets_the_unet_scene_mix_and_is_part_of_the_training_data_i
         with pytest.raises(InvalidArgument, match="single_share") as e:
             PretrainConfig(single_share=bad)
         assert e.value.field == "single-share"
+
+
+def test_the_shipped_and_a_pretrained_vae_encode_to_a_point_at_the_mean(tmp_path: Path):
+    """Training samples latents (latent_dist.sample()); the UNet learned from the means: they must be the same."""
+    from selma_shapesworld.plugin import model_path
+
+    scenes = [s for s, _ in world.dataset(3, 6, {"count": 1.0, "relation": 1.0})]
+    x = torch.stack([torch.from_numpy(np.asarray(world.render(s))).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    pretrain(tmp_path / "toy", PretrainConfig(seed=1, **TOY), checkpoint_dir=tmp_path / "ckpt", progress=False)
+    for where in (model_path("shapesworld://base"), tmp_path / "toy"):
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae")
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        assert dist.std.max().item() < 1e-5, where
+        assert torch.allclose(dist.sample(), dist.mean, atol=1e-5)
+
+
+def test_folding_the_posterior_keeps_means_and_decoding():
+    from selma_shapesworld.pretrain import fold_posterior_to_mean
+
+    vae = M.build_vae(0)
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.quant_conv.out_channels // 2:] = 0.0  # a wide posterior (std 1), as an unfolded encoder has
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        before = vae.encode(x).latent_dist
+        assert before.std.min().item() > 0.01
+        fold_posterior_to_mean(vae)
+        after = vae.encode(x).latent_dist
+    assert torch.equal(before.mean, after.mean) and after.std.max().item() < 1e-5
 
 
 def test_shapesworld_model_references_resolve_or_name_the_problem(make_settings):

@@ -341,12 +341,31 @@ def configured_skillset(cfg: TableConfig, seed: int) -> Any:
     digest_doc = {k: v for k, v in raw.items() if k != "metadata"}
     digest_doc["spec"] = {**spec, "prompts": {**spec["prompts"], "seed": None}, "render": {**spec["render"], "baseSeed": None},
                           "training": {**spec["training"], "config": {**tc, "seed": None}}}
-    digest = hashlib.sha256(json.dumps([digest_doc, cfg.eval_per_skill], sort_keys=True, default=str).encode()).hexdigest()[:6]
+    identity = model_identity(tc["baseModel"]["source"])
+    digest = hashlib.sha256(json.dumps([digest_doc, cfg.eval_per_skill, identity], sort_keys=True, default=str).encode()).hexdigest()[:6]
     name = f"{base[:40]}-{digest}-s{seed}"
     raw["metadata"]["name"] = name
     spec.setdefault("merge", {})["modelName"] = name
     spec.pop("evaluation", None)  # the table evaluates every configuration itself
     return parse_skillset(yaml.safe_dump(raw, sort_keys=False), source=f"{cfg.skillset} (seed {seed})")
+
+
+def model_identity(source: str) -> str:
+    """What the base model is, for the run name: a local pipeline directory by the sha256 of its files, else the reference.
+
+    The same path with other weights (the ShapesWorld base retrained, say) is another run: its jobs'
+    idempotency keys differ, so a table never attaches to experts trained on the old weights.
+    """
+    path = Path(source)
+    if not path.is_absolute() or not path.is_dir():
+        return source
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
 
 
 def template_model(cfg: TableConfig) -> str:
