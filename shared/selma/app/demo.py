@@ -70,13 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with RunLock(runs_dir / f"{skillset.name}.lock"), SelmaClient(endpoints) as client:
             state = RunState.open(runs_dir, skillset)
             with Reporter(console, live=False if args.plain else None) as reporter:
-                driver = RunDriver(client, skillset, state, reporter)
-                try:
-                    result = driver.run()
-                except KeyboardInterrupt:
-                    driver.stop()  # the skill threads stop writing the run state before its lock is released
-                    state.set(phase="interrupted", message="stopped by the user; run again to resume")
-                    raise
+                result = RunDriver(client, skillset, state, reporter).run_interruptible()
             image = next(iter(client.generate([args.prompt], model_name=result["model_name"], seed=0)))
         out = root / f"{result['model_name']}.png"
         out.write_bytes(image.image.png)

@@ -409,6 +409,19 @@ class RunDriver:
                             "raise spec.gate.candidatesPerPrompt or spec.gate.maxCandidates, or check the VQA backend and questions")
         return kept
 
+    def run_interruptible(self) -> dict[str, Any]:
+        """:meth:`run`; on Ctrl-C (or a SIGTERM turned into one) stop the skill threads and mark the run interrupted, then re-raise.
+
+        The threads stop writing the run state before the caller releases the run's lock, and
+        ``selma runs`` shows the run as resumable rather than running.
+        """
+        try:
+            return self.run()
+        except KeyboardInterrupt:
+            self.stop()
+            self.state.set(phase="interrupted", message="stopped by the user; run again to resume")
+            raise
+
     def run(self) -> dict[str, Any]:
         ss = self.skillset
         self.state.set(phase="running", message="", started_at=_now())
@@ -560,10 +573,8 @@ def _run(args: argparse.Namespace) -> int:
             client.wait_ready(timeout=args.wait, on_wait=waiting)  # an unreachable endpoint fails here, naming it
             driver = RunDriver(client, skillset, state, reporter, max_outage=args.max_outage)
             try:
-                result = driver.run()
+                result = driver.run_interruptible()
             except KeyboardInterrupt:
-                driver.stop()
-                state.set(phase="interrupted", message="stopped by the user; run again to resume")
                 console.print(f"run {skillset.name} interrupted: the services keep the work; `selma run {args.skillset}` resumes it")
                 return 130
     console.print(f"run {skillset.name} succeeded: model [bold]{result['model_name']}[/bold] (merged model {result['merged_model']})", highlight=False)

@@ -429,12 +429,7 @@ class TableRunner:
             driver = RunDriver(self.client, ss, state, self.reporter)
             k = ss.gate.candidates_per_prompt or 1
             note(f"seed {seed} (run {run}): prompts → best-of-{k} render rounds and the gate → one expert per skill → merge")
-            try:
-                result = driver.run()
-            except KeyboardInterrupt:
-                driver.stop()  # the skill threads stop writing the run state before its lock is released
-                state.set(phase="interrupted", message="stopped by the user; run the table again to resume")
-                raise
+            result = driver.run_interruptible()
             stages = state.data["stages"]
             prompt_sets = {s: stages[f"{s}/prompts"]["output"]["id"] for s in skills}
             # Round 0 renders candidate 0 of every prompt: one image per prompt, the paper's (ungated) training data.

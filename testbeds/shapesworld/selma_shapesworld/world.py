@@ -242,8 +242,20 @@ def sample_scene(
         attrs = [(s, c, _choice(rng, SIZES)) for s, c in zip(shapes, cols, strict=True)]
         if kind == "relation":
             rel = (0, relation if relation is not None else _choice(rng, tuple(RELATIONS)), 1)
+    return _placed(rng, attrs, rel, kind, g, what=f"a {kind} scene")
+
+
+def _placed(rng: np.random.Generator, attrs: Sequence[tuple[str, str, str]], rel: tuple[int, str, int] | None, kind: str, g: Geometry,
+            *, alike: bool = False, what: str = "") -> Scene:
+    """Objects of ``attrs`` (shape, colour, size class) placed apart, the relation ``rel`` holding clearly.
+
+    ``alike``: every object gets the first one's side (a count's objects).  Draws from ``rng`` in a
+    fixed order, so the same generator state gives the same scene.
+    """
     for _ in range(1000):
         extents = [_sample_extent(rng, a[2], g) for a in attrs]
+        if alike:
+            extents = [extents[0]] * len(extents)
         corners = _place(rng, extents, g)
         if corners is None:
             continue
@@ -251,10 +263,10 @@ def sample_scene(
             Obj(shape=s, colour=c, size=z, cx=x + (e - 1) / 2, cy=y + (e - 1) / 2, extent=e)
             for (s, c, z), (x, y), e in zip(attrs, corners, extents, strict=True)
         )
-        if rel is not None and not _clear_relation(objects[0], rel[1], objects[1], g.margin):
+        if rel is not None and not _clear_relation(objects[rel[0]], rel[1], objects[rel[2]], g.margin):
             continue
-        return Scene(objects=objects, relation=rel, kind=kind, image_size=size)
-    raise RuntimeError(f"could not place a {kind} scene at {size} px")  # not reached at 32 px and above
+        return Scene(objects=objects, relation=rel, kind=kind, image_size=g.size)
+    raise RuntimeError(f"could not place {what} at {g.size} px")  # not reached at 32 px and above
 
 
 def scene_for_caption(text: str, rng: np.random.Generator, *, size: int = DEFAULT_SIZE) -> Scene:
@@ -272,22 +284,8 @@ def scene_for_caption(text: str, rng: np.random.Generator, *, size: int = DEFAUL
     for o in spec.objects:
         size_class = o.size or _choice(rng, SIZES)
         attrs += [(o.shape, o.colour, size_class)] * o.count
-    rel = spec.relation
-    for _ in range(1000):
-        extents = [_sample_extent(rng, a[2], g) for a in attrs]
-        if spec.kind == "count":
-            extents = [extents[0]] * len(extents)  # one size word covers them all: keep them alike
-        corners = _place(rng, extents, g)
-        if corners is None:
-            continue
-        objects = tuple(
-            Obj(shape=s, colour=c, size=z, cx=x + (e - 1) / 2, cy=y + (e - 1) / 2, extent=e)
-            for (s, c, z), (x, y), e in zip(attrs, corners, extents, strict=True)
-        )
-        if rel is not None and not _clear_relation(objects[rel[0]], rel[1], objects[rel[2]], g.margin):
-            continue
-        return Scene(objects=objects, relation=rel, kind=spec.kind, image_size=size)
-    raise RuntimeError(f"could not place the scene of {text!r} at {size} px")  # not reached at 32 px and above
+    # a count's objects share one size word: keep them alike
+    return _placed(rng, attrs, spec.relation, spec.kind, g, alike=spec.kind == "count", what=f"the scene of {text!r}")
 
 
 def _clear_relation(a: Obj, rel: str, b: Obj, margin: float) -> bool:
