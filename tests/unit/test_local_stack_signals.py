@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 PROGRAM = textwrap.dedent(
     """
@@ -56,7 +57,7 @@ def test_an_interrupted_run_stops_its_skill_threads_and_is_left_resumable(tmp_pa
     from selma.app.runner import RunDriver, RunState
     from selma.app.skillset import load_skillset
 
-    ss = load_skillset("examples/quickstart.yaml")
+    ss = load_skillset(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml")
 
     class Interrupted(RunDriver):
         def run(self):  # noqa: ANN201 - Ctrl-C (or SIGTERM through sigterm_interrupts) while the skills' stages run
@@ -67,4 +68,6 @@ def test_an_interrupted_run_stops_its_skill_threads_and_is_left_resumable(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         driver.run_interruptible()
     assert driver._stop.is_set()  # the skill threads see the stop and write nothing more
+    assert json.loads((tmp_path / "runs" / f"{ss.name}.json").read_text())["phase"] == "interrupted"
+    driver._set_phase(phase="running", message="")  # a skill thread back from a paused wait, after the stop
     assert json.loads((tmp_path / "runs" / f"{ss.name}.json").read_text())["phase"] == "interrupted"

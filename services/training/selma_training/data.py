@@ -40,7 +40,7 @@ from selma_training.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the encoding weights' digest (model_fingerprint), not only the model's name
 CACHE_FILE = "cache.safetensors"
 CACHE_META = "cache.json"
 
@@ -128,6 +128,27 @@ def preprocess(data: bytes, resolution: int, *, seed: int, index: int, center: b
 
 def to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def model_fingerprint(pipe: Any) -> str:
+    """The pipeline class and a sha256 of the weights the cache's tensors come from.
+
+    Those are the autoencoder's encoder (with ``quant_conv``: the posterior's mean and std) and the
+    text encoder(s).  A model reference names weights only loosely (a local directory retrained in
+    place, a mutable hub branch, a fixed autoencoder), so the cache is keyed by what encoded it:
+    the same images under other weights are encoded afresh, never read from a stale cache.
+    """
+    h = hashlib.sha256(type(pipe).__name__.encode())
+    parts = [("vae.encoder", getattr(pipe.vae, "encoder", None)), ("vae.quant_conv", getattr(pipe.vae, "quant_conv", None)),
+             ("text_encoder", getattr(pipe, "text_encoder", None)), ("text_encoder_2", getattr(pipe, "text_encoder_2", None))]
+    for name, module in parts:
+        if module is None:
+            continue
+        for key, t in sorted(module.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_key(dataset: Manifest, config: TrainingConfig, model_fingerprint: str) -> str:

@@ -276,7 +276,7 @@ def _train(
     encoder = data_mod.Encoder(pipe, store, dataset, examples, cfg, device, weight_dtype)
     cache_id, cache_hit, cache_digest = "", False, ""
     if cfg.use_latent_cache:
-        key = data_mod.cache_key(dataset, cfg, type(pipe).__name__)
+        key = data_mod.cache_key(dataset, cfg, data_mod.model_fingerprint(pipe))
         cache_id = data_mod.cache_id_for(key)
         if not world.main:
             distributed.barrier(world)  # rank 0 builds (or finds) the cache first

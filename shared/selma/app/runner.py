@@ -260,10 +260,18 @@ class RunDriver:
         self.max_outage = max_outage  # seconds one stage waits for an unreachable service before the run fails
         self._down_since: dict[str, float] = {}
         self._stop = threading.Event()
+        self._phase_lock = threading.Lock()
         self.gate_summary: dict[str, dict[str, Any]] = {}  # per skill, the last gate round's numbers (with a gate: section)
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._phase_lock:  # after this no skill thread writes the run's phase (see _set_phase)
+            self._stop.set()
+
+    def _set_phase(self, **fields: Any) -> None:
+        """The run's phase from a skill thread (paused / running again), unless the run was stopped: then the stopper's word stands."""
+        with self._phase_lock:
+            if not self._stop.is_set():
+                self.state.set(**fields)
 
     # One stage: start (or attach to) the job for its key, then watch it to the end.
     def drive(self, kind: str, skill: str | None, spec: Any, *, stage: str = "") -> Any:
@@ -338,11 +346,11 @@ class RunDriver:
                 "(`selma up`) and the endpoints (--endpoints, --dir or SELMA_ENDPOINTS), then run `selma run` again: finished stages are kept"
             )
         left = self.max_outage - (now - since)
-        self.state.set(phase="paused", message=f"{label}: service unavailable at {address or '?'} ({e.details()}); retrying")
+        self._set_phase(phase="paused", message=f"{label}: service unavailable at {address or '?'} ({e.details()}); retrying")
         self.reporter.note(f"[paused] {label}: {where} is unavailable ({e.code().name}); retrying every {self.retry_seconds:.0f} s "
                            f"for up to {left:.0f} s more (Ctrl-C leaves a resumable run)")
         self._stop.wait(min(self.retry_seconds, max(left, 0.0)))
-        self.state.set(phase="running", message="")
+        self._set_phase(phase="running", message="")
 
     def skill_chain(self, skill) -> str:  # noqa: ANN001 - SkillEntry
         """prompts → render → training for one skill; returns the expert artifact id."""

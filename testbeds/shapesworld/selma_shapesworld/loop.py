@@ -34,6 +34,7 @@ selma_shapesworld.loop`` runs them stand-alone): ``table``, ``heldout``, ``mix``
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -359,10 +360,18 @@ def model_identity(source: str) -> str:
     path = Path(source)
     if not path.is_absolute() or not path.is_dir():
         return source
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    stamp = tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _directory_digest(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _directory_digest(root: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the files' relative names and bytes; cached by (name, size, mtime), so a table's seeds hash a model once."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")):
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        with f.open("rb") as fh:
+    for name, _, _ in stamp:
+        h.update(name.encode() + b"\0")
+        with open(Path(root) / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return f"sha256:{h.hexdigest()}"
