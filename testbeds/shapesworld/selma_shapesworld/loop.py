@@ -580,10 +580,6 @@ def _count(store: ArtifactStore, prompt_set_id: str) -> int:
     return len(prompt_texts(store, prompt_set_id))
 
 
-def datasets_images(store: ArtifactStore, dataset_id: str) -> int:
-    return len(_dataset_rows(store, dataset_id, "dataset")[1])
-
-
 def enum_text(value: int) -> str:
     from selma.api import enum_name
     from selma.v1 import common_pb2
