@@ -163,7 +163,9 @@ def test_saved_adapter_loads_and_changes_the_output_in_both_formats(env, tmp_pat
 
 def test_sdxl_architecture_training_runs(env, tmp_path):
     settings, store, dataset, tiny = env
-    result = train(make_job(dataset, tiny.sdxl, max_steps=3, checkpoint_every=2, noise_offset=0.1, resolution=32), settings)
+    # random_flip on (off by default) so the cache holds both orientations' SDXL time ids
+    job = make_job(dataset, tiny.sdxl, max_steps=3, checkpoint_every=2, noise_offset=0.1, resolution=32, random_flip=True)
+    result = train(job, settings)
     assert result.steps == 3 and result.final_loss == result.final_loss
     out = store.download(result.expert_id, tmp_path / "xl")
     pipe = load_pipeline(ModelSpec(str(tiny.sdxl)), settings, device="cpu", precision="fp32")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from selma.artifacts import ArtifactKind, ArtifactStore
-from selma.errors import InvalidArgument
+from selma.errors import FailedPrecondition, InvalidArgument
 from selma.llm.local import ModelRegistry
 from selma_prompts.generator import PromptGenerator
 from selma_prompts.settings import PromptSettings
@@ -96,6 +96,16 @@ def test_heldout_captions_avoid_the_training_prompts():
     held = heldout_captions(EXAMPLES["count"], 20, 0, train)
     assert len(set(held)) == 20
     assert not {world._normalise(t, "caption") for t in held} & {world._normalise(t, "caption") for t in train + EXAMPLES["count"]}
+
+
+def test_heldout_captions_say_which_knob_to_turn_when_the_grammar_runs_out():
+    # counting captions are few (count x colour x shape): once training has taken every one of them,
+    # no held-out set can be drawn, and the error names both flags that fix it
+    train = sorted({c for seed in range(300) for c in grammar_captions(EXAMPLES["count"], 64, seed)})
+    with pytest.raises(FailedPrecondition) as e:
+        heldout_captions(EXAMPLES["count"], 64, 0, train)
+    msg = str(e.value)
+    assert "only 0 captions" in msg and "64 held-out" in msg and "--eval-per-skill" in msg and "--prompts-per-skill" in msg
 
 
 # ------------------------------------------------------------------------------------ artifacts

@@ -25,10 +25,20 @@ def test_presets_match_the_paper():
     assert (sd1.resolution, sd1.batch_size, sd1.gradient_accumulation_steps, sd1.max_steps, sd1.checkpoint_every) == (512, 16, 4, 5000, 500)
     assert (sd1.rank, sd1.alpha, sd1.lora_init, sd1.learning_rate, sd1.lr_schedule, sd1.seed) == (128, 128.0, "gaussian", 3e-4, "constant", 42)
     assert (sd1.adam_beta1, sd1.adam_beta2, sd1.adam_weight_decay, sd1.adam_epsilon, sd1.max_grad_norm) == (0.9, 0.999, 1e-2, 1e-8, 1.0)
-    assert sd1.target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and sd1.random_flip and not sd1.center_crop
+    assert sd1.target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and not sd1.center_crop
     xl = parse_config(preset_config("sdxl"))
     assert (xl.resolution, xl.batch_size, xl.gradient_accumulation_steps, xl.max_steps, xl.checkpoint_every) == (1024, 4, 8, 10000, 2000)
     assert xl.base_model.vae_source == "madebyollin/sdxl-vae-fp16-fix"
+
+
+def test_no_preset_flips_images_and_a_skillset_can_turn_flips_on():
+    # The paper's scripts flip at random; selma does not by default: a mirrored image contradicts its
+    # caption's "left of" / "right of" and mirrors any text, and both are skills SELMA trains.
+    for name in ("sd1", "sd2", "sdxl", "tiny"):
+        assert parse_config(preset_config(name)).random_flip is False, name
+    unset, _ = from_proto_dict({"base_model": {"source": "runwayml/stable-diffusion-v1-5"}})
+    on, _ = from_proto_dict({"base_model": {"source": "runwayml/stable-diffusion-v1-5"}, "random_flip": True})
+    assert (unset.random_flip, on.random_flip) == (False, True)
 
 
 def test_sd2_preset_uses_the_native_resolution():
@@ -40,11 +50,11 @@ def test_sd2_preset_uses_the_native_resolution():
 
 def test_overrides_replace_preset_fields_and_round_trip_through_proto_json():
     d = {"base_model": {"source": "runwayml/stable-diffusion-v1-5"}, "preset": "TRAINING_PRESET_SELMA_SD1",
-         "lora": {"rank": 16}, "learning_rate": 1e-4, "max_steps": 10, "seed": "7", "random_flip": False,
+         "lora": {"rank": 16}, "learning_rate": 1e-4, "max_steps": 10, "seed": "7", "random_flip": True,
          "snr_gamma": 5.0, "lr_schedule": "LR_SCHEDULE_COSINE", "mixed_precision": "PRECISION_BF16"}
     cfg, _ = from_proto_dict(d)
     assert (cfg.rank, cfg.alpha, cfg.learning_rate, cfg.max_steps, cfg.seed) == (16, 16.0, 1e-4, 10, 7)
-    assert (cfg.random_flip, cfg.snr_gamma, cfg.lr_schedule, cfg.mixed_precision, cfg.batch_size) == (False, 5.0, "cosine", "bf16", 16)
+    assert (cfg.random_flip, cfg.snr_gamma, cfg.lr_schedule, cfg.mixed_precision, cfg.batch_size) == (True, 5.0, "cosine", "bf16", 16)
     again, _ = from_proto_dict(to_proto_dict(cfg))
     assert again == cfg
 

@@ -96,7 +96,7 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
     snr_gamma: float = 0.0
-    random_flip: bool = True
+    random_flip: bool = False
     center_crop: bool = False
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     adam_beta1: float = 0.9
@@ -135,7 +135,9 @@ _COMMON: dict[str, Any] = dict(
     gradient_checkpointing=False,
     noise_offset=0.0,
     snr_gamma=0.0,
-    random_flip=True,
+    # Off, unlike the paper's scripts: a mirrored image contradicts its caption's "left of" / "right of"
+    # and mirrors any text in it, and those are skills SELMA trains.
+    random_flip=False,
     center_crop=False,
     optimizer="adamw",
     adam_beta1=0.9,
@@ -168,9 +170,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESET_DESCRIPTIONS = {
-    "sd1": "SELMA paper settings for SD 1.x (512 px, 16x4 batch, 5000 steps)",
-    "sd2": "SELMA paper settings for SD 2.x at the model's native resolution (768 for 768-v, 512 for base)",
-    "sdxl": "SELMA paper settings for SDXL (1024 px, 4x8 batch, 10000 steps, fp16-fix VAE)",
+    "sd1": "SELMA paper settings for SD 1.x (512 px, 16x4 batch, 5000 steps), without its random flips",
+    "sd2": "SELMA paper settings for SD 2.x at the model's native resolution (768 for 768-v, 512 for base), without random flips",
+    "sdxl": "SELMA paper settings for SDXL (1024 px, 4x8 batch, 10000 steps, fp16-fix VAE), without its random flips",
     "tiny": "the offline tiny models on CPU (64 px, batch 2, rank 4, 20 steps) for tests and demos",
 }
 

@@ -101,7 +101,12 @@ def heldout_captions(examples: Sequence[str], n: int, seed: int, exclude: Iterab
                 out.append(cap)
                 if len(out) == n:
                     return out
-    raise FailedPrecondition(f"only {len(out)} held-out captions of this kind are left outside the training prompts; ask for fewer", field="n")
+    raise FailedPrecondition(
+        f"the ShapesWorld grammar has only {len(out)} captions of this kind left outside the {len(taken) - len(out)} "
+        f"training prompts and examples, and {n} held-out prompts were asked for; ask for fewer held-out prompts "
+        f"(selma shapesworld table --eval-per-skill) or fewer training prompts (--prompts-per-skill)",
+        field="n",
+    )
 
 
 def prompt_texts(store: ArtifactStore, prompt_set_id: str) -> list[str]:
