@@ -35,7 +35,8 @@ def _run(args: tuple[str, str, str, str, bool, int, int, int]) -> dict:
 
     settings = TrainingSettings(data_dir=Path(root) / "data", storage_uri=storage_uri, device="cpu", batch_progress_interval_seconds=1e9)
     cfg, _ = from_proto_dict({"base_model": {"source": model}, "max_steps": steps, "checkpoint_every": 10 * steps,
-                              "batch_size": batch, "resolution": resolution, "use_latent_cache": cached})
+                              "batch_size": batch, "resolution": resolution, "use_latent_cache": cached,
+                              "random_flip": True})  # both orientations, as the README's measurement
     jid = uuid.uuid4().hex[:12]
     job = TrainingJob(job_id=jid, idempotency_key=jid, run="bench", skill="shapes", dataset_id=dataset_id, config=cfg,
                       expert_id=f"expert-{jid}", work_prefix=f"training/{jid}")

@@ -81,7 +81,9 @@ def test_loss_decreases_on_a_fixed_small_dataset(env, tmp_path):
 
 def test_resume_after_kill_gives_same_adapter_and_corrupt_checkpoint_falls_back(env):
     settings, store, dataset, tiny = env
-    common = dict(max_steps=6, checkpoint_every=2, resolution=32, lora={"rank": 4, "dropout": 0.1}, noise_offset=0.05, snr_gamma=5.0)
+    # flips on (off by default): the resume must also restore the per-epoch flip draws and pick the cached orientation
+    common = dict(max_steps=6, checkpoint_every=2, resolution=32, lora={"rank": 4, "dropout": 0.1}, noise_offset=0.05, snr_gamma=5.0,
+                  random_flip=True)
     straight = train(make_job(dataset, tiny.sd, **common), settings)
 
     class Killed(Exception):

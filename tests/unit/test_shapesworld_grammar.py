@@ -105,7 +105,9 @@ def test_heldout_captions_say_which_knob_to_turn_when_the_grammar_runs_out():
     with pytest.raises(FailedPrecondition) as e:
         heldout_captions(EXAMPLES["count"], 64, 0, train)
     msg = str(e.value)
-    assert "only 0 captions" in msg and "64 held-out" in msg and "--eval-per-skill" in msg and "--prompts-per-skill" in msg
+    taken = len({world._normalise(t, "caption") for t in train + EXAMPLES["count"]})
+    assert f"has 0 caption(s) of this kind left outside the {taken} training prompts" in msg and "64 held-out" in msg
+    assert "--eval-per-skill" in msg and "--prompts-per-skill" in msg and "--n" in msg
 
 
 # ------------------------------------------------------------------------------------ artifacts

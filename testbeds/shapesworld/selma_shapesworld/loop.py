@@ -102,9 +102,10 @@ def heldout_captions(examples: Sequence[str], n: int, seed: int, exclude: Iterab
                 if len(out) == n:
                     return out
     raise FailedPrecondition(
-        f"the ShapesWorld grammar has only {len(out)} captions of this kind left outside the {len(taken) - len(out)} "
+        f"the ShapesWorld grammar has {len(out)} caption(s) of this kind left outside the {len(taken) - len(out)} "
         f"training prompts and examples, and {n} held-out prompts were asked for; ask for fewer held-out prompts "
-        f"(selma shapesworld table --eval-per-skill) or fewer training prompts (--prompts-per-skill)",
+        f"or fewer training prompts (selma shapesworld table: --eval-per-skill, --prompts-per-skill; "
+        f"selma shapesworld heldout: --n)",
         field="n",
     )
 
