@@ -814,6 +814,17 @@ def _producer(value: Producer | tuple[str, str] | Mapping[str, str]) -> Producer
     return Producer.model_validate(dict(value))
 
 
+def tree_sha256(root: str | Path, names: Iterable[str]) -> str:
+    """One sha256 over files under ``root``, in the order given: each relative name, NUL, then its bytes."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with (Path(root) / name).open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

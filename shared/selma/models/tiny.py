@@ -242,14 +242,10 @@ def _n_params(*modules: torch.nn.Module) -> int:
 
 def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
     """One sha256 over every ``*.safetensors`` file under ``model_dir`` (relative paths + bytes)."""
+    from selma.artifacts import tree_sha256
+
     root = Path(model_dir)
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.safetensors")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return tree_sha256(root, [f.relative_to(root).as_posix() for f in sorted(root.rglob("*.safetensors"))])
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, base: dict[str, Any]) -> CLIPTextConfig:

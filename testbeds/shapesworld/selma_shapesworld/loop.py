@@ -374,13 +374,9 @@ def model_identity(source: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _directory_digest(root: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     """sha256 over the files' relative names and bytes; cached by (name, size, mtime), so a table's seeds hash a model once."""
-    h = hashlib.sha256()
-    for name, _, _ in stamp:
-        h.update(name.encode() + b"\0")
-        with open(Path(root) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    from selma.artifacts import tree_sha256
+
+    return f"sha256:{tree_sha256(root, [name for name, _, _ in stamp])}"
 
 
 def template_model(cfg: TableConfig) -> str:
